@@ -1,0 +1,337 @@
+"""Typed configuration of the J-RAS method, loaded from YAML with validation.
+
+Every hyperparameter of DESIGN.md is a field here; the defaults are the
+method's defaults. Unknown keys, wrong types and out-of-range values raise
+:class:`ConfigError` naming the file and the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or invalid."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class LabelConfig:
+    """Foreground class names of a dataset (background is class 0 and implicit)."""
+
+    names: list[str] = field(default_factory=lambda: ["LV", "MYO", "RV"])
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes including background."""
+        return len(self.names) + 1
+
+    def validate(self) -> None:
+        if not self.names:
+            raise ConfigError("labels.names must list at least one foreground class")
+        if len(set(self.names)) != len(self.names):
+            raise ConfigError(f"labels.names has duplicates: {self.names}")
+
+
+@dataclass
+class PreprocessConfig:
+    """How volumes become fixed-size, normalised 2-D slices."""
+
+    size: int = 128
+    """Side of the square slice after crop/pad, in pixels."""
+    fov_mm: float | None = 240.0
+    """In-plane field of view after resampling; spacing = fov_mm / size. None keeps the native spacing."""
+    intensity_percentiles: tuple[float, float] = (1.0, 99.0)
+    keep_empty_slices: bool = False
+    """Keep slices whose mask has no foreground (off: only labelled slices are used)."""
+
+    def validate(self) -> None:
+        if self.size < 16 or self.size % 16:
+            raise ConfigError(f"preprocess.size must be a multiple of 16 and >= 16, got {self.size}")
+        if self.fov_mm is not None and self.fov_mm <= 0:
+            raise ConfigError(f"preprocess.fov_mm must be positive, got {self.fov_mm}")
+        lo, hi = self.intensity_percentiles
+        if not 0.0 <= lo < hi <= 100.0:
+            raise ConfigError(f"preprocess.intensity_percentiles must satisfy 0 <= lo < hi <= 100, got {lo, hi}")
+
+
+@dataclass
+class AugmentConfig:
+    """Strong intensity augmentation (vendor-style appearance change) and light geometry."""
+
+    intensity: bool = True
+    prob: float = 0.8
+    gamma: tuple[float, float] = (0.5, 2.0)
+    bias_field: float = 0.4
+    noise_std: float = 0.08
+    contrast_shift: float = 0.25
+    non_monotone: float = 0.0
+    """Probability of a non-monotone intensity remap (tissue order may change between vendors)."""
+    flip: bool = False
+    rotate_deg: float = 0.0
+    scale: float = 0.0
+
+    def validate(self) -> None:
+        if not 0.0 <= self.prob <= 1.0:
+            raise ConfigError(f"augment.prob must be in [0, 1], got {self.prob}")
+        if not 0.0 <= self.non_monotone <= 1.0:
+            raise ConfigError(f"augment.non_monotone must be in [0, 1], got {self.non_monotone}")
+        if self.gamma[0] <= 0 or self.gamma[0] > self.gamma[1]:
+            raise ConfigError(f"augment.gamma must be a range of positive numbers, got {self.gamma}")
+
+
+@dataclass
+class SegmenterConfig:
+    backbone: Literal["unet", "dynunet", "swinunetr", "segformer"] = "unet"
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    fusion: Literal["concat", "prior", "feature", "none"] = "concat"
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        if len(self.channels) < 2:
+            raise ConfigError("segmenter.channels needs at least two levels")
+
+
+@dataclass
+class RetrieverConfig:
+    embed_dim: int = 128
+    channels: tuple[int, ...] = (16, 32, 64, 64)
+    input: Literal["image", "image+pred"] = "image+pred"
+    """What the retriever sees: the image alone, or the image plus the pass-1 prediction."""
+    mode: Literal["learned", "frozen", "mask"] = "learned"
+    """learned: trained contrastively; frozen: never trained; mask: non-learned ranking by
+    centroid-aligned mask Dice against the pass-1 prediction (ablation)."""
+
+    def validate(self) -> None:
+        if self.embed_dim < 2:
+            raise ConfigError(f"retriever.embed_dim must be >= 2, got {self.embed_dim}")
+
+
+@dataclass
+class RetrievalConfig:
+    k: int = 3
+    train_pool: int = 5
+    """During training the K guides are drawn from the top ``train_pool`` (K+2)."""
+    guide_dropout: float = 0.3
+    align_centroid: bool = True
+    two_pass: bool = True
+    index: Literal["flat", "hnsw"] = "flat"
+
+    def validate(self) -> None:
+        if self.k < 1:
+            raise ConfigError(f"retrieval.k must be >= 1, got {self.k}")
+        if self.train_pool < self.k:
+            raise ConfigError(f"retrieval.train_pool ({self.train_pool}) must be >= k ({self.k})")
+        if not 0.0 <= self.guide_dropout < 1.0:
+            raise ConfigError(f"retrieval.guide_dropout must be in [0, 1), got {self.guide_dropout}")
+
+
+@dataclass
+class ContrastiveConfig:
+    candidates: int = 8
+    """M candidates per query: top M/2 by the current retriever plus random ones."""
+    relevance: Literal["utility", "mask"] = "mask"
+    tau: float = 0.1
+    tau_relevance: float = 0.05
+    lr: float = 1e-3
+    steps_per_epoch: int | None = None
+    """Batches of phase B per local epoch (None: one pass over the data)."""
+
+    def validate(self) -> None:
+        if self.candidates < 2:
+            raise ConfigError(f"contrastive.candidates must be >= 2, got {self.candidates}")
+        if self.tau <= 0 or self.tau_relevance <= 0:
+            raise ConfigError("contrastive.tau and contrastive.tau_relevance must be positive")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 25
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    seed: int = 0
+    num_threads: int | None = None
+    """torch intra-op threads (None: leave torch's default)."""
+    proximal_mu: float = 0.0
+
+    def validate(self) -> None:
+        if self.epochs < 0:
+            raise ConfigError(f"train.epochs must be >= 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+
+
+@dataclass
+class JRASConfig:
+    """The whole method configuration."""
+
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def uses_retrieval(self) -> bool:
+        return self.segmenter.fusion != "none"
+
+    @property
+    def trains_retriever(self) -> bool:
+        return self.uses_retrieval and self.retriever.mode == "learned"
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, source: str = "<dict>") -> "JRASConfig":
+        cfg = from_mapping(cls, data or {}, source=source)
+        try:
+            cfg.validate()
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "JRASConfig":
+        return cls.from_dict(load_yaml(path), source=str(path))
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "JRASConfig":
+        """A copy with dotted-key overrides applied, e.g. ``{"train.epochs": 3}``."""
+        data = self.to_dict()
+        for key, value in overrides.items():
+            node = data
+            parts = key.split(".")
+            for part in parts[:-1]:
+                if part not in node or not isinstance(node[part], dict):
+                    raise ConfigError(f"unknown config key {key!r}")
+                node = node[part]
+            if parts[-1] not in node:
+                raise ConfigError(f"unknown config key {key!r}")
+            node[parts[-1]] = value
+        return JRASConfig.from_dict(data, source="overrides")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: malformed YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def from_mapping(cls: type, data: Mapping[str, Any], source: str, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, checking keys and types recursively."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: {prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = prefix.rstrip(".") or "top level"
+        raise ConfigError(
+            f"{source}: unknown key(s) {unknown} in {where}; allowed: {sorted(fields)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, source, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
+    origin = get_origin(tp)
+    args = get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_mapping(tp, value if value is not None else {}, source, prefix=f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, source, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{source}: {key}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: {key} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{source}: {key} must have {len(args)} items, got {value!r}")
+            return tuple(_coerce(a, v, source, key) for a, v in zip(args, value))
+        inner = args[0] if args else Any
+        items = [_coerce(inner, v, source, key) for v in value]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
+        return value
+    if tp is Path:
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"{source}: {key} must be a path, got {value!r}")
+        return Path(value)
+    return value
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj

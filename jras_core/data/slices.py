@@ -1,0 +1,251 @@
+"""Preprocessed 2-D slices held in memory as tensors.
+
+A :class:`SliceSet` is what training, retrieval banks and evaluation consume:
+every slice resampled in-plane, cropped/padded to a fixed size and
+intensity-normalised (MONAI transforms), with the case and volume each slice
+came from so that splits, retrieval exclusion and volume metrics stay correct.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from monai.transforms import ResizeWithPadOrCrop, Resize, ScaleIntensityRangePercentiles
+
+from jras_core.config import PreprocessConfig
+from jras_core.data.volume import DataError, Volume
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VolumeInfo:
+    """Metadata of one volume inside a :class:`SliceSet`."""
+
+    key: str
+    case: str
+    phase: str
+    vendor: str
+    centre: str
+    spacing: tuple[float, float, float]
+    """Voxel size after preprocessing, mm."""
+    source: str = ""
+
+
+@dataclass
+class SliceSet:
+    """Fixed-size 2-D slices of one or more volumes.
+
+    Attributes:
+        images: ``(N, 1, S, S)`` float32, intensities normalised to about ``[0, 1]``.
+        masks: ``(N, S, S)`` uint8 labels ``0..C-1``.
+        case_ids: ``(N,)`` int64, index into :attr:`cases` (patient id; retrieval never
+            returns a slice of the query's own case).
+        volume_ids: ``(N,)`` int64, index into :attr:`volumes`.
+        slice_pos: ``(N,)`` int64, slice index inside its volume.
+        cases: case names.
+        volumes: per-volume metadata (spacing for HD95, vendor, source file).
+    """
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    case_ids: torch.Tensor
+    volume_ids: torch.Tensor
+    slice_pos: torch.Tensor
+    cases: list[str] = field(default_factory=list)
+    volumes: list[VolumeInfo] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[-1])
+
+    @property
+    def vendors(self) -> list[str]:
+        """Vendor of every slice."""
+        return [self.volumes[v].vendor for v in self.volume_ids.tolist()]
+
+    def subset(self, index: Sequence[int] | torch.Tensor) -> "SliceSet":
+        """The slices at ``index`` (case and volume tables are kept whole)."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        return SliceSet(
+            images=self.images[idx],
+            masks=self.masks[idx],
+            case_ids=self.case_ids[idx],
+            volume_ids=self.volume_ids[idx],
+            slice_pos=self.slice_pos[idx],
+            cases=list(self.cases),
+            volumes=list(self.volumes),
+        )
+
+    def select_cases(self, names: Iterable[str]) -> "SliceSet":
+        """The slices of the named cases."""
+        wanted = {self.cases.index(n) for n in names}
+        mask = torch.tensor([c in wanted for c in self.case_ids.tolist()], dtype=torch.bool)
+        return self.subset(torch.nonzero(mask).flatten())
+
+    def split_by_case(self, val_fraction: float, seed: int) -> tuple["SliceSet", "SliceSet"]:
+        """Split into (train, validation) by case: no case has slices on both sides."""
+        present = sorted(set(self.case_ids.tolist()))
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(present))
+        n_val = int(round(val_fraction * len(present)))
+        if val_fraction > 0 and len(present) > 1:
+            n_val = min(max(n_val, 1), len(present) - 1)
+        val_cases = {present[i] for i in order[:n_val]}
+        is_val = torch.tensor([c in val_cases for c in self.case_ids.tolist()], dtype=torch.bool)
+        return (
+            self.subset(torch.nonzero(~is_val).flatten()),
+            self.subset(torch.nonzero(is_val).flatten()),
+        )
+
+    def first_cases(self, n: int, seed: int) -> tuple["SliceSet", "SliceSet"]:
+        """Split off ``n`` randomly chosen whole cases: (chosen, rest)."""
+        present = sorted(set(self.case_ids.tolist()))
+        if n >= len(present):
+            raise DataError(f"asked for {n} support cases but the set has only {len(present)}")
+        rng = np.random.default_rng(seed)
+        chosen = {present[i] for i in rng.permutation(len(present))[:n]}
+        is_chosen = torch.tensor([c in chosen for c in self.case_ids.tolist()], dtype=torch.bool)
+        return (
+            self.subset(torch.nonzero(is_chosen).flatten()),
+            self.subset(torch.nonzero(~is_chosen).flatten()),
+        )
+
+    @staticmethod
+    def concat(sets: Sequence["SliceSet"]) -> "SliceSet":
+        """Join slice sets; case and volume tables are merged (names kept distinct)."""
+        if not sets:
+            raise DataError("no slices to concatenate")
+        cases: list[str] = []
+        volumes: list[VolumeInfo] = []
+        case_ids, volume_ids = [], []
+        for s in sets:
+            case_ids.append(s.case_ids + len(cases))
+            volume_ids.append(s.volume_ids + len(volumes))
+            cases.extend(s.cases)
+            volumes.extend(s.volumes)
+        return SliceSet(
+            images=torch.cat([s.images for s in sets]),
+            masks=torch.cat([s.masks for s in sets]),
+            case_ids=torch.cat(case_ids),
+            volume_ids=torch.cat(volume_ids),
+            slice_pos=torch.cat([s.slice_pos for s in sets]),
+            cases=cases,
+            volumes=volumes,
+        )
+
+    def save(self, path) -> None:
+        """Write to a ``.pt`` file (a cache of preprocessed slices)."""
+        torch.save(
+            {
+                "images": self.images,
+                "masks": self.masks,
+                "case_ids": self.case_ids,
+                "volume_ids": self.volume_ids,
+                "slice_pos": self.slice_pos,
+                "cases": self.cases,
+                "volumes": [vars(v) for v in self.volumes],
+            },
+            path,
+        )
+
+    @staticmethod
+    def load(path) -> "SliceSet":
+        data = torch.load(path, weights_only=True)
+        data["volumes"] = [VolumeInfo(**{**v, "spacing": tuple(v["spacing"])}) for v in data["volumes"]]
+        return SliceSet(**data)
+
+
+def preprocess_volume(vol: Volume, cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """Resample in-plane, crop/pad to ``cfg.size`` and normalise intensities.
+
+    Args:
+        vol: the volume, image and mask ``(H, W, Z)``.
+        cfg: preprocessing options.
+
+    Returns:
+        image ``(Z, S, S)`` float32, mask ``(Z, S, S)`` uint8, new spacing ``(sx, sy, sz)``.
+    """
+    image = vol.image.astype(np.float32)[None]  # (1, H, W, Z)
+    mask = vol.mask.astype(np.float32)[None]
+    sx, sy, sz = (float(s) for s in vol.spacing)
+    if cfg.fov_mm is not None:
+        target = cfg.fov_mm / cfg.size
+        h, w, z = image.shape[1:]
+        new_hw = (max(1, int(round(h * sx / target))), max(1, int(round(w * sy / target))))
+        if new_hw != (h, w):
+            spatial = (*new_hw, z)
+            image = np.asarray(Resize(spatial, mode="trilinear", anti_aliasing=True)(image))
+            mask = np.asarray(Resize(spatial, mode="nearest")(mask))
+        sx = sy = target
+    crop = ResizeWithPadOrCrop((cfg.size, cfg.size, -1))
+    image = np.asarray(crop(image))
+    mask = np.asarray(crop(mask))
+    lo, hi = cfg.intensity_percentiles
+    image = np.asarray(
+        ScaleIntensityRangePercentiles(lower=lo, upper=hi, b_min=0.0, b_max=1.0, clip=True)(image)
+    )
+    image = np.moveaxis(image[0], -1, 0).astype(np.float32)
+    mask = np.rint(np.moveaxis(mask[0], -1, 0)).astype(np.uint8)
+    return image, mask, (sx, sy, sz)
+
+
+def build_slice_set(
+    volumes: Sequence[Volume],
+    cfg: PreprocessConfig,
+    num_classes: int,
+) -> SliceSet:
+    """Preprocess volumes into a :class:`SliceSet` (checking each volume first).
+
+    Slices without foreground are dropped unless ``cfg.keep_empty_slices``.
+    """
+    if not volumes:
+        raise DataError("no volumes to build slices from")
+    images, masks, case_ids, volume_ids, slice_pos = [], [], [], [], []
+    cases: list[str] = []
+    infos: list[VolumeInfo] = []
+    for vol in volumes:
+        vol.check(num_classes)
+        img, msk, spacing = preprocess_volume(vol, cfg)
+        keep = np.arange(img.shape[0])
+        if not cfg.keep_empty_slices:
+            keep = keep[msk.reshape(msk.shape[0], -1).max(axis=1) > 0]
+        if keep.size == 0:
+            log.warning("%s: no labelled slice, skipped", vol.source or vol.key)
+            continue
+        if vol.case not in cases:
+            cases.append(vol.case)
+        infos.append(
+            VolumeInfo(
+                key=vol.key,
+                case=vol.case,
+                phase=vol.phase,
+                vendor=vol.vendor,
+                centre=vol.centre,
+                spacing=spacing,
+                source=vol.source,
+            )
+        )
+        images.append(img[keep])
+        masks.append(msk[keep])
+        case_ids.append(np.full(keep.size, cases.index(vol.case)))
+        volume_ids.append(np.full(keep.size, len(infos) - 1))
+        slice_pos.append(keep)
+    if not images:
+        raise DataError("none of the volumes has a labelled slice")
+    return SliceSet(
+        images=torch.from_numpy(np.concatenate(images))[:, None].contiguous(),
+        masks=torch.from_numpy(np.concatenate(masks)).contiguous(),
+        case_ids=torch.from_numpy(np.concatenate(case_ids)).long(),
+        volume_ids=torch.from_numpy(np.concatenate(volume_ids)).long(),
+        slice_pos=torch.from_numpy(np.concatenate(slice_pos)).long(),
+        cases=cases,
+        volumes=infos,
+    )
