@@ -1,0 +1,188 @@
+"""Configured data sources: where a site's volumes come from.
+
+A :class:`DataSourceConfig` names one source (synthetic vendor, manifest CSV,
+official M&Ms or ACDC layout, or a 2-D image folder); :func:`load_volumes`
+reads it into a list of :class:`~jras_core.data.volume.Volume`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from jras_core.config import ConfigError, from_mapping
+from jras_core.data import loaders
+from jras_core.data.volume import DataError, Volume
+
+FILE_KINDS: tuple[str, ...] = ("manifest", "mnms", "acdc", "folder")
+"""Source kinds that read files from ``path``."""
+
+
+@dataclass
+class DataSourceConfig:
+    """One data source.
+
+    Attributes:
+        kind: ``synthetic`` (generated vendor), ``manifest`` (CSV of NIfTI pairs),
+            ``mnms`` / ``acdc`` (official layouts) or ``folder`` (2-D image/mask folder).
+        path: manifest CSV (``manifest``) or root folder (``mnms``, ``acdc``, ``folder``).
+        info_csv: M&Ms info CSV with vendor, centre and ED/ES frames (``mnms``).
+        vendor: synthetic vendor name; vendor filter for ``manifest``/``mnms``;
+            vendor label for ``acdc``/``folder``.
+        vendor_spec: custom synthetic vendor parameters (``synthetic``).
+        cases: number of synthetic cases.
+        seed: synthetic generator seed.
+        size: synthetic image matrix side, pixels.
+        label_map: ``{old: new}`` mask label remap; for ``acdc`` the default is
+            ACDC -> M&Ms and ``{}`` keeps the ACDC labels.
+        skip_bad: skip bad cases with a warning instead of failing.
+    """
+
+    kind: Literal["synthetic", "manifest", "mnms", "acdc", "folder"] = "synthetic"
+    path: str | None = None
+    info_csv: str | None = None
+    vendor: str | None = None
+    vendor_spec: dict | None = None
+    cases: int = 20
+    seed: int = 0
+    size: int = 128
+    label_map: dict | None = None
+    skip_bad: bool = False
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> DataSourceConfig:
+        """Build and validate from a mapping (e.g. a YAML section)."""
+        cfg = from_mapping(cls, data, source=source)
+        try:
+            cfg.validate()
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        return cfg
+
+    def label_mapping(self) -> dict[int, int] | None:
+        """``label_map`` with integer keys and values (YAML may give strings)."""
+        if self.label_map is None:
+            return None
+        if not isinstance(self.label_map, Mapping):
+            raise ConfigError(f"data source label_map must be a mapping, got {self.label_map!r}")
+        out: dict[int, int] = {}
+        for old, new in self.label_map.items():
+            try:
+                out[_as_label(old)] = _as_label(new)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    "data source label_map entries must be non-negative integers, "
+                    f"got {old!r}: {new!r}"
+                ) from None
+        return out
+
+    def resolve(self, value: str, root: Path | None) -> Path:
+        """A configured path, made absolute against ``root`` when relative."""
+        path = Path(value).expanduser()
+        if not path.is_absolute() and root is not None:
+            path = Path(root) / path
+        return path
+
+    def validate(self, root: Path | None = None) -> None:
+        """Raise :class:`ConfigError` if the source is incomplete or points nowhere.
+
+        Args:
+            root: folder that relative paths are resolved against (``None``: the
+                current directory).
+        """
+        if self.cases < 1:
+            raise ConfigError(f"data source cases must be >= 1, got {self.cases}")
+        if self.size < 16:
+            raise ConfigError(f"data source size must be >= 16, got {self.size}")
+        if self.vendor_spec is not None and not isinstance(self.vendor_spec, Mapping):
+            raise ConfigError(
+                f"data source vendor_spec must be a mapping, got {self.vendor_spec!r}"
+            )
+        self.label_mapping()
+        if self.kind == "synthetic":
+            if not self.vendor and not self.vendor_spec:
+                raise ConfigError(
+                    "synthetic data source needs 'vendor' (a vendor name) or 'vendor_spec'"
+                )
+            return
+        if not self.path:
+            what = "manifest CSV" if self.kind == "manifest" else "root folder"
+            raise ConfigError(f"{self.kind} data source needs 'path' (the {what})")
+        path = self.resolve(self.path, root)
+        if self.kind == "manifest":
+            if not path.is_file():
+                raise ConfigError(f"{self.kind} data source: manifest file {path} does not exist")
+        elif not path.is_dir():
+            raise ConfigError(f"{self.kind} data source: folder {path} does not exist")
+        if self.kind == "mnms":
+            if not self.info_csv:
+                raise ConfigError(
+                    "mnms data source needs 'info_csv' (the M&Ms dataset information CSV)"
+                )
+            info = self.resolve(self.info_csv, root)
+            if not info.is_file():
+                raise ConfigError(f"mnms data source: info CSV {info} does not exist")
+
+
+def _as_label(value: Any) -> int:
+    if isinstance(value, bool):
+        raise TypeError(value)
+    number = int(value)
+    if number < 0 or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(value)
+    return number
+
+
+def load_volumes(src: DataSourceConfig, num_classes: int, root: Path | None = None) -> list[Volume]:
+    """Read the volumes of a data source.
+
+    Args:
+        src: the source.
+        num_classes: number of classes including background (mask labels are checked).
+        root: folder that relative paths are resolved against.
+
+    Returns:
+        Volumes with image ``(H, W, Z)`` float32 and mask ``(H, W, Z)`` int64.
+    """
+    src.validate(root)
+    label_map = src.label_mapping()
+    if src.kind == "synthetic":
+        from jras_core.data.synthetic import generate_volumes
+
+        volumes = generate_volumes(
+            src.vendor_spec or src.vendor, src.cases, src.seed, size=src.size
+        )
+        if label_map:
+            for vol in volumes:
+                vol.mask = loaders.remap_labels(vol.mask, label_map)
+        return volumes
+    path = src.resolve(src.path, root)
+    vendors = [src.vendor] if src.vendor else None
+    if src.kind == "manifest":
+        return loaders.load_manifest(
+            path, num_classes, label_map, skip_bad=src.skip_bad, vendors=vendors
+        )
+    if src.kind == "mnms":
+        return loaders.load_mnms(
+            path,
+            src.resolve(src.info_csv, root),
+            num_classes,
+            label_map,
+            skip_bad=src.skip_bad,
+            vendors=vendors,
+        )
+    if src.kind == "acdc":
+        return loaders.load_acdc(
+            path,
+            num_classes,
+            loaders.ACDC_TO_MNMS if label_map is None else label_map,
+            skip_bad=src.skip_bad,
+            vendor=src.vendor or "ACDC",
+        )
+    if src.kind == "folder":
+        return loaders.load_image_folder(
+            path, num_classes, vendor=src.vendor or "", label_map=label_map, skip_bad=src.skip_bad
+        )
+    raise DataError(f"unknown data source kind {src.kind!r}")

@@ -1,0 +1,82 @@
+"""One factory for the 2-D segmentation backbones.
+
+Every backbone maps ``(B, in_channels, H, W)`` to logits ``(B, out_channels, H, W)``;
+``H`` and ``W`` must be multiples of 16 (32 for ``swinunetr`` and ``segformer``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from monai.networks.nets import DynUNet, SwinUNETR, UNet
+from torch import nn
+
+
+def _unet(in_channels: int, out_channels: int, channels: Sequence[int], dropout: float) -> nn.Module:
+    return UNet(
+        spatial_dims=2,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        channels=tuple(channels),
+        strides=(2,) * (len(channels) - 1),
+        num_res_units=2,
+        norm="batch",
+        dropout=dropout,
+    )
+
+
+def _dynunet(in_channels: int, out_channels: int, channels: Sequence[int], dropout: float) -> nn.Module:
+    n = len(channels)
+    strides = [1] + [2] * (n - 1)
+    return DynUNet(
+        spatial_dims=2,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        kernel_size=[3] * n,
+        strides=strides,
+        upsample_kernel_size=strides[1:],
+        filters=list(channels),
+        norm_name="batch",
+        dropout=dropout or None,
+        res_block=True,
+    )
+
+
+def _swinunetr(in_channels: int, out_channels: int, channels: Sequence[int], dropout: float) -> nn.Module:
+    feature_size = max(12, (channels[0] // 12) * 12)
+    return SwinUNETR(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        spatial_dims=2,
+        feature_size=feature_size,
+        depths=(2, 2, 2, 2),
+        num_heads=(3, 6, 12, 24),
+        window_size=4,
+        norm_name="batch",
+        drop_rate=dropout,
+    )
+
+
+def _segformer(in_channels: int, out_channels: int, channels: Sequence[int], dropout: float) -> nn.Module:
+    from jras_core.models.segformer import SegFormer
+
+    return SegFormer(in_channels, out_channels, widths=tuple(channels), dropout=dropout)
+
+
+BACKBONES: dict[str, Callable[[int, int, Sequence[int], float], nn.Module]] = {
+    "unet": _unet,
+    "dynunet": _dynunet,
+    "swinunetr": _swinunetr,
+    "segformer": _segformer,
+}
+
+
+def build_backbone(
+    name: str, in_channels: int, out_channels: int, channels: Sequence[int], dropout: float = 0.0
+) -> nn.Module:
+    """Build backbone ``name`` (one of :data:`BACKBONES`)."""
+    try:
+        factory = BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}") from None
+    return factory(in_channels, out_channels, channels, dropout)

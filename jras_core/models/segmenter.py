@@ -1,0 +1,144 @@
+"""The guided segmenter: a backbone plus one of four ways to fuse retrieved guides."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution
+from torch import nn
+
+from jras_core.models.backbones import build_backbone
+from jras_core.retrieval.guides import one_hot_fg
+
+FUSIONS = ("concat", "prior", "feature", "none")
+
+
+class GuideAttention(nn.Module):
+    """Feature-level fusion: guides and query are encoded by one shared encoder, and
+    each query position attends over the K guides' features at the same position
+    (and, through the encoder's receptive field, their neighbourhood).
+
+    Output: ``(B, width, H, W)`` fused guide features, appended to the backbone input.
+    """
+
+    def __init__(self, num_fg: int, width: int = 16):
+        super().__init__()
+        self.query_enc = nn.Sequential(
+            Convolution(2, 1, width, strides=2, norm="batch", act="relu"),
+            Convolution(2, width, width, strides=2, norm="batch", act="relu"),
+        )
+        self.guide_enc = nn.Sequential(
+            Convolution(2, 1 + num_fg, width, strides=2, norm="batch", act="relu"),
+            Convolution(2, width, width, strides=2, norm="batch", act="relu"),
+        )
+        self.key = nn.Conv2d(width, width, 1)
+        self.scale = width**-0.5
+        self.width = width
+
+    def forward(self, image: torch.Tensor, guide_images: torch.Tensor, guide_fg: torch.Tensor) -> torch.Tensor:
+        b, k = guide_images.shape[:2]
+        h, w = image.shape[-2:]
+        q = self.query_enc(image)  # (B, F, h', w')
+        g = self.guide_enc(torch.cat([guide_images, guide_fg], dim=2).flatten(0, 1))
+        g = g.view(b, k, *g.shape[1:])  # (B, K, F, h', w')
+        keys = self.key(g.flatten(0, 1)).view_as(g)
+        attn = torch.softmax((keys * q.unsqueeze(1)).sum(2) * self.scale, dim=1)  # (B, K, h', w')
+        fused = (attn.unsqueeze(2) * g).sum(1)
+        return F.interpolate(fused, size=(h, w), mode="bilinear", align_corners=False)
+
+
+class GuidedSegmenter(nn.Module):
+    """Segmenter that takes a query slice and K retrieved guide pairs.
+
+    Args:
+        num_classes: classes including background (``C``); ``C_fg = C - 1``.
+        k: number of guides.
+        fusion: ``concat`` (query + K guide images + K one-hot guide masks as channels),
+            ``prior`` (query + similarity-weighted mean of the guide masks), ``feature``
+            (guides encoded and attended at feature level) or ``none`` (plain backbone).
+        backbone: backbone name (see :func:`build_backbone`).
+        channels: backbone widths.
+        prior_tau: temperature of the similarity softmax of ``prior`` fusion.
+
+    ``forward(image, guide_images, guide_masks, guide_sims, guide_present)``:
+        image ``(B, 1, H, W)``; guide_images ``(B, K, 1, H, W)``; guide_masks ``(B, K, H, W)``
+        labels; guide_sims ``(B, K)`` retrieval similarities (``prior`` only; differentiable);
+        guide_present ``(B,)`` bool, False zeroes all guide channels of a sample (guide
+        dropout, or inference without guides). Guides may be None: no guides for anyone.
+        Returns logits ``(B, C, H, W)``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        k: int = 3,
+        fusion: str = "concat",
+        backbone: str = "unet",
+        channels: Sequence[int] = (16, 32, 64, 128),
+        dropout: float = 0.0,
+        prior_tau: float = 0.1,
+        feature_width: int = 16,
+    ):
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {fusion!r}; choose from {FUSIONS}")
+        self.num_classes = num_classes
+        self.num_fg = num_classes - 1
+        self.k = k
+        self.fusion = fusion
+        self.prior_tau = prior_tau
+        self.guide_attention = None
+        if fusion == "concat":
+            in_ch = 1 + k * (1 + self.num_fg)
+        elif fusion == "prior":
+            in_ch = 1 + self.num_fg
+        elif fusion == "feature":
+            self.guide_attention = GuideAttention(self.num_fg, feature_width)
+            in_ch = 1 + feature_width
+        else:
+            in_ch = 1
+        self.in_channels = in_ch
+        self.backbone = build_backbone(backbone, in_ch, num_classes, channels, dropout)
+
+    @property
+    def uses_guides(self) -> bool:
+        return self.fusion != "none"
+
+    def guide_channels(
+        self,
+        image: torch.Tensor,
+        guide_images: torch.Tensor | None,
+        guide_masks: torch.Tensor | None,
+        guide_sims: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The extra input channels ``(B, in_channels - 1, H, W)`` built from the guides."""
+        b, _, h, w = image.shape
+        if guide_images is None or guide_masks is None:
+            return image.new_zeros(b, self.in_channels - 1, h, w)
+        fg = one_hot_fg(guide_masks, self.num_classes)  # (B, K, C_fg, H, W)
+        if self.fusion == "concat":
+            return torch.cat([guide_images.flatten(1, 2), fg.flatten(1, 2)], dim=1)
+        if self.fusion == "prior":
+            if guide_sims is None:
+                weights = image.new_full((b, fg.shape[1]), 1.0 / fg.shape[1])
+            else:
+                weights = torch.softmax(guide_sims / self.prior_tau, dim=1)
+            return (weights[:, :, None, None, None] * fg).sum(1)
+        return self.guide_attention(image, guide_images, fg)
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        guide_images: torch.Tensor | None = None,
+        guide_masks: torch.Tensor | None = None,
+        guide_sims: torch.Tensor | None = None,
+        guide_present: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if not self.uses_guides:
+            return self.backbone(image)
+        extra = self.guide_channels(image, guide_images, guide_masks, guide_sims)
+        if guide_present is not None:
+            extra = extra * guide_present.to(extra.dtype)[:, None, None, None]
+        return self.backbone(torch.cat([image, extra], dim=1))

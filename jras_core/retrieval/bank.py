@@ -1,0 +1,219 @@
+"""A site's private retrieval bank: its image-mask pairs and their embeddings in FAISS."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from jras_core.data.slices import SliceSet, VolumeInfo
+from jras_core.models.retriever import Retriever
+from jras_core.retrieval.guides import centred_dice, centred_one_hot, one_hot_fg
+from jras_core.retrieval.store import BankStore
+
+log = logging.getLogger(__name__)
+
+
+class RetrievalBank:
+    """Image-mask pairs of one site with L2-normalised embeddings in a FAISS index.
+
+    Args:
+        slices: the bank's pairs (``images (N, 1, S, S)``, ``masks (N, S, S)``, case ids).
+        num_classes: classes including background.
+        index: ``flat`` (exact inner product, default) or ``hnsw`` (approximate, large banks).
+
+    A query never retrieves a slice of its own case: :meth:`search` takes the
+    query's case names and drops bank entries of those cases.
+    """
+
+    def __init__(self, slices: SliceSet, num_classes: int, index: str = "flat"):
+        if len(slices) == 0:
+            raise ValueError("a retrieval bank needs at least one slice")
+        self.slices = slices
+        self.num_classes = num_classes
+        self.index_kind = index
+        self.embeddings: np.ndarray | None = None
+        self.index: faiss.Index | None = None
+        self._centred: torch.Tensor | None = None
+        counts = torch.bincount(slices.case_ids)
+        self.max_per_case = int(counts.max())
+        self._case_lookup = {name: i for i, name in enumerate(slices.cases)}
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    # ------------------------------------------------------------------ embedding
+    def retriever_input(self, index: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """Bank entries in the retriever's channel layout: image plus true-mask one-hot."""
+        sel = slice(None) if index is None else index
+        images = self.slices.images[sel]
+        masks = one_hot_fg(self.slices.masks[sel], self.num_classes)
+        return torch.cat([images, masks], dim=1)
+
+    @torch.no_grad()
+    def refresh(self, retriever: Retriever, batch_size: int = 512) -> None:
+        """Re-embed every entry with ``retriever`` and rebuild the index."""
+        was_training = retriever.training
+        retriever.eval()
+        chunks = []
+        for start in range(0, len(self), batch_size):
+            x = self.retriever_input(slice(start, start + batch_size))
+            chunks.append(retriever(x[:, : retriever.in_channels]))
+        retriever.train(was_training)
+        self.set_embeddings(torch.cat(chunks).numpy())
+
+    def set_embeddings(self, embeddings: np.ndarray) -> None:
+        """Install ``(N, d)`` float32 embeddings and build the FAISS index over them."""
+        emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if emb.shape[0] != len(self):
+            raise ValueError(f"{emb.shape[0]} embeddings for a bank of {len(self)} entries")
+        d = emb.shape[1]
+        if self.index_kind == "hnsw":
+            index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efSearch = 128
+        else:
+            index = faiss.IndexFlatIP(d)
+        index.add(emb)
+        self.embeddings = emb
+        self.index = index
+
+    # ------------------------------------------------------------------ search
+    def case_ids_of(self, case_names: list[str] | None, n: int) -> torch.Tensor:
+        """Bank case id of each query's case (-1 when the case is not in the bank)."""
+        if case_names is None:
+            return torch.full((n,), -1, dtype=torch.long)
+        return torch.tensor([self._case_lookup.get(c, -1) for c in case_names], dtype=torch.long)
+
+    def search(
+        self, queries: torch.Tensor | np.ndarray, k: int, exclude_cases: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` entries by inner product, excluding each query's own case.
+
+        Args:
+            queries: ``(Q, d)`` L2-normalised embeddings.
+            k: neighbours per query.
+            exclude_cases: ``(Q,)`` bank case id to exclude per query (-1: none).
+
+        Returns:
+            similarities ``(Q, k)`` float32 and indices ``(Q, k)`` int64, best first;
+            index -1 (similarity -inf) where fewer than ``k`` entries are eligible.
+        """
+        if self.index is None:
+            raise RuntimeError("the bank has no embeddings yet: call refresh() first")
+        q = np.ascontiguousarray(torch.as_tensor(queries).detach().cpu().numpy(), dtype=np.float32)
+        extra = self.max_per_case if exclude_cases is not None and bool((exclude_cases >= 0).any()) else 0
+        fetch = min(len(self), k + extra)
+        sims, idx = self.index.search(q, fetch)
+        sims_t = torch.from_numpy(sims)
+        idx_t = torch.from_numpy(idx).long()
+        valid = idx_t >= 0
+        if extra:
+            own = self.slices.case_ids[idx_t.clamp_min(0)] == exclude_cases.view(-1, 1)
+            valid &= ~own
+        return _take_valid(sims_t, idx_t, valid, k)
+
+    def search_by_mask(
+        self, query_maps: torch.Tensor, k: int, exclude_cases: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Non-learned ranking: centroid-aligned mask Dice of each bank mask against
+        a (predicted) query mask.
+
+        Args:
+            query_maps: ``(Q, H, W)`` labels or ``(Q, C_fg, H, W)`` soft foreground maps.
+            k: neighbours per query.
+            exclude_cases: as in :meth:`search`.
+
+        Returns:
+            Dice ``(Q, k)`` and indices ``(Q, k)``, best first.
+        """
+        scores = self.mask_similarity(query_maps)
+        if exclude_cases is not None:
+            own = self.slices.case_ids.view(1, -1) == exclude_cases.view(-1, 1)
+            scores = scores.masked_fill(own, float("-inf"))
+        kk = min(k, len(self))
+        sims, idx = scores.topk(kk, dim=1)
+        return _take_valid(sims, idx, torch.isfinite(sims), k)
+
+    def mask_similarity(self, query_maps: torch.Tensor) -> torch.Tensor:
+        """``(Q, N)`` centroid-aligned Dice between query maps and every bank mask."""
+        if self._centred is None:
+            self._centred = centred_one_hot(self.slices.masks, self.num_classes)
+        return centred_dice(centred_one_hot(query_maps, self.num_classes), self._centred)
+
+    def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Guide pairs at ``idx`` ``(Q, K)``: images ``(Q, K, 1, S, S)``, masks ``(Q, K, S, S)``.
+
+        Entries with index -1 come back as zeros.
+        """
+        safe = idx.clamp_min(0)
+        images = self.slices.images[safe]
+        masks = self.slices.masks[safe].long()
+        missing = idx < 0
+        if missing.any():
+            images = images.masked_fill(missing[..., None, None, None], 0.0)
+            masks = masks.masked_fill(missing[..., None, None], 0)
+        return images, masks
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | Path, store: BankStore | None = None) -> Path:
+        """Write pairs, case table and embeddings to ``directory`` (one atomic file)."""
+        store = store or BankStore(directory)
+        arrays = {
+            "images": self.slices.images.numpy(),
+            "masks": self.slices.masks.numpy(),
+            "case_ids": self.slices.case_ids.numpy(),
+            "volume_ids": self.slices.volume_ids.numpy(),
+            "slice_pos": self.slices.slice_pos.numpy(),
+        }
+        if self.embeddings is not None:
+            arrays["embeddings"] = self.embeddings
+        meta = {
+            "num_classes": self.num_classes,
+            "index": self.index_kind,
+            "cases": self.slices.cases,
+            "volumes": [vars(v) for v in self.slices.volumes],
+        }
+        path = store.save(arrays, meta)
+        log.info("bank of %d slices written to %s", len(self), path)
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path, store: BankStore | None = None) -> "RetrievalBank":
+        """Read a bank written by :meth:`save` (the index is rebuilt from the embeddings)."""
+        store = store or BankStore(directory)
+        arrays, meta = store.load()
+        slices = SliceSet(
+            images=torch.from_numpy(arrays["images"]),
+            masks=torch.from_numpy(arrays["masks"]),
+            case_ids=torch.from_numpy(arrays["case_ids"]),
+            volume_ids=torch.from_numpy(arrays["volume_ids"]),
+            slice_pos=torch.from_numpy(arrays["slice_pos"]),
+            cases=list(meta["cases"]),
+            volumes=[VolumeInfo(**{**v, "spacing": tuple(v["spacing"])}) for v in meta["volumes"]],
+        )
+        bank = cls(slices, int(meta["num_classes"]), index=meta.get("index", "flat"))
+        if "embeddings" in arrays:
+            bank.set_embeddings(arrays["embeddings"])
+        return bank
+
+
+def _take_valid(
+    sims: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the first ``k`` valid columns of each row (order preserved), padding with -1."""
+    q, n = idx.shape
+    # stable sort puts valid entries first while keeping their rank order
+    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
+    sims = torch.gather(sims, 1, order)
+    idx = torch.gather(idx, 1, order)
+    valid = torch.gather(valid, 1, order)
+    if n < k:
+        pad = k - n
+        sims = torch.cat([sims, sims.new_full((q, pad), float("-inf"))], dim=1)
+        idx = torch.cat([idx, idx.new_full((q, pad), -1)], dim=1)
+        valid = torch.cat([valid, valid.new_zeros((q, pad))], dim=1)
+    sims, idx, valid = sims[:, :k], idx[:, :k], valid[:, :k]
+    return sims.masked_fill(~valid, float("-inf")), idx.masked_fill(~valid, -1)

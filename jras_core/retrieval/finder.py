@@ -1,0 +1,167 @@
+"""From query images to aligned guide pairs: pass 1, retrieval, centroid alignment.
+
+:class:`GuideFinder` is the one path by which training, evaluation and
+inference obtain guides, so all three retrieve in exactly the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from jras_core.config import JRASConfig
+from jras_core.models.jras import JRASModel
+from jras_core.retrieval.bank import RetrievalBank
+from jras_core.retrieval.guides import align_guides, centroids
+
+
+@dataclass
+class Guides:
+    """K guide pairs per query.
+
+    Attributes:
+        images: ``(B, K, 1, H, W)``; masks: ``(B, K, H, W)`` labels;
+        sims: ``(B, K)`` retrieval scores; idx: ``(B, K)`` bank indices (-1: none).
+    """
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    sims: torch.Tensor
+    idx: torch.Tensor
+
+
+class GuideFinder:
+    """Find guides for a batch of queries in a bank, as the configuration says.
+
+    Args:
+        model: segmenter (for pass 1) and retriever.
+        bank: the bank to search (embeddings must be current: ``bank.refresh``).
+        cfg: method configuration (``retriever.mode``, ``retrieval.*``).
+        generator: random source for training-time guide sampling and random guides.
+    """
+
+    def __init__(self, model: JRASModel, bank: RetrievalBank, cfg: JRASConfig, generator: torch.Generator | None = None):
+        self.model = model
+        self.bank = bank
+        self.cfg = cfg
+        self.num_classes = cfg.labels.num_classes
+        self.generator = generator or torch.Generator().manual_seed(cfg.train.seed)
+
+    @property
+    def needs_first_pass(self) -> bool:
+        r = self.cfg.retriever
+        return r.mode == "mask" or r.input == "image+pred" or self.cfg.retrieval.align_centroid
+
+    @torch.no_grad()
+    def first_pass(self, images: torch.Tensor) -> torch.Tensor:
+        """Pass 1 without guides: softmax ``(B, C, H, W)`` (segmenter in eval mode)."""
+        seg = self.model.seg
+        was_training = seg.training
+        seg.eval()
+        probs = torch.softmax(seg(images, guide_present=torch.zeros(images.shape[0], dtype=torch.bool)), dim=1)
+        seg.train(was_training)
+        return probs
+
+    def query_input(self, images: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
+        """The retriever's input for queries: the image, plus the pass-1 foreground probabilities."""
+        if not self.model.retriever_uses_prediction:
+            return images
+        if probs is None:
+            raise ValueError("the retriever takes the pass-1 prediction but none was given")
+        return torch.cat([images, probs[:, 1:]], dim=1)
+
+    @torch.no_grad()
+    def embed_queries(self, images: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
+        retr = self.model.retr
+        was_training = retr.training
+        retr.eval()
+        emb = retr(self.query_input(images, probs))
+        retr.train(was_training)
+        return emb
+
+    def exclude(self, case_names: list[str] | None, n: int) -> torch.Tensor | None:
+        return None if case_names is None else self.bank.case_ids_of(case_names, n)
+
+    @torch.no_grad()
+    def rank(
+        self, images: torch.Tensor, probs: torch.Tensor | None, k: int, case_names: list[str] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` bank entries per query, ``(sims, idx)`` each ``(B, k)``."""
+        exclude = self.exclude(case_names, images.shape[0])
+        if self.cfg.retriever.mode == "mask":
+            return self.bank.search_by_mask(probs[:, 1:], k, exclude)
+        return self.bank.search(self.embed_queries(images, probs), k, exclude)
+
+    @torch.no_grad()
+    def random_indices(self, n: int, k: int, case_names: list[str] | None) -> torch.Tensor:
+        """``(n, k)`` random bank indices avoiding each query's own case."""
+        scores = torch.rand(n, len(self.bank), generator=self.generator)
+        exclude = self.exclude(case_names, n)
+        if exclude is not None:
+            own = self.bank.slices.case_ids.view(1, -1) == exclude.view(-1, 1)
+            scores = scores.masked_fill(own, -1.0)
+        kk = min(k, len(self.bank))
+        idx = scores.topk(kk, dim=1).indices
+        valid = torch.gather(scores, 1, idx) >= 0
+        idx = idx.masked_fill(~valid, -1)
+        if kk < k:
+            idx = torch.cat([idx, idx.new_full((n, k - kk), -1)], dim=1)
+        return idx
+
+    def sample_from_pool(self, sims: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw ``k`` of the ``pool`` candidates of each row at random (training-time sampling)."""
+        keys = torch.rand(idx.shape, generator=self.generator).masked_fill(idx < 0, 2.0)
+        pick = keys.argsort(dim=1)[:, :k]
+        pick = pick.gather(1, torch.gather(sims, 1, pick).argsort(dim=1, descending=True))
+        return torch.gather(sims, 1, pick), torch.gather(idx, 1, pick)
+
+    def assemble(self, idx: torch.Tensor, sims: torch.Tensor, probs: torch.Tensor | None) -> Guides:
+        """Gather guide pairs and shift them onto the query's predicted centroid."""
+        images, masks = self.bank.gather(idx)
+        if self.cfg.retrieval.align_centroid and probs is not None:
+            cent, valid = centroids(1.0 - probs[:, 0])
+            images, masks = align_guides(images, masks, cent, valid)
+        return Guides(images, masks, sims.nan_to_num(neginf=0.0), idx)
+
+    @torch.no_grad()
+    def find(
+        self,
+        images: torch.Tensor,
+        case_names: list[str] | None = None,
+        source: str = "retrieved",
+        true_masks: torch.Tensor | None = None,
+        train_pool: int | None = None,
+        probs: torch.Tensor | None = None,
+    ) -> tuple[Guides, torch.Tensor | None]:
+        """Guides for ``images`` ``(B, 1, H, W)``.
+
+        Args:
+            case_names: each query's case; its own case is never returned.
+            source: ``retrieved`` (the configured retriever), ``oracle`` (top-K by
+                centroid-aligned Dice with the true masks: the ceiling of any retriever)
+                or ``random``.
+            true_masks: ``(B, H, W)``, required by ``oracle``.
+            train_pool: when set, draw K of the top ``train_pool`` at random (training).
+            probs: a pass-1 prediction already computed, reused instead of a new one.
+
+        Returns:
+            the guides and the pass-1 softmax (None when not needed).
+        """
+        k = self.cfg.retrieval.k
+        if probs is None and self.needs_first_pass:
+            probs = self.first_pass(images)
+        if source == "retrieved":
+            sims, idx = self.rank(images, probs, train_pool or k, case_names)
+            if train_pool and train_pool > k:
+                sims, idx = self.sample_from_pool(sims, idx, k)
+        elif source == "oracle":
+            if true_masks is None:
+                raise ValueError("oracle guides need the true masks")
+            sims, idx = self.bank.search_by_mask(true_masks, k, self.exclude(case_names, images.shape[0]))
+        elif source == "random":
+            idx = self.random_indices(images.shape[0], k, case_names)
+            sims = torch.zeros(idx.shape)
+        else:
+            raise ValueError(f"unknown guide source {source!r}")
+        return self.assemble(idx, sims, probs), probs

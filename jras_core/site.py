@@ -1,0 +1,188 @@
+"""A site: its configuration (one YAML), its data splits, its private bank, and
+the local training and evaluation that the federation asks of it.
+
+Everything here is plain Python; the Flower ClientApp only translates messages
+into calls of :class:`Site`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from jras_core.config import ConfigError, JRASConfig, from_mapping, load_yaml
+from jras_core.data.slices import SliceSet, build_slice_set
+from jras_core.data.sources import DataSourceConfig, load_volumes
+from jras_core.models.jras import JRASModel
+from jras_core.retrieval.bank import RetrievalBank
+from jras_core.training.evaluate import evaluate
+from jras_core.training.joint import JRASTrainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SiteConfig:
+    """One site (hospital) as described by its YAML file.
+
+    Attributes:
+        name: site name, unique in a federation.
+        data: where the site's annotated volumes come from.
+        vendor: scanner vendor label used in reports.
+        val_fraction: fraction of cases held out for validation (split by case).
+        split_seed: seed of the case split.
+        support_cases: for a site that never trains (held-out vendor): number of its
+            annotated cases that form its bank; the rest is evaluated.
+        bank_dir: where the site's bank is stored (``jras bank build``).
+        key_file: the site's bank encryption key file.
+        cache_dir: folder for cached preprocessed slices (None: no cache).
+    """
+
+    name: str
+    data: DataSourceConfig = field(default_factory=DataSourceConfig)
+    vendor: str = ""
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    support_cases: int | None = None
+    bank_dir: str | None = None
+    key_file: str | None = None
+    cache_dir: str | None = None
+
+    def validate(self, root: Path | None = None) -> None:
+        if not self.name:
+            raise ConfigError("site name must not be empty")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.support_cases is not None and self.support_cases < 1:
+            raise ConfigError(f"support_cases must be >= 1, got {self.support_cases}")
+        self.data.validate(root)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>", root: Path | None = None) -> "SiteConfig":
+        cfg = from_mapping(cls, data, source=source)
+        try:
+            cfg.validate(root)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, root: Path | None = None) -> "SiteConfig":
+        """Load a site YAML; relative data paths resolve against ``root`` (default: the YAML's folder)."""
+        path = Path(path)
+        return cls.from_dict(load_yaml(path), source=str(path), root=root or path.parent)
+
+
+class Site:
+    """A site's data and the local work the federation asks of it.
+
+    Args:
+        config: the site's configuration.
+        method: the method configuration (labels, preprocessing, training).
+        root: folder that relative data paths resolve against.
+    """
+
+    def __init__(self, config: SiteConfig, method: JRASConfig, root: Path | None = None):
+        self.config = config
+        self.method = method
+        self.root = root
+        self._slices: SliceSet | None = None
+        self._split: tuple[SliceSet, SliceSet] | None = None
+        self._bank: RetrievalBank | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    # ------------------------------------------------------------------ data
+    def _cache_path(self) -> Path | None:
+        if not self.config.cache_dir:
+            return None
+        key = json.dumps(
+            {"data": vars(self.config.data), "pre": vars(self.method.preprocess), "labels": self.method.labels.names},
+            sort_keys=True,
+            default=str,
+        )
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        return Path(self.config.cache_dir) / f"{self.name}-{digest}.pt"
+
+    @property
+    def slices(self) -> SliceSet:
+        """All preprocessed labelled slices of the site (cached in memory and optionally on disk)."""
+        if self._slices is None:
+            cache = self._cache_path()
+            if cache is not None and cache.is_file():
+                self._slices = SliceSet.load(cache)
+            else:
+                volumes = load_volumes(self.config.data, self.method.labels.num_classes, self.root)
+                self._slices = build_slice_set(volumes, self.method.preprocess, self.method.labels.num_classes)
+                if cache is not None:
+                    cache.parent.mkdir(parents=True, exist_ok=True)
+                    self._slices.save(cache)
+            log.info("site %s: %d slices of %d cases", self.name, len(self._slices), len(self._slices.cases))
+        return self._slices
+
+    def _splits(self) -> tuple[SliceSet, SliceSet]:
+        if self._split is None:
+            if self.config.support_cases is not None:
+                self._split = self.slices.first_cases(self.config.support_cases, self.config.split_seed)
+            else:
+                self._split = self.slices.split_by_case(self.config.val_fraction, self.config.split_seed)
+        return self._split
+
+    @property
+    def train_set(self) -> SliceSet:
+        """Training slices (for a held-out site: its support cases)."""
+        return self._splits()[0]
+
+    @property
+    def val_set(self) -> SliceSet:
+        """Validation slices (for a held-out site: every case not in the support set)."""
+        return self._splits()[1]
+
+    @property
+    def bank(self) -> RetrievalBank:
+        """The site's private bank over its training (or support) slices."""
+        if self._bank is None:
+            self._bank = RetrievalBank(self.train_set, self.method.labels.num_classes, self.method.retrieval.index)
+        return self._bank
+
+    # ------------------------------------------------------------------ work
+    def train(
+        self,
+        model: JRASModel,
+        epochs: int | None = None,
+        proximal_reference: Mapping[str, torch.Tensor] | None = None,
+        writer=None,
+        progress: bool = False,
+    ) -> dict[str, float]:
+        """Run local epochs of the alternating optimisation; returns scalar metrics
+        (averaged over the epochs) including ``num-examples``."""
+        bank = self.bank if self.method.uses_retrieval else None
+        trainer = JRASTrainer(
+            model, self.method, self.train_set, bank=bank,
+            proximal_reference=proximal_reference, writer=writer, progress=progress,
+        )
+        history = trainer.fit(epochs)
+        out = {k: float(np.mean([h[k] for h in history])) for k in history[0]} if history else {}
+        out["num-examples"] = float(len(self.train_set))
+        return out
+
+    def evaluate(self, model: JRASModel, diagnostics: bool = True) -> dict[str, float]:
+        """Dice/HD95 on the validation split, retrieving from the site's own bank."""
+        if len(self.val_set) == 0:
+            raise ConfigError(f"site {self.name}: no validation slices (val_fraction is 0)")
+        bank = None
+        if self.method.uses_retrieval:
+            bank = self.bank
+            bank.refresh(model.retr)
+        out = evaluate(model, self.val_set, self.method, bank, diagnostics=diagnostics)
+        out["num-examples"] = float(len(self.val_set))
+        return out

@@ -1,0 +1,224 @@
+"""Alternating joint optimisation of segmenter and retriever on one site's data.
+
+Per local epoch:
+
+* **Phase A (segmenter)**: retriever frozen; each (augmented) query gets K guides
+  drawn from its top ``train_pool`` bank entries (own case excluded), shifted to its
+  pass-1 centroid, dropped with probability ``guide_dropout``; Dice + CE step.
+* **Phase B (retriever)**: segmenter frozen; each query gets M candidates (top M/2
+  by the current retriever plus random ones); their relevance (``mask``: centroid-
+  aligned Dice with the query's mask; ``utility``: how much the segmenter's loss
+  drops with the candidate as guide) supervises the retriever's similarities
+  through a soft InfoNCE. Then the bank is refreshed.
+
+``fusion: none`` trains only phase A without guides (the no-retrieval baseline, same
+code path); ``retriever.mode: frozen`` or ``mask`` skips phase B.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Mapping
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from jras_core.config import JRASConfig
+from jras_core.data.augment import BatchIntensityAugment
+from jras_core.data.slices import SliceSet
+from jras_core.models.jras import JRASModel
+from jras_core.retrieval.bank import RetrievalBank
+from jras_core.retrieval.finder import GuideFinder
+from jras_core.retrieval.guides import one_hot_fg
+from jras_core.training.losses import per_sample_dice_ce, segmentation_loss, soft_info_nce
+
+log = logging.getLogger(__name__)
+
+
+class JRASTrainer:
+    """Trains a :class:`JRASModel` on one site's slices with its own bank.
+
+    Args:
+        model: segmenter + retriever (updated in place).
+        cfg: method configuration.
+        train_set: the site's training slices; also the bank, unless ``bank`` is given.
+        bank: retrieval bank (default: built from ``train_set`` and embedded now).
+        proximal_reference: global weights for the FedProx term ``mu/2 ||w - w_g||^2``
+            (``cfg.train.proximal_mu``).
+        writer: TensorBoard writer for per-epoch curves (optional).
+        progress: show progress bars.
+    """
+
+    def __init__(
+        self,
+        model: JRASModel,
+        cfg: JRASConfig,
+        train_set: SliceSet,
+        bank: RetrievalBank | None = None,
+        proximal_reference: Mapping[str, torch.Tensor] | None = None,
+        writer: SummaryWriter | None = None,
+        progress: bool = False,
+    ):
+        if len(train_set) == 0:
+            raise ValueError("the training set is empty")
+        self.model = model
+        self.cfg = cfg
+        self.train_set = train_set
+        self.writer = writer
+        self.progress = progress
+        self.epoch = 0
+        seed = cfg.train.seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.augment = BatchIntensityAugment(cfg.augment, seed=seed)
+        self.seg_loss = segmentation_loss()
+        self.seg_opt = torch.optim.AdamW(model.seg.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.retr_opt = torch.optim.AdamW(model.retr.parameters(), lr=cfg.contrastive.lr, weight_decay=cfg.train.weight_decay)
+        self.proximal = None
+        if proximal_reference is not None and cfg.train.proximal_mu > 0:
+            self.proximal = {k: v.detach().clone() for k, v in proximal_reference.items()}
+        self.bank: RetrievalBank | None = None
+        self.finder: GuideFinder | None = None
+        if cfg.uses_retrieval:
+            self.bank = bank or RetrievalBank(train_set, cfg.labels.num_classes, cfg.retrieval.index)
+            self.bank.refresh(model.retr)
+            self.finder = GuideFinder(model, self.bank, cfg, self.generator)
+        self._train_case_names = [train_set.cases[c] for c in train_set.case_ids.tolist()]
+
+    # ------------------------------------------------------------------ helpers
+    def _batches(self) -> list[torch.Tensor]:
+        perm = torch.randperm(len(self.train_set), generator=self.generator)
+        bs = self.cfg.train.batch_size
+        return [perm[i : i + bs] for i in range(0, len(perm), bs)]
+
+    def _case_names(self, idx: torch.Tensor) -> list[str]:
+        return [self._train_case_names[i] for i in idx.tolist()]
+
+    def _proximal_term(self) -> torch.Tensor:
+        mu = self.cfg.train.proximal_mu
+        total = torch.zeros(())
+        for name, p in self.model.named_parameters():
+            ref = self.proximal.get(name)
+            if ref is not None and p.requires_grad:
+                total = total + (p - ref).pow(2).sum()
+        return 0.5 * mu * total
+
+    def _bar(self, items, desc: str):
+        return tqdm(items, desc=desc, leave=False, disable=not self.progress)
+
+    # ------------------------------------------------------------------ phases
+    def phase_segmenter(self) -> dict[str, float]:
+        """Phase A: one pass over the data training the segmenter (retriever frozen)."""
+        model, cfg = self.model, self.cfg
+        model.seg.train()
+        model.retr.eval()
+        total, n, t0 = 0.0, 0, time.perf_counter()
+        for idx in self._bar(self._batches(), f"epoch {self.epoch} seg"):
+            images = self.augment(self.train_set.images[idx])
+            labels = self.train_set.masks[idx].long()
+            if self.finder is not None:
+                guides, _ = self.finder.find(
+                    images, self._case_names(idx), train_pool=cfg.retrieval.train_pool
+                )
+                present = torch.rand(len(idx), generator=self.generator) >= cfg.retrieval.guide_dropout
+                present &= (guides.idx >= 0).any(dim=1)
+                logits = model.seg(images, guides.images, guides.masks, guides.sims, present)
+            else:
+                logits = model.seg(images)
+            loss = self.seg_loss(logits, labels.unsqueeze(1))
+            if self.proximal is not None:
+                loss = loss + self._proximal_term()
+            self.seg_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.seg_opt.step()
+            total += float(loss.detach()) * len(idx)
+            n += len(idx)
+        return {"seg_loss": total / max(n, 1), "seg_time_s": time.perf_counter() - t0}
+
+    def _relevance(self, images, labels, cand_idx, probs) -> torch.Tensor:
+        """``(B, M)`` relevance of each candidate to its query."""
+        bank = self.bank
+        if self.cfg.contrastive.relevance == "mask":
+            q = labels
+            all_dice = bank.mask_similarity(q)  # (B, N)
+            return torch.gather(all_dice, 1, cand_idx.clamp_min(0))
+        # utility: loss drop of the frozen segmenter with the candidate as its guide(s)
+        seg = self.model.seg
+        b, m = cand_idx.shape
+        k = self.cfg.retrieval.k
+        with torch.no_grad():
+            seg.eval()
+            base = per_sample_dice_ce(seg(images, guide_present=torch.zeros(b, dtype=torch.bool)), labels)
+            flat = cand_idx.reshape(-1, 1).clamp_min(0).expand(-1, k)
+            rep_probs = probs.repeat_interleave(m, dim=0) if probs is not None else None
+            guides = self.finder.assemble(flat, torch.zeros(flat.shape), rep_probs)
+            rep_images = images.repeat_interleave(m, dim=0)
+            logits = seg(rep_images, guides.images, guides.masks, None, torch.ones(b * m, dtype=torch.bool))
+            loss = per_sample_dice_ce(logits, labels.repeat_interleave(m, dim=0)).view(b, m)
+            seg.train()
+        return base.unsqueeze(1) - loss
+
+    def phase_retriever(self) -> dict[str, float]:
+        """Phase B: contrastive retriever training (segmenter frozen), then bank refresh."""
+        model, cfg, bank = self.model, self.cfg, self.bank
+        c = cfg.contrastive
+        model.seg.eval()
+        model.retr.train()
+        total, n, t0 = 0.0, 0, time.perf_counter()
+        batches = self._batches()
+        if c.steps_per_epoch is not None:
+            batches = batches[: c.steps_per_epoch]
+        m_top = c.candidates // 2
+        for idx in self._bar(batches, f"epoch {self.epoch} retr"):
+            images = self.augment(self.train_set.images[idx])
+            labels = self.train_set.masks[idx].long()
+            names = self._case_names(idx)
+            probs = self.finder.first_pass(images) if self.finder.needs_first_pass else None
+            exclude = bank.case_ids_of(names, len(idx))
+            with torch.no_grad():
+                _, top_idx = bank.search(self.finder.embed_queries(images, probs), m_top, exclude)
+                rand_idx = self.finder.random_indices(len(idx), c.candidates - m_top, names)
+            cand = torch.cat([top_idx, rand_idx], dim=1)  # (B, M)
+            valid = cand >= 0
+            relevance = self._relevance(images, labels, cand, probs)
+            q_emb = model.retr(self.finder.query_input(images, probs))  # (B, d)
+            flat = cand.clamp_min(0).flatten()
+            c_emb = model.retr(bank.retriever_input(flat)[:, : model.retr.in_channels]).view(*cand.shape, -1)
+            sims = (c_emb * q_emb.unsqueeze(1)).sum(-1)
+            loss = soft_info_nce(sims, relevance, c.tau, c.tau_relevance, valid)
+            if self.proximal is not None:
+                loss = loss + self._proximal_term()
+            self.retr_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.retr_opt.step()
+            total += float(loss.detach()) * len(idx)
+            n += len(idx)
+        t_refresh = time.perf_counter()
+        bank.refresh(model.retr)
+        done = time.perf_counter()
+        model.seg.train()
+        return {
+            "retr_loss": total / max(n, 1),
+            "retr_time_s": t_refresh - t0,
+            "refresh_time_s": done - t_refresh,
+        }
+
+    def train_epoch(self) -> dict[str, float]:
+        """One local epoch: phase A, then (if the retriever is learned) phase B + refresh."""
+        t0 = time.perf_counter()
+        metrics = self.phase_segmenter()
+        if self.cfg.trains_retriever:
+            metrics.update(self.phase_retriever())
+        metrics["epoch_time_s"] = time.perf_counter() - t0
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(f"train/{key}", value, self.epoch)
+        log.info("epoch %d: %s", self.epoch, {k: round(v, 4) for k, v in metrics.items()})
+        self.epoch += 1
+        return metrics
+
+    def fit(self, epochs: int | None = None) -> list[dict[str, float]]:
+        """Train ``epochs`` (default ``cfg.train.epochs``) local epochs."""
+        epochs = self.cfg.train.epochs if epochs is None else epochs
+        return [self.train_epoch() for _ in range(epochs)]
