@@ -21,6 +21,7 @@ from monai.transforms import (
     RandShiftIntensity,
     ScaleIntensityRange,
 )
+from monai.utils import convert_to_tensor
 
 from jras_core.config import AugmentConfig
 
@@ -99,7 +100,7 @@ class BatchIntensityAugment:
             return images
         out = []
         for img in images:
-            y = torch.as_tensor(self.transform(img), dtype=torch.float32)
+            y = convert_to_tensor(self.transform(img), dtype=torch.float32, track_meta=False)
             lo, hi = y.amin(), y.amax()
             out.append((y - lo) / (hi - lo).clamp_min(1e-6))
         return torch.stack(out).contiguous()

@@ -183,7 +183,8 @@ class VendorSpec:
                     f"got {base!r}"
                 )
             values = dataclasses.asdict(BUILTIN_VENDORS[base])
-            values.pop("description", None)
+            values.pop("name")
+            values.pop("description")
         for key, value in data.items():
             if key == "base":
                 continue
@@ -250,8 +251,8 @@ BUILTIN_VENDORS: dict[str, VendorSpec] = {
             "low blood/myocardium contrast, dark fat, bright liver, coarse acquisition with "
             "ringing, heavy noise and bias, Nyquist ghost, tight FOV; scale ~800"
         ),
-        blood=0.80, rv_blood=0.72, myocardium=0.44, tissue=0.32, fat=0.46, liver=0.58, lung=0.10,
-        gamma=1.5, scale=800.0, noise_std=0.055, rician=True, bias_strength=0.5, blur_mm=1.2,
+        blood=0.86, rv_blood=0.78, myocardium=0.50, tissue=0.34, fat=0.46, liver=0.60, lung=0.10,
+        gamma=0.9, scale=800.0, noise_std=0.05, rician=True, bias_strength=0.45, blur_mm=1.2,
         acq_matrix=128, fov_mm=260.0, slice_spacing_mm=8.0, ghost=0.08, texture=0.1,
     ),
 }
@@ -356,6 +357,7 @@ class _Anatomy:
     stomach_w: float  # stomach fluid brightness mix
     stomach_ax: np.ndarray  # (2,)
     aorta_r: float
+    pathology: str = "normal"
 
 
 def _sample_anatomy(rng: np.random.Generator) -> _Anatomy:
@@ -365,7 +367,7 @@ def _sample_anatomy(rng: np.random.Generator) -> _Anatomy:
     r_endo = rng.uniform(21.0, 29.0)
     wall = rng.uniform(6.5, 10.0)
     heart_c = body_c + np.array([rng.uniform(-5.0, 20.0), rng.uniform(-35.0, -15.0)])
-    return _Anatomy(
+    anat = _Anatomy(
         body_c=body_c,
         body_ax=body_ax,
         body_rot=rng.uniform(-0.08, 0.08),
@@ -383,7 +385,7 @@ def _sample_anatomy(rng: np.random.Generator) -> _Anatomy:
         rv_dist=rng.uniform(0.5, 0.7),
         rv_radial=rng.uniform(0.85, 1.1),
         rv_tangent=rng.uniform(1.2, 1.55),
-        rv_extent=rng.uniform(0.7, 0.88),
+        rv_extent=rng.uniform(0.72, 0.86),
         rv_wall=rng.uniform(2.5, 3.8),
         rv_wobble=np.stack([rng.uniform(0.0, 0.06, 3), rng.uniform(0, 2 * np.pi, 3)], axis=1),
         length=rng.uniform(62.0, 85.0),
@@ -391,7 +393,7 @@ def _sample_anatomy(rng: np.random.Generator) -> _Anatomy:
         extra_apex=bool(rng.random() < 0.3),
         es_endo=rng.uniform(0.58, 0.74),
         es_wall=rng.uniform(1.3, 1.6),
-        es_rv=rng.uniform(0.68, 0.82),
+        es_rv=rng.uniform(0.72, 0.86),
         es_short=rng.uniform(0.08, 0.15),
         pap_angles=np.array([rng.uniform(0.4, 0.8), -rng.uniform(0.5, 0.9)]),
         epi_fat_t=rng.uniform(2.0, 6.0),
@@ -406,13 +408,28 @@ def _sample_anatomy(rng: np.random.Generator) -> _Anatomy:
         stomach_ax=np.array([rng.uniform(22.0, 35.0), rng.uniform(15.0, 25.0)]),
         aorta_r=rng.uniform(9.0, 13.0),
     )
+    # Pathology mix, as in multi-centre cohorts: dilated (large thin-walled LV, poor
+    # contraction) and hypertrophic (thick wall, small cavity, strong contraction).
+    kind, factors = rng.random(), rng.uniform(0.0, 1.0, 3)
+    if kind < 0.2:
+        anat.pathology = "dilated"
+        anat.r_endo *= 1.15 + 0.15 * factors[0]
+        anat.wall *= 0.8 + 0.1 * factors[1]
+        anat.es_endo = 0.8 + 0.1 * factors[2]
+        anat.es_wall = 1.1 + 0.15 * factors[1]
+    elif kind < 0.35:
+        anat.pathology = "hypertrophic"
+        anat.r_endo *= 0.8 + 0.1 * factors[0]
+        anat.wall *= 1.4 + 0.3 * factors[1]
+        anat.es_endo = 0.45 + 0.12 * factors[2]
+    return anat
 
 
 def _slice_positions(anat: _Anatomy, spacing: float) -> np.ndarray:
     """Slice positions along the long axis, mm from the ED base, shape ``(Z,)``."""
     positions = []
     pos = anat.first_pos
-    while pos < 0.96 * anat.length:
+    while pos < 0.985 * anat.length:
         positions.append(pos)
         pos += spacing
     if anat.extra_apex:
@@ -550,9 +567,9 @@ def _render(
 
     # RV: an ellipse beside the LV, minus the LV epicardium -> a crescent.
     s_rv = np.sqrt(np.clip(1.0 - (zc / anat.rv_extent) ** 2, 0.0, None)) * heart
-    rv_scale = anat.es_rv if es else 1.0
-    rv_r = anat.rv_radial * r_epi0 * s_rv * rv_scale
-    rv_t = anat.rv_tangent * r_epi0 * s_rv**0.6 * rv_scale
+    rv_size = (anat.r_endo + anat.wall) * (anat.es_rv if es else 1.0)
+    rv_r = anat.rv_radial * rv_size * s_rv
+    rv_t = anat.rv_tangent * rv_size * s_rv**0.6
     rv_ang = anat.rv_angle + rot
     rv_d = anat.rv_dist * r_epi + 0.2 * r_epi0 * (1.0 - s_rv)
     rvx = cx + rv_d * np.cos(rv_ang)

@@ -104,7 +104,8 @@ def centred_one_hot(masks: torch.Tensor, num_classes: int, size: int = 32) -> to
 
 
 def centred_dice(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Class-mean soft Dice between every pair of centred maps.
+    """Class-mean soft Dice ``2<a,b> / (|a|^2 + |b|^2)`` between every pair of centred maps
+    (1 for identical maps, also where interpolation made them soft).
 
     Args:
         a: ``(Q, C_fg, s, s)`` and b: ``(N, C_fg, s, s)`` from :func:`centred_one_hot`.
@@ -115,8 +116,8 @@ def centred_dice(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.T
     af = a.flatten(2).transpose(0, 1)  # (C, Q, P)
     bf = b.flatten(2).transpose(0, 1)  # (C, N, P)
     inter = torch.bmm(af, bf.transpose(1, 2))  # (C, Q, N)
-    sa = af.sum(-1).unsqueeze(2)
-    sb = bf.sum(-1).unsqueeze(1)
+    sa = af.pow(2).sum(-1).unsqueeze(2)
+    sb = bf.pow(2).sum(-1).unsqueeze(1)
     denom = sa + sb
     dice = 2 * inter / denom.clamp_min(eps)
     present = (denom > eps).float()

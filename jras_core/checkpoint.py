@@ -1,0 +1,43 @@
+"""Model checkpoints: weights plus the method configuration, written atomically."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jras_core.config import ConfigError, JRASConfig
+from jras_core.models.jras import JRASModel, build_model
+from jras_core.retrieval.store import atomic_write_bytes
+
+
+def save_model(path: str | Path, model: JRASModel, cfg: JRASConfig, **extra: Any) -> Path:
+    """Write ``{"state": state_dict, "config": cfg, **extra}`` to ``path`` atomically."""
+    buf = io.BytesIO()
+    torch.save({"state": model.state_dict(), "config": cfg.to_dict(), **extra}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def load_model(path: str | Path, cfg: JRASConfig | None = None) -> tuple[JRASModel, JRASConfig, dict]:
+    """Read a checkpoint; returns the model (built from the stored config unless
+    ``cfg`` is given), the config and the remaining stored entries."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: checkpoint not found")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"{path}: not a readable checkpoint ({exc})") from None
+    if not isinstance(data, dict) or "state" not in data or "config" not in data:
+        raise ConfigError(f"{path}: not a J-RAS checkpoint (missing 'state' or 'config')")
+    cfg = cfg or JRASConfig.from_dict(data["config"], source=str(path))
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(data["state"])
+    except RuntimeError as exc:
+        raise ConfigError(f"{path}: weights do not fit the configured model ({exc})") from None
+    extra = {k: v for k, v in data.items() if k not in ("state", "config")}
+    return model, cfg, extra

@@ -1,0 +1,80 @@
+"""Centralised (pooled) training and evaluation over one or more sites."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+from torch.utils.tensorboard import SummaryWriter
+
+from jras_core.checkpoint import save_model
+from jras_core.config import JRASConfig
+from jras_core.data.slices import SliceSet
+from jras_core.models.jras import JRASModel, build_model
+from jras_core.retrieval.bank import RetrievalBank
+from jras_core.site import Site
+from jras_core.training.evaluate import evaluate
+from jras_core.training.joint import JRASTrainer
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_sites(model: JRASModel, sites: Sequence[Site], cfg: JRASConfig,
+                   pooled_bank: RetrievalBank | None = None, diagnostics: bool = True) -> dict[str, dict[str, float]]:
+    """Evaluate every site's validation split.
+
+    Training sites retrieve from ``pooled_bank`` (own case excluded); a site with
+    ``support_cases`` (never trained on) retrieves from its own support bank.
+    """
+    results = {}
+    for site in sites:
+        bank = None
+        if cfg.uses_retrieval:
+            bank = site.bank if site.config.support_cases is not None or pooled_bank is None else pooled_bank
+            bank.refresh(model.retr)
+        results[site.name] = evaluate(model, site.val_set, cfg, bank, diagnostics=diagnostics)
+    return results
+
+
+def train_centralised(
+    sites: Sequence[Site],
+    cfg: JRASConfig,
+    out_dir: str | Path | None = None,
+    progress: bool = False,
+    eval_every: int = 0,
+) -> tuple[JRASModel, dict[str, dict[str, float]]]:
+    """Pool the training splits of the sites that train, fit, evaluate every site.
+
+    Sites with ``support_cases`` set are held out: they never train and are only
+    evaluated, retrieving from their support bank.
+
+    Returns:
+        the trained model and ``{site: metrics}``.
+    """
+    train_sites = [s for s in sites if s.config.support_cases is None]
+    if not train_sites:
+        raise ValueError("no site to train on: every site is held out (support_cases set)")
+    pooled = SliceSet.concat([s.train_set for s in train_sites])
+    model = build_model(cfg)
+    writer = SummaryWriter(str(Path(out_dir) / "tb")) if out_dir else None
+    trainer = JRASTrainer(model, cfg, pooled, writer=writer, progress=progress)
+    t0 = time.perf_counter()
+    for epoch in range(cfg.train.epochs):
+        trainer.train_epoch()
+        if eval_every and (epoch + 1) % eval_every == 0 and writer is not None:
+            for name, m in evaluate_sites(model, sites, cfg, trainer.bank, diagnostics=False).items():
+                writer.add_scalar(f"val/{name}/dice_mean", m["dice_mean"], epoch)
+    train_time = time.perf_counter() - t0
+    results = evaluate_sites(model, sites, cfg, trainer.bank)
+    if out_dir:
+        out = Path(out_dir)
+        save_model(out / "model.pt", model, cfg, sites=[s.name for s in sites])
+        (out / "metrics.json").write_text(json.dumps({"train_time_s": train_time, "sites": results}, indent=2))
+        for name, m in results.items():
+            for key, value in m.items():
+                writer.add_scalar(f"final/{name}/{key}", value, cfg.train.epochs)
+        writer.close()
+    return model, results

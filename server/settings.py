@@ -1,0 +1,124 @@
+"""The server side of a run configuration, parsed and validated. No Flower import here."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jras_core.config import ConfigError
+
+STRATEGIES = ("fedavg", "fedprox", "fedbn", "fedadam")
+AGGREGATE = ("all", "segmenter")
+
+
+@dataclass
+class ServerSettings:
+    """What the ServerApp reads from ``context.run_config`` (keys in brackets).
+
+    Attributes:
+        num_rounds: rounds to run in this run [``num-server-rounds``]; after a resume,
+            rounds are numbered on from the checkpoint's round.
+        strategy: ``fedavg``, ``fedprox``, ``fedbn`` or ``fedadam`` [``strategy``].
+        aggregate: ``all`` (segmenter and retriever) or ``segmenter`` (each site keeps
+            its own retriever) [``aggregate``].
+        proximal_mu: FedProx weight of ``mu/2 ||w - w_global||^2`` [``proximal-mu``].
+        server_lr, beta_1, beta_2, tau: FedAdam [``fedadam-eta``, ``fedadam-beta-1``,
+            ``fedadam-beta-2``, ``fedadam-tau``].
+        fraction_train, fraction_evaluate: fraction of connected sites sampled per round.
+        min_nodes: minimum sites to sample and to wait for [``min-nodes``].
+        output_dir: folder of run folders [``output-dir``].
+        run_name: this run's folder under ``output_dir`` (empty: ``run-<run id>``) [``run-name``].
+        resume: checkpoint file or run folder to resume from (empty: start fresh) [``resume``].
+        round_timeout: seconds to wait for replies per round [``round-timeout``].
+    """
+
+    num_rounds: int = 3
+    strategy: str = "fedavg"
+    aggregate: str = "all"
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_nodes: int = 2
+    output_dir: str = "runs/federation"
+    run_name: str = ""
+    resume: str = ""
+    round_timeout: float = 3600.0
+
+    KEYS = {
+        "num-server-rounds": ("num_rounds", int),
+        "strategy": ("strategy", str),
+        "aggregate": ("aggregate", str),
+        "proximal-mu": ("proximal_mu", float),
+        "fedadam-eta": ("server_lr", float),
+        "fedadam-beta-1": ("beta_1", float),
+        "fedadam-beta-2": ("beta_2", float),
+        "fedadam-tau": ("tau", float),
+        "fraction-train": ("fraction_train", float),
+        "fraction-evaluate": ("fraction_evaluate", float),
+        "min-nodes": ("min_nodes", int),
+        "output-dir": ("output_dir", str),
+        "run-name": ("run_name", str),
+        "resume": ("resume", str),
+        "round-timeout": ("round_timeout", float),
+    }
+
+    @property
+    def keep_norm_local(self) -> bool:
+        return self.strategy == "fedbn"
+
+    @property
+    def keep_retriever_local(self) -> bool:
+        return self.aggregate == "segmenter"
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "ServerSettings":
+        """Read the known keys (others belong to the clients); raise :class:`ConfigError` on bad values."""
+        kwargs: dict[str, Any] = {}
+        for key, (attr, tp) in cls.KEYS.items():
+            if key not in run_config:
+                continue
+            value = run_config[key]
+            if tp is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, tp) or isinstance(value, bool):
+                raise ConfigError(f"run config: {key} must be {tp.__name__}, got {value!r}")
+            kwargs[attr] = value
+        settings = cls(**kwargs)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.num_rounds < 1:
+            raise ConfigError(f"run config: num-server-rounds must be >= 1, got {self.num_rounds}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"run config: strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
+        if self.aggregate not in AGGREGATE:
+            raise ConfigError(f"run config: aggregate must be one of {list(AGGREGATE)}, got {self.aggregate!r}")
+        if self.proximal_mu < 0:
+            raise ConfigError(f"run config: proximal-mu must be >= 0, got {self.proximal_mu}")
+        for key, value in (("fraction-train", self.fraction_train), ("fraction-evaluate", self.fraction_evaluate)):
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"run config: {key} must be in [0, 1], got {value}")
+        if self.fraction_train == 0.0:
+            raise ConfigError("run config: fraction-train must be > 0")
+        if self.min_nodes < 1:
+            raise ConfigError(f"run config: min-nodes must be >= 1, got {self.min_nodes}")
+        if self.server_lr <= 0 or self.tau <= 0:
+            raise ConfigError("run config: fedadam-eta and fedadam-tau must be positive")
+        if not (0.0 <= self.beta_1 < 1.0 and 0.0 <= self.beta_2 < 1.0):
+            raise ConfigError("run config: fedadam-beta-1 and fedadam-beta-2 must be in [0, 1)")
+        if self.round_timeout <= 0:
+            raise ConfigError(f"run config: round-timeout must be positive, got {self.round_timeout}")
+
+    def run_dir(self, run_id: int, cwd: Path | None = None) -> Path:
+        """This run's output folder (relative ``output-dir`` against ``cwd``)."""
+        base = Path(self.output_dir).expanduser()
+        if not base.is_absolute():
+            base = (cwd or Path.cwd()) / base
+        return (base / (self.run_name or f"run-{run_id}")).resolve()

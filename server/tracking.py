@@ -1,0 +1,139 @@
+"""Per-round bookkeeping of a federation: TensorBoard scalars and a JSON-lines log.
+
+Per round it records the aggregated (global) and per-site train and evaluation
+metrics, the number of failed replies, the round's wall time and the bytes of
+model arrays sent to and received from the sites. No Flower import here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class RoundRecorder:
+    """Collects one round's numbers and writes them when the round ends.
+
+    Args:
+        log_dir: folder for TensorBoard event files and ``metrics.jsonl`` (None: keep in memory only).
+        writer_factory: builds the TensorBoard writer (default ``SummaryWriter``).
+    """
+
+    def __init__(self, log_dir: str | Path | None, writer_factory: Callable[[str], Any] | None = None):
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.history: list[dict[str, Any]] = []
+        self._writer = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            if writer_factory is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                writer_factory = SummaryWriter
+            self._writer = writer_factory(str(self.log_dir))
+        self._reset(0)
+
+    def _reset(self, rnd: int) -> None:
+        self._round = rnd
+        self._t0: float | None = None
+        self._sent = 0
+        self._received = 0
+        self._failures: dict[str, int] = defaultdict(int)
+        self._global: dict[str, dict[str, float]] = {}
+        self._sites: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
+
+    # ------------------------------------------------------------------ collecting
+    def start_round(self, rnd: int) -> None:
+        """Mark the start of global round ``rnd`` (idempotent within a round)."""
+        if rnd != self._round or self._t0 is None:
+            self._reset(rnd)
+            self._t0 = time.perf_counter()
+
+    def add_traffic(self, sent: int = 0, received: int = 0) -> None:
+        """Bytes of model arrays sent to / received from sites."""
+        self._sent += int(sent)
+        self._received += int(received)
+
+    def add_failures(self, phase: str, count: int) -> None:
+        self._failures[phase] += int(count)
+
+    def add_site_metrics(self, phase: str, site: str, metrics: Mapping[str, float]) -> None:
+        """Scalar metrics of one site's reply (``phase``: ``train`` or ``evaluate``)."""
+        self._sites[site][phase] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+    def add_global_metrics(self, phase: str, metrics: Mapping[str, float]) -> None:
+        """Aggregated metrics of a phase."""
+        self._global[phase] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+    # ------------------------------------------------------------------ writing
+    def end_round(self, rnd: int) -> dict[str, float]:
+        """Write the round's scalars; returns the round summary (wall time, bytes)."""
+        wall = time.perf_counter() - self._t0 if self._t0 is not None and rnd == self._round else float("nan")
+        summary = {
+            "wall_time_s": wall,
+            "bytes_sent": float(self._sent),
+            "bytes_received": float(self._received),
+            "bytes_total": float(self._sent + self._received),
+            "num_sites_train": float(len([s for s in self._sites.values() if "train" in s])),
+            "num_sites_evaluate": float(len([s for s in self._sites.values() if "evaluate" in s])),
+        }
+        for phase, n in self._failures.items():
+            summary[f"failures_{phase}"] = float(n)
+        for phase in ("train", "evaluate"):
+            n = [s[phase].get("num-examples") for s in self._sites.values() if phase in s]
+            if n and all(v is not None for v in n):
+                self._global.setdefault(phase, {})["num-examples"] = float(sum(n))
+        record = {
+            "round": rnd,
+            "round_stats": summary,
+            "global": self._global,
+            "sites": {name: dict(phases) for name, phases in self._sites.items()},
+            "time": time.time(),
+        }
+        self.history.append(record)
+        if self.log_dir is not None:
+            with open(self.log_dir / METRICS_FILE, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(_json_safe(record)) + "\n")
+        if self._writer is not None:
+            w = self._writer
+            for key, value in summary.items():
+                w.add_scalar(f"round/{key}", value, rnd)
+            for phase, metrics in self._global.items():
+                for key, value in metrics.items():
+                    w.add_scalar(f"global/{phase}/{key}", value, rnd)
+            for site, phases in self._sites.items():
+                for phase, metrics in phases.items():
+                    for key, value in metrics.items():
+                        w.add_scalar(f"site/{site}/{phase}/{key}", value, rnd)
+            w.flush()
+        log.info(
+            "round %d: %.1f s, %.2f MB sent, %.2f MB received",
+            rnd, wall, self._sent / 2**20, self._received / 2**20,
+        )
+        self._reset(rnd)
+        return summary
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf -> None, recursively (JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value

@@ -1,0 +1,142 @@
+import numpy as np
+import pytest
+import torch
+
+from jras_core.data.slices import SliceSet, VolumeInfo
+from jras_core.data.volume import DataError
+from jras_core.models.retriever import Retriever
+from jras_core.retrieval.bank import RetrievalBank
+from jras_core.retrieval.guides import align_guides, centred_dice, centred_one_hot, centroids, translate
+from jras_core.retrieval.store import BankStore
+
+
+def _disc(cx, cy, r, size=32, label=1):
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    return ((xx - cx) ** 2 + (yy - cy) ** 2 < r**2).long() * label
+
+
+def _slices(n_cases=6, per_case=4, size=32, seed=0) -> SliceSet:
+    g = torch.Generator().manual_seed(seed)
+    masks = []
+    for _ in range(n_cases * per_case):
+        cx, cy = torch.randint(8, size - 8, (2,), generator=g).tolist()
+        masks.append(_disc(cx, cy, int(torch.randint(3, 7, (1,), generator=g)), size))
+    masks = torch.stack(masks).to(torch.uint8)
+    images = masks.float().unsqueeze(1) + 0.05 * torch.randn(len(masks), 1, size, size, generator=g)
+    case_ids = torch.arange(n_cases).repeat_interleave(per_case)
+    return SliceSet(
+        images=images, masks=masks, case_ids=case_ids, volume_ids=case_ids.clone(),
+        slice_pos=torch.arange(per_case).repeat(n_cases),
+        cases=[f"case{i}" for i in range(n_cases)],
+        volumes=[VolumeInfo(f"case{i}", f"case{i}", "", "X", "", (1.0, 1.0, 1.0)) for i in range(n_cases)],
+    )
+
+
+def test_centroid_and_translation():
+    m = _disc(10, 20, 4).float().unsqueeze(0)
+    cent, valid = centroids(m)
+    size = 32
+    assert valid.all()
+    # normalised coordinates: pixel p -> -1 + 2p/(size-1)
+    assert cent[0, 0] == pytest.approx(-1 + 2 * 10 / (size - 1), abs=1e-4)
+    assert cent[0, 1] == pytest.approx(-1 + 2 * 20 / (size - 1), abs=1e-4)
+    shifted = translate(m.unsqueeze(1), torch.tensor([[2 * 6 / (size - 1), 0.0]]), mode="nearest")[:, 0]
+    assert torch.equal(shifted[0].long(), _disc(16, 20, 4))
+    empty_cent, empty_valid = centroids(torch.zeros(1, size, size))
+    assert not empty_valid.any()
+
+
+def test_align_guides_moves_guides_onto_query_centroid():
+    guide_masks = torch.stack([_disc(8, 8, 3), _disc(24, 20, 4)]).unsqueeze(0)  # (1, 2, H, W)
+    guide_images = guide_masks.float().unsqueeze(2)
+    target = centroids(_disc(16, 16, 3).float().unsqueeze(0))[0]
+    imgs, masks = align_guides(guide_images, guide_masks, target, torch.tensor([True]))
+    new_cent, _ = centroids((masks[0] > 0).float())
+    assert torch.allclose(new_cent, target.expand(2, 2), atol=0.05)
+    assert imgs.shape == guide_images.shape
+
+
+def test_centred_dice_is_shift_invariant():
+    a = _disc(10, 10, 5).unsqueeze(0)
+    b = torch.stack([_disc(20, 18, 5), _disc(20, 18, 2), torch.zeros(32, 32, dtype=torch.long)])
+    d = centred_dice(centred_one_hot(a, 2), centred_one_hot(b, 2))
+    assert d.shape == (1, 3)
+    assert d[0, 0] > 0.95
+    assert d[0, 1] < 0.5
+    assert d[0, 2] == 0.0
+
+
+def test_search_matches_brute_force_and_excludes_own_case():
+    slices = _slices()
+    bank = RetrievalBank(slices, num_classes=2)
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(len(slices), 16)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    bank.set_embeddings(emb)
+    queries = torch.from_numpy(emb[:5])
+    exclude = slices.case_ids[:5]
+    sims, idx = bank.search(queries, k=4, exclude_cases=exclude)
+    brute = queries @ torch.from_numpy(emb).T
+    own = slices.case_ids.view(1, -1) == exclude.view(-1, 1)
+    brute = brute.masked_fill(own, float("-inf"))
+    top = brute.topk(4, dim=1)
+    assert torch.equal(idx, top.indices)
+    assert torch.allclose(sims, top.values, atol=1e-5)
+    assert not (slices.case_ids[idx] == exclude.view(-1, 1)).any()
+    # without exclusion the query finds itself first
+    _, idx_self = bank.search(queries, k=1)
+    assert torch.equal(idx_self[:, 0], torch.arange(5))
+
+
+def test_search_pads_when_bank_is_too_small():
+    slices = _slices(n_cases=2, per_case=2)
+    bank = RetrievalBank(slices, num_classes=2)
+    emb = np.eye(4, 8, dtype=np.float32)
+    bank.set_embeddings(emb)
+    sims, idx = bank.search(torch.from_numpy(emb[:1]), k=3, exclude_cases=torch.tensor([0]))
+    assert idx[0].tolist()[:2] != [-1, -1] and idx[0, 2] == -1
+    assert sims[0, 2] == float("-inf")
+    images, masks = bank.gather(idx)
+    assert images.shape == (1, 3, 1, 32, 32) and masks[0, 2].sum() == 0
+
+
+def test_mask_search_ranks_by_aligned_mask_dice():
+    slices = _slices()
+    bank = RetrievalBank(slices, num_classes=2)
+    query = slices.masks[:3].long()
+    sims, idx = bank.search_by_mask(query, k=3, exclude_cases=slices.case_ids[:3])
+    full = bank.mask_similarity(query)
+    own = slices.case_ids.view(1, -1) == slices.case_ids[:3].view(-1, 1)
+    expected = full.masked_fill(own, float("-inf")).topk(3, dim=1).values
+    assert torch.allclose(sims, expected)
+
+
+def test_refresh_save_load_round_trip(tmp_path):
+    slices = _slices()
+    bank = RetrievalBank(slices, num_classes=2)
+    retr = Retriever(in_channels=2, embed_dim=8, channels=(4, 8))
+    bank.refresh(retr)
+    assert bank.embeddings.shape == (len(slices), 8)
+    assert np.allclose(np.linalg.norm(bank.embeddings, axis=1), 1.0, atol=1e-5)
+    bank.save(tmp_path / "bank")
+    again = RetrievalBank.load(tmp_path / "bank")
+    assert torch.equal(again.slices.masks, slices.masks)
+    assert again.slices.cases == slices.cases
+    q = torch.from_numpy(bank.embeddings[:3])
+    assert torch.equal(again.search(q, 3)[1], bank.search(q, 3)[1])
+    # a truncated file is reported, not half-loaded
+    path = BankStore(tmp_path / "bank").path
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(DataError, match="corrupt or truncated"):
+        RetrievalBank.load(tmp_path / "bank")
+
+
+def test_hnsw_index_finds_nearest():
+    slices = _slices()
+    bank = RetrievalBank(slices, num_classes=2, index="hnsw")
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(len(slices), 16)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    bank.set_embeddings(emb)
+    _, idx = bank.search(torch.from_numpy(emb[:4]), k=1)
+    assert torch.equal(idx[:, 0], torch.arange(4))

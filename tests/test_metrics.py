@@ -1,0 +1,53 @@
+import math
+
+import numpy as np
+import torch
+
+from jras_core.metrics import dice_per_class, hd95_per_class, summarise
+from jras_core.training.losses import per_sample_dice_ce, soft_info_nce
+
+
+def test_dice_on_known_masks():
+    target = torch.zeros(1, 10, 10, dtype=torch.long)
+    target[0, :, :5] = 1  # 50 px
+    pred = torch.zeros_like(target)
+    pred[0, :, :4] = 1  # 40 px inside
+    d = dice_per_class(pred, target, num_classes=3)
+    assert d.shape == (1, 2)
+    assert d[0, 0].item() == np.float32(2 * 40 / 90)
+    assert math.isnan(d[0, 1].item())  # class 2 absent from both
+
+
+def test_hd95_uses_spacing():
+    target = torch.zeros(1, 20, 20, dtype=torch.long)
+    target[0, 5:10, 5:10] = 1
+    pred = torch.zeros_like(target)
+    pred[0, 5:10, 8:13] = 1  # shifted 3 px along the second axis
+    hd1 = hd95_per_class(pred, target, 2, spacing=(1.0, 1.0))[0, 0].item()
+    hd2 = hd95_per_class(pred, target, 2, spacing=(1.0, 2.0))[0, 0].item()
+    assert hd1 == 3.0
+    assert hd2 == 6.0
+
+
+def test_summarise_ignores_nan():
+    vals = np.array([[1.0, np.nan], [0.5, 0.2]])
+    s = summarise(vals, ["A", "B"], "dice")
+    assert s["dice_a"] == 0.75 and s["dice_b"] == np.float64(0.2)
+    assert math.isclose(s["dice_mean"], (0.75 + 0.2) / 2)
+
+
+def test_soft_info_nce_prefers_relevant_candidates():
+    relevance = torch.tensor([[1.0, 0.0, 0.0]])
+    good = soft_info_nce(torch.tensor([[0.9, 0.1, 0.0]]), relevance, 0.1, 0.05)
+    bad = soft_info_nce(torch.tensor([[0.0, 0.1, 0.9]]), relevance, 0.1, 0.05)
+    assert good < bad
+    masked = soft_info_nce(torch.tensor([[0.9, 0.1, 5.0]]), relevance, 0.1, 0.05,
+                           valid=torch.tensor([[True, True, False]]))
+    assert torch.isfinite(masked) and masked < bad
+
+
+def test_per_sample_loss_is_lower_for_correct_prediction():
+    labels = torch.randint(0, 3, (2, 8, 8))
+    right = torch.nn.functional.one_hot(labels, 3).movedim(-1, 1).float() * 10
+    wrong = torch.roll(right, 1, dims=1)
+    assert (per_sample_dice_ce(right, labels) < per_sample_dice_ce(wrong, labels)).all()
