@@ -123,7 +123,7 @@ class RetrievalConfig:
     """During training the K guides are drawn from the top ``train_pool`` (K+2)."""
     guide_dropout: float = 0.3
     align_centroid: bool = True
-    two_pass: bool = True
+    """Shift guides onto the query's pass-1 centroid before fusion."""
     index: Literal["flat", "hnsw"] = "flat"
 
     def validate(self) -> None:

@@ -45,10 +45,14 @@ def test_segmenter_shapes_and_guide_dropout(fusion, backbone):
         assert not torch.allclose(out[0], no_guides[0], atol=1e-5)
 
 
-def test_transformer_backbone_shape():
-    seg = GuidedSegmenter(num_classes=4, k=3, fusion="concat", backbone="swinunetr", channels=(12, 24)).eval()
-    out = seg(torch.rand(1, 1, 32, 32), torch.rand(1, 3, 1, 32, 32), torch.randint(0, 4, (1, 3, 32, 32)))
-    assert out.shape == (1, 4, 32, 32)
+@pytest.mark.parametrize("backbone", ["swinunetr", "segformer"])
+def test_transformer_backbones_shape_and_gradient(backbone):
+    seg = GuidedSegmenter(num_classes=4, k=3, fusion="concat", backbone=backbone, channels=(16, 32))
+    out = seg(torch.rand(2, 1, 32, 32), torch.rand(2, 3, 1, 32, 32), torch.randint(0, 4, (2, 3, 32, 32)))
+    assert out.shape == (2, 4, 32, 32)
+    out.mean().backward()
+    grads = [p.grad for p in seg.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
 def test_retriever_embeddings_are_unit_norm():
