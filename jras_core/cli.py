@@ -14,12 +14,14 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from typing import TYPE_CHECKING
+
 import yaml
 
 from jras_core.config import ConfigError, JRASConfig
-from jras_core.data.sources import DataSourceConfig
-from jras_core.data.volume import DataError
-from jras_core.site import Site, SiteConfig
+
+if TYPE_CHECKING:  # heavy imports (torch, MONAI, FAISS) are deferred so that --help is instant
+    from jras_core.site import Site, SiteConfig
 
 log = logging.getLogger("jras")
 
@@ -47,12 +49,18 @@ def load_method(path: str | None, overrides: Sequence[str]) -> JRASConfig:
 
 def synthetic_site(vendor: str, cases: int, seed: int, size: int, support: int | None = None) -> SiteConfig:
     """A site config for a built-in synthetic vendor."""
+    from jras_core.data.sources import DataSourceConfig
+    from jras_core.site import SiteConfig
+
     data = DataSourceConfig(kind="synthetic", vendor=vendor, cases=cases, seed=seed, size=size)
     return SiteConfig(name=f"synthetic-{vendor}", vendor=vendor, data=data, support_cases=support)
 
 
 def collect_sites(args: argparse.Namespace, cfg: JRASConfig) -> list[Site]:
     """Sites from ``--site`` YAMLs, ``--manifest`` CSVs and ``--synthetic`` vendors."""
+    from jras_core.data.sources import DataSourceConfig
+    from jras_core.site import Site, SiteConfig
+
     configs: list[tuple[SiteConfig, Path | None]] = []
     for path in args.site or []:
         configs.append((SiteConfig.from_yaml(path), Path(path).parent))
@@ -149,6 +157,7 @@ def cmd_bank_build(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from jras_core.site import Site
     from jras_core.training.centralised import train_centralised
 
     cfg = JRASConfig.from_yaml(PROJECT_ROOT / "configs" / "demo.yaml") if (PROJECT_ROOT / "configs" / "demo.yaml").is_file() \
@@ -221,7 +230,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DataError) as exc:
+    except ValueError as exc:
+        from jras_core.data.volume import DataError
+
+        if not isinstance(exc, (ConfigError, DataError)):
+            raise
         print(f"jras: error: {exc}", file=sys.stderr)
         return 2
 
