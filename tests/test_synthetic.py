@@ -71,15 +71,19 @@ def test_shapes_labels_spacing_and_metadata(vendor):
     spec = BUILTIN_VENDORS[vendor]
     vols = generate_volumes(vendor, 2, seed=0, size=SIZE)
     assert [(v.case, v.phase) for v in vols] == [
-        (f"syn{vendor}000", "ED"), (f"syn{vendor}000", "ES"),
-        (f"syn{vendor}001", "ED"), (f"syn{vendor}001", "ES"),
+        (f"syn{vendor}000", "ED"),
+        (f"syn{vendor}000", "ES"),
+        (f"syn{vendor}001", "ED"),
+        (f"syn{vendor}001", "ES"),
     ]
     for v in vols:
         assert v.image.dtype == np.float32 and v.mask.dtype == np.int64
         assert v.image.shape[:2] == (SIZE, SIZE) and v.image.shape == v.mask.shape
         assert 5 <= v.image.shape[2] <= 14
         assert set(np.unique(v.mask).tolist()) <= {0, 1, 2, 3}
-        assert v.spacing == pytest.approx((spec.fov_mm / SIZE, spec.fov_mm / SIZE, spec.slice_spacing_mm))
+        assert v.spacing == pytest.approx(
+            (spec.fov_mm / SIZE, spec.fov_mm / SIZE, spec.slice_spacing_mm)
+        )
         assert 8.0 <= v.spacing[2] <= 10.0
         assert v.vendor == vendor and v.source == f"synthetic:{vendor}"
         assert v.image.min() >= 0.0 and np.isfinite(v.image).all()
@@ -188,7 +192,10 @@ def test_write_dataset_round_trip(tmp_path):
         assert tuple(reader.fieldnames) == MANIFEST_HEADER
         rows = list(reader)
     assert [(r["case"], r["phase"], r["vendor"]) for r in rows] == [
-        ("synA000", "ED", "A"), ("synA000", "ES", "A"), ("synD000", "ED", "D"), ("synD000", "ES", "D"),
+        ("synA000", "ED", "A"),
+        ("synA000", "ES", "A"),
+        ("synD000", "ED", "D"),
+        ("synD000", "ES", "D"),
     ]
     expected = generate_volumes("A", 1, 9, size=32) + generate_volumes("D", 1, 9, size=32)
     for row, vol in zip(rows, expected):
@@ -207,7 +214,10 @@ def test_written_manifest_loads_with_the_manifest_reader(tmp_path):
 
     manifest = write_dataset(tmp_path, ["C"], num_cases=1, seed=0, size=32)
     vols = load_manifest(manifest, num_classes=4)
-    assert [(v.case, v.phase, v.vendor) for v in vols] == [("synC000", "ED", "C"), ("synC000", "ES", "C")]
+    assert [(v.case, v.phase, v.vendor) for v in vols] == [
+        ("synC000", "ED", "C"),
+        ("synC000", "ES", "C"),
+    ]
     assert vols[0].spacing == pytest.approx((360.0 / 32, 360.0 / 32, 10.0))
 
 

@@ -35,9 +35,10 @@ import math
 import os
 import tempfile
 import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -66,7 +67,9 @@ class VendorSpec:
     """Appearance of one (synthetic) scanner vendor.
 
     Tissue intensities are relative, in ``[0, 1]``; the noiseless image is
-    ``scale * relative ** gamma`` before bias, filtering and noise.
+    ``relative ** gamma``, then bias field, ghost, k-space filtering and noise,
+    then multiplied by ``scale`` and a per-volume gain in ``[0.85, 1.2]``.
+    Unspecified fields take vendor ``A``'s values.
 
     Attributes:
         name: vendor name (used in case names, ``Volume.vendor`` and seeding).
@@ -104,10 +107,10 @@ class VendorSpec:
     lung: float = 0.04
     gamma: float = 1.0
     scale: float = 300.0
-    noise_std: float = 0.03
+    noise_std: float = 0.025
     rician: bool = True
     bias_strength: float = 0.25
-    blur_mm: float = 0.6
+    blur_mm: float = 0.5
     acq_matrix: int = 224
     fov_mm: float = 300.0
     slice_spacing_mm: float = 10.0
@@ -125,10 +128,14 @@ class VendorSpec:
         where = f"{source}: " if source else ""
 
         def bad(key: str, why: str) -> DataError:
-            return DataError(f"{where}vendor '{self.name}': key '{key}' {why}, got {getattr(self, key)!r}")
+            return DataError(
+                f"{where}vendor '{self.name}': key '{key}' {why}, got {getattr(self, key)!r}"
+            )
 
         if not isinstance(self.name, str) or not self.name.strip():
-            raise DataError(f"{where}vendor key 'name' must be a non-empty string, got {self.name!r}")
+            raise DataError(
+                f"{where}vendor key 'name' must be a non-empty string, got {self.name!r}"
+            )
         for key in _TISSUES:
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise bad(key, "must be a relative intensity in [0, 1]")
@@ -154,7 +161,9 @@ class VendorSpec:
                 raise bad(key, "must be finite")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>", name: str | None = None) -> "VendorSpec":
+    def from_dict(
+        cls, data: Mapping[str, Any], source: str = "<dict>", name: str | None = None
+    ) -> VendorSpec:
         """Build a vendor from a mapping (e.g. a YAML section) and validate it.
 
         Keys are the field names, plus ``base`` (a built-in vendor whose values
@@ -166,7 +175,9 @@ class VendorSpec:
                 names ``source`` and the key).
         """
         if not isinstance(data, Mapping):
-            raise DataError(f"{source}: a vendor must be a mapping of fields, got {type(data).__name__}")
+            raise DataError(
+                f"{source}: a vendor must be a mapping of fields, got {type(data).__name__}"
+            )
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = [k for k in data if k not in fields and k != "base"]
         if unknown:
@@ -179,8 +190,8 @@ class VendorSpec:
             base = data["base"]
             if not isinstance(base, str) or base not in BUILTIN_VENDORS:
                 raise DataError(
-                    f"{source}: vendor key 'base' must name a built-in vendor {sorted(BUILTIN_VENDORS)}, "
-                    f"got {base!r}"
+                    f"{source}: vendor key 'base' must name a built-in vendor "
+                    f"{sorted(BUILTIN_VENDORS)}, got {base!r}"
                 )
             values = dataclasses.asdict(BUILTIN_VENDORS[base])
             values.pop("name")
@@ -227,23 +238,68 @@ BUILTIN_VENDORS: dict[str, VendorSpec] = {
     "A": VendorSpec(
         name="A",
         description="bright blood, dark myocardium, bright fat; low noise, sharp; scale ~300",
-        blood=0.85, rv_blood=0.82, myocardium=0.22, tissue=0.30, fat=0.95, liver=0.30, lung=0.04,
-        gamma=1.0, scale=300.0, noise_std=0.025, rician=True, bias_strength=0.25, blur_mm=0.5,
-        acq_matrix=224, fov_mm=300.0, slice_spacing_mm=10.0, ghost=0.0, texture=0.06,
+        blood=0.85,
+        rv_blood=0.82,
+        myocardium=0.22,
+        tissue=0.30,
+        fat=0.95,
+        liver=0.30,
+        lung=0.04,
+        gamma=1.0,
+        scale=300.0,
+        noise_std=0.025,
+        rician=True,
+        bias_strength=0.25,
+        blur_mm=0.5,
+        acq_matrix=224,
+        fov_mm=300.0,
+        slice_spacing_mm=10.0,
+        ghost=0.0,
+        texture=0.06,
     ),
     "B": VendorSpec(
         name="B",
         description="strong surface-coil bias, soft contrast curve, large FOV; scale ~3000",
-        blood=0.80, rv_blood=0.80, myocardium=0.26, tissue=0.34, fat=0.85, liver=0.36, lung=0.05,
-        gamma=0.8, scale=3000.0, noise_std=0.035, rician=True, bias_strength=0.45, blur_mm=0.4,
-        acq_matrix=256, fov_mm=340.0, slice_spacing_mm=9.0, ghost=0.0, texture=0.07,
+        blood=0.80,
+        rv_blood=0.80,
+        myocardium=0.26,
+        tissue=0.34,
+        fat=0.85,
+        liver=0.36,
+        lung=0.05,
+        gamma=0.8,
+        scale=3000.0,
+        noise_std=0.035,
+        rician=True,
+        bias_strength=0.45,
+        blur_mm=0.4,
+        acq_matrix=256,
+        fov_mm=340.0,
+        slice_spacing_mm=9.0,
+        ghost=0.0,
+        texture=0.07,
     ),
     "C": VendorSpec(
         name="C",
         description="steeper contrast curve, smoother images, moderate fat; scale ~1500",
-        blood=0.90, rv_blood=0.86, myocardium=0.30, tissue=0.36, fat=0.72, liver=0.28, lung=0.06,
-        gamma=1.25, scale=1500.0, noise_std=0.045, rician=True, bias_strength=0.3, blur_mm=1.0,
-        acq_matrix=208, fov_mm=360.0, slice_spacing_mm=10.0, ghost=0.0, texture=0.06,
+        blood=0.90,
+        rv_blood=0.86,
+        myocardium=0.30,
+        tissue=0.36,
+        fat=0.72,
+        liver=0.28,
+        lung=0.06,
+        gamma=1.25,
+        scale=1500.0,
+        noise_std=0.045,
+        rician=True,
+        bias_strength=0.3,
+        blur_mm=1.0,
+        acq_matrix=208,
+        fov_mm=360.0,
+        slice_spacing_mm=10.0,
+        ghost=0.0,
+        texture=0.06,
     ),
     "D": VendorSpec(
         name="D",
@@ -251,9 +307,24 @@ BUILTIN_VENDORS: dict[str, VendorSpec] = {
             "low blood/myocardium contrast, dark fat, bright liver, coarse acquisition with "
             "ringing, heavy noise and bias, Nyquist ghost, tight FOV; scale ~800"
         ),
-        blood=0.86, rv_blood=0.78, myocardium=0.50, tissue=0.34, fat=0.46, liver=0.60, lung=0.10,
-        gamma=0.9, scale=800.0, noise_std=0.05, rician=True, bias_strength=0.45, blur_mm=1.2,
-        acq_matrix=128, fov_mm=260.0, slice_spacing_mm=8.0, ghost=0.08, texture=0.1,
+        blood=0.86,
+        rv_blood=0.78,
+        myocardium=0.50,
+        tissue=0.34,
+        fat=0.46,
+        liver=0.60,
+        lung=0.10,
+        gamma=0.9,
+        scale=800.0,
+        noise_std=0.05,
+        rician=True,
+        bias_strength=0.45,
+        blur_mm=1.2,
+        acq_matrix=128,
+        fov_mm=260.0,
+        slice_spacing_mm=8.0,
+        ghost=0.08,
+        texture=0.1,
     ),
 }
 """Built-in vendors ``A``-``D``; ``D`` is the most different."""
@@ -310,7 +381,9 @@ def get_vendor(name_or_spec: str | VendorSpec | Mapping[str, Any]) -> VendorSpec
                 raise DataError(f"{key}: expected one vendor, found {sorted(vendors)}")
             return next(iter(vendors.values()))
         raise DataError(f"unknown synthetic vendor {key!r}; built-in: {sorted(BUILTIN_VENDORS)}")
-    raise DataError(f"a vendor must be a name, mapping or VendorSpec, got {type(name_or_spec).__name__}")
+    raise DataError(
+        f"a vendor must be a name, mapping or VendorSpec, got {type(name_or_spec).__name__}"
+    )
 
 
 # --------------------------------------------------------------------------- anatomy
@@ -399,9 +472,16 @@ def _sample_anatomy(rng: np.random.Generator) -> _Anatomy:
         epi_fat_t=rng.uniform(2.0, 6.0),
         epi_fat_angle=rng.uniform(0, 2 * np.pi),
         lung_scale=rng.uniform(0.85, 1.1, size=2),
-        lung_wobble=np.stack([rng.uniform(0.0, 0.08, (2, 3)), rng.uniform(0, 2 * np.pi, (2, 3))], axis=2),
+        lung_wobble=np.stack(
+            [rng.uniform(0.0, 0.08, (2, 3)), rng.uniform(0, 2 * np.pi, (2, 3))], axis=2
+        ),
         vessels=np.column_stack(
-            [rng.integers(0, 2, 8), rng.uniform(0.1, 0.75, 8), rng.uniform(0, 2 * np.pi, 8), rng.uniform(1.5, 3.5, 8)]
+            [
+                rng.integers(0, 2, 8),
+                rng.uniform(0.1, 0.75, 8),
+                rng.uniform(0, 2 * np.pi, 8),
+                rng.uniform(1.5, 3.5, 8),
+            ]
         ),
         liver_shift=rng.uniform(-10.0, 15.0),
         stomach_w=rng.uniform(0.2, 0.9),
@@ -507,7 +587,9 @@ def _gaussian_lowpass(shape: tuple[int, int], px: float, sigma_mm: float) -> np.
     return np.exp(-2.0 * (np.pi * sigma_mm) ** 2 * (fx * fx + fy * fy))
 
 
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int, int], px: float, sigma_mm: float) -> np.ndarray:
+def _smooth_noise(
+    rng: np.random.Generator, shape: tuple[int, int, int], px: float, sigma_mm: float
+) -> np.ndarray:
     """Smooth random field ``(Z, H, W)`` float32 with unit standard deviation per slice."""
     white = rng.standard_normal(shape).astype(np.float32)
     spec = np.fft.rfft2(white) * _gaussian_lowpass(shape[1:], px, sigma_mm)[:, : shape[2] // 2 + 1]
@@ -610,7 +692,15 @@ def _render(
     _paint(img, _coverage(sd_liver + anat.fat_t + 2.0, px), spec.liver)
     st_s = col(np.clip(zc * 1.6 - 0.3, 0.0, 1.0))
     stomach_val = anat.stomach_w * 0.9 * spec.blood + (1.0 - anat.stomach_w) * spec.tissue
-    sd_st = _ellipse_sd(x, y, bx + 0.42 * ax_, by + 0.25 * ay_, anat.stomach_ax[0] * st_s, anat.stomach_ax[1] * st_s, 0.3)
+    sd_st = _ellipse_sd(
+        x,
+        y,
+        bx + 0.42 * ax_,
+        by + 0.25 * ay_,
+        anat.stomach_ax[0] * st_s,
+        anat.stomach_ax[1] * st_s,
+        0.3,
+    )
     _paint(img, _coverage(sd_st, px), stomach_val)
 
     # Spine (vertebral body with a dark cortical rim) and descending aorta.
@@ -618,13 +708,25 @@ def _render(
     sd_spine = _ellipse_sd(x, y, sx_, sy_, 17.0, 15.0)
     _paint(img, _coverage(sd_spine, px), 0.5 * spec.lung + 0.1 * spec.tissue)
     _paint(img, _coverage(sd_spine + 2.0, px), 0.8 * spec.tissue + 0.2 * spec.fat)
-    _paint(img, _coverage(_ellipse_sd(x, y, sx_ + 22.0, sy_ - 24.0, anat.aorta_r, anat.aorta_r), px), spec.blood)
+    _paint(
+        img,
+        _coverage(_ellipse_sd(x, y, sx_ + 22.0, sy_ - 24.0, anat.aorta_r, anat.aorta_r), px),
+        spec.blood,
+    )
 
     # Atria and aortic root on slices above the base (blood pools, unlabelled).
     at = col(atrial.astype(np.float32))
     if atrial.any():
-        _paint(img, _coverage(_ellipse_sd(x, y, col(cx + 12.0), col(cy + 18.0), 22.0 * at, 17.0 * at), px), spec.blood)
-        _paint(img, _coverage(_ellipse_sd(x, y, col(cx - 30.0), col(cy + 2.0), 18.0 * at, 22.0 * at), px), spec.rv_blood)
+        _paint(
+            img,
+            _coverage(_ellipse_sd(x, y, col(cx + 12.0), col(cy + 18.0), 22.0 * at, 17.0 * at), px),
+            spec.blood,
+        )
+        _paint(
+            img,
+            _coverage(_ellipse_sd(x, y, col(cx - 30.0), col(cy + 2.0), 18.0 * at, 22.0 * at), px),
+            spec.rv_blood,
+        )
         sd_ao = _ellipse_sd(x, y, col(cx - 4.0), col(cy - 8.0), 13.0 * at, 13.0 * at)
         _paint(img, _coverage(sd_ao - 2.0, px), spec.myocardium)
         _paint(img, _coverage(sd_ao, px), spec.blood)
@@ -681,9 +783,9 @@ def _render(
     fy = np.fft.fftfreq(size, d=px)[:, None]
     fx = np.fft.fftfreq(size, d=px)[None, :]
     kmax = 0.5 / spec.resolution_mm
-    transfer = ((np.abs(fx) <= kmax) & (np.abs(fy) <= kmax)).astype(np.float64)
+    transfer = ((np.abs(fx) <= kmax) & (np.abs(fy) <= kmax)).astype(np.float32)
     if spec.blur_mm > 0:
-        transfer = transfer * _gaussian_lowpass((size, size), px, spec.blur_mm)
+        transfer = transfer * _gaussian_lowpass((size, size), px, spec.blur_mm).astype(np.float32)
     noise_gain = 1.0 / math.sqrt(float(np.mean(transfer**2)) + 1e-12)
     kspace = np.fft.fft2(img)
     sigma = spec.noise_std * noise_gain * size  # per-pixel image-domain std = noise_std
@@ -697,7 +799,9 @@ def _render(
     scale = spec.scale * rng.uniform(0.85, 1.2)
     out = (out * scale).astype(np.float32)
 
-    return np.ascontiguousarray(np.moveaxis(out, 0, -1)), np.ascontiguousarray(np.moveaxis(mask, 0, -1))
+    return np.ascontiguousarray(np.moveaxis(out, 0, -1)), np.ascontiguousarray(
+        np.moveaxis(mask, 0, -1)
+    )
 
 
 # --------------------------------------------------------------------------- public API
@@ -766,7 +870,13 @@ def generate_volumes(
                     source=f"synthetic:{spec.name}",
                 )
             )
-    log.debug("generated %d synthetic volumes of vendor %s (seed %d, size %d)", len(volumes), spec.name, seed, size)
+    log.debug(
+        "generated %d synthetic volumes of vendor %s (seed %d, size %d)",
+        len(volumes),
+        spec.name,
+        seed,
+        size,
+    )
     return volumes
 
 
