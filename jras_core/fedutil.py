@@ -21,7 +21,8 @@ import yaml
 from torch import nn
 
 from jras_core.config import ConfigError, JRASConfig
-from jras_core.models.jras import RETR_PREFIX, SEG_PREFIX, JRASModel, build_model
+from jras_core.models.jras import RETR_PREFIX, JRASModel, build_model
+from jras_core.site import Site, SiteConfig
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def norm_keys(model: nn.Module) -> set[str]:
     for name, module in model.named_modules():
         if isinstance(module, NORM_TYPES):
             prefix = f"{name}." if name else ""
-            keys.update(prefix + k for k in module.state_dict().keys())
+            keys.update(prefix + k for k in module.state_dict())
     return keys
 
 
@@ -255,7 +256,7 @@ class SiteRunner:
         model: a model built for the site's method config (reused across rounds).
     """
 
-    site: Any
+    site: Site
     model: JRASModel
     initial: Arrays = field(default_factory=dict)
 
@@ -326,8 +327,6 @@ _MODELS: dict[str, tuple[JRASModel, Arrays]] = {}
 def get_runner(site_config: str | Path, method: JRASConfig) -> SiteRunner:
     """The process-wide cached :class:`SiteRunner` of a site YAML and method config
     (data and bank are built once per process, not once per round)."""
-    from jras_core.site import Site, SiteConfig
-
     path = Path(site_config).resolve()
     mkey = method_key(method)
     key = (str(path), mkey)
@@ -341,6 +340,7 @@ def get_runner(site_config: str | Path, method: JRASConfig) -> SiteRunner:
         runner = SiteRunner(site, model, initial)
         _RUNNERS[key] = runner
         log.info("site %s ready (%s)", site.name, path)
+    runner.site.method = method
     return runner
 
 

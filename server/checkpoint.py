@@ -93,7 +93,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise ConfigError(f"{target}: checkpoint not found")
     try:
         data = torch.load(target, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - torch.load fails in many ways on a bad file
         raise ConfigError(f"{target}: not a readable checkpoint ({exc})") from None
     if not isinstance(data, dict) or data.get("kind") != KIND or "state" not in data:
         raise ConfigError(f"{target}: not a federated J-RAS checkpoint")

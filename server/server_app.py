@@ -17,7 +17,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from jras_core.config import JRASConfig
-from jras_core.fedutil import PROJECT_ROOT, buffer_keys, check_arrays_fit, local_keys, method_from_run_config
+from jras_core.fedutil import (
+    PROJECT_ROOT,
+    buffer_keys,
+    check_arrays_fit,
+    local_keys,
+    method_from_run_config,
+    resolve_path,
+)
 from jras_core.models.jras import JRASModel, build_model
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from server.settings import ServerSettings
@@ -62,27 +69,40 @@ def make_round_end_fn(
     return round_end
 
 
-def initial_state(model: JRASModel, settings: ServerSettings, roots: list[Path]) -> tuple[ArrayRecord, Checkpoint | None]:
+def initial_state(
+    model: JRASModel, method: JRASConfig, settings: ServerSettings, roots: list[Path]
+) -> tuple[ArrayRecord, Checkpoint | None]:
     """The starting global arrays: the fresh model's, or a checkpoint's when resuming."""
     if not settings.resume:
         return ArrayRecord(model.state_dict()), None
-    from jras_core.fedutil import resolve_path
-
     ckpt = load_checkpoint(resolve_path(settings.resume, roots))
     check_arrays_fit(ckpt.arrays, model, f"resume {settings.resume}")
+    if ckpt.config and ckpt.config != method.to_dict():
+        log.warning("resuming with a method configuration that differs from the checkpoint's")
     log.info("resuming from round %d (%s)", ckpt.round, settings.resume)
     return arrays_to_record(ckpt.arrays), ckpt
+
+
+def _show_logs() -> None:
+    """Route this package's INFO logs to Flower's log handlers (they reach ``flwr log``)."""
+    ours = logging.getLogger("server")
+    if not ours.handlers:
+        for handler in logging.getLogger("flwr").handlers:
+            ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run ``num-server-rounds`` rounds of the configured strategy."""
+    _show_logs()
     run_config = dict(context.run_config)
     settings = ServerSettings.from_run_config(run_config)
     roots = [Path.cwd(), PROJECT_ROOT]
     method = method_from_run_config(run_config, roots=[PROJECT_ROOT, Path.cwd()])
     model = build_model(method)
-    arrays, ckpt = initial_state(model, settings, roots)
+    arrays, ckpt = initial_state(model, method, settings, roots)
     offset = ckpt.round if ckpt is not None else 0
 
     run_dir = settings.run_dir(context.run_id)

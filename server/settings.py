@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from jras_core.config import ConfigError
 
@@ -50,7 +50,7 @@ class ServerSettings:
     resume: str = ""
     round_timeout: float = 3600.0
 
-    KEYS = {
+    KEYS: ClassVar[dict[str, tuple[str, type]]] = {
         "num-server-rounds": ("num_rounds", int),
         "strategy": ("strategy", str),
         "aggregate": ("aggregate", str),
@@ -77,7 +77,7 @@ class ServerSettings:
         return self.aggregate == "segmenter"
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> "ServerSettings":
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> ServerSettings:
         """Read the known keys (others belong to the clients); raise :class:`ConfigError` on bad values."""
         kwargs: dict[str, Any] = {}
         for key, (attr, tp) in cls.KEYS.items():

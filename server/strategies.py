@@ -39,7 +39,7 @@ def record_to_arrays(record: ArrayRecord) -> Arrays:
 
 def arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     """Named numpy arrays as an ``ArrayRecord``."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
 
 
 def site_label(msg: Message) -> str:
@@ -218,13 +218,13 @@ def build_strategy(
         round_offset: rounds already done (resume).
         recorder: per-round bookkeeping.
     """
-    common: dict[str, Any] = dict(
-        fraction_train=settings.fraction_train,
-        fraction_evaluate=settings.fraction_evaluate,
-        min_train_nodes=settings.min_nodes,
-        min_evaluate_nodes=settings.min_nodes if settings.fraction_evaluate > 0 else 0,
-        min_available_nodes=settings.min_nodes,
-    )
+    common: dict[str, Any] = {
+        "fraction_train": settings.fraction_train,
+        "fraction_evaluate": settings.fraction_evaluate,
+        "min_train_nodes": settings.min_nodes,
+        "min_evaluate_nodes": settings.min_nodes if settings.fraction_evaluate > 0 else 0,
+        "min_available_nodes": settings.min_nodes,
+    }
     name = settings.strategy
     strategy: JRASStrategyMixin
     if name == "fedavg":

@@ -1,0 +1,119 @@
+"""The Flower ClientApp of a J-RAS site.
+
+On ``train``: load the global weights (plus the site's own local entries kept in
+``context.state``), run the local epochs of the alternating optimisation, reply
+with the model entries that are aggregated (one ``ArrayRecord``) and scalar
+metrics (one ``MetricRecord`` with ``num-examples``). On ``evaluate``: reply with
+the validation metrics only. Images, masks, embeddings and the bank never leave.
+
+Which site this node is: ``node_config["site-config"]`` (deployment: a site YAML
+on this machine), else ``node_config["partition-id"]`` indexing the run config's
+comma-separated ``sites`` (simulation: paths relative to the app folder).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from jras_core.config import ConfigError
+from jras_core.fedutil import (
+    PROJECT_ROOT,
+    Arrays,
+    RoundPolicy,
+    SiteRunner,
+    get_runner,
+    method_from_run_config,
+    resolve_path,
+    site_list,
+)
+
+log = logging.getLogger(__name__)
+
+LOCAL_STATE_KEY = "jras-local"
+"""``context.state`` entry holding the model entries that stay at this site."""
+
+app = ClientApp()
+
+
+def site_config_path(context: Context) -> Path:
+    """The site YAML this node serves."""
+    node = context.node_config
+    if "site-config" in node:
+        return resolve_path(str(node["site-config"]), [Path.cwd(), PROJECT_ROOT])
+    if "partition-id" in node:
+        sites = site_list(context.run_config)
+        pid = int(node["partition-id"])
+        if not sites:
+            raise ConfigError("run config 'sites' is empty: list one site YAML per simulated node")
+        if not 0 <= pid < len(sites):
+            raise ConfigError(
+                f"partition-id {pid} has no site: run config 'sites' lists {len(sites)} "
+                "(set num-supernodes to the number of sites)"
+            )
+        return resolve_path(sites[pid], [PROJECT_ROOT, Path.cwd()])
+    raise ConfigError("node config needs 'site-config' (path of the site YAML) or 'partition-id'")
+
+
+def runner_for(context: Context) -> SiteRunner:
+    """The cached site runner of this node (data and bank are loaded once per process)."""
+    torch.set_num_threads(max(1, int(context.run_config.get("client-threads", 1))))
+    method = method_from_run_config(context.run_config, roots=[PROJECT_ROOT, Path.cwd()])
+    return get_runner(site_config_path(context), method)
+
+
+def _arrays(msg: Message) -> Arrays:
+    records = list(msg.content.array_records.values())
+    if len(records) != 1:
+        raise ValueError(f"expected one ArrayRecord in the message, got {len(records)}")
+    return {k: v.numpy() for k, v in records[0].items()}
+
+
+def _config(msg: Message) -> Mapping[str, Any]:
+    records = list(msg.content.config_records.values())
+    return records[0] if records else {}
+
+
+def _policy(config: Mapping[str, Any]) -> RoundPolicy:
+    return RoundPolicy(
+        server_round=int(config.get("server-round", 0)),
+        keep_norm_local=bool(config.get("keep-norm-local", False)),
+        keep_retriever_local=bool(config.get("keep-retriever-local", False)),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+    )
+
+
+def _local_state(context: Context) -> Arrays | None:
+    if LOCAL_STATE_KEY not in context.state.array_records:
+        return None
+    return {k: v.numpy() for k, v in context.state.array_records[LOCAL_STATE_KEY].items()}
+
+
+def _record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training from the global model; reply with the shared entries and metrics."""
+    runner = runner_for(context)
+    shared, local, metrics = runner.train(_arrays(msg), _local_state(context), _policy(_config(msg)))
+    if local:
+        context.state[LOCAL_STATE_KEY] = _record(local)
+    content = RecordDict({"arrays": _record(shared), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Validation metrics of the global model on this site (with its local entries)."""
+    runner = runner_for(context)
+    metrics = runner.evaluate(_arrays(msg), _local_state(context), _policy(_config(msg)))
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

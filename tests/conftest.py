@@ -1,0 +1,195 @@
+"""Shared test setup: Flower runs offline, Messages can be built outside a runtime,
+and a Grid that delivers messages to a ClientApp in this process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def child_pids(pid: int) -> list[int]:
+    """All live descendants of ``pid`` (from /proc), children first."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def pids_with_args(*needles: str) -> list[int]:
+    """PIDs of this user's processes whose command line contains every needle."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if entry.stat().st_uid != os.getuid():
+                continue
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if all(n in cmdline for n in needles):
+            found.append(int(entry.name))
+    return found
+
+
+def stop_pid(pid: int, timeout: float = 5.0) -> None:
+    """Stop ``pid`` and its descendants: SIGTERM, then SIGKILL after ``timeout``."""
+    victims = [pid] + child_pids(pid)
+    for p in victims:
+        try:
+            os.kill(p, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    for p in victims:
+        while time.monotonic() < deadline:
+            try:
+                os.kill(p, 0)
+                if Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            except (ProcessLookupError, FileNotFoundError):
+                break
+            time.sleep(0.1)
+        else:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def processes(tmp_path):
+    """Start background processes (``start(name, argv, **popen_kwargs)``); every one of them
+    and its descendants is stopped by PID at teardown. Output goes to ``tmp_path/<name>.log``."""
+    started: list[tuple[subprocess.Popen, Any]] = []
+
+    def start(name: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
+        log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115 - open for the process lifetime
+        proc = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+        proc.log_path = tmp_path / f"{name}.log"  # type: ignore[attr-defined]
+        started.append((proc, log))
+        return proc
+
+    yield start
+    for proc, log in reversed(started):
+        stop_pid(proc.pid)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        log.close()
+
+
+@pytest.fixture
+def flwr_home(tmp_path, monkeypatch):
+    """A private ``FLWR_HOME`` for the test."""
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    monkeypatch.setenv("FLWR_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def task_identity():
+    """Set Flower's task identity so that Messages can be created outside a runtime."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = 1
+    TaskIdentity.node_id = 1
+    yield TaskIdentity
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+@pytest.fixture
+def in_process_grid(task_identity) -> Callable[..., Any]:
+    """Factory of a Grid whose ``send_and_receive`` calls a ClientApp in this process.
+
+    ``make(client_app, node_configs, run_config)``: one node per entry of
+    ``node_configs`` (``{node_id: node_config}``), each with its own persistent
+    ``Context``; a ClientApp exception becomes an error reply, as in a real runtime.
+    The grid records every message sent and received in ``.sent`` / ``.received``.
+    """
+    from flwr.app import Context, Error, Message, RecordDict
+    from flwr.serverapp import Grid
+    from flwr.supercore.run import Run
+
+    class InProcessGrid(Grid):
+        def __init__(self, client_app: Any, node_configs: Mapping[int, Mapping[str, Any]], run_config: Mapping[str, Any]):
+            self.client_app = client_app
+            self.contexts = {
+                nid: Context(run_id=1, node_id=nid, node_config=dict(cfg), state=RecordDict(), run_config=dict(run_config))
+                for nid, cfg in node_configs.items()
+            }
+            self._run = Run.create_empty(1)
+            self.sent: list[Message] = []
+            self.received: list[Message] = []
+            self._next_id = 0
+
+        def set_run(self, run: Run) -> None:
+            self._run = run
+
+        @property
+        def run(self) -> Run:
+            return self._run
+
+        def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
+            return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
+
+        def get_node_ids(self) -> Iterable[int]:
+            return list(self.contexts)
+
+        def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+            raise NotImplementedError("use send_and_receive")
+
+        def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+            raise NotImplementedError("use send_and_receive")
+
+        def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+            replies = []
+            for msg in messages:
+                self._next_id += 1
+                msg.metadata.__dict__["_message_id"] = f"msg-{self._next_id}"
+                self.sent.append(msg)
+                ctx = self.contexts[msg.metadata.dst_node_id]
+                try:
+                    reply = self.client_app(msg, ctx)
+                except Exception as exc:  # noqa: BLE001 - the runtime turns ClientApp failures into error replies
+                    reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+                self.received.append(reply)
+                replies.append(reply)
+            return replies
+
+    return InProcessGrid

@@ -1,0 +1,527 @@
+"""The federation in one process: ClientApp replies, strategies driven through an
+in-process Grid, FedBN / segmenter-only local state, checkpoints and resume, and
+the privacy boundary (nothing but model entries and scalar metrics leaves a site)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from jras_core import fedutil
+from jras_core.config import ConfigError, JRASConfig
+from jras_core.models.jras import build_model
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+TINY = (
+    "preprocess.size=32; segmenter.channels=[4, 8]; retriever.channels=[4, 8]; "
+    "retriever.embed_dim=8; train.batch_size=32; contrastive.steps_per_epoch=1"
+)
+IMAGE_SIZE = 32
+
+
+def write_sites(folder: Path, vendors: str = "ABC", cases: int = 4) -> list[str]:
+    """Tiny synthetic site YAMLs; returns their paths."""
+    paths = []
+    for i, v in enumerate(vendors):
+        p = folder / f"site-{v}.yaml"
+        p.write_text(yaml.safe_dump({
+            "name": f"test-{v}", "vendor": v, "val_fraction": 0.25,
+            "data": {"kind": "synthetic", "vendor": v, "cases": cases, "seed": 10 + i, "size": 64},
+        }))
+        paths.append(str(p))
+    return paths
+
+
+def base_run_config(tmp_path: Path, sites: list[str], **over) -> dict:
+    cfg = {
+        "num-server-rounds": 2, "strategy": "fedavg", "aggregate": "all", "proximal-mu": 0.1,
+        "fraction-train": 1.0, "fraction-evaluate": 1.0, "min-nodes": len(sites),
+        "output-dir": str(tmp_path / "out"), "run-name": "test", "resume": "",
+        "method-config": "configs/demo.yaml", "method-overrides": TINY, "local-epochs": 1,
+        "image-size": 0, "fusion": "", "retriever-mode": "", "seed": -1, "client-threads": 1,
+        "sites": ",".join(sites),
+    }
+    cfg.update(over)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def site_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("sites")
+    write_sites(folder)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    fedutil.clear_cache()
+    yield
+    fedutil.clear_cache()
+
+
+def tiny_method(run_config: dict) -> JRASConfig:
+    return fedutil.method_from_run_config(run_config)
+
+
+def run_server(grid_cls, run_config: dict, run_id: int = 1):
+    """Run the real ServerApp on an in-process grid of one node per site."""
+    from flwr.app import Context, RecordDict
+
+    from client.client_app import app as client_app
+    from server.server_app import app as server_app
+
+    n = len(fedutil.site_list(run_config))
+    grid = grid_cls(client_app, {100 + i: {"partition-id": i, "num-partitions": n} for i in range(n)}, run_config)
+    ctx = Context(run_id=run_id, node_id=1, node_config={}, state=RecordDict(), run_config=dict(run_config))
+    server_app(grid, ctx)
+    return grid
+
+
+def run_dir(run_config: dict) -> Path:
+    return Path(run_config["output-dir"]) / run_config["run-name"]
+
+
+# --------------------------------------------------------------------------- Flower-free helpers
+
+
+def test_norm_and_local_keys():
+    model = build_model(JRASConfig.from_dict({"segmenter": {"channels": [4, 8]}, "retriever": {"channels": [4, 8], "embed_dim": 8}}))
+    state = model.state_dict()
+    norms = fedutil.norm_keys(model)
+    assert norms and norms <= set(state)
+    assert any(k.endswith("running_var") for k in norms)
+    assert any(k.endswith("num_batches_tracked") for k in norms)
+    assert all(not k.endswith("conv.weight") for k in norms)
+    assert fedutil.buffer_keys(model) == {k for k in state if "running" in k or "num_batches" in k}
+    retr = {k for k in state if k.startswith("retr.")}
+    assert fedutil.local_keys(model, False, False) == set()
+    assert fedutil.local_keys(model, False, True) == retr
+    assert fedutil.local_keys(model, True, True) == norms | retr
+
+
+def test_cast_like_and_weighted_average():
+    ref = {"w": np.zeros(3, np.float32), "n": np.array(0, np.int64)}
+    out = fedutil.cast_like({"w": np.ones(3) * 0.5, "n": np.array(2.6)}, ref)
+    assert out["w"].dtype == np.float32 and out["n"].dtype == np.int64 and int(out["n"]) == 3
+    avg = fedutil.weighted_average([{"a": np.array([1.0])}, {"a": np.array([4.0])}], [1, 2], ["a"])
+    assert np.allclose(avg["a"], [3.0])
+    with pytest.raises(ValueError):
+        fedutil.weighted_average([{"a": np.array([1.0])}], [0], ["a"])
+
+
+def test_method_from_run_config():
+    cfg = fedutil.method_from_run_config({
+        "method-config": "configs/demo.yaml", "local-epochs": 2, "image-size": 0, "fusion": "prior",
+        "retriever-mode": "", "seed": -1, "method-overrides": "train.lr=0.005; segmenter.channels=[4, 8]",
+    })
+    demo = JRASConfig.from_yaml(PROJECT / "configs" / "demo.yaml")
+    assert cfg.train.epochs == 2 and cfg.segmenter.fusion == "prior" and cfg.train.lr == 0.005
+    assert cfg.preprocess.size == demo.preprocess.size and cfg.train.seed == demo.train.seed
+    assert cfg.segmenter.channels == (4, 8)
+    assert fedutil.method_from_run_config({}) == JRASConfig()
+    with pytest.raises(ConfigError):
+        fedutil.method_from_run_config({"method-overrides": "train.nope=1"})
+    with pytest.raises(ConfigError):
+        fedutil.parse_method_overrides("train.lr")
+    key = fedutil.method_key(cfg)
+    assert key == fedutil.method_key(cfg.with_overrides({"train.seed": 5, "train.proximal_mu": 0.3}))
+    assert key != fedutil.method_key(cfg.with_overrides({"train.lr": 0.1}))
+
+
+def test_server_settings():
+    from server.settings import ServerSettings
+
+    s = ServerSettings.from_run_config({"strategy": "fedbn", "aggregate": "segmenter", "proximal-mu": 0, "other": 1})
+    assert s.keep_norm_local and s.keep_retriever_local and s.proximal_mu == 0.0
+    for bad in ({"strategy": "fedsgd"}, {"aggregate": "retriever"}, {"num-server-rounds": 0},
+                {"fraction-train": 1.5}, {"min-nodes": "2"}, {"proximal-mu": -1.0}):
+        with pytest.raises(ConfigError):
+            ServerSettings.from_run_config(bad)
+    assert s.run_dir(7, Path("/x")) == Path("/x/runs/federation/run-7")
+
+
+def test_checkpoint_roundtrip_and_atomic(tmp_path, monkeypatch):
+    import os
+
+    from server import checkpoint as ck
+
+    arrays = {"seg.w": np.arange(6, dtype=np.float32).reshape(2, 3), "seg.n": np.array(3, np.int64)}
+    path = ck.save_checkpoint(tmp_path, ck.Checkpoint(round=4, arrays=arrays, config={"a": 1},
+                                                      run_config={"strategy": "fedavg"},
+                                                      strategy_state={"m_t.seg.w": np.ones((2, 3), np.float32)}))
+    assert path == tmp_path / ck.CHECKPOINT_FILE
+    back = ck.load_checkpoint(tmp_path)
+    assert back.round == 4 and ck.arrays_equal(back.arrays, arrays)
+    assert back.arrays["seg.n"].dtype == np.int64
+    assert back.run_config == {"strategy": "fedavg"} and back.config == {"a": 1}
+    assert set(back.strategy_state) == {"m_t.seg.w"}
+
+    # a crash while replacing leaves the previous checkpoint intact and no temporary file
+    def boom(*a, **k):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        ck.save_checkpoint(tmp_path, ck.Checkpoint(round=5, arrays={k: v + 1 for k, v in arrays.items()}))
+    monkeypatch.undo()
+    assert ck.load_checkpoint(tmp_path).round == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ck.CHECKPOINT_FILE]
+
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError):
+        ck.load_checkpoint(tmp_path / "junk.pt")
+    with pytest.raises(ConfigError):
+        ck.load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_round_recorder(tmp_path):
+    from server.tracking import METRICS_FILE, RoundRecorder
+
+    rec = RoundRecorder(tmp_path)
+    rec.start_round(3)
+    rec.add_traffic(sent=100, received=40)
+    rec.add_site_metrics("train", "node-1", {"seg_loss": 1.0, "num-examples": 10})
+    rec.add_site_metrics("evaluate", "node-1", {"dice_lv": float("nan"), "num-examples": 4})
+    rec.add_global_metrics("train", {"seg_loss": 1.0})
+    summary = rec.end_round(3)
+    rec.close()
+    assert summary["bytes_total"] == 140 and summary["wall_time_s"] >= 0
+    line = json.loads((tmp_path / METRICS_FILE).read_text().splitlines()[0])
+    assert line["round"] == 3 and line["global"]["train"]["num-examples"] == 10
+    assert line["sites"]["node-1"]["evaluate"]["dice_lv"] is None
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+
+
+def test_pki(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import (
+        load_ssh_private_key,
+        load_ssh_public_key,
+    )
+
+    from server import pki
+
+    _, ca_crt = pki.create_ca(tmp_path / "ca")
+    key, crt = pki.create_server_cert(tmp_path / "ca", tmp_path / "server", ["localhost", "127.0.0.1", "link.example"])
+    ca = x509.load_pem_x509_certificate(ca_crt.read_bytes())
+    cert = x509.load_pem_x509_certificate(crt.read_bytes())
+    cert.verify_directly_issued_by(ca)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "link.example"}
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert (key.stat().st_mode & 0o777) == 0o600
+    priv_path, pub_path = pki.create_node_key(tmp_path / "nodes" / "site-a.key")
+    priv = load_ssh_private_key(priv_path.read_bytes(), None)
+    pub = load_ssh_public_key(pub_path.read_bytes())
+    assert isinstance(priv, ec.EllipticCurvePrivateKey) and isinstance(priv.curve, ec.SECP384R1)
+    assert priv.public_key().public_numbers() == pub.public_numbers()
+    assert pub_path.read_text().startswith("ecdsa-sha2-nistp384 ")
+    with pytest.raises(ValueError):
+        pki.create_server_cert(tmp_path / "ca", tmp_path / "s2", [])
+
+
+def test_site_yamls_parse():
+    from jras_core.site import SiteConfig
+
+    for name in "ABCD":
+        cfg = SiteConfig.from_yaml(PROJECT / "sites" / f"synthetic-{name}.yaml")
+        assert cfg.data.kind == "synthetic" and cfg.data.vendor == name
+    manifest = PROJECT.parent / "shared" / "data" / "mnms-sample" / "manifest.csv"
+    if manifest.is_file():
+        for name in "ABC":
+            cfg = SiteConfig.from_yaml(PROJECT / "sites" / f"mnms-{name}.yaml")
+            assert cfg.data.kind == "manifest" and cfg.data.vendor == name
+    template = yaml.safe_load((PROJECT / "sites" / "template-hospital.yaml").read_text())
+    assert {"name", "vendor", "data", "val_fraction"} <= set(template)
+
+
+# --------------------------------------------------------------------------- ClientApp
+
+
+def _train_message(method: JRASConfig, config: dict, keys: set[str] | None = None):
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+    state = build_model(method).state_dict()
+    if keys is not None:
+        state = {k: v for k, v in state.items() if k in keys}
+    content = RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord(config)})
+    return Message(content=content, dst_node_id=5, message_type=MessageType.TRAIN)
+
+
+def _context(run_config: dict, node_config: dict):
+    from flwr.app import Context, RecordDict
+
+    return Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config=run_config)
+
+
+def test_client_train_and_evaluate(tmp_path, site_dir, task_identity):
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+    from client.client_app import app as client_app
+
+    rc = base_run_config(tmp_path, [str(site_dir / "site-A.yaml")])
+    method = tiny_method(rc)
+    ctx = _context(rc, {"site-config": str(site_dir / "site-B.yaml")})
+    msg = _train_message(method, {"server-round": 1})
+    reply = client_app(msg, ctx)
+    assert not reply.has_error()
+    assert len(reply.content.array_records) == 1 and len(reply.content.metric_records) == 1
+    assert len(reply.content.config_records) == 0
+    arrays = next(iter(reply.content.array_records.values()))
+    metrics = next(iter(reply.content.metric_records.values()))
+    assert set(arrays) == set(build_model(method).state_dict())
+    assert metrics["num-examples"] > 0 and "seg_loss" in metrics and "retr_loss" in metrics
+    trained = {k: v.numpy() for k, v in arrays.items()}
+    sent = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    assert any(not np.array_equal(trained[k], sent[k]) for k in sent)
+
+    ev = Message(content=RecordDict({"arrays": ArrayRecord(dict(arrays)), "config": ConfigRecord({"server-round": 1})}),
+                 dst_node_id=5, message_type=MessageType.EVALUATE)
+    reply = client_app(ev, ctx)
+    assert not reply.has_error()
+    assert len(reply.content.array_records) == 0 and len(reply.content.metric_records) == 1
+    metrics = next(iter(reply.content.metric_records.values()))
+    assert {"dice_mean", "dice_lv", "dice_myo", "dice_rv", "hd95_mean", "num-examples"} <= set(metrics)
+
+    # the site (data + bank) is cached per process: a second round does not reload it
+    runner = fedutil.get_runner(site_dir / "site-B.yaml", method)
+    assert runner.site._slices is not None
+    reply = client_app(_train_message(method, {"server-round": 2}), ctx)
+    assert fedutil.get_runner(site_dir / "site-B.yaml", method) is runner
+
+
+def test_client_site_selection_errors(tmp_path, site_dir, task_identity):
+    from client.client_app import app as client_app
+
+    rc = base_run_config(tmp_path, [str(site_dir / "site-A.yaml")])
+    msg = _train_message(tiny_method(rc), {"server-round": 1})
+    with pytest.raises(ConfigError, match="partition-id 3"):
+        client_app(msg, _context(rc, {"partition-id": 3, "num-partitions": 4}))
+    with pytest.raises(ConfigError, match="site-config"):
+        client_app(msg, _context(rc, {}))
+
+
+def test_fedprox_client_uses_proximal_term(tmp_path, site_dir, task_identity, monkeypatch):
+    from client.client_app import app as client_app
+    from jras_core.site import Site
+
+    seen = {}
+    original = Site.train
+
+    def spy(self, model, epochs=None, proximal_reference=None, **kw):
+        seen["mu"] = self.method.train.proximal_mu
+        seen["ref"] = proximal_reference
+        seen["model"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return original(self, model, epochs, proximal_reference, **kw)
+
+    monkeypatch.setattr(Site, "train", spy)
+    rc = base_run_config(tmp_path, [str(site_dir / "site-A.yaml")])
+    method = tiny_method(rc)
+    msg = _train_message(method, {"server-round": 1, "proximal-mu": 0.25})
+    client_app(msg, _context(rc, {"site-config": str(site_dir / "site-A.yaml")}))
+    assert seen["mu"] == 0.25
+    params = dict(build_model(method).named_parameters())
+    assert set(seen["ref"]) == set(params)
+    for k, v in seen["ref"].items():
+        assert torch.equal(v, seen["model"][k])
+    runner = fedutil.get_runner(site_dir / "site-A.yaml", method)
+    assert runner.site.method.train.proximal_mu == method.train.proximal_mu  # restored after the round
+
+
+# --------------------------------------------------------------------------- strategies on an in-process grid
+
+
+def _received_train(grid):
+    from flwr.app import MessageType
+
+    return [m for m in grid.received if m.metadata.message_type == MessageType.TRAIN and not m.has_error()]
+
+
+def test_fedavg_checkpoints_logs_and_resume(tmp_path, site_dir, in_process_grid):
+    from server.checkpoint import load_checkpoint
+    from server.tracking import METRICS_FILE
+
+    sites = write_sites(tmp_path, "AB", cases=4)
+    rc = base_run_config(tmp_path, sites)
+    saved = []
+    import server.server_app as sa
+
+    original = sa.save_checkpoint
+
+    def spy(path, ckpt):
+        out = original(path, ckpt)
+        saved.append((ckpt.round, load_checkpoint(out).round))
+        return out
+
+    sa.save_checkpoint = spy
+    try:
+        grid = run_server(in_process_grid, rc)
+    finally:
+        sa.save_checkpoint = original
+    assert saved == [(1, 1), (2, 2)]
+    folder = run_dir(rc)
+    ckpt = load_checkpoint(folder)
+    assert ckpt.round == 2 and ckpt.run_config["strategy"] == "fedavg"
+    assert ckpt.config == tiny_method(rc).to_dict()
+    fedutil.check_arrays_fit(ckpt.arrays, build_model(tiny_method(rc)), "checkpoint")
+    from jras_core.checkpoint import load_model
+
+    _, cfg, extra = load_model(folder / "checkpoint.pt")  # readable by the centralised tools too
+    assert cfg == tiny_method(rc) and extra["round"] == 2
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+    assert list((folder / "tensorboard").glob("events.out.tfevents.*"))
+    lines = [json.loads(x) for x in (folder / "tensorboard" / METRICS_FILE).read_text().splitlines()]
+    assert [r["round"] for r in lines] == [1, 2]
+    for r in lines:
+        stats = r["round_stats"]
+        assert stats["bytes_sent"] > 0 and stats["bytes_received"] > 0 and stats["wall_time_s"] > 0
+        assert set(r["sites"]) == {"node-100", "node-101"}
+        assert "dice_mean" in r["global"]["evaluate"] and "seg_loss" in r["global"]["train"]
+        assert "dice_lv" in r["sites"]["node-100"]["evaluate"]
+    # bytes: train sends the model to 2 sites and gets 2 back, evaluate sends it to 2 sites
+    model_bytes = sum(m.content["arrays"].count_bytes() for m in grid.sent[:1])
+    assert lines[0]["round_stats"]["bytes_total"] == pytest.approx(6 * model_bytes, rel=0.01)
+
+    # resume: continue numbering from the checkpoint, starting from its weights
+    rc2 = dict(rc, **{"resume": str(folder), "run-name": "resumed", "num-server-rounds": 1})
+    grid2 = run_server(in_process_grid, rc2)
+    first = grid2.sent[0]
+    assert first.content["config"]["server-round"] == 3
+    sent = {k: v.numpy() for k, v in first.content["arrays"].items()}
+    assert all(np.array_equal(sent[k], ckpt.arrays[k]) for k in sent)
+    assert load_checkpoint(run_dir(rc2)).round == 3
+
+    bad = dict(rc2, **{"method-overrides": TINY.replace("segmenter.channels=[4, 8]", "segmenter.channels=[8, 16]"),
+                       "run-name": "bad"})
+    with pytest.raises(ConfigError, match="do not match|shape"):
+        run_server(in_process_grid, bad)
+
+
+def test_fedbn_keeps_norm_local(tmp_path, site_dir, in_process_grid):
+    from server.checkpoint import load_checkpoint
+
+    sites = write_sites(tmp_path, "AB", cases=4)
+    rc = base_run_config(tmp_path, sites, strategy="fedbn")
+    method = tiny_method(rc)
+    model = build_model(method)
+    norms = fedutil.norm_keys(model)
+    initial = fedutil.state_to_arrays(model.state_dict())
+    grid = run_server(in_process_grid, rc)
+    for msg in grid.sent + grid.received:
+        for record in msg.content.array_records.values():
+            assert not set(record) & norms
+    states = []
+    for ctx in grid.contexts.values():
+        local = {k: v.numpy() for k, v in ctx.state["jras-local"].items()}
+        assert set(local) == norms
+        states.append(local)
+    running = [k for k in norms if k.endswith("running_mean")]
+    assert any(not np.allclose(states[0][k], states[1][k]) for k in running)
+    ckpt = load_checkpoint(run_dir(rc))
+    assert all(np.array_equal(ckpt.arrays[k], initial[k]) for k in norms)
+    assert any(not np.array_equal(ckpt.arrays[k], initial[k]) for k in initial if k not in norms)
+
+
+def test_segmenter_only_keeps_retriever_local(tmp_path, site_dir, in_process_grid):
+    from server.checkpoint import load_checkpoint
+
+    sites = write_sites(tmp_path, "AB", cases=4)
+    rc = base_run_config(tmp_path, sites, aggregate="segmenter")
+    method = tiny_method(rc)
+    initial = fedutil.state_to_arrays(build_model(method).state_dict())
+    retr = {k for k in initial if k.startswith("retr.")}
+    grid = run_server(in_process_grid, rc)
+    for msg in grid.sent + grid.received:
+        for record in msg.content.array_records.values():
+            assert all(k.startswith("seg.") for k in record)
+    locals_ = [{k: v.numpy() for k, v in ctx.state["jras-local"].items()} for ctx in grid.contexts.values()]
+    assert all(set(s) == retr for s in locals_)
+    assert any(not np.array_equal(locals_[0][k], locals_[1][k]) for k in retr)
+    assert any(not np.array_equal(locals_[0][k], initial[k]) for k in retr)
+    ckpt = load_checkpoint(run_dir(rc))
+    assert all(np.array_equal(ckpt.arrays[k], initial[k]) for k in retr)
+
+
+def test_fedprox_and_fedadam(tmp_path, site_dir, in_process_grid):
+    from server.checkpoint import load_checkpoint
+
+    sites = write_sites(tmp_path, "AB", cases=4)
+    rc = base_run_config(tmp_path, sites, strategy="fedprox", **{"num-server-rounds": 1, "proximal-mu": 0.5})
+    grid = run_server(in_process_grid, rc)
+    assert all(m.content["config"]["proximal-mu"] == 0.5 for m in grid.sent if "proximal-mu" in m.content["config"])
+    assert any("proximal-mu" in m.content["config"] for m in grid.sent)
+
+    rc = base_run_config(tmp_path, sites, strategy="fedadam", **{"run-name": "adam"})
+    run_server(in_process_grid, rc)
+    ckpt = load_checkpoint(run_dir(rc))
+    model = build_model(tiny_method(rc))
+    buffers = fedutil.buffer_keys(model)
+    for k in buffers:
+        assert ckpt.arrays[k].dtype == model.state_dict()[k].numpy().dtype
+        if k.endswith("running_var"):
+            assert (ckpt.arrays[k] >= 0).all()
+    params = {k for k, _ in model.named_parameters()}
+    assert {k[4:] for k in ckpt.strategy_state if k.startswith("m_t.")} == params | buffers
+    # resume restores the moments
+    from server.settings import ServerSettings
+    from server.strategies import build_strategy
+
+    strat = build_strategy(ServerSettings.from_run_config(rc), buffer_keys=buffers)
+    strat.load_state_arrays(ckpt.strategy_state)
+    assert set(strat.m_t) == params | buffers and set(strat.v_t) == params | buffers
+
+
+def test_failed_site_does_not_stop_the_round(tmp_path, site_dir, in_process_grid):
+    sites = write_sites(tmp_path, "AB", cases=4)
+    missing = str(tmp_path / "nowhere.yaml")
+    rc = base_run_config(tmp_path, sites + [missing], **{"num-server-rounds": 1, "min-nodes": 3})
+    grid = run_server(in_process_grid, rc)
+    errors = [m for m in grid.received if m.has_error()]
+    assert len(errors) == 2  # train and evaluate of the broken site
+    lines = (run_dir(rc) / "tensorboard" / "metrics.jsonl").read_text().splitlines()
+    stats = json.loads(lines[0])["round_stats"]
+    assert stats["failures_train"] == 1 and stats["num_sites_train"] == 2
+
+
+# --------------------------------------------------------------------------- privacy boundary
+
+
+def test_replies_hold_only_model_entries_and_scalars(tmp_path, site_dir, in_process_grid):
+    """Every reply a site sends: one ArrayRecord of model entries (train only) with the
+    model's shapes, one MetricRecord of scalars; nothing shaped like an image, mask,
+    embedding batch or bank."""
+    sites = write_sites(tmp_path, "AB", cases=4)
+    rc = base_run_config(tmp_path, sites, **{"num-server-rounds": 1})
+    method = tiny_method(rc)
+    state = build_model(method).state_dict()
+    grid = run_server(in_process_grid, rc)
+    banks = [fedutil.get_runner(p, method).site.bank for p in sites]
+    bank_sizes = {len(b) for b in banks} | {len(fedutil.get_runner(p, method).site.val_set) for p in sites}
+    assert grid.received
+    for reply in grid.received:
+        assert not reply.has_error()
+        content = reply.content
+        assert len(content.config_records) == 0
+        assert len(content.metric_records) == 1
+        for value in next(iter(content.metric_records.values())).values():
+            assert isinstance(value, (int, float)) and not isinstance(value, bool)
+        records = list(content.array_records.values())
+        assert len(records) == (1 if reply.metadata.message_type == "train" else 0)
+        for record in records:
+            assert set(record) == set(state)
+            for key, arr in record.items():
+                a = arr.numpy()
+                assert key.startswith(("seg.", "retr."))
+                assert tuple(a.shape) == tuple(state[key].shape) and a.dtype == state[key].numpy().dtype
+                assert a.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE)
+                assert not (a.ndim >= 1 and a.shape[0] in bank_sizes and a.ndim == 2 and a.shape[1] == method.retriever.embed_dim)
+        total = sum(int(np.prod(a.numpy().shape)) for r in records for a in r.values())
+        if records:
+            assert total == sum(v.numel() for v in state.values())
