@@ -43,18 +43,22 @@ def hd95_per_class(
         spacing: voxel size in mm (one for the batch).
 
     Returns:
-        ``(B, C-1)``; NaN where either side is empty.
+        ``(B, C-1)``. A structure present on one side only (missed or hallucinated)
+        scores the image diagonal in mm, the largest distance possible; NaN where the
+        class is absent from both.
     """
+    pred_oh, target_oh = _one_hot(pred, num_classes), _one_hot(target, num_classes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hd = compute_hausdorff_distance(
-            _one_hot(pred, num_classes),
-            _one_hot(target, num_classes),
-            include_background=False,
-            percentile=95,
-            spacing=spacing,
-        )
-    return torch.where(torch.isfinite(hd), hd, torch.full_like(hd, float("nan")))
+        hd = compute_hausdorff_distance(pred_oh, target_oh, include_background=False, percentile=95, spacing=spacing)
+    spatial = pred.shape[1:]
+    sp = spacing if spacing is not None else (1.0,) * len(spatial)
+    diagonal = float(np.sqrt(sum((n * s) ** 2 for n, s in zip(spatial, sp))))
+    dims = tuple(range(2, pred_oh.dim()))
+    in_pred = pred_oh[:, 1:].sum(dim=dims) > 0
+    in_target = target_oh[:, 1:].sum(dim=dims) > 0
+    hd = torch.where(in_pred ^ in_target, torch.full_like(hd, diagonal), hd)
+    return torch.where(in_pred | in_target, hd, torch.full_like(hd, float("nan")))
 
 
 def volume_metrics(pred: torch.Tensor, slices: SliceSet, num_classes: int) -> dict[str, np.ndarray]:

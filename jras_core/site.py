@@ -42,7 +42,8 @@ class SiteConfig:
             annotated cases that form its bank; the rest is evaluated.
         bank_dir: where the site's bank is stored (``jras bank build``).
         key_file: the site's bank encryption key file.
-        cache_dir: folder for cached preprocessed slices (None: no cache).
+        cache_dir: folder for cached preprocessed slices (None: no cache); relative to
+            the site YAML's folder.
     """
 
     name: str
@@ -111,7 +112,10 @@ class Site:
             default=str,
         )
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-        return Path(self.config.cache_dir) / f"{self.name}-{digest}.pt"
+        folder = Path(self.config.cache_dir).expanduser()
+        if not folder.is_absolute() and self.root is not None:
+            folder = Path(self.root) / folder
+        return folder / f"{self.name}-{digest}.pt"
 
     @property
     def slices(self) -> SliceSet:

@@ -27,6 +27,10 @@ def test_hd95_uses_spacing():
     hd2 = hd95_per_class(pred, target, 2, spacing=(1.0, 2.0))[0, 0].item()
     assert hd1 == 3.0
     assert hd2 == 6.0
+    # a missed structure costs the image diagonal; a class absent from both is NaN
+    missed = hd95_per_class(torch.zeros_like(target), target, 3, spacing=(1.0, 2.0))[0]
+    assert missed[0].item() == np.float32(math.sqrt(20**2 + 40**2))
+    assert math.isnan(missed[1].item())
 
 
 def test_summarise_ignores_nan():
