@@ -8,7 +8,9 @@ the validation metrics only. Images, masks, embeddings and the bank never leave.
 
 Which site this node is: ``node_config["site-config"]`` (deployment: a site YAML
 on this machine), else ``node_config["partition-id"]`` indexing the run config's
-comma-separated ``sites`` (simulation: paths relative to the app folder).
+comma-separated ``sites`` (simulation: paths relative to the app folder). A
+simulated node adds its ``partition-id`` (a number) to its reply metrics, so that
+per-site results can be named after the ``sites`` list.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ log = logging.getLogger(__name__)
 
 LOCAL_STATE_KEY = "jras-local"
 """``context.state`` entry holding the model entries that stay at this site."""
+
+PARTITION_METRIC = "partition-id"
+"""Reply metric naming a simulated node's partition (index into the run config's ``sites``)."""
 
 app = ClientApp()
 
@@ -96,6 +101,16 @@ def _local_state(context: Context) -> Arrays | None:
     return {k: v.numpy() for k, v in context.state.array_records[LOCAL_STATE_KEY].items()}
 
 
+def _identify(metrics: dict[str, float], context: Context) -> dict[str, float]:
+    """In simulation, add the node's ``partition-id`` (a number, not a name) so that the
+    server's per-site logs can be mapped to the run config's ``sites`` list."""
+    node = context.node_config
+    if "partition-id" in node and "site-config" not in node:
+        metrics = dict(metrics)
+        metrics[PARTITION_METRIC] = int(node["partition-id"])
+    return metrics
+
+
 def _record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
 
@@ -107,7 +122,7 @@ def train(msg: Message, context: Context) -> Message:
     shared, local, metrics = runner.train(_arrays(msg), _local_state(context), _policy(_config(msg)))
     if local:
         context.state[LOCAL_STATE_KEY] = _record(local)
-    content = RecordDict({"arrays": _record(shared), "metrics": MetricRecord(metrics)})
+    content = RecordDict({"arrays": _record(shared), "metrics": MetricRecord(_identify(metrics, context))})
     return Message(content=content, reply_to=msg)
 
 
@@ -116,4 +131,4 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Validation metrics of the global model on this site (with its local entries)."""
     runner = runner_for(context)
     metrics = runner.evaluate(_arrays(msg), _local_state(context), _policy(_config(msg)))
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    return Message(content=RecordDict({"metrics": MetricRecord(_identify(metrics, context))}), reply_to=msg)

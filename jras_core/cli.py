@@ -1,6 +1,7 @@
 """The ``jras`` command line.
 
-Subcommands: ``data synth``, ``train``, ``eval``, ``bank build``, ``demo``.
+Subcommands: ``data synth``, ``train``, ``eval``, ``bank build``, ``demo`` (a simulated
+federation), ``pki ca`` / ``pki server-cert`` / ``pki node-key`` (deployment keys).
 Run ``jras <command> --help`` for the options of each.
 """
 
@@ -11,9 +12,8 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
-
 from typing import TYPE_CHECKING
 
 import yaml
@@ -156,17 +156,108 @@ def cmd_bank_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from jras_core.site import Site
-    from jras_core.training.centralised import train_centralised
+DEMO_VENDORS = "ABCD"
 
-    cfg = JRASConfig.from_yaml(PROJECT_ROOT / "configs" / "demo.yaml") if (PROJECT_ROOT / "configs" / "demo.yaml").is_file() \
-        else JRASConfig().with_overrides({"preprocess.size": 64, "train.epochs": 4})
-    sites = [Site(synthetic_site(v, 8, 0, cfg.preprocess.size), cfg) for v in "ABC"]
-    sites.append(Site(synthetic_site("D", 8, 0, cfg.preprocess.size, support=3), cfg))
-    print("J-RAS demo: centralised training on synthetic vendors A-C, vendor D held out (3-case support bank)")
-    _, results = train_centralised(sites, cfg, Path(args.out), progress=True)
-    print_table(results, cfg.labels.names)
+
+def demo_sites(folder: Path, cases: int, size: int) -> list[Path]:
+    """Copies of ``sites/synthetic-{A..D}.yaml`` in ``folder`` with ``cases`` cases
+    generated at ``size`` pixels (same vendors, seeds and splits)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for vendor in DEMO_VENDORS:
+        data = yaml.safe_load((PROJECT_ROOT / "sites" / f"synthetic-{vendor}.yaml").read_text())
+        data["data"].update({"cases": int(cases), "size": int(size)})
+        path = folder / f"synthetic-{vendor}.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        paths.append(path)
+    return paths
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from server.simulate import SimulationError, format_site_table, run_simulation, site_table
+
+    if args.rounds < 1 or args.cases < 4:
+        raise ConfigError("jras demo: --rounds must be >= 1 and --cases >= 4")
+    out = Path(args.out).expanduser().resolve()
+    size = 64
+    sites = demo_sites(out / "sites", args.cases, size)
+    run_config = {
+        "num-server-rounds": int(args.rounds),
+        "strategy": "fedavg",
+        "method-config": str(PROJECT_ROOT / "configs" / "demo.yaml"),
+        "local-epochs": 1,
+        "image-size": size,
+        "client-threads": 1,
+    }
+    print(
+        f"J-RAS demo: a simulated federation of {len(sites)} synthetic scanner vendors "
+        f"({', '.join(p.stem for p in sites)}; {args.cases} cases each, {size} px), "
+        f"FedAvg, {args.rounds} rounds of 1 local epoch, through Flower's Simulation Engine.\n"
+        f"Run folder: {out}\n",
+        flush=True,
+    )
+    import signal
+
+    def _terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # so that the local SuperLink is stopped on `kill` too
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        run_dir = run_simulation(
+            PROJECT_ROOT, [str(p) for p in sites], run_config, cpus_per_client=1,
+            out_dir=out.parent, run_name=out.name, stream=not args.quiet, timeout=args.timeout or None, fresh=True,
+        )
+    except SimulationError as exc:
+        print(f"jras demo: the federation failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\njras demo: interrupted; the local SuperLink was stopped", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    rows = site_table(run_dir)
+    print("\nPer-site validation results of the global model after the last round:")
+    print(format_site_table(rows))
+    history = [json.loads(x) for x in (run_dir / "tensorboard" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    trend = [f"{r['round']}: {r['global']['evaluate']['dice_mean']:.3f}" for r in history
+             if isinstance(r.get("global", {}).get("evaluate", {}).get("dice_mean"), (int, float))]
+    if trend:
+        print("Weighted mean Dice by round  " + "  ".join(trend))
+    print(f"\nGlobal checkpoint:  {run_dir / 'checkpoint.pt'}")
+    print(f"TensorBoard logs:   {run_dir / 'tensorboard'}   (.venv/bin/tensorboard --logdir {run_dir / 'tensorboard'})")
+    print(f"Per-round metrics:  {run_dir / 'tensorboard' / 'metrics.jsonl'}")
+    print(f"Flower log:         {run_dir / 'flwr-run.log'}")
+    return 0
+
+
+def cmd_pki_ca(args: argparse.Namespace) -> int:
+    from server.pki import create_ca
+
+    key, cert = create_ca(args.out, common_name=args.name, days=args.days)
+    print(f"CA certificate: {cert}  (give it to every site)")
+    print(f"CA private key: {key}  (keep it on the coordinator; mode 0600)")
+    return 0
+
+
+def cmd_pki_server_cert(args: argparse.Namespace) -> int:
+    from server.pki import CA_CERT, CA_KEY, create_server_cert
+
+    missing = [str(Path(args.ca) / f) for f in (CA_KEY, CA_CERT) if not (Path(args.ca) / f).is_file()]
+    if missing:
+        raise ConfigError(f"pki server-cert: {', '.join(missing)} not found (create the CA with `jras pki ca --out DIR`)")
+    hosts = args.host or ["localhost", "127.0.0.1"]
+    key, cert = create_server_cert(args.ca, args.out, hosts=hosts, days=args.days)
+    print(f"SuperLink certificate: {cert}  (valid for {', '.join(hosts)})")
+    print(f"SuperLink private key: {key}  (mode 0600)")
+    return 0
+
+
+def cmd_pki_node_key(args: argparse.Namespace) -> int:
+    from server.pki import create_node_key
+
+    key, pub = create_node_key(args.out, comment=args.comment)
+    print(f"SuperNode private key: {key}  (stays at the site; mode 0600)")
+    print(f"SuperNode public key:  {pub}  (send it to the coordinator for `flwr supernode register`)")
     return 0
 
 
@@ -215,9 +306,40 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", required=True, help="bank directory")
     build.set_defaults(func=cmd_bank_build, holdout=None, support=5)
 
-    demo = sub.add_parser("demo", help="the main job on the embedded synthetic vendors, at small size")
-    demo.add_argument("--out", default="runs/demo")
+    demo = sub.add_parser(
+        "demo",
+        help="a small simulated federation of the four synthetic vendors (Flower Simulation Engine)",
+        description="Runs the ServerApp and four ClientApps (synthetic vendors A-D) through Flower's "
+        "Simulation Engine with a managed local SuperLink, streams Flower's log, then prints the "
+        "per-site Dice table and where the checkpoint and TensorBoard logs are. "
+        "Centralised training is `jras train`.",
+    )
+    demo.add_argument("--rounds", type=int, default=5, metavar="N", help="federated rounds (default 5)")
+    demo.add_argument("--out", default="runs/demo", metavar="DIR", help="run folder (default runs/demo; replaced)")
+    demo.add_argument("--cases", type=int, default=8, help="synthetic cases per vendor (default 8)")
+    demo.add_argument("--timeout", type=float, default=0, metavar="S", help="stop the run after S seconds (default: none)")
+    demo.add_argument("--quiet", action="store_true", help="do not stream Flower's log")
     demo.set_defaults(func=cmd_demo)
+
+    pki = sub.add_parser("pki", help="keys and certificates of a TLS + node-authenticated deployment")
+    pki_sub = pki.add_subparsers(dest="pki_command", required=True)
+    ca = pki_sub.add_parser("ca", help="coordinator: create the federation's certificate authority (ca.key, ca.crt)")
+    ca.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    ca.add_argument("--name", default="J-RAS federation CA", help="CA common name")
+    ca.add_argument("--days", type=int, default=3650, help="validity in days (default 3650)")
+    ca.set_defaults(func=cmd_pki_ca)
+    sc = pki_sub.add_parser("server-cert", help="coordinator: the SuperLink's key and certificate signed by the CA "
+                            "(server.key, server.pem)")
+    sc.add_argument("--ca", required=True, metavar="DIR", help="folder with ca.key and ca.crt")
+    sc.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    sc.add_argument("--host", action="append", metavar="NAME_OR_IP",
+                    help="DNS name or IP address sites dial (repeatable; default localhost and 127.0.0.1)")
+    sc.add_argument("--days", type=int, default=825, help="validity in days (default 825)")
+    sc.set_defaults(func=cmd_pki_server_cert)
+    nk = pki_sub.add_parser("node-key", help="site: the SuperNode's authentication key pair (OpenSSH ECDSA P-384)")
+    nk.add_argument("--out", required=True, metavar="PATH", help="private key path; the public key is PATH.pub")
+    nk.add_argument("--comment", default="", help="comment appended to the public key")
+    nk.set_defaults(func=cmd_pki_node_key)
     return parser
 
 

@@ -47,6 +47,16 @@ def site_label(msg: Message) -> str:
     return f"node-{msg.metadata.src_node_id}"
 
 
+PER_SITE_ONLY = ("partition-id",)
+"""Reply metrics that identify a site and mean nothing averaged: dropped from aggregates."""
+
+
+def _drop_per_site(metrics: MetricRecord | None) -> MetricRecord | None:
+    if metrics is None or not any(k in metrics for k in PER_SITE_ONLY):
+        return metrics
+    return MetricRecord({k: v for k, v in metrics.items() if k not in PER_SITE_ONLY})
+
+
 def _metrics_of(msg: Message) -> dict[str, float]:
     out: dict[str, float] = {}
     for record in msg.content.metric_records.values():
@@ -114,6 +124,7 @@ class JRASStrategyMixin:
         replies = list(replies)
         self._record("train", replies)
         aggregated, metrics = super().aggregate_train(rnd, replies)  # type: ignore[misc]
+        metrics = _drop_per_site(metrics)
         if metrics is not None and self.recorder is not None:
             self.recorder.add_global_metrics("train", metrics)
         if aggregated is None:
@@ -135,7 +146,7 @@ class JRASStrategyMixin:
         rnd = server_round + self.round_offset
         replies = list(replies)
         self._record("evaluate", replies)
-        metrics = super().aggregate_evaluate(rnd, replies)  # type: ignore[misc]
+        metrics = _drop_per_site(super().aggregate_evaluate(rnd, replies))  # type: ignore[misc]
         if metrics is not None and self.recorder is not None:
             self.recorder.add_global_metrics("evaluate", metrics)
         return metrics

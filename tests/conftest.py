@@ -4,88 +4,17 @@ and a Grid that delivers messages to a ClientApp in this process."""
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from server.processes import child_pids, free_port, pids_with_args, stop_pid  # noqa: F401 - re-exported for tests
+
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def child_pids(pid: int) -> list[int]:
-    """All live descendants of ``pid`` (from /proc), children first."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        parents.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def pids_with_args(*needles: str) -> list[int]:
-    """PIDs of this user's processes whose command line contains every needle."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if entry.stat().st_uid != os.getuid():
-                continue
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if all(n in cmdline for n in needles):
-            found.append(int(entry.name))
-    return found
-
-
-def stop_pid(pid: int, timeout: float = 5.0) -> None:
-    """Stop ``pid`` and its descendants: SIGTERM, then SIGKILL after ``timeout``."""
-    victims = [pid] + child_pids(pid)
-    for p in victims:
-        try:
-            os.kill(p, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + timeout
-    for p in victims:
-        while time.monotonic() < deadline:
-            try:
-                os.kill(p, 0)
-                if Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                    break
-            except (ProcessLookupError, FileNotFoundError):
-                break
-            time.sleep(0.1)
-        else:
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 @pytest.fixture

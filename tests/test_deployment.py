@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port
 from test_federation import TINY
+
+from server.processes import free_port
 
 PROJECT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -1,60 +1,35 @@
 """One real run through Flower's Simulation Engine: ``flwr run`` against a managed
-local SuperLink, 3 simulated sites, 2 rounds, tiny models."""
+local SuperLink, 3 simulated sites, 2 rounds, tiny models. It goes through
+:func:`server.simulate.run_simulation`, the path ``jras demo`` takes."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import free_port, pids_with_args, stop_pid
 from test_federation import TINY, write_sites
 
+from server.processes import pids_with_args
+from server.simulate import SimulationError, format_site_table, run_simulation, site_table
+
 PROJECT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-@pytest.fixture
-def local_superlink_env(flwr_home, monkeypatch):
-    """A ``:local:`` connection in a private FLWR_HOME, on free ports; the managed
-    SuperLink that ``flwr run`` starts is found and stopped by PID afterwards."""
-    (flwr_home / "config.toml").write_text(
-        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
-    )
-    monkeypatch.setenv("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", str(free_port()))
-    monkeypatch.setenv("FLWR_LOCAL_CONTROL_API_PORT", str(free_port()))
-    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    yield flwr_home
-    for pid in pids_with_args("flower-superlink", str(flwr_home)):
-        stop_pid(pid)
 
 
 @pytest.mark.slow
-def test_simulation_engine_run(tmp_path, local_superlink_env):
+def test_simulation_engine_run(tmp_path):
     sites = write_sites(tmp_path, "ABC", cases=4)
+    home = tmp_path / "flwr-home"
     out = tmp_path / "out"
-    overrides = tmp_path / "run.toml"
-    overrides.write_text(
-        "num-server-rounds = 2\n"
-        "min-nodes = 3\n"
-        f'output-dir = "{out}"\n'
-        'run-name = "sim"\n'
-        f'method-overrides = "{TINY}"\n'
-        f'sites = "{",".join(sites)}"\n'
+    run_dir = run_simulation(
+        PROJECT, sites,
+        {"num-server-rounds": 2, "method-overrides": TINY},
+        cpus_per_client=1, out_dir=out, run_name="sim", flwr_home=home, stream=False, timeout=300,
     )
-    cmd = [
-        str(BIN / "flwr"), "run", str(PROJECT), "local",
-        "--run-config", str(overrides),
-        "--federation-config", "num-supernodes=3 client-resources-num-cpus=1",
-        "--stream",
-    ]
-    res = subprocess.run(cmd, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    tail = (res.stdout + res.stderr)[-4000:]
-    assert res.returncode == 0, tail
-    run_dir = out / "sim"
+    # the managed local SuperLink was stopped
+    assert not pids_with_args("flower-superlink", str(home))
+    assert run_dir == out / "sim"
+    tail = (run_dir / "flwr-run.log").read_text()[-4000:]
     assert (run_dir / "checkpoint.pt").is_file(), tail
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
@@ -62,9 +37,50 @@ def test_simulation_engine_run(tmp_path, local_superlink_env):
 
     ckpt = load_checkpoint(run_dir)
     assert ckpt.round == 2 and ckpt.run_config["num-server-rounds"] == 2
+    assert ckpt.run_config["min-nodes"] == 3
     rounds = [json.loads(x) for x in (run_dir / "tensorboard" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
     for r in rounds:
         assert r["round_stats"]["num_sites_train"] == 3 and r["round_stats"]["num_sites_evaluate"] == 3
         assert r["round_stats"]["bytes_total"] > 0
         assert "dice_mean" in r["global"]["evaluate"]
+        assert "partition-id" not in r["global"]["evaluate"]  # per-site only, never averaged
+
+    rows = site_table(run_dir)
+    assert [r["site"] for r in rows] == ["test-A", "test-B", "test-C"]
+    for row in rows:
+        assert row["round"] == 2 and row["node"].startswith("node-")
+        assert 0.0 <= row["dice_mean"] <= 1.0 and {"dice_lv", "dice_myo", "dice_rv"} <= set(row)
+    text = format_site_table(rows)
+    assert "test-B" in text and "dice_mean" in text
+
+
+@pytest.mark.slow
+def test_simulation_failure_is_reported_and_cleaned_up(tmp_path):
+    sites = write_sites(tmp_path, "AB", cases=4)
+    home = tmp_path / "flwr-home"
+    with pytest.raises(SimulationError, match="strategy"):
+        run_simulation(PROJECT, sites, {"num-server-rounds": 1, "strategy": "nonsense", "method-overrides": TINY},
+                       out_dir=tmp_path / "out", flwr_home=home, stream=False, timeout=300)
+    assert not pids_with_args("flower-superlink", str(home))
+
+
+def test_site_table_names_partitions(tmp_path):
+    sites = write_sites(tmp_path, "AB", cases=4)
+    (tmp_path / "run" / "tensorboard").mkdir(parents=True)
+    rec = {"round": 3, "sites": {
+        "node-7": {"evaluate": {"dice_lv": 0.9, "dice_myo": 0.7, "dice_rv": 0.8, "dice_mean": 0.8,
+                                "hd95_mean": 4.0, "guide_dice": 0.6, "partition-id": 1}},
+        "node-3": {"evaluate": {"dice_lv": 0.5, "dice_myo": 0.4, "dice_rv": 0.3, "dice_mean": 0.4, "partition-id": 0}},
+        "node-9": {"train": {"seg_loss": 1.0}},
+    }}
+    (tmp_path / "run" / "tensorboard" / "metrics.jsonl").write_text(json.dumps({"round": 2, "sites": {}}) + "\n" + json.dumps(rec) + "\n")
+    rows = site_table(tmp_path / "run", sites)
+    assert [(r["site"], r["node"]) for r in rows] == [("node-9", "node-9"), ("test-A", "node-3"), ("test-B", "node-7")]
+    assert rows[2]["hd95_mean"] == 4.0 and rows[2]["guide_dice"] == 0.6 and "guide_dice" not in rows[1]
+    text = format_site_table(rows)
+    lines = text.splitlines()
+    assert lines[0].split() == ["site", "dice_lv", "dice_myo", "dice_rv", "dice_mean", "hd95_mean", "guide_dice"]
+    assert "test-B" in text and "0.800" in text and "round 3" in text
+    # without the site list (and no run-config.toml) sites keep their node ids
+    assert {r["site"] for r in site_table(tmp_path / "run")} == {"node-3", "node-7", "node-9"}
