@@ -1,6 +1,6 @@
 """The ``jras`` command line.
 
-Subcommands: ``data synth``, ``train``, ``eval``, ``bank build``, ``demo`` (a simulated
+Subcommands: ``data synth``, ``train``, ``eval``, ``bank build``, ``site init``, ``demo`` (a simulated
 federation), ``pki ca`` / ``pki server-cert`` / ``pki node-key`` (deployment keys).
 Run ``jras <command> --help`` for the options of each.
 """
@@ -148,11 +148,56 @@ def cmd_bank_build(args: argparse.Namespace) -> int:
     model, cfg, _ = load_model(args.checkpoint)
     sites = collect_sites(args, cfg)
     for site in sites:
-        out = Path(args.out) / site.name if len(sites) > 1 else Path(args.out)
+        if args.out:
+            out = Path(args.out) / site.name if len(sites) > 1 else Path(args.out)
+        else:
+            out = None  # the site's bank_dir
+        store = site.bank_store(out, key_file=args.key_file)
         bank = site.bank
         bank.refresh(model.retr)
-        path = bank.save(out)
-        print(f"{site.name}: bank of {len(bank)} slices -> {path}")
+        path = bank.save(store.directory, store=store)
+        how = "encrypted (AES-256-GCM)" if store.encrypted else "NOT encrypted (no key_file / --key-file / $JRAS_BANK_KEY)"
+        print(f"{site.name}: bank of {len(bank)} slices -> {path}  [{how}]")
+    return 0
+
+
+def cmd_site_init(args: argparse.Namespace) -> int:
+    """Create the site's key file (if missing) and its encrypted bank of training slices."""
+    from jras_core.retrieval.crypto import ENV_VAR, generate_key_file, key_from_env
+    from jras_core.site import Site, SiteConfig
+
+    model = None
+    if args.checkpoint:
+        from jras_core.checkpoint import load_model
+
+        model, cfg, _ = load_model(args.checkpoint)
+        if args.set:
+            cfg = cfg.with_overrides(parse_overrides(args.set))
+    else:
+        cfg = load_method(args.config, args.set)
+    site = Site(SiteConfig.from_yaml(args.site), cfg, Path(args.site).parent)
+    if args.out is None and site.bank_path is None:
+        raise ConfigError(f"{args.site}: no bank directory: set bank_dir in the site YAML or pass --out DIR")
+    key_file = Path(args.key_file) if args.key_file else site.key_path
+    if key_file is None and key_from_env() is None:
+        raise ConfigError(
+            f"{args.site}: no bank key: set key_file in the site YAML, pass --key-file FILE, or set ${ENV_VAR}"
+        )
+    if key_file is not None:
+        if key_file.exists():
+            print(f"{site.name}: key file {key_file} (existing)")
+        else:
+            generate_key_file(key_file)
+            print(f"{site.name}: key file {key_file} (new, mode 0600; back it up: the bank cannot be read without it)")
+    else:
+        print(f"{site.name}: bank key from ${ENV_VAR}")
+    store = site.bank_store(args.out, key_file=key_file)
+    bank = site.bank
+    if model is not None:
+        bank.refresh(model.retr)
+    path = bank.save(store.directory, store=store)
+    what = f"embedded with {args.checkpoint}" if model is not None else "not embedded yet (refreshed by training)"
+    print(f"{site.name}: encrypted bank of {len(bank)} slices ({len(bank.slices.cases)} cases, {what}) -> {path}")
     return 0
 
 
@@ -303,8 +348,28 @@ def build_parser() -> argparse.ArgumentParser:
     build = bank.add_parser("build", help="embed a site's pairs with a checkpoint's retriever and store the bank")
     add_data_args(build)
     build.add_argument("--checkpoint", required=True)
-    build.add_argument("--out", required=True, help="bank directory")
+    build.add_argument("--out", help="bank directory (default: the site YAML's bank_dir)")
+    build.add_argument("--key-file", metavar="FILE",
+                       help="encrypt with this key file (default: the site's key_file, else $JRAS_BANK_KEY)")
     build.set_defaults(func=cmd_bank_build, holdout=None, support=5)
+
+    site_p = sub.add_parser("site", help="site set-up").add_subparsers(dest="site_command", required=True)
+    init = site_p.add_parser(
+        "init",
+        help="create the site's bank key (mode 0600) if missing and its encrypted bank of training slices",
+        description="Creates the key file (key_file in the site YAML, or --key-file) with mode 0600 if it "
+        "does not exist, then builds the bank of the site's training slices and stores it encrypted "
+        "(AES-256-GCM) in bank_dir (or --out). With --checkpoint, the bank is embedded with its retriever. "
+        "The key is never printed.",
+    )
+    init.add_argument("--site", required=True, metavar="YAML", help="site config")
+    init.add_argument("--checkpoint", help="embed the bank with this checkpoint's retriever (default: not embedded)")
+    init.add_argument("--key-file", metavar="FILE", help="key file (default: the site's key_file, else $JRAS_BANK_KEY)")
+    init.add_argument("--out", metavar="DIR", help="bank directory (default: the site's bank_dir)")
+    init.add_argument("--config", metavar="YAML", help="method config without --checkpoint (default: built-in defaults)")
+    init.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a method config value, e.g. --set preprocess.size=128 (repeatable)")
+    init.set_defaults(func=cmd_site_init)
 
     demo = sub.add_parser(
         "demo",

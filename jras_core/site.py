@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +23,8 @@ from jras_core.data.slices import SliceSet, build_slice_set
 from jras_core.data.sources import DataSourceConfig, load_volumes
 from jras_core.models.jras import JRASModel
 from jras_core.retrieval.bank import RetrievalBank
+from jras_core.retrieval.crypto import resolve_key
+from jras_core.retrieval.store import BankStore
 from jras_core.training.evaluate import evaluate
 from jras_core.training.joint import JRASTrainer
 
@@ -40,8 +43,11 @@ class SiteConfig:
         split_seed: seed of the case split.
         support_cases: for a site that never trains (held-out vendor): number of its
             annotated cases that form its bank; the rest is evaluated.
-        bank_dir: where the site's bank is stored (``jras bank build``).
-        key_file: the site's bank encryption key file.
+        bank_dir: where the site's bank is stored (``jras bank build``, ``jras site init``);
+            relative to the site YAML's folder.
+        key_file: the site's bank encryption key file (32 bytes, mode 0600; relative to
+            the site YAML's folder). Without it, ``$JRAS_BANK_KEY`` is used if set; with
+            neither, the bank is stored unencrypted.
         cache_dir: folder for cached preprocessed slices (None: no cache); relative to
             the site YAML's folder.
     """
@@ -66,7 +72,7 @@ class SiteConfig:
         self.data.validate(root)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>", root: Path | None = None) -> "SiteConfig":
+    def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>", root: Path | None = None) -> SiteConfig:
         cfg = from_mapping(cls, data, source=source)
         try:
             cfg.validate(root)
@@ -75,7 +81,7 @@ class SiteConfig:
         return cfg
 
     @classmethod
-    def from_yaml(cls, path: str | Path, root: Path | None = None) -> "SiteConfig":
+    def from_yaml(cls, path: str | Path, root: Path | None = None) -> SiteConfig:
         """Load a site YAML; relative data paths resolve against ``root`` (default: the YAML's folder)."""
         path = Path(path)
         return cls.from_dict(load_yaml(path), source=str(path), root=root or path.parent)
@@ -101,6 +107,34 @@ class Site:
     @property
     def name(self) -> str:
         return self.config.name
+
+    # ------------------------------------------------------------------ paths and bank storage
+    def resolve_path(self, value: str | Path | None) -> Path | None:
+        """A path from the site YAML: ``~`` expanded, relative to the YAML's folder (:attr:`root`)."""
+        if not value:
+            return None
+        path = Path(value).expanduser()
+        if not path.is_absolute() and self.root is not None:
+            path = Path(self.root) / path
+        return path
+
+    @property
+    def key_path(self) -> Path | None:
+        """The site's key file (``key_file`` resolved against the YAML's folder), or None."""
+        return self.resolve_path(self.config.key_file)
+
+    @property
+    def bank_path(self) -> Path | None:
+        """The site's bank directory (``bank_dir`` resolved against the YAML's folder), or None."""
+        return self.resolve_path(self.config.bank_dir)
+
+    def bank_store(self, directory: str | Path | None = None, key_file: str | Path | None = None) -> BankStore:
+        """The store of the site's bank: in ``directory`` (default ``bank_dir``), encrypted with
+        the key from ``key_file`` (default the site's ``key_file``, else ``$JRAS_BANK_KEY``)."""
+        folder = Path(directory) if directory is not None else self.bank_path
+        if folder is None:
+            raise ConfigError(f"site {self.name}: no bank directory (set bank_dir in the site YAML or pass --out)")
+        return BankStore(folder, key=resolve_key(key_file or self.key_path))
 
     # ------------------------------------------------------------------ data
     def _cache_path(self) -> Path | None:

@@ -2,13 +2,16 @@
 
 The bank (slices, masks, case table, embeddings) is serialised to one ``.npz``
 payload. :class:`BankStore` is the single place where bank bytes touch the
-disk, so encryption at rest wraps this class and nothing else.
+disk, so encryption at rest wraps this class and nothing else: with a key, the
+payload is sealed with AES-256-GCM (:mod:`jras_core.retrieval.crypto`) and stored
+as ``bank.enc`` instead of ``bank.npz``.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -16,8 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from jras_core.data.volume import DataError
+from jras_core.retrieval.crypto import ENV_VAR, BankKey, BankKeyError, is_encrypted
+
+log = logging.getLogger(__name__)
 
 BANK_FILE = "bank.npz"
+ENCRYPTED_BANK_FILE = "bank.enc"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -49,15 +56,35 @@ class BankStore:
     """Reads and writes a bank directory.
 
     Args:
-        directory: the bank directory; the payload lives in ``directory/bank.npz``.
+        directory: the bank directory; the payload lives in ``directory/bank.npz``
+            (plaintext) or ``directory/bank.enc`` (encrypted).
+        key: the site's 32-byte bank key (bytes or :class:`BankKey`); with a key,
+            :meth:`save` encrypts and :meth:`load` decrypts. Never shown in reprs.
     """
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, key: bytes | BankKey | None = None):
         self.directory = Path(directory)
+        self._key = None if key is None else BankKey(key)
+
+    def __repr__(self) -> str:
+        return f"BankStore({str(self.directory)!r}, encrypted={self.encrypted})"
+
+    @property
+    def encrypted(self) -> bool:
+        return self._key is not None
+
+    @property
+    def plain_path(self) -> Path:
+        return self.directory / BANK_FILE
+
+    @property
+    def encrypted_path(self) -> Path:
+        return self.directory / ENCRYPTED_BANK_FILE
 
     @property
     def path(self) -> Path:
-        return self.directory / BANK_FILE
+        """The file this store writes and reads."""
+        return self.encrypted_path if self.encrypted else self.plain_path
 
     def exists(self) -> bool:
         return self.path.is_file()
@@ -69,6 +96,8 @@ class BankStore:
         return buf.getvalue()
 
     def decode(self, data: bytes) -> tuple[dict[str, np.ndarray], dict]:
+        if is_encrypted(data):
+            raise DataError(f"{self.path}: this bank is encrypted; give its key (see `jras site init`)")
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as npz:
                 arrays = {k: npz[k] for k in npz.files}
@@ -80,10 +109,43 @@ class BankStore:
         return arrays, meta
 
     def save(self, arrays: dict[str, np.ndarray], meta: dict) -> Path:
-        atomic_write_bytes(self.path, self.encode(arrays, meta))
+        """Write the bank as one file, atomically (encrypted when the store has a key).
+
+        Writing an encrypted bank removes a plaintext one left in the directory; writing a
+        plaintext bank where an encrypted one is refuses (that would silently drop encryption).
+        """
+        payload = self.encode(arrays, meta)
+        if self._key is None:
+            if self.encrypted_path.is_file():
+                raise BankKeyError(
+                    f"{self.encrypted_path}: an encrypted bank is here; give the site's key "
+                    f"(key_file in the site YAML, --key-file or ${ENV_VAR}) to replace it, or delete it first"
+                )
+            atomic_write_bytes(self.path, payload)
+            return self.path
+        atomic_write_bytes(self.path, self._key.encrypt(payload))
+        del payload
+        if self.plain_path.is_file():
+            self.plain_path.unlink()
+            log.warning("removed the plaintext bank %s (the encrypted bank replaces it)", self.plain_path)
         return self.path
 
     def load(self) -> tuple[dict[str, np.ndarray], dict]:
+        """Read the bank; a mismatch of key and file (encrypted vs plaintext) is a clear error."""
+        if self._key is None:
+            if not self.plain_path.is_file() and self.encrypted_path.is_file():
+                raise DataError(
+                    f"{self.encrypted_path}: this bank is encrypted but no key was given "
+                    f"(set key_file in the site YAML, pass --key-file, or set ${ENV_VAR})"
+                )
+        elif not self.encrypted_path.is_file() and self.plain_path.is_file():
+            raise DataError(
+                f"{self.plain_path}: this bank is not encrypted but a key was given; rebuild it "
+                f"encrypted (`jras site init` or `jras bank build`) or load it without a key"
+            )
         if not self.exists():
             raise DataError(f"{self.path}: no bank here (build one with `jras bank build`)")
-        return self.decode(self.path.read_bytes())
+        data = self.path.read_bytes()
+        if self._key is not None:
+            data = self._key.decrypt(data, self.path)  # all-or-nothing: nothing is decoded on failure
+        return self.decode(data)

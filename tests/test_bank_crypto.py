@@ -1,0 +1,359 @@
+"""A site's bank encrypted at rest (AES-256-GCM): keys, round trips, tamper detection,
+crash safety, and `jras site init`."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from jras_core.cli import main
+from jras_core.data.slices import SliceSet, VolumeInfo
+from jras_core.data.volume import DataError
+from jras_core.retrieval.bank import RetrievalBank
+from jras_core.retrieval.crypto import (
+    ENV_VAR,
+    HEADER,
+    NONCE_BYTES,
+    BankDecryptError,
+    BankKey,
+    BankKeyError,
+    generate_key_file,
+    load_key_file,
+    resolve_key,
+)
+from jras_core.retrieval.store import BankStore
+from jras_core.site import Site, SiteConfig
+
+posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+
+
+@pytest.fixture(autouse=True)
+def _no_env_key(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+
+
+def _slices(n_cases=3, per_case=2, size=16) -> SliceSet:
+    g = torch.Generator().manual_seed(0)
+    masks = (torch.rand(n_cases * per_case, size, size, generator=g) > 0.7).to(torch.uint8)
+    images = masks.float().unsqueeze(1) + 0.05 * torch.randn(len(masks), 1, size, size, generator=g)
+    case_ids = torch.arange(n_cases).repeat_interleave(per_case)
+    return SliceSet(
+        images=images, masks=masks, case_ids=case_ids, volume_ids=case_ids.clone(),
+        slice_pos=torch.arange(per_case).repeat(n_cases),
+        cases=[f"case{i}" for i in range(n_cases)],
+        volumes=[VolumeInfo(f"case{i}", f"case{i}", "", "X", "", (1.0, 1.0, 1.0)) for i in range(n_cases)],
+    )
+
+
+def _bank(embed: bool = True) -> RetrievalBank:
+    bank = RetrievalBank(_slices(), num_classes=2)
+    if embed:
+        emb = np.random.default_rng(0).normal(size=(len(bank), 8)).astype(np.float32)
+        bank.set_embeddings(emb / np.linalg.norm(emb, axis=1, keepdims=True))
+    return bank
+
+
+def _same(a: RetrievalBank, b: RetrievalBank) -> None:
+    assert torch.equal(a.slices.images, b.slices.images) and torch.equal(a.slices.masks, b.slices.masks)
+    assert a.slices.cases == b.slices.cases
+    if a.embeddings is None:
+        assert b.embeddings is None
+    else:
+        assert np.array_equal(a.embeddings, b.embeddings)
+
+
+@pytest.fixture
+def key_file(tmp_path) -> Path:
+    return generate_key_file(tmp_path / "keys" / "bank.key")
+
+
+# --------------------------------------------------------------------------- keys
+
+
+@posix_only
+def test_generate_key_file_is_0600_and_refuses_overwrite(tmp_path):
+    path = generate_key_file(tmp_path / "k" / "bank.key")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    first = path.read_bytes()
+    assert len(base64.b64decode(first.strip())) == 32
+    with pytest.raises(BankKeyError, match="already exists"):
+        generate_key_file(path)
+    assert path.read_bytes() == first
+    generate_key_file(path, overwrite=True)
+    assert path.read_bytes() != first and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in path.parent.iterdir()] == ["bank.key"]  # no temporary left behind
+
+
+@posix_only
+def test_key_file_readable_by_others_is_refused(tmp_path, key_file):
+    os.chmod(key_file, 0o644)
+    with pytest.raises(BankKeyError) as err:
+        load_key_file(key_file)
+    msg = str(err.value)
+    assert str(key_file) in msg and f"chmod 600 {key_file}" in msg and "0644" in msg
+    os.chmod(key_file, 0o400)  # stricter is fine
+    assert isinstance(load_key_file(key_file), BankKey)
+
+
+def test_key_file_raw_bytes_and_bad_contents(tmp_path):
+    raw = os.urandom(32)
+    path = tmp_path / "raw.key"
+    path.write_bytes(raw)
+    os.chmod(path, 0o600)
+    assert load_key_file(path) == BankKey(raw)
+    path.write_bytes(b"not a key\n")
+    with pytest.raises(BankKeyError, match="not a bank key"):
+        load_key_file(path)
+    with pytest.raises(BankKeyError, match="not found"):
+        load_key_file(tmp_path / "missing.key")
+    with pytest.raises(BankKeyError, match="32 bytes"):
+        BankStore(tmp_path, key=b"short")
+
+
+def test_key_from_env_and_precedence(tmp_path, key_file, monkeypatch):
+    assert resolve_key() is None
+    env = os.urandom(32)
+    monkeypatch.setenv(ENV_VAR, base64.b64encode(env).decode())
+    assert resolve_key() == BankKey(env)
+    assert resolve_key(key_file) == load_key_file(key_file) != BankKey(env)  # an explicit file wins
+    monkeypatch.setenv(ENV_VAR, "@@@")
+    with pytest.raises(BankKeyError, match=ENV_VAR):
+        resolve_key()
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+def test_round_trip_with_key_file(tmp_path, key_file):
+    bank = _bank()
+    store = BankStore(tmp_path / "bank", key=load_key_file(key_file))
+    path = bank.save(store.directory, store=store)
+    assert path.name == "bank.enc" and not (tmp_path / "bank" / "bank.npz").exists()
+    assert path.read_bytes().startswith(HEADER)
+    again = RetrievalBank.load(store.directory, store=BankStore(tmp_path / "bank", key=load_key_file(key_file)))
+    _same(bank, again)
+
+
+def test_round_trip_with_env_key_and_unembedded_bank(tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV_VAR, base64.b64encode(os.urandom(32)).decode())
+    bank = _bank(embed=False)
+    store = BankStore(tmp_path / "bank", key=resolve_key())
+    bank.save(store.directory, store=store)
+    _same(bank, RetrievalBank.load(store.directory, store=BankStore(tmp_path / "bank", key=resolve_key())))
+
+
+def test_fresh_nonce_per_write(tmp_path, key_file):
+    store = BankStore(tmp_path, key=load_key_file(key_file))
+    _bank().save(tmp_path, store=store)
+    a = store.path.read_bytes()
+    _bank().save(tmp_path, store=store)
+    b = store.path.read_bytes()
+    assert a[len(HEADER):len(HEADER) + NONCE_BYTES] != b[len(HEADER):len(HEADER) + NONCE_BYTES]
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def _encrypted(tmp_path: Path, key_file: Path) -> BankStore:
+    store = BankStore(tmp_path / "bank", key=load_key_file(key_file))
+    _bank().save(store.directory, store=store)
+    return store
+
+
+def test_wrong_key(tmp_path, key_file):
+    store = _encrypted(tmp_path, key_file)
+    with pytest.raises(BankDecryptError, match="cannot decrypt bank .*wrong key or the file was modified/truncated"):
+        RetrievalBank.load(store.directory, store=BankStore(store.directory, key=os.urandom(32)))
+
+
+def test_any_flipped_byte_is_detected(tmp_path, key_file):
+    store = _encrypted(tmp_path, key_file)
+    data = store.path.read_bytes()
+    key = load_key_file(key_file)
+    n = len(data)
+    # every header and nonce byte, the first and last ciphertext bytes, the tag, and a sample between
+    positions = sorted(set(range(len(HEADER) + NONCE_BYTES + 4)) | set(range(n - 20, n)) | set(range(0, n, max(1, n // 50))))
+    for pos in positions:
+        bad = bytearray(data)
+        bad[pos] ^= 0x01
+        store.path.write_bytes(bytes(bad))
+        with pytest.raises(BankDecryptError, match="cannot decrypt bank"):
+            BankStore(store.directory, key=key).load()
+    store.path.write_bytes(data)
+    BankStore(store.directory, key=key).load()  # the original still decrypts
+
+
+def test_truncated_file(tmp_path, key_file):
+    store = _encrypted(tmp_path, key_file)
+    data = store.path.read_bytes()
+    for cut in (0, 5, len(HEADER) + NONCE_BYTES, len(data) // 2, len(data) - 1):
+        store.path.write_bytes(data[:cut])
+        with pytest.raises(BankDecryptError, match="wrong key or the file was modified/truncated"):
+            RetrievalBank.load(store.directory, store=BankStore(store.directory, key=load_key_file(key_file)))
+
+
+def test_plaintext_vs_encrypted_mismatch(tmp_path, key_file):
+    key = load_key_file(key_file)
+    plain_dir, enc_dir = tmp_path / "plain", tmp_path / "enc"
+    _bank().save(plain_dir)
+    with pytest.raises(DataError, match="not encrypted but a key was given"):
+        RetrievalBank.load(plain_dir, store=BankStore(plain_dir, key=key))
+    _bank().save(enc_dir, store=BankStore(enc_dir, key=key))
+    with pytest.raises(DataError, match="encrypted but no key was given"):
+        RetrievalBank.load(enc_dir)
+    # writing plaintext over an encrypted bank would silently drop encryption: refused
+    with pytest.raises(BankKeyError, match="encrypted bank is here"):
+        _bank().save(enc_dir)
+    # encrypting a plaintext bank replaces it
+    _bank().save(plain_dir, store=BankStore(plain_dir, key=key))
+    assert sorted(p.name for p in plain_dir.iterdir()) == ["bank.enc"]
+
+
+def test_key_never_leaks(tmp_path, key_file, caplog):
+    caplog.set_level(logging.DEBUG)
+    key = load_key_file(key_file)
+    raw = key._key
+    secrets = [raw, base64.b64encode(raw), base64.b64encode(raw).rstrip(b"="), raw.hex().encode()]
+    store = BankStore(tmp_path / "bank", key=key)
+    _bank().save(store.directory, store=store)
+    data = store.path.read_bytes()
+    messages = [repr(key), str(key), repr(store)]
+    for attempt in (
+        lambda: BankStore(store.directory, key=os.urandom(32)).load(),
+        lambda: BankStore(store.directory).load(),
+        lambda: (store.path.write_bytes(data[:-3]), store.load()),
+    ):
+        with pytest.raises(ValueError) as err:
+            attempt()
+        messages += [str(err.value), repr(err.value)]
+    with pytest.raises(TypeError):
+        import pickle
+
+        pickle.dumps(key)
+    text = "\n".join(messages + [caplog.text]).encode()
+    for secret in secrets:
+        assert secret not in data
+        assert secret not in text
+        assert secret.decode("latin-1") not in "\n".join(messages + [caplog.text])
+
+
+def test_crash_during_write_keeps_previous_bank(tmp_path, key_file, monkeypatch):
+    key = load_key_file(key_file)
+    store = _encrypted(tmp_path, key_file)
+    before = store.path.read_bytes()
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    bigger = RetrievalBank(_slices(n_cases=4), num_classes=2)
+    with pytest.raises(OSError, match="disk full"):
+        bigger.save(store.directory, store=BankStore(store.directory, key=key))
+    monkeypatch.undo()
+    assert store.path.read_bytes() == before
+    assert sorted(p.name for p in store.directory.iterdir()) == ["bank.enc"]  # temporary removed
+    _same(_bank(), RetrievalBank.load(store.directory, store=BankStore(store.directory, key=key)))
+
+
+# --------------------------------------------------------------------------- site wiring and CLI
+
+
+def _site_yaml(tmp_path: Path, key_file: str | None = "secrets/bank.key") -> Path:
+    folder = tmp_path / "site"
+    folder.mkdir(parents=True)
+    path = folder / "site.yaml"
+    text = "name: tiny\nvendor: A\nval_fraction: 0.34\nbank_dir: bank\ndata: {kind: synthetic, vendor: A, cases: 3, size: 32}\n"
+    if key_file:
+        text += f"key_file: {key_file}\n"
+    path.write_text(text)
+    return path
+
+
+def test_site_bank_store_resolves_paths_against_the_yaml(tmp_path, monkeypatch):
+    from jras_core.config import JRASConfig
+
+    yaml_path = _site_yaml(tmp_path)
+    site = Site(SiteConfig.from_yaml(yaml_path), JRASConfig(), yaml_path.parent)
+    assert site.key_path == yaml_path.parent / "secrets" / "bank.key"
+    assert site.bank_path == yaml_path.parent / "bank"
+    generate_key_file(site.key_path)
+    store = site.bank_store()
+    assert store.encrypted and store.directory == site.bank_path
+    other = site.bank_store(tmp_path / "x")  # --out overrides bank_dir, the site's key still applies
+    assert other.directory == tmp_path / "x" and other.path.name == "bank.enc"
+    plain = Site(SiteConfig.from_yaml(_site_yaml(tmp_path / "p", key_file=None)), JRASConfig(), tmp_path / "p" / "site")
+    assert not plain.bank_store().encrypted
+    monkeypatch.setenv(ENV_VAR, base64.b64encode(os.urandom(32)).decode())
+    assert plain.bank_store().encrypted
+
+
+@posix_only
+def test_jras_site_init_end_to_end(tmp_path, capsys, caplog):
+    caplog.set_level(logging.DEBUG)
+    yaml_path = _site_yaml(tmp_path)
+    argv = ["site", "init", "--site", str(yaml_path), "--set", "preprocess.size=32"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    key_path = yaml_path.parent / "secrets" / "bank.key"
+    bank_file = yaml_path.parent / "bank" / "bank.enc"
+    assert str(key_path) in out and str(bank_file) in out and "new, mode 0600" in out
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+    raw = load_key_file(key_path)._key
+    for secret in (raw, base64.b64encode(raw)):
+        assert secret.decode("latin-1") not in out + caplog.text
+        assert secret not in bank_file.read_bytes()
+    bank = RetrievalBank.load(bank_file.parent, store=BankStore(bank_file.parent, key=load_key_file(key_path)))
+    assert len(bank) > 0 and bank.embeddings is None and bank.slices.images.shape[-1] == 32
+    with pytest.raises(DataError, match="encrypted but no key"):
+        RetrievalBank.load(bank_file.parent)
+    # a second run keeps the key and re-encrypts the bank with it
+    assert main(argv) == 0
+    assert "(existing)" in capsys.readouterr().out
+    assert load_key_file(key_path)._key == raw
+    RetrievalBank.load(bank_file.parent, store=BankStore(bank_file.parent, key=load_key_file(key_path)))
+    # a key file others can read is refused with the fix
+    os.chmod(key_path, 0o644)
+    assert main(argv) == 2
+    assert f"chmod 600 {key_path}" in capsys.readouterr().err
+
+
+def test_jras_site_init_without_any_key_is_an_error(tmp_path, capsys):
+    yaml_path = _site_yaml(tmp_path, key_file=None)
+    assert main(["site", "init", "--site", str(yaml_path), "--set", "preprocess.size=32"]) == 2
+    assert "no bank key" in capsys.readouterr().err
+    assert not (yaml_path.parent / "bank").exists()
+
+
+def test_bank_build_and_site_init_with_a_checkpoint_write_encrypted_embedded_banks(tmp_path, capsys):
+    from jras_core.checkpoint import save_model
+    from jras_core.config import JRASConfig
+    from jras_core.models.jras import build_model
+
+    cfg = JRASConfig().with_overrides({"preprocess.size": 32, "segmenter.channels": [8, 16, 32],
+                                       "retriever.channels": [8, 16], "retriever.embed_dim": 16})
+    ckpt = save_model(tmp_path / "model.pt", build_model(cfg), cfg)
+    yaml_path = _site_yaml(tmp_path)
+    key_path = yaml_path.parent / "secrets" / "bank.key"
+    bank_dir = yaml_path.parent / "bank"
+    # bank build: the site's bank_dir, encrypted with its key_file
+    generate_key_file(key_path)
+    assert main(["bank", "build", "--checkpoint", str(ckpt), "--site", str(yaml_path)]) == 0
+    assert "encrypted (AES-256-GCM)" in capsys.readouterr().out
+    bank = RetrievalBank.load(bank_dir, store=BankStore(bank_dir, key=load_key_file(key_path)))
+    assert bank.embeddings.shape == (len(bank), 16)
+    # --key-file overrides the site's key; --out overrides bank_dir
+    other_key = generate_key_file(tmp_path / "other.key")
+    assert main(["site", "init", "--site", str(yaml_path), "--checkpoint", str(ckpt),
+                 "--key-file", str(other_key), "--out", str(tmp_path / "b2")]) == 0
+    capsys.readouterr()
+    with pytest.raises(BankDecryptError):
+        BankStore(tmp_path / "b2", key=load_key_file(key_path)).load()
+    bank = RetrievalBank.load(tmp_path / "b2", store=BankStore(tmp_path / "b2", key=load_key_file(other_key)))
+    assert bank.embeddings.shape == (len(bank), 16)
