@@ -53,8 +53,9 @@ def test_tls_authenticated_deployment(tmp_path, flwr_home, processes, monkeypatc
     env = dict(os.environ)
     pki.create_ca(tmp_path / "ca")
     pki.create_server_cert(tmp_path / "ca", tmp_path / "server", ["localhost", "127.0.0.1"])
-    keys = {name: pki.create_node_key(tmp_path / "keys" / f"{name}.key") for name in ("a", "b", "intruder")}
+    keys = {name: pki.create_node_key(tmp_path / "keys" / f"{name}.key") for name in ("a", "b", "intruder", "wrongca")}
     ca = tmp_path / "ca" / pki.CA_CERT
+    other_ca = pki.create_ca(tmp_path / "other-ca", common_name="Some other CA")[1]
 
     port = free_port()
     (flwr_home / "config.toml").write_text(
@@ -70,18 +71,19 @@ def test_tls_authenticated_deployment(tmp_path, flwr_home, processes, monkeypatc
     ], cwd=tmp_path, env=env)
     wait_for_port(port, link)
 
-    for name in ("a", "b"):
+    for name in ("a", "b", "wrongca"):
         res = subprocess.run(
             [str(BIN / "flwr"), "supernode", "register", str(keys[name][1]), "deploy"],
             check=False, capture_output=True, text=True, timeout=60, env=env,
         )
         assert res.returncode == 0, res.stdout + res.stderr
 
-    def supernode(name: str, key: Path, site: Path, retries: int = 10, wait: int = 60) -> subprocess.Popen:
+    def supernode(name: str, key: Path, site: Path, retries: int = 10, wait: int = 60,
+                  root: Path = ca) -> subprocess.Popen:
         return processes(f"supernode-{name}", [
             str(BIN / "flower-supernode"),
             "--superlink", f"127.0.0.1:{port}",
-            "--root-certificates", str(ca),
+            "--root-certificates", str(root),
             "--auth-supernode-private-key", str(key),
             "--node-config", f'site-config="{site}"',
             "--port", str(free_port()),
@@ -90,6 +92,8 @@ def test_tls_authenticated_deployment(tmp_path, flwr_home, processes, monkeypatc
 
     nodes = [supernode(n, keys[n][0], site_yaml(tmp_path, v, i)) for i, (n, v) in enumerate((("a", "A"), ("b", "B")))]
     intruder = supernode("intruder", keys["intruder"][0], site_yaml(tmp_path, "C", 5), retries=1, wait=5)
+    # a registered key, but the node trusts another CA: the TLS handshake fails
+    wrong_ca = supernode("wrongca", keys["wrongca"][0], site_yaml(tmp_path, "D", 6), retries=1, wait=5, root=other_ca)
 
     out = tmp_path / "out"
     overrides = tmp_path / "run.toml"
@@ -123,3 +127,6 @@ def test_tls_authenticated_deployment(tmp_path, flwr_home, processes, monkeypatc
     # the unregistered node was refused and gave up
     assert intruder.wait(timeout=60) != 0
     assert "Failed to activate SuperNode" in intruder.log_path.read_text()
+    # the node that does not trust the SuperLink's certificate never joined
+    assert wrong_ca.wait(timeout=60) != 0, wrong_ca.log_path.read_text()[-2000:]
+    assert "CERTIFICATE_VERIFY_FAILED" in wrong_ca.log_path.read_text() or "certificate" in wrong_ca.log_path.read_text().lower()
