@@ -28,7 +28,13 @@ from jras_core.fedutil import (
 from jras_core.models.jras import JRASModel, build_model
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from server.settings import ServerSettings
-from server.strategies import JRASStrategyMixin, arrays_to_record, build_strategy, record_to_arrays
+from server.strategies import (
+    JRASStrategyMixin,
+    arrays_to_record,
+    build_strategy,
+    record_to_arrays,
+    with_privacy,
+)
 from server.tracking import RoundRecorder
 
 log = logging.getLogger(__name__)
@@ -119,7 +125,7 @@ def main(grid: Grid, context: Context) -> None:
         "keep-retriever-local": settings.keep_retriever_local,
     }
     try:
-        strategy.start(  # type: ignore[attr-defined]
+        with_privacy(strategy, settings).start(
             grid=grid,
             initial_arrays=arrays,
             num_rounds=settings.num_rounds,

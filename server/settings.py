@@ -9,7 +9,9 @@ from typing import Any, ClassVar
 
 from jras_core.config import ConfigError
 
-STRATEGIES = ("fedavg", "fedprox", "fedbn", "fedadam")
+STRATEGIES = ("fedavg", "fedprox", "fedbn", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
+ROBUST = ("fedmedian", "fedtrimmedavg", "krum")
+DP_MODES = ("none", "fixed")
 AGGREGATE = ("all", "segmenter")
 
 
@@ -20,7 +22,8 @@ class ServerSettings:
     Attributes:
         num_rounds: rounds to run in this run [``num-server-rounds``]; after a resume,
             rounds are numbered on from the checkpoint's round.
-        strategy: ``fedavg``, ``fedprox``, ``fedbn`` or ``fedadam`` [``strategy``].
+        strategy: ``fedavg``, ``fedprox``, ``fedbn``, ``fedadam`` or a robust aggregation,
+            ``fedmedian``, ``fedtrimmedavg`` or ``krum`` [``strategy``].
         aggregate: ``all`` (segmenter and retriever) or ``segmenter`` (each site keeps
             its own retriever) [``aggregate``].
         proximal_mu: FedProx weight of ``mu/2 ||w - w_global||^2`` [``proximal-mu``].
@@ -32,6 +35,15 @@ class ServerSettings:
         run_name: this run's folder under ``output_dir`` (empty: ``run-<run id>``) [``run-name``].
         resume: checkpoint file or run folder to resume from (empty: start fresh) [``resume``].
         round_timeout: seconds to wait for replies per round [``round-timeout``].
+        trim_beta: fraction cut off at each tail by ``fedtrimmedavg`` [``trim-beta``].
+        krum_num_malicious: sites assumed malicious by ``krum`` [``krum-num-malicious``].
+        max_update_norm: largest accepted ``||w_site - w_global||`` of a train reply;
+            0 turns the check off [``max-update-norm``].
+        dp: ``none`` or ``fixed`` (server-side fixed clipping + Gaussian noise) [``dp``].
+        dp_noise_multiplier, dp_clipping_norm: of the Gaussian mechanism
+            [``dp-noise-multiplier``, ``dp-clipping-norm``].
+        dp_num_sampled_clients: sites per round the noise is calibrated for; 0: ``min-nodes``
+            [``dp-num-sampled-clients``].
     """
 
     num_rounds: int = 3
@@ -49,6 +61,13 @@ class ServerSettings:
     run_name: str = ""
     resume: str = ""
     round_timeout: float = 3600.0
+    trim_beta: float = 0.2
+    krum_num_malicious: int = 0
+    max_update_norm: float = 0.0
+    dp: str = "none"
+    dp_noise_multiplier: float = 1.0
+    dp_clipping_norm: float = 1.0
+    dp_num_sampled_clients: int = 0
 
     KEYS: ClassVar[dict[str, tuple[str, type]]] = {
         "num-server-rounds": ("num_rounds", int),
@@ -66,6 +85,13 @@ class ServerSettings:
         "run-name": ("run_name", str),
         "resume": ("resume", str),
         "round-timeout": ("round_timeout", float),
+        "trim-beta": ("trim_beta", float),
+        "krum-num-malicious": ("krum_num_malicious", int),
+        "max-update-norm": ("max_update_norm", float),
+        "dp": ("dp", str),
+        "dp-noise-multiplier": ("dp_noise_multiplier", float),
+        "dp-clipping-norm": ("dp_clipping_norm", float),
+        "dp-num-sampled-clients": ("dp_num_sampled_clients", int),
     }
 
     @property
@@ -75,6 +101,11 @@ class ServerSettings:
     @property
     def keep_retriever_local(self) -> bool:
         return self.aggregate == "segmenter"
+
+    @property
+    def dp_sampled(self) -> int:
+        """Sites per round the DP noise is calibrated for."""
+        return self.dp_num_sampled_clients or self.min_nodes
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> ServerSettings:
@@ -115,6 +146,20 @@ class ServerSettings:
             raise ConfigError("run config: fedadam-beta-1 and fedadam-beta-2 must be in [0, 1)")
         if self.round_timeout <= 0:
             raise ConfigError(f"run config: round-timeout must be positive, got {self.round_timeout}")
+        if not 0.0 <= self.trim_beta < 0.5:
+            raise ConfigError(f"run config: trim-beta must be in [0, 0.5), got {self.trim_beta}")
+        if self.krum_num_malicious < 0:
+            raise ConfigError(f"run config: krum-num-malicious must be >= 0, got {self.krum_num_malicious}")
+        if not self.max_update_norm >= 0:
+            raise ConfigError(f"run config: max-update-norm must be >= 0 (0: off), got {self.max_update_norm}")
+        if self.dp not in DP_MODES:
+            raise ConfigError(f"run config: dp must be one of {list(DP_MODES)}, got {self.dp!r}")
+        if not self.dp_noise_multiplier >= 0:
+            raise ConfigError(f"run config: dp-noise-multiplier must be >= 0, got {self.dp_noise_multiplier}")
+        if not self.dp_clipping_norm > 0:
+            raise ConfigError(f"run config: dp-clipping-norm must be positive, got {self.dp_clipping_norm}")
+        if self.dp_num_sampled_clients < 0:
+            raise ConfigError(f"run config: dp-num-sampled-clients must be >= 0 (0: min-nodes), got {self.dp_num_sampled_clients}")
 
     def run_dir(self, run_id: int, cwd: Path | None = None) -> Path:
         """This run's output folder (relative ``output-dir`` against ``cwd``)."""

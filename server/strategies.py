@@ -7,11 +7,17 @@ All strategies share :class:`JRASStrategyMixin`, which adds to Flower's own:
   nor aggregated; the global model keeps its values for them;
 * **dtypes**: aggregated entries keep the model's dtypes (integer counters stay integers);
 * **round offset**: after a resume, rounds are numbered on from the checkpoint;
-* **bookkeeping**: per-site and aggregated metrics, failures and bytes of arrays
-  sent and received go to a :class:`~server.tracking.RoundRecorder`.
+* **update validation**: before aggregation every train reply is checked
+  (:func:`~server.validation.validate_update`: keys, shapes, dtypes, finite values,
+  update norm, and a positive finite ``num-examples``); failing replies are
+  rejected and logged, the round goes on with the others while at least
+  ``min_train_nodes`` valid replies remain, else the aggregate is skipped;
+* **bookkeeping**: per-site and aggregated metrics, failures, rejected replies and
+  bytes of arrays sent and received go to a :class:`~server.tracking.RoundRecorder`.
 
-:func:`build_strategy` picks FedAvg (default), FedProx, FedBN or FedAdam from
-:class:`~server.settings.ServerSettings`.
+:func:`build_strategy` picks FedAvg (default), FedProx, FedBN, FedAdam or a robust
+aggregation (FedMedian, FedTrimmedAvg, Krum) from :class:`~server.settings.ServerSettings`;
+:func:`with_privacy` wraps it in Flower's server-side fixed-clipping DP when ``dp = "fixed"``.
 """
 
 from __future__ import annotations
@@ -23,11 +29,22 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+    Strategy,
+)
+from flwr.supercore.differential_privacy import compute_stdv
 
 from jras_core.fedutil import Arrays, cast_like, weighted_average
 from server.settings import ServerSettings
 from server.tracking import RoundRecorder
+from server.validation import validate_update, validate_weight
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +82,33 @@ def _metrics_of(msg: Message) -> dict[str, float]:
 
 
 class JRASStrategyMixin:
-    """Local entries, dtype restoration, round offset and bookkeeping for a FedAvg-family strategy.
+    """Local entries, dtype restoration, round offset, update validation and bookkeeping
+    for a FedAvg-family strategy.
 
     Must come before the Flower strategy in the bases. Call :meth:`setup_jras` once.
     """
 
     local_keys: frozenset[str] = frozenset()
+    buffer_keys: frozenset[str] = frozenset()
     round_offset: int = 0
     recorder: RoundRecorder | None = None
+    max_update_norm: float = 0.0
     _global: Arrays | None = None
+    _screened: bool = False
 
-    def setup_jras(self, local_keys: Iterable[str] = (), round_offset: int = 0, recorder: RoundRecorder | None = None) -> None:
+    def setup_jras(
+        self,
+        local_keys: Iterable[str] = (),
+        round_offset: int = 0,
+        recorder: RoundRecorder | None = None,
+        max_update_norm: float = 0.0,
+        buffer_keys: Iterable[str] = (),
+    ) -> None:
         self.local_keys = frozenset(local_keys)
+        self.buffer_keys = frozenset(buffer_keys)
         self.round_offset = int(round_offset)
         self.recorder = recorder
+        self.max_update_norm = float(max_update_norm)
 
     # ------------------------------------------------------------------ helpers
     def _shared(self, arrays: ArrayRecord) -> ArrayRecord:
@@ -109,6 +139,60 @@ class JRASStrategyMixin:
         """Hook for subclasses: adjust the aggregated shared entries."""
         return aggregated
 
+    # ------------------------------------------------------------------ validation
+    def check_reply(self, msg: Message, reference: Arrays | None) -> str | None:
+        """Why a (non-error) train reply must be rejected, or None."""
+        if len(msg.content.array_records) != 1 or len(msg.content.metric_records) != 1:
+            return (f"expected one ArrayRecord and one MetricRecord, got {len(msg.content.array_records)} "
+                    f"and {len(msg.content.metric_records)}")
+        metrics = next(iter(msg.content.metric_records.values()))
+        key = getattr(self, "weighted_by_key", "num-examples")
+        reason = validate_weight(metrics.get(key)) if key in metrics else f"no {key} in the metrics"
+        if reason is not None:
+            return reason
+        if reference is None:
+            return None
+        try:
+            arrays = record_to_arrays(next(iter(msg.content.array_records.values())))
+        except Exception as exc:  # noqa: BLE001 - an undecodable array is a rejected reply
+            return f"arrays cannot be read ({type(exc).__name__})"
+        norm_keys = {k for k in reference if k not in self.buffer_keys}
+        return validate_update(arrays, reference, self.max_update_norm, norm_keys)
+
+    def screen_train_replies(self, rnd: int, replies: list[Message]) -> list[Message] | None:
+        """Record the round's train replies and drop those failing :meth:`check_reply`.
+
+        Returns the replies to aggregate (error replies are kept for Flower to count), or
+        None when replies were rejected and fewer than ``min_train_nodes`` valid ones remain:
+        then the round's aggregate is skipped and the global model stays as it is.
+        """
+        self._record("train", replies)
+        reference = None
+        if self._global is not None:
+            reference = {k: v for k, v in self._global.items() if k not in self.local_keys}
+        kept: list[Message] = []
+        rejected = 0
+        for msg in replies:
+            reason = None if msg.has_error() else self.check_reply(msg, reference)
+            if reason is None:
+                kept.append(msg)
+            else:
+                rejected += 1
+                log.warning("round %d: rejected the update of %s: %s", rnd, site_label(msg), reason)
+        if self.recorder is not None:
+            self.recorder.set_round_stat("rejected_replies", rejected)
+        valid = sum(1 for m in kept if not m.has_error())
+        needed = int(getattr(self, "min_train_nodes", 1))
+        if rejected and valid < needed:
+            log.warning(
+                "round %d: %d update(s) rejected, %d valid left (fewer than %d): "
+                "aggregation skipped, the global model is unchanged", rnd, rejected, valid, needed,
+            )
+            if self.recorder is not None:
+                self.recorder.set_round_stat("aggregate_skipped", 1)
+            return None
+        return kept
+
     # ------------------------------------------------------------------ Strategy API
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         rnd = server_round + self.round_offset
@@ -122,7 +206,13 @@ class JRASStrategyMixin:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = server_round + self.round_offset
         replies = list(replies)
-        self._record("train", replies)
+        if self._screened:  # already screened by a wrapper (DP) before clipping
+            self._screened = False
+        else:
+            screened = self.screen_train_replies(rnd, replies)
+            if screened is None:
+                return None, None
+            replies = screened
         aggregated, metrics = super().aggregate_train(rnd, replies)  # type: ignore[misc]
         metrics = _drop_per_site(metrics)
         if metrics is not None and self.recorder is not None:
@@ -173,14 +263,24 @@ class JRASFedBN(JRASStrategyMixin, FedAvg):
     (pass their keys as local keys)."""
 
 
+class JRASFedMedian(JRASStrategyMixin, FedMedian):
+    """Coordinate-wise median of the sites' entries (robust to a minority of outliers)."""
+
+
+class JRASFedTrimmedAvg(JRASStrategyMixin, FedTrimmedAvg):
+    """Coordinate-wise mean after cutting ``beta`` of the sites at each tail."""
+
+
+class JRASKrum(JRASStrategyMixin, Krum):
+    """Krum: the one site update closest to its ``n - f - 2`` nearest neighbours."""
+
+
 class JRASFedAdam(JRASStrategyMixin, FedAdam):
     """FedAdam on the trained parameters; buffers (running statistics, counters) are
     plainly averaged, since an adaptive step could e.g. make a variance negative.
 
     Its moments ``m_t``/``v_t`` are saved in checkpoints and restored on resume.
     """
-
-    buffer_keys: frozenset[str] = frozenset()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         messages = super().configure_train(server_round, arrays, config, grid)
@@ -238,7 +338,13 @@ def build_strategy(
     }
     name = settings.strategy
     strategy: JRASStrategyMixin
-    if name == "fedavg":
+    if name == "fedmedian":
+        strategy = JRASFedMedian(**common)
+    elif name == "fedtrimmedavg":
+        strategy = JRASFedTrimmedAvg(**common, beta=settings.trim_beta)
+    elif name == "krum":
+        strategy = JRASKrum(**common, num_malicious_nodes=settings.krum_num_malicious)
+    elif name == "fedavg":
         strategy = JRASFedAvg(**common)
     elif name == "fedprox":
         strategy = JRASFedProx(**common, proximal_mu=settings.proximal_mu)
@@ -248,8 +354,89 @@ def build_strategy(
         strategy = JRASFedAdam(
             **common, eta=settings.server_lr, beta_1=settings.beta_1, beta_2=settings.beta_2, tau=settings.tau
         )
-        strategy.buffer_keys = frozenset(buffer_keys)
     else:
         raise ValueError(f"unknown strategy {name!r}")
-    strategy.setup_jras(local_keys, round_offset, recorder)
+    strategy.setup_jras(local_keys, round_offset, recorder, settings.max_update_norm, buffer_keys)
     return strategy
+
+
+VARIANCE_SUFFIXES = ("running_var",)
+"""Entries that must stay non-negative after DP noise (BatchNorm running variances)."""
+
+
+class JRASServerSideDP(DifferentialPrivacyServerSideFixedClipping):
+    """Flower's central DP with server-side fixed clipping around a J-RAS strategy.
+
+    What it adds to Flower's wrapper so that the J-RAS strategy keeps working:
+
+    * replies are validated (and rejected ones counted) *before* clipping, by the inner
+      strategy's :meth:`~JRASStrategyMixin.screen_train_replies`;
+    * updates are clipped against the entries that were sent (local entries excluded),
+      in the same key order as the replies;
+    * noise goes to the aggregated floating-point shared entries only: local entries keep
+      the global model's values, integer counters stay noise-free, variances are kept >= 0;
+    * the noise multiplier, clipping norm and noise stdev are round stats of the recorder.
+
+    The inner strategy keeps round offset, checkpoint state and bookkeeping: pass it (not
+    the wrapper) to the round-end function.
+    """
+
+    def __init__(self, strategy: JRASStrategyMixin, noise_multiplier: float, clipping_norm: float, num_sampled_clients: int):
+        super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)  # type: ignore[arg-type]
+        self.inner = strategy
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.current_arrays = self.inner._shared(arrays)
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        inner = self.inner
+        rnd = server_round + inner.round_offset
+        if inner.recorder is not None:
+            inner.recorder.set_round_stat("dp_noise_multiplier", self.noise_multiplier)
+            inner.recorder.set_round_stat("dp_clipping_norm", self.clipping_norm)
+            inner.recorder.set_round_stat(
+                "dp_noise_stdv", compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sampled_clients)
+            )
+        kept = inner.screen_train_replies(rnd, list(replies))
+        if kept is None:
+            return None, None
+        order = list(self.current_arrays.keys())
+        for msg in kept:
+            if msg.has_error():
+                continue
+            name, record = next(iter(msg.content.array_records.items()))
+            if list(record.keys()) != order:
+                msg.content[name] = ArrayRecord({k: record[k] for k in order})
+        inner._screened = True
+        try:
+            return super().aggregate_train(server_round, kept)
+        finally:
+            inner._screened = False
+
+    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
+        clean = record_to_arrays(aggregated_arrays)
+        noisy_keys = [
+            k for k, v in clean.items() if k not in self.inner.local_keys and np.issubdtype(v.dtype, np.floating)
+        ]
+        noised = record_to_arrays(
+            super()._add_noise_to_aggregated_arrays(arrays_to_record({k: clean[k] for k in noisy_keys}))
+        )
+        for k in noised:
+            if k.endswith(VARIANCE_SUFFIXES):
+                noised[k] = np.maximum(noised[k], 0).astype(clean[k].dtype)
+        out = dict(clean)
+        out.update(noised)
+        return arrays_to_record(out)
+
+
+def with_privacy(strategy: JRASStrategyMixin, settings: ServerSettings) -> Strategy:
+    """The strategy to run: ``strategy`` itself, or wrapped in :class:`JRASServerSideDP` when ``dp = "fixed"``."""
+    if settings.dp == "none":
+        return strategy  # type: ignore[return-value]
+    log.info(
+        "differential privacy: server-side fixed clipping, noise multiplier %g, clipping norm %g, %d sampled sites",
+        settings.dp_noise_multiplier, settings.dp_clipping_norm, settings.dp_sampled,
+    )
+    return JRASServerSideDP(strategy, settings.dp_noise_multiplier, settings.dp_clipping_norm, settings.dp_sampled)

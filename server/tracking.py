@@ -1,7 +1,7 @@
 """Per-round bookkeeping of a federation: TensorBoard scalars and a JSON-lines log.
 
 Per round it records the aggregated (global) and per-site train and evaluation
-metrics, the number of failed replies, the round's wall time and the bytes of
+metrics, the number of failed and rejected replies, the round's wall time and the bytes of
 model arrays sent to and received from the sites. No Flower import here.
 """
 
@@ -48,6 +48,7 @@ class RoundRecorder:
         self._sent = 0
         self._received = 0
         self._failures: dict[str, int] = defaultdict(int)
+        self._stats: dict[str, float] = {}
         self._global: dict[str, dict[str, float]] = {}
         self._sites: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
 
@@ -65,6 +66,10 @@ class RoundRecorder:
 
     def add_failures(self, phase: str, count: int) -> None:
         self._failures[phase] += int(count)
+
+    def set_round_stat(self, name: str, value: float) -> None:
+        """A scalar of the round itself (rejected replies, DP parameters), logged with the round's stats."""
+        self._stats[name] = float(value)
 
     def add_site_metrics(self, phase: str, site: str, metrics: Mapping[str, float]) -> None:
         """Scalar metrics of one site's reply (``phase``: ``train`` or ``evaluate``)."""
@@ -88,6 +93,7 @@ class RoundRecorder:
         }
         for phase, n in self._failures.items():
             summary[f"failures_{phase}"] = float(n)
+        summary.update(self._stats)
         for phase in ("train", "evaluate"):
             n = [s[phase].get("num-examples") for s in self._sites.values() if phase in s]
             if n and all(v is not None for v in n):
