@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from jras_core.cli import main
-from jras_core.data.slices import SliceSet, VolumeInfo
 from jras_core.data.volume import DataError
 from jras_core.retrieval.bank import RetrievalBank
 from jras_core.retrieval.crypto import (
@@ -30,6 +29,7 @@ from jras_core.retrieval.crypto import (
 )
 from jras_core.retrieval.store import BankStore
 from jras_core.site import Site, SiteConfig
+from test_guides_bank import _slices
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
 
@@ -39,21 +39,8 @@ def _no_env_key(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
 
 
-def _slices(n_cases=3, per_case=2, size=16) -> SliceSet:
-    g = torch.Generator().manual_seed(0)
-    masks = (torch.rand(n_cases * per_case, size, size, generator=g) > 0.7).to(torch.uint8)
-    images = masks.float().unsqueeze(1) + 0.05 * torch.randn(len(masks), 1, size, size, generator=g)
-    case_ids = torch.arange(n_cases).repeat_interleave(per_case)
-    return SliceSet(
-        images=images, masks=masks, case_ids=case_ids, volume_ids=case_ids.clone(),
-        slice_pos=torch.arange(per_case).repeat(n_cases),
-        cases=[f"case{i}" for i in range(n_cases)],
-        volumes=[VolumeInfo(f"case{i}", f"case{i}", "", "X", "", (1.0, 1.0, 1.0)) for i in range(n_cases)],
-    )
-
-
 def _bank(embed: bool = True) -> RetrievalBank:
-    bank = RetrievalBank(_slices(), num_classes=2)
+    bank = RetrievalBank(_slices(n_cases=3, per_case=2), num_classes=2)
     if embed:
         emb = np.random.default_rng(0).normal(size=(len(bank), 8)).astype(np.float32)
         bank.set_embeddings(emb / np.linalg.norm(emb, axis=1, keepdims=True))
