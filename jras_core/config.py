@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
@@ -202,7 +203,7 @@ class JRASConfig:
         return _to_plain(dataclasses.asdict(self))
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None, source: str = "<dict>") -> "JRASConfig":
+    def from_dict(cls, data: Mapping[str, Any] | None, source: str = "<dict>") -> JRASConfig:
         cfg = from_mapping(cls, data or {}, source=source)
         try:
             cfg.validate()
@@ -211,10 +212,10 @@ class JRASConfig:
         return cfg
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "JRASConfig":
+    def from_yaml(cls, path: str | Path) -> JRASConfig:
         return cls.from_dict(load_yaml(path), source=str(path))
 
-    def with_overrides(self, overrides: Mapping[str, Any]) -> "JRASConfig":
+    def with_overrides(self, overrides: Mapping[str, Any]) -> JRASConfig:
         """A copy with dotted-key overrides applied, e.g. ``{"train.epochs": 3}``."""
         data = self.to_dict()
         for key, value in overrides.items():

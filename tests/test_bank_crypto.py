@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_guides_bank import _slices
 
 from jras_core.cli import main
 from jras_core.data.volume import DataError
@@ -29,7 +30,6 @@ from jras_core.retrieval.crypto import (
 )
 from jras_core.retrieval.store import BankStore
 from jras_core.site import Site, SiteConfig
-from test_guides_bank import _slices
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
 

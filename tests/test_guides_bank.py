@@ -6,7 +6,13 @@ from jras_core.data.slices import SliceSet, VolumeInfo
 from jras_core.data.volume import DataError
 from jras_core.models.retriever import Retriever
 from jras_core.retrieval.bank import RetrievalBank
-from jras_core.retrieval.guides import align_guides, centred_dice, centred_one_hot, centroids, translate
+from jras_core.retrieval.guides import (
+    align_guides,
+    centred_dice,
+    centred_one_hot,
+    centroids,
+    translate,
+)
 from jras_core.retrieval.store import BankStore
 
 

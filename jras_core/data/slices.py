@@ -9,12 +9,12 @@ came from so that splits, retrieval exclusion and volume metrics stay correct.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from monai.transforms import ResizeWithPadOrCrop, Resize, ScaleIntensityRangePercentiles
+from monai.transforms import Resize, ResizeWithPadOrCrop, ScaleIntensityRangePercentiles
 
 from jras_core.config import PreprocessConfig
 from jras_core.data.volume import DataError, Volume
@@ -71,7 +71,7 @@ class SliceSet:
         """Vendor of every slice."""
         return [self.volumes[v].vendor for v in self.volume_ids.tolist()]
 
-    def subset(self, index: Sequence[int] | torch.Tensor) -> "SliceSet":
+    def subset(self, index: Sequence[int] | torch.Tensor) -> SliceSet:
         """The slices at ``index`` (case and volume tables are kept whole)."""
         idx = torch.as_tensor(index, dtype=torch.long)
         return SliceSet(
@@ -84,13 +84,13 @@ class SliceSet:
             volumes=list(self.volumes),
         )
 
-    def select_cases(self, names: Iterable[str]) -> "SliceSet":
+    def select_cases(self, names: Iterable[str]) -> SliceSet:
         """The slices of the named cases."""
         wanted = {self.cases.index(n) for n in names}
         mask = torch.tensor([c in wanted for c in self.case_ids.tolist()], dtype=torch.bool)
         return self.subset(torch.nonzero(mask).flatten())
 
-    def split_by_case(self, val_fraction: float, seed: int) -> tuple["SliceSet", "SliceSet"]:
+    def split_by_case(self, val_fraction: float, seed: int) -> tuple[SliceSet, SliceSet]:
         """Split into (train, validation) by case: no case has slices on both sides."""
         present = sorted(set(self.case_ids.tolist()))
         rng = np.random.default_rng(seed)
@@ -105,7 +105,7 @@ class SliceSet:
             self.subset(torch.nonzero(is_val).flatten()),
         )
 
-    def first_cases(self, n: int, seed: int) -> tuple["SliceSet", "SliceSet"]:
+    def first_cases(self, n: int, seed: int) -> tuple[SliceSet, SliceSet]:
         """Split off ``n`` randomly chosen whole cases: (chosen, rest)."""
         present = sorted(set(self.case_ids.tolist()))
         if n >= len(present):
@@ -119,7 +119,7 @@ class SliceSet:
         )
 
     @staticmethod
-    def concat(sets: Sequence["SliceSet"]) -> "SliceSet":
+    def concat(sets: Sequence[SliceSet]) -> SliceSet:
         """Join slice sets; case and volume tables are merged (names kept distinct)."""
         if not sets:
             raise DataError("no slices to concatenate")
@@ -157,7 +157,7 @@ class SliceSet:
         )
 
     @staticmethod
-    def load(path) -> "SliceSet":
+    def load(path) -> SliceSet:
         data = torch.load(path, weights_only=True)
         data["volumes"] = [VolumeInfo(**{**v, "spacing": tuple(v["spacing"])}) for v in data["volumes"]]
         return SliceSet(**data)

@@ -6,7 +6,7 @@ Every backbone maps ``(B, in_channels, H, W)`` to logits ``(B, out_channels, H, 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from monai.networks.nets import DynUNet, SwinUNETR, UNet
 from torch import nn

@@ -25,10 +25,6 @@ class JRASModel(nn.Module):
     def retriever_uses_prediction(self) -> bool:
         return self.retr.in_channels > 1
 
-    def numpy_state(self) -> dict[str, "np.ndarray"]:  # noqa: F821
-        """All parameters and buffers as numpy arrays, keyed ``seg.*`` / ``retr.*``."""
-        return {k: v.detach().cpu().numpy() for k, v in self.state_dict().items()}
-
 
 def build_model(cfg: JRASConfig) -> JRASModel:
     """Build segmenter and retriever as configured (seeded by ``cfg.train.seed``)."""

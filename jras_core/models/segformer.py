@@ -6,7 +6,7 @@ Randomly initialised, 2-D. ``(B, in_channels, H, W)`` -> logits ``(B, out_channe
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -3,4 +3,4 @@
 from jras_core.retrieval.bank import RetrievalBank
 from jras_core.retrieval.store import BankStore, atomic_write_bytes
 
-__all__ = ["RetrievalBank", "BankStore", "atomic_write_bytes"]
+__all__ = ["BankStore", "RetrievalBank", "atomic_write_bytes"]

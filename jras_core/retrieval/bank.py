@@ -181,7 +181,7 @@ class RetrievalBank:
         return path
 
     @classmethod
-    def load(cls, directory: str | Path, store: BankStore | None = None) -> "RetrievalBank":
+    def load(cls, directory: str | Path, store: BankStore | None = None) -> RetrievalBank:
         """Read a bank written by :meth:`save` (the index is rebuilt from the embeddings)."""
         store = store or BankStore(directory)
         arrays, meta = store.load()

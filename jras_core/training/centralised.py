@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from torch.utils.tensorboard import SummaryWriter
 

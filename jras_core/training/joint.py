@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
@@ -31,7 +31,6 @@ from jras_core.data.slices import SliceSet
 from jras_core.models.jras import JRASModel
 from jras_core.retrieval.bank import RetrievalBank
 from jras_core.retrieval.finder import GuideFinder
-from jras_core.retrieval.guides import one_hot_fg
 from jras_core.training.losses import per_sample_dice_ce, segmentation_loss, soft_info_nce
 
 log = logging.getLogger(__name__)
