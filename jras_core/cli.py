@@ -1,7 +1,8 @@
 """The ``jras`` command line.
 
 Subcommands: ``data synth``, ``train``, ``eval``, ``bank build``, ``site init``, ``demo`` (a simulated
-federation), ``pki ca`` / ``pki server-cert`` / ``pki node-key`` (deployment keys).
+federation), ``pki ca`` / ``pki server-cert`` / ``pki node-key`` (deployment keys), ``bench cost``
+(cost benchmark).
 Run ``jras <command> --help`` for the options of each.
 """
 
@@ -275,6 +276,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_cost(args: argparse.Namespace) -> int:
+    from benchmarks.cost import run
+
+    return run(args)
+
+
 def cmd_pki_ca(args: argparse.Namespace) -> int:
     from server.pki import create_ca
 
@@ -307,6 +314,13 @@ def cmd_pki_node_key(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- parser
+
+
+def _add_cost_arguments(p: argparse.ArgumentParser) -> None:
+    # benchmarks.cost imports nothing heavy at module level, so --help stays instant
+    from benchmarks.cost import add_arguments
+
+    add_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -385,6 +399,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--timeout", type=float, default=0, metavar="S", help="stop the run after S seconds (default: none)")
     demo.add_argument("--quiet", action="store_true", help="do not stream Flower's log")
     demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    cost = bench.add_parser(
+        "cost",
+        help="cost benchmark: step times, bank refresh, top-K search, peak memory, transfer bytes",
+        description="Measures training step time (J-RAS vs none, phase B), bank refresh vs a local epoch, "
+        "FAISS vs brute-force top-K latency, a client's peak resident memory and the model's transfer "
+        "bytes (fp32 vs fp16); prints one table per section and writes cost.csv and cost.md to --out.",
+    )
+    _add_cost_arguments(cost)
+    cost.set_defaults(func=cmd_bench_cost)
 
     pki = sub.add_parser("pki", help="keys and certificates of a TLS + node-authenticated deployment")
     pki_sub = pki.add_subparsers(dest="pki_command", required=True)

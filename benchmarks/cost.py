@@ -1,0 +1,476 @@
+"""Cost benchmark of J-RAS: measurement only (no optimisation).
+
+Sections (one table each; all rows also in ``cost.csv`` and ``cost.md``):
+
+1. ``step``: training step time, phase A of J-RAS (K=3) and of ``none``, and a
+   phase-B step, same backbone and batch, at each ``--sizes`` (fixed batches,
+   warm-up first, median of repeats).
+2. ``refresh``: bank refresh time (``RetrievalBank.refresh`` with the model's
+   retriever) for banks of ``--bank-sizes`` slices, against one local epoch
+   (phase A + B of J-RAS measured on a synthetic site of ~200 slices and scaled
+   per slice to the bank's size).
+3. ``search``: FAISS exact top-K (K + own-case margin, 256 queries per batch)
+   against a brute-force torch matrix product + topk, at ``--index-sizes``,
+   d=128, with the memory-bandwidth floor of one full scan of the index. FAISS
+   and brute force must return the same indices (checked; a mismatch raises).
+4. Flower round overhead is not measured here (see ``cost.md``).
+5. ``memory``: peak resident memory (``VmHWM``; ``ru_maxrss`` off Linux) of a
+   separate process that builds a 2k-slice bank and runs one J-RAS epoch with it
+   (per-client figure).
+6. ``transfer``: bytes of one site's model transfer per round, fp32 vs fp16.
+
+    python -m benchmarks.cost --out runs/cost          # or: jras bench cost --out runs/cost
+    python -m benchmarks.cost --quick --out /tmp/cost  # tiny, < 1 min
+
+Timings depend on the machine and on whatever else runs on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = ["section", "item", "value", "unit", "note"]
+SECTION_TITLES = {
+    "step": "1. Training step time",
+    "refresh": "2. Bank refresh vs one local epoch",
+    "search": "3. Top-K search latency (256 queries per batch)",
+    "memory": "5. Peak resident memory of one client process",
+    "transfer": "6. Model transfer per round (one site)",
+}
+FLOWER_NOTE = (
+    "Flower round overhead is not measured by this script: take it from a simulation's "
+    "`tensorboard/metrics.jsonl` as the round's wall time minus the clients' `client-time-s` "
+    "(the time spent in local training and evaluation)."
+)
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The benchmark's options (shared by ``python -m benchmarks.cost`` and ``jras bench cost``)."""
+    p.add_argument("--sizes", type=_int_list, default=[64, 128], help="image sizes for step times (default 64,128)")
+    p.add_argument("--bank-sizes", type=_int_list, default=[500, 2000, 10000],
+                   help="bank sizes in slices for the refresh timing (default 500,2000,10000)")
+    p.add_argument("--index-sizes", type=_int_list, default=[1000, 10000, 100000],
+                   help="index sizes for the search timing (default 1000,10000,100000)")
+    p.add_argument("--threads", type=int, default=2, help="torch / FAISS threads (default 2)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 7; 3 with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny run (size 32, bank 200, index 1000,10000, few repeats; < 1 min)")
+    p.add_argument("--out", default="runs/cost", metavar="DIR", help="output folder (default runs/cost)")
+    p.add_argument("--_memory-probe", dest="memory_probe", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--_probe-size", dest="probe_size", type=int, default=128, help=argparse.SUPPRESS)
+    p.add_argument("--_probe-bank", dest="probe_bank", type=int, default=2000, help=argparse.SUPPRESS)
+    p.add_argument("--_probe-cases", dest="probe_cases", type=int, default=15, help=argparse.SUPPRESS)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def base_config(size: int):
+    """The method's built-in defaults (backbone, batch, K=3) at ``size`` pixels."""
+    from jras_core.config import JRASConfig
+
+    return JRASConfig().with_overrides({"preprocess.size": size})
+
+
+def site_slices(cfg, cases: int, seed: int = 0):
+    """Training slices of a synthetic vendor-A site of ``cases`` cases (~14 slices each)."""
+    from jras_core.data.slices import build_slice_set
+    from jras_core.data.synthetic import generate_volumes
+
+    vols = generate_volumes("A", cases, seed, cfg.preprocess.size)
+    return build_slice_set(vols, cfg.preprocess, cfg.labels.num_classes)
+
+
+def repeated_slices(slices, n: int):
+    """``n`` slices made of copies of ``slices``; each copy gets its own case names
+    (so that a copy is a distinct case for own-case exclusion)."""
+    import torch
+
+    from jras_core.data.slices import SliceSet
+
+    base = len(slices)
+    idx = torch.arange(n) % base
+    rep = torch.arange(n) // base
+    copies = int(rep.max()) + 1
+    ncases = len(slices.cases)
+    sub = slices.subset(idx)
+    return SliceSet(
+        images=sub.images, masks=sub.masks, case_ids=sub.case_ids + rep * ncases,
+        volume_ids=sub.volume_ids, slice_pos=sub.slice_pos,
+        cases=[c if r == 0 else f"{c}#{r}" for r in range(copies) for c in slices.cases],
+        volumes=list(slices.volumes),
+    )
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    m = len(v) // 2
+    return v[m] if len(v) % 2 else 0.5 * (v[m - 1] + v[m])
+
+
+def step_times(cfg, slices, repeats: int) -> dict[str, float]:
+    """Median seconds per step: phase A of ``none`` and of J-RAS, and a phase-B step."""
+    import torch
+
+    from jras_core.models import build_model
+    from jras_core.training.joint import JRASTrainer
+
+    bs = cfg.train.batch_size
+    batch = [torch.arange(bs) % len(slices)]
+    out: dict[str, float] = {}
+    for name, overrides in (("none", {"segmenter.fusion": "none"}), ("jras", {})):
+        c = cfg.with_overrides(overrides)
+        trainer = JRASTrainer(build_model(c), c, slices)
+        trainer._batches = lambda: list(batch)  # one fixed batch per call
+        trainer.phase_segmenter()  # warm-up
+        out[f"phase_a_{name}"] = _median([trainer.phase_segmenter()["seg_time_s"] for _ in range(repeats)])
+        if name == "jras":
+            trainer.phase_retriever()  # warm-up
+            out["phase_b_jras"] = _median([trainer.phase_retriever()["retr_time_s"] for _ in range(repeats)])
+    return out
+
+
+def epoch_time(cfg, slices) -> dict[str, float]:
+    """One local J-RAS epoch (phase A + B, bank refresh excluded) on ``slices`` after a one-batch warm-up."""
+    import torch
+
+    from jras_core.models import build_model
+    from jras_core.training.joint import JRASTrainer
+
+    trainer = JRASTrainer(build_model(cfg), cfg, slices)
+    full = trainer._batches
+    trainer._batches = lambda: [torch.arange(cfg.train.batch_size) % len(slices)]
+    trainer.phase_segmenter()
+    trainer.phase_retriever()  # warm-up (its refresh is of the small site bank)
+    trainer._batches = full
+    m = trainer.train_epoch()
+    return {"seg_s": m["seg_time_s"], "retr_s": m["retr_time_s"], "site_refresh_s": m["refresh_time_s"]}
+
+
+def refresh_time(cfg, model, slices, n: int, repeats: int) -> float:
+    """Median seconds of ``RetrievalBank.refresh`` for a bank of ``n`` slices."""
+    from jras_core.retrieval.bank import RetrievalBank
+
+    bank = RetrievalBank(repeated_slices(slices, n), cfg.labels.num_classes, cfg.retrieval.index)
+    bank.refresh(model.retr)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        bank.refresh(model.retr)
+        times.append(time.perf_counter() - t0)
+    return _median(times)
+
+
+def memory_bandwidth(nbytes: int, repeats: int) -> float:
+    """Bytes per second of a large numpy copy (read + write counted)."""
+    import numpy as np
+
+    src = np.ones(nbytes // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - t0)
+    return 2.0 * src.nbytes / min(times)
+
+
+def search_times(n: int, d: int, k: int, nq: int, repeats: int, seed: int = 0) -> dict[str, float]:
+    """Median seconds per batch of ``nq`` queries: FAISS ``IndexFlatIP`` vs torch ``mm`` + ``topk``.
+
+    Raises ``AssertionError`` if the two disagree on a top-k index beyond float ties.
+    """
+    import faiss
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = rng.standard_normal((nq, d)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    kk = min(k, n)
+    index = faiss.IndexFlatIP(d)
+    index.add(x)
+    xt, qt = torch.from_numpy(x), torch.from_numpy(q)
+
+    def run_faiss():
+        return index.search(q, kk)
+
+    def run_torch():
+        return torch.topk(qt @ xt.T, kk, dim=1)
+
+    for fn in (run_faiss, run_torch):
+        fn()  # warm-up
+    tf, tt = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f_sims, f_idx = run_faiss()
+        t1 = time.perf_counter()
+        t_sims, t_idx = run_torch()
+        t2 = time.perf_counter()
+        tf.append(t1 - t0)
+        tt.append(t2 - t1)
+    agree = check_same_topk(f_sims, f_idx, t_sims.numpy(), t_idx.numpy(), x, q)
+    return {"faiss_s": _median(tf), "torch_s": _median(tt), "agree": agree, "k": kk}
+
+
+def check_same_topk(f_sims, f_idx, t_sims, t_idx, x, q, tol: float = 1e-4) -> float:
+    """1.0 if FAISS and brute force return the same top-k index sets; a difference is
+    accepted only between entries whose exact similarities tie within ``tol``."""
+    import numpy as np
+
+    same = 0
+    for row in range(f_idx.shape[0]):
+        a, b = set(f_idx[row].tolist()), set(t_idx[row].tolist())
+        if a == b:
+            same += 1
+            continue
+        exact = x @ q[row]  # float32 reference
+        kth = np.sort(exact)[::-1][f_idx.shape[1] - 1]
+        for i in a ^ b:
+            assert abs(float(exact[i]) - float(kth)) <= tol, (
+                f"FAISS and brute force disagree on query {row}: {sorted(a)} vs {sorted(b)}"
+            )
+        same += 1
+    assert same == f_idx.shape[0]
+    return 1.0
+
+
+def transfer_bytes(cfg) -> dict[str, int]:
+    """One-way bytes of the model's state as fp32 and with float entries cast to fp16."""
+    import numpy as np
+
+    from jras_core.fedutil import arrays_nbytes, state_to_arrays
+    from jras_core.models import build_model
+
+    arrays = state_to_arrays(build_model(cfg).state_dict())
+
+    def cast(dtype):
+        return {k: v.astype(dtype) if np.issubdtype(v.dtype, np.floating) else v for k, v in arrays.items()}
+
+    return {"fp32": arrays_nbytes(cast(np.float32)), "fp16": arrays_nbytes(cast(np.float16)),
+            "params": int(sum(v.size for v in arrays.values() if np.issubdtype(v.dtype, np.floating)))}
+
+
+def _maxrss_mb() -> float:
+    """Peak resident memory of this process in MiB.
+
+    On Linux this is ``VmHWM`` of ``/proc/self/status``: ``ru_maxrss`` of a process
+    started by fork/vfork + exec keeps its parent's peak (the kernel carries the old
+    address space's high-water mark across exec), which would report the benchmark's
+    own peak instead of the client's. Elsewhere: ``resource.getrusage(RUSAGE_SELF).ru_maxrss``.
+    """
+    import resource
+
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return kb / 1024.0 if sys.platform != "darwin" else kb / 2**20
+
+
+def memory_probe(args: argparse.Namespace) -> int:
+    """In its own process: build a bank of ``--_probe-bank`` slices and run one J-RAS
+    epoch on a ~``--_probe-cases``-case site with it; print peak RSS as JSON."""
+    import faiss  # noqa: F401  (count the libraries a client loads)
+    import torch
+
+    from jras_core.models import build_model
+    from jras_core.retrieval.bank import RetrievalBank
+    from jras_core.training.joint import JRASTrainer
+
+    torch.set_num_threads(args.threads)
+    after_imports = _maxrss_mb()
+    cfg = base_config(args.probe_size)
+    site = site_slices(cfg, args.probe_cases)
+    bank = RetrievalBank(repeated_slices(site, args.probe_bank), cfg.labels.num_classes, cfg.retrieval.index)
+    model = build_model(cfg)
+    trainer = JRASTrainer(model, cfg, site, bank=bank)
+    trainer.train_epoch()
+    print(json.dumps({"after_imports_mb": after_imports, "peak_mb": _maxrss_mb(),
+                      "bank": len(bank), "site": len(site)}))
+    return 0
+
+
+def run_memory_probe(size: int, bank: int, cases: int, threads: int) -> dict[str, float]:
+    cmd = [sys.executable, "-m", "benchmarks.cost", "--_memory-probe", "--_probe-size", str(size),
+           "--_probe-bank", str(bank), "--_probe-cases", str(cases), "--threads", str(threads)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+    res = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, env=env, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"memory probe failed ({res.returncode}): {res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- report
+
+
+def format_table(rows: list[dict[str, object]]) -> list[str]:
+    lines = ["| item | value | unit | note |", "|---|---:|---|---|"]
+    for r in rows:
+        v = float(r["value"])
+        text = f"{v:.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
+        lines.append(f"| {r['item']} | {text} | {r['unit']} | {r['note']} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    if getattr(args, "memory_probe", False):
+        return memory_probe(args)
+    import logging
+
+    import faiss
+    import torch
+
+    logging.getLogger("jras_core").setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    quick = args.quick
+    sizes = [32] if quick else args.sizes
+    bank_sizes = [200] if quick else args.bank_sizes
+    index_sizes = [1000, 10000] if quick else args.index_sizes
+    repeats = args.repeats or (3 if quick else 7)
+    site_cases = 4 if quick else 15  # ~14 slices per case: ~56 / ~200 slices
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, object]] = []
+    t_start = time.perf_counter()
+
+    def add(section: str, item: str, value: float, unit: str, note: str = "") -> None:
+        value = float(value)
+        if not (math.isfinite(value) and value > 0):
+            raise RuntimeError(f"{section}/{item}: measured value {value!r} is not finite and positive")
+        rows.append({"section": section, "item": item, "value": value, "unit": unit, "note": note})
+
+    def show(section: str) -> None:
+        print(f"\n## {SECTION_TITLES[section]}")
+        print("\n".join(format_table([r for r in rows if r["section"] == section])), flush=True)
+
+    header = (f"threads {args.threads}, torch {torch.__version__}, faiss {faiss.__version__}, "
+              f"{os.cpu_count()} CPUs visible{', --quick' if quick else ''}")
+    print(f"# J-RAS cost benchmark ({header})", flush=True)
+
+    # 1. step times ----------------------------------------------------------
+    site_by_size = {}
+    for size in sizes:
+        cfg = base_config(size)
+        slices = site_slices(cfg, site_cases)
+        site_by_size[size] = slices
+        st = step_times(cfg, slices, repeats)
+        note = f"batch {cfg.train.batch_size}, {cfg.segmenter.backbone} {cfg.segmenter.channels}"
+        add("step", f"phase A none, {size}px", st["phase_a_none"] * 1e3, "ms/step", note)
+        add("step", f"phase A J-RAS K={cfg.retrieval.k}, {size}px", st["phase_a_jras"] * 1e3, "ms/step", note)
+        add("step", f"phase A J-RAS / none, {size}px", st["phase_a_jras"] / st["phase_a_none"], "x")
+        add("step", f"phase B J-RAS, {size}px", st["phase_b_jras"] * 1e3, "ms/step",
+            f"{cfg.contrastive.candidates} candidates, relevance {cfg.contrastive.relevance}")
+    show("step")
+
+    # 2. refresh vs epoch ----------------------------------------------------
+    size = max(sizes)
+    cfg = base_config(size)
+    slices = site_by_size[size]
+    ep = epoch_time(cfg, slices)
+    per_slice = (ep["seg_s"] + ep["retr_s"]) / len(slices)
+    add("refresh", f"local epoch (A+B), {len(slices)}-slice site, {size}px", ep["seg_s"] + ep["retr_s"], "s",
+        f"phase A {ep['seg_s']:.2f} s + phase B {ep['retr_s']:.2f} s, refresh excluded")
+    add("refresh", "local epoch per slice", per_slice * 1e3, "ms/slice")
+    from jras_core.models import build_model
+
+    model = build_model(cfg)
+    for n in bank_sizes:
+        t = refresh_time(cfg, model, slices, n, max(1, repeats // 2))
+        add("refresh", f"refresh, bank {n}", t, "s", f"{t / n * 1e3:.3f} ms/slice, {size}px")
+        add("refresh", f"refresh / epoch, bank {n}", 100.0 * t / (per_slice * n), "%",
+            f"vs an epoch over {n} slices (scaled per slice)")
+    show("refresh")
+
+    # 3. search ----------------------------------------------------------------
+    from jras_core.retrieval.bank import RetrievalBank
+
+    d, nq = 128, 256
+    margin = RetrievalBank(slices, cfg.labels.num_classes).max_per_case
+    k = 3 + margin
+    bw = memory_bandwidth((64 if quick else 512) * 2**20, repeats)
+    add("search", "memory bandwidth (numpy copy)", bw / 1e9, "GB/s", "read + write bytes / time")
+    for n in index_sizes:
+        s = search_times(n, d, k, nq, repeats)
+        floor = n * d * 4 / bw
+        note = f"k={s['k']} (3 + own-case margin {margin}), d={d}, {nq} queries"
+        add("search", f"FAISS flat IP, N={n}", s["faiss_s"] * 1e3, "ms/batch", note)
+        add("search", f"torch mm + topk, N={n}", s["torch_s"] * 1e3, "ms/batch", note)
+        add("search", f"scan floor, N={n}", floor * 1e3, "ms/batch", f"{n * d * 4 / 2**20:.1f} MiB index / bandwidth")
+        add("search", f"FAISS == brute force top-k, N={n}", s["agree"], "bool", "same index sets (float ties allowed)")
+    show("search")
+
+    # 5. memory ------------------------------------------------------------------
+    probe_size, probe_bank = (32, 200) if quick else (128, 2000)
+    mem = run_memory_probe(probe_size, probe_bank, site_cases, args.threads)
+    add("memory", "after imports (torch, MONAI, FAISS)", mem["after_imports_mb"], "MiB", "peak RSS (VmHWM)")
+    add("memory", f"peak: bank {mem['bank']} x {probe_size}px + 1 J-RAS epoch", mem["peak_mb"], "MiB",
+        f"site of {mem['site']} slices, separate process, peak RSS (VmHWM)")
+    show("memory")
+
+    # 6. transfer ---------------------------------------------------------------
+    tb = transfer_bytes(cfg)
+    note = f"{tb['params']:,} float values (segmenter + retriever)"
+    add("transfer", "model, fp32, one way", tb["fp32"] / 2**20, "MiB", note)
+    add("transfer", "model, fp16, one way", tb["fp16"] / 2**20, "MiB", note)
+    add("transfer", "round (down + up), fp32", 2 * tb["fp32"] / 2**20, "MiB")
+    add("transfer", "round (down + up), fp16", 2 * tb["fp16"] / 2**20, "MiB")
+    show("transfer")
+
+    # files ---------------------------------------------------------------------
+    with open(out / "cost.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    md = ["# J-RAS cost benchmark", "", header + f"; {time.perf_counter() - t_start:.0f} s in all.",
+          "Timings depend on the machine and on what else ran on it; medians of repeats after a warm-up.", ""]
+    for section, title in SECTION_TITLES.items():
+        md += [f"## {title}", "", *format_table([r for r in rows if r["section"] == section]), ""]
+        if section == "search":
+            md += ["## 4. Flower round overhead", "", FLOWER_NOTE, ""]
+    (out / "cost.md").write_text("\n".join(md))
+    print(f"\n{FLOWER_NOTE}\nwrote {out / 'cost.csv'} and {out / 'cost.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

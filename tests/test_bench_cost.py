@@ -1,0 +1,50 @@
+"""`jras bench cost --quick`: every section measured, files written, FAISS == brute force."""
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.cost import SECTION_TITLES, check_same_topk, main, search_times
+from jras_core.cli import build_parser
+
+
+def test_cli_wires_bench_cost():
+    args = build_parser().parse_args(["bench", "cost", "--quick", "--out", "x", "--sizes", "32,48"])
+    assert args.quick and args.out == "x" and args.sizes == [32, 48]
+    assert args.func.__name__ == "cmd_bench_cost"
+
+
+def test_quick_run_writes_every_section(tmp_path: Path, capsys):
+    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "cost.md").is_file() and (tmp_path / "cost.csv").is_file()
+    with open(tmp_path / "cost.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert set(rows[0]) == {"section", "item", "value", "unit", "note"}
+    for section in SECTION_TITLES:
+        values = [float(r["value"]) for r in rows if r["section"] == section]
+        assert values, f"no rows for section {section}"
+        assert all(math.isfinite(v) and v > 0 for v in values), section
+    agree = [r for r in rows if r["section"] == "search" and r["item"].startswith("FAISS == brute force")]
+    assert {r["item"].rsplit("=", 1)[1] for r in agree} == {"1000", "10000"}
+    assert all(float(r["value"]) == 1.0 for r in agree)
+    md = (tmp_path / "cost.md").read_text()
+    assert "Flower round overhead" in md and "metrics.jsonl" in md
+    assert "Training step time" in capsys.readouterr().out
+
+
+def test_faiss_and_brute_force_agree_and_a_mismatch_is_caught():
+    assert search_times(1000, 128, 18, 256, repeats=1)["agree"] == 1.0
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((100, 8)).astype(np.float32)
+    q = rng.standard_normal((2, 8)).astype(np.float32)
+    s = q @ x.T
+    idx = np.argsort(-s, axis=1)[:, :3]
+    sims = np.take_along_axis(s, idx, 1)
+    assert check_same_topk(sims, idx, sims, idx, x, q) == 1.0
+    wrong = idx.copy()
+    wrong[0, 2] = np.argsort(s[0])[0]  # the worst entry instead of the third best
+    with pytest.raises(AssertionError):
+        check_same_topk(sims, idx, sims, wrong, x, q)
