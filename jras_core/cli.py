@@ -96,7 +96,11 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cases", type=int, default=12, help="cases per synthetic vendor (default 12)")
     p.add_argument("--seed", type=int, default=0, help="data seed for synthetic vendors (default 0)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable cases with a warning")
-    p.add_argument("--config", metavar="YAML", help="method config (default: built-in defaults)")
+    add_method_args(p)
+
+
+def add_method_args(p: argparse.ArgumentParser, config_help: str = "method config (default: built-in defaults)") -> None:
+    p.add_argument("--config", metavar="YAML", help=config_help)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method config value, e.g. --set train.epochs=5 (repeatable)")
 
@@ -380,9 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--checkpoint", help="embed the bank with this checkpoint's retriever (default: not embedded)")
     init.add_argument("--key-file", metavar="FILE", help="key file (default: the site's key_file, else $JRAS_BANK_KEY)")
     init.add_argument("--out", metavar="DIR", help="bank directory (default: the site's bank_dir)")
-    init.add_argument("--config", metavar="YAML", help="method config without --checkpoint (default: built-in defaults)")
-    init.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a method config value, e.g. --set preprocess.size=128 (repeatable)")
+    add_method_args(init, "method config without --checkpoint (default: built-in defaults)")
     init.set_defaults(func=cmd_site_init)
 
     demo = sub.add_parser(
