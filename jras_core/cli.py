@@ -286,6 +286,12 @@ def cmd_bench_cost(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_bench_shift(args: argparse.Namespace) -> int:
+    from benchmarks.shift import run
+
+    return run(args)
+
+
 def cmd_pki_ca(args: argparse.Namespace) -> int:
     from server.pki import create_ca
 
@@ -323,6 +329,12 @@ def cmd_pki_node_key(args: argparse.Namespace) -> int:
 def _add_cost_arguments(p: argparse.ArgumentParser) -> None:
     # benchmarks.cost imports nothing heavy at module level, so --help stays instant
     from benchmarks.cost import add_arguments
+
+    add_arguments(p)
+
+
+def _add_shift_arguments(p: argparse.ArgumentParser) -> None:
+    from benchmarks.shift import add_arguments
 
     add_arguments(p)
 
@@ -412,6 +424,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_cost_arguments(cost)
     cost.set_defaults(func=cmd_bench_cost)
+    shift = bench.add_parser(
+        "shift",
+        help="vendor-shift benchmark: leave-one-vendor-out federations, methods side by side",
+        description="For each held-out vendor, federates the other vendors' sites through Flower's Simulation "
+        "Engine (one run per method and seed), evaluates the held-out site with a bank of a few of its own "
+        "annotated cases, and writes results.csv, report.md, a bar chart and a guide gallery to --out. "
+        "A re-run with the same --out skips the runs already in results.csv.",
+    )
+    _add_shift_arguments(shift)
+    shift.set_defaults(func=cmd_bench_shift)
 
     pki = sub.add_parser("pki", help="keys and certificates of a TLS + node-authenticated deployment")
     pki_sub = pki.add_subparsers(dest="pki_command", required=True)

@@ -23,6 +23,7 @@ from torch import nn
 from jras_core.config import ConfigError, JRASConfig
 from jras_core.models.jras import RETR_PREFIX, JRASModel, build_model
 from jras_core.site import Site, SiteConfig
+from jras_core.sysinfo import peak_rss_mb
 
 log = logging.getLogger(__name__)
 
@@ -307,6 +308,7 @@ class SiteRunner:
         out_shared, out_local = split_arrays(state_to_arrays(self.model.state_dict()), keep)
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["client-time-s"] = time.perf_counter() - t0
+        metrics["peak-rss-mb"] = peak_rss_mb()
         return out_shared, out_local, metrics
 
     def evaluate(
@@ -317,6 +319,7 @@ class SiteRunner:
         self._load(shared, local, policy)
         metrics = {k: float(v) for k, v in self.site.evaluate(self.model).items()}
         metrics["client-time-s"] = time.perf_counter() - t0
+        metrics["peak-rss-mb"] = peak_rss_mb()
         return metrics
 
 

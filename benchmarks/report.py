@@ -1,0 +1,243 @@
+"""Report of the vendor-shift benchmark: Markdown tables, a bar chart and a guide gallery.
+
+:func:`write_report` turns the rows of ``results.csv`` into ``report.md`` and
+``heldout_dice.png``; :func:`save_gallery` draws, for a few of a held-out site's
+slices, the query, its retrieved guides with their similarity, the prediction and
+the ground truth.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from jras_core.models.jras import JRASModel
+    from jras_core.site import Site
+
+
+def _num(v: Any) -> float:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+    return x
+
+
+def _values(rows: Sequence[Mapping[str, Any]], key: str) -> list[float]:
+    return [x for x in (_num(r.get(key)) for r in rows) if math.isfinite(x)]
+
+
+def mean_std(values: Sequence[float]) -> str:
+    """``"0.712 ± 0.021"`` (std over the values), ``"0.712"`` for one value, ``"–"`` for none."""
+    if not values:
+        return "–"
+    m = float(np.mean(values))
+    return f"{m:.3f} ± {float(np.std(values, ddof=1)):.3f}" if len(values) > 1 else f"{m:.3f}"
+
+
+def mean_se(values: Sequence[float]) -> str:
+    """``"0.712 ± 0.012"`` (standard error of the mean), ``"–"`` for none."""
+    if not values:
+        return "–"
+    m = float(np.mean(values))
+    se = float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
+    return f"{m:.3f} ± {se:.3f}"
+
+
+def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in body]
+
+
+def heldout_by_seed_mean(rows: Sequence[Mapping[str, Any]], method: str, heldouts: Sequence[str]) -> list[float]:
+    """Per seed, the held-out Dice averaged over the held-out vendors (seeds with every vendor only)."""
+    out = []
+    seeds = sorted({str(r["seed"]) for r in rows if r["method"] == method and r["role"] == "heldout"})
+    for s in seeds:
+        vals = {r["heldout"]: _num(r["dice_mean"]) for r in rows
+                if r["method"] == method and r["role"] == "heldout" and str(r["seed"]) == s}
+        if all(h in vals and math.isfinite(vals[h]) for h in heldouts):
+            out.append(float(np.mean([vals[h] for h in heldouts])))
+    return out
+
+
+def write_report(out: Path, rows: Sequence[Mapping[str, Any]], methods: Sequence[str], class_names: Sequence[str],
+                 settings: Mapping[str, Any], descriptions: Mapping[str, str]) -> str:
+    """Write ``report.md`` and ``heldout_dice.png`` to ``out``; returns the report text."""
+    rows = [r for r in rows if r.get("method") in methods]
+    heldouts = sorted({r["heldout"] for r in rows})
+    present = [m for m in methods if any(r["method"] == m for r in rows)]
+    held = [r for r in rows if r["role"] == "heldout"]
+    train = [r for r in rows if r["role"] == "train"]
+    lines = ["# Vendor-shift benchmark", "",
+             (f"Dataset **{settings['dataset']}** (vendors {settings['vendors']}), held-out vendors {settings['heldout']}; "
+             f"seeds {settings['seeds']}; {settings['rounds']} rounds x {settings['local_epochs']} local epoch(s), "
+             f"{settings['size']} px; held-out support bank of {settings['support']} annotated cases; method config "
+             f"`{settings['config']}`, overrides: {settings['overrides']}."), "",
+             f"Reproduce: `{settings['command']}`", "", "## Methods", ""]
+    lines += _table(["method", "what"], [[m, descriptions.get(m, "")] for m in present])
+
+    lines += ["", "## Held-out vendor Dice (mean ± std over seeds)", "",
+              ("Each column: that vendor never trained; its site retrieves from its support bank and is evaluated "
+              "on its other cases. Last column: the mean over held-out vendors, mean ± standard error over seeds."), ""]
+    body = []
+    for m in present:
+        cells = [mean_std(_values([r for r in held if r["method"] == m and r["heldout"] == h], "dice_mean"))
+                 for h in heldouts]
+        body.append([m, *cells, mean_se(heldout_by_seed_mean(rows, m, heldouts))])
+    lines += _table(["method", *[f"held-out {h}" for h in heldouts], "mean over vendors"], body)
+
+    lines += ["", "## Held-out Dice per class and HD95 (mean over vendors and seeds)", ""]
+    class_cols = [f"dice_{c.lower()}" for c in class_names]
+    body = [[m, *[mean_std(_values([r for r in held if r["method"] == m], c)) for c in class_cols],
+             mean_std(_values([r for r in held if r["method"] == m], "hd95_mean"))] for m in present]
+    lines += _table(["method", *[f"Dice {c}" for c in class_names], "HD95 mm"], body)
+
+    vendors = sorted({r["site"].split("-", 1)[-1] for r in train})
+    lines += ["", "## In-federation validation Dice (mean ± std over held-out choices and seeds)", "",
+              ("Each training site's validation cases, with the final model (and, for retrieval methods, the site's "
+              "own bank)."), ""]
+    body = []
+    for m in present:
+        cells = [mean_std(_values([r for r in train if r["method"] == m and r["site"].endswith(f"-{v}")], "dice_mean"))
+                 for v in vendors]
+        body.append([m, *cells, mean_std(_values([r for r in train if r["method"] == m], "dice_mean"))])
+    lines += _table(["method", *[f"site {v}" for v in vendors], "all sites"], body)
+
+    retrieval = [m for m in present if any(_values([r for r in held if r["method"] == m], "guide_dice"))]
+    if retrieval:
+        lines += ["", "## Retrieval diagnostics on the held-out vendors (mean ± std)", "",
+                  ("retrieval quality: Dice between the query's true mask and its guides' masks; oracle: guides chosen "
+                  "by true-mask similarity (the ceiling of any retriever); random: random guides from the same bank "
+                  "(does the segmenter use its guides?); gap closed: (retrieved - random) / (oracle - random)."), ""]
+        body = []
+        for m in retrieval:
+            rs = [r for r in held if r["method"] == m]
+            d, o, rnd = (float(np.mean(_values(rs, k))) if _values(rs, k) else float("nan")
+                         for k in ("dice_mean", "dice_oracle", "dice_random"))
+            closed = (d - rnd) / (o - rnd) if math.isfinite(o - rnd) and abs(o - rnd) > 1e-6 else float("nan")
+            body.append([m, mean_std(_values(rs, "dice_mean")), mean_std(_values(rs, "guide_dice")),
+                         mean_std(_values(rs, "dice_oracle")), mean_std(_values(rs, "dice_random")),
+                         mean_std(_values(rs, "dice_noguide")), "–" if not math.isfinite(closed) else f"{closed:.2f}"])
+        lines += _table(["method", "Dice (retrieved)", "retrieval quality", "Dice oracle guides", "Dice random guides",
+                         "Dice no guides", "gap closed"], body)
+
+    lines += ["", "## Cost (mean per run)", ""]
+    body = [[m, f"{np.mean(_values([r for r in held if r['method'] == m], 'wall_s')):.0f}"
+             if _values([r for r in held if r["method"] == m], "wall_s") else "–",
+             _mb(_values([r for r in held if r["method"] == m], "bytes_per_round")),
+             _plain(_values([r for r in held if r["method"] == m], "peak_rss_mb"))] for m in present]
+    lines += _table(["method", "wall s", "MB per round", "peak RSS MiB (a client; in-process for local/central)"],
+                    body)
+
+    chart = out / "heldout_dice.png"
+    if held:
+        bar_chart(chart, held, present, heldouts)
+        lines += ["", f"![held-out Dice per method and vendor]({chart.name})"]
+    for h in heldouts:
+        if (out / f"gallery-{h}.png").is_file():
+            lines += ["", f"![retrieved guides, held-out vendor {h}](gallery-{h}.png)"]
+    text = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(text)
+    return text
+
+
+def _mb(values: Sequence[float]) -> str:
+    return f"{np.mean(values) / 1e6:.2f}" if values and np.mean(values) > 0 else "–"
+
+
+def _plain(values: Sequence[float]) -> str:
+    return f"{np.max(values):.0f}" if values else "–"
+
+
+def bar_chart(path: Path, held: Sequence[Mapping[str, Any]], methods: Sequence[str], heldouts: Sequence[str]) -> None:
+    """Grouped bars of held-out Dice (mean, std error bars) per method, one group per held-out vendor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(heldouts) * (1 + 0.25 * len(methods))), 4.0))
+    width = 0.8 / max(1, len(methods))
+    x = np.arange(len(heldouts))
+    for i, m in enumerate(methods):
+        means, stds = [], []
+        for h in heldouts:
+            v = _values([r for r in held if r["method"] == m and r["heldout"] == h], "dice_mean")
+            means.append(np.mean(v) if v else np.nan)
+            stds.append(np.std(v, ddof=1) if len(v) > 1 else 0.0)
+        ax.bar(x + (i - (len(methods) - 1) / 2) * width, means, width, yerr=stds, label=m, capsize=2)
+    ax.set_xticks(x, [f"held-out {h}" for h in heldouts])
+    ax.set_ylabel("Dice (mean over classes)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("Held-out vendor Dice")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _overlay(ax: Any, image: np.ndarray, mask: np.ndarray | None, title: str, num_classes: int) -> None:
+    ax.imshow(image, cmap="gray")
+    if mask is not None:
+        shown = np.ma.masked_where(mask == 0, mask)
+        ax.imshow(shown, cmap="jet", vmin=0, vmax=max(1, num_classes - 1), alpha=0.4, interpolation="nearest")
+    ax.set_title(title, fontsize=7)
+    ax.axis("off")
+
+
+def save_gallery(path: Path, model: JRASModel, site: Site, title: str, n: int = 4) -> Path:
+    """For ``n`` of ``site``'s evaluated slices (largest foreground spread over the set): the
+    query, its K retrieved guides (mask overlaid, retrieval similarity in the title), the
+    prediction and the ground truth. ``site.bank`` must hold current embeddings."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from jras_core.retrieval.finder import GuideFinder
+
+    cfg = site.method
+    c = cfg.labels.num_classes
+    val = site.val_set
+    fg = (val.masks > 0).flatten(1).sum(1)
+    candidates = torch.nonzero(fg > 0).flatten()
+    if len(candidates) == 0:
+        candidates = torch.arange(len(val))
+    pick = candidates[torch.linspace(0, len(candidates) - 1, min(n, len(candidates))).round().long()]
+    images = val.images[pick]
+    model.eval()
+    with torch.no_grad():
+        if cfg.uses_retrieval:
+            finder = GuideFinder(model, site.bank, cfg)
+            guides, _ = finder.find(images)
+            present = (guides.idx >= 0).any(dim=1)
+            pred = model.seg(images, guides.images, guides.masks, guides.sims, present).argmax(1)
+        else:
+            guides = None
+            pred = model.seg(images, guide_present=torch.zeros(len(images), dtype=torch.bool)).argmax(1)
+    k = guides.idx.shape[1] if guides is not None else 0
+    cols = 3 + k
+    fig, axes = plt.subplots(len(pick), cols, figsize=(1.8 * cols, 1.9 * len(pick)), squeeze=False)
+    for row, i in enumerate(pick.tolist()):
+        img = val.images[i, 0].numpy()
+        _overlay(axes[row, 0], img, None, f"query ({val.cases[int(val.case_ids[i])]})", c)
+        for j in range(k):
+            ok = int(guides.idx[row, j]) >= 0
+            _overlay(axes[row, 1 + j], guides.images[row, j, 0].numpy(), guides.masks[row, j].numpy() if ok else None,
+                     f"guide {j + 1}: sim {float(guides.sims[row, j]):.2f}" if ok else "no guide", c)
+        _overlay(axes[row, cols - 2], img, pred[row].numpy(), "prediction", c)
+        _overlay(axes[row, cols - 1], img, val.masks[i].numpy(), "ground truth", c)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["bar_chart", "mean_se", "mean_std", "save_gallery", "write_report"]

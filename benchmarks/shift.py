@@ -1,0 +1,628 @@
+"""Vendor-shift benchmark: leave-one-vendor-out federations, methods side by side.
+
+For each held-out vendor, the other vendors' sites federate (through Flower's
+Simulation Engine: the same ServerApp and ClientApp that deploy); the held-out site
+never trains: it builds its bank from ``--support`` annotated cases of its own and is
+evaluated on its other cases with the final global model. Every training site's
+in-federation validation is reported too. Local-only and centralised pooled training
+run in this process with the same budget (rounds x local epochs x image size).
+
+    jras bench shift --quick                      # < 3 min, 2 cores
+    jras bench shift --dataset mnms-sample --seeds 0,1,2 --out runs/shift-mnms
+
+Writes to ``--out``: ``results.csv`` (one row per method, held-out vendor, evaluated
+site and seed; written after every run, and a re-run skips what it holds),
+``report.md`` (tables), ``heldout_dice.png`` (bar chart), ``gallery-<vendor>.png``
+(query, retrieved guides with their similarity, prediction, ground truth),
+``runs/<method>/heldout-<vendor>-s<seed>/`` (TensorBoard, checkpoints, Flower log)
+and ``sites/`` (the site YAMLs of the federations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # heavy imports stay out of `jras --help`
+    from jras_core.config import JRASConfig
+    from jras_core.models.jras import JRASModel
+    from jras_core.site import Site, SiteConfig
+
+log = logging.getLogger(__name__)
+
+PLAIN = {"segmenter.fusion": "none", "augment.intensity": False}
+AUGMENTED = {"segmenter.fusion": "none", "augment.intensity": True}
+RETRIEVAL = {"augment.intensity": True}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One compared method.
+
+    Attributes:
+        name: the name used on the command line and in the results.
+        kind: ``local`` (each site alone), ``federated`` (Simulation Engine) or
+            ``central`` (pooled training: an upper bound, not private).
+        strategy: the server strategy of a federated method.
+        overrides: method-config overrides (dotted keys).
+        finetune: fine-tune the final model on the held-out site's support cases
+            before evaluating it there (an adaptation competitor to retrieval).
+        description: one line for the report.
+    """
+
+    name: str
+    kind: str
+    description: str
+    strategy: str = "fedavg"
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    finetune: bool = False
+
+    @property
+    def training_key(self) -> tuple:
+        """Methods with equal keys share one training run (e.g. with and without fine-tuning)."""
+        return self.kind, self.strategy, tuple(sorted(self.overrides.items()))
+
+    @property
+    def uses_retrieval(self) -> bool:
+        return self.overrides.get("segmenter.fusion", "concat") != "none"
+
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("local", "local", "each site trains alone; the held-out vendor gets the mean of the local models", overrides=PLAIN),
+    Method("fedavg", "federated", "FedAvg, no retrieval, no augmentation", "fedavg", PLAIN),
+    Method("fedavg+aug", "federated", "FedAvg with strong intensity augmentation (the baseline to beat)", "fedavg", AUGMENTED),
+    Method("fedprox", "federated", "FedProx (mu 0.01), no retrieval, no augmentation", "fedprox", PLAIN),
+    Method("fedbn", "federated", "FedBN (norm layers stay local; held-out site re-estimates them, AdaBN)", "fedbn", PLAIN),
+    Method("jras-fedavg", "federated", "J-RAS + FedAvg (segmenter and retriever aggregated)", "fedavg", RETRIEVAL),
+    Method("jras-fedbn", "federated", "J-RAS + FedBN (held-out site re-estimates norm statistics, AdaBN)", "fedbn", RETRIEVAL),
+    Method("jras-frozen", "federated", "J-RAS + FedAvg with a frozen (untrained) retriever: ablation", "fedavg",
+           {**RETRIEVAL, "retriever.mode": "frozen"}),
+    Method("central", "central", "pooled training of all training sites with augmentation (upper bound, not private)",
+           overrides=AUGMENTED),
+    Method("fedavg+aug+ft", "federated", "FedAvg + augmentation, then fine-tuned on the held-out support cases",
+           "fedavg", AUGMENTED, finetune=True),
+    Method("jras-fedavg+ft", "federated", "J-RAS + FedAvg, then fine-tuned on the held-out support cases",
+           "fedavg", RETRIEVAL, finetune=True),
+]}
+DEFAULT_METHODS = ["local", "fedavg", "fedavg+aug", "fedprox", "fedbn", "jras-fedavg", "jras-fedbn", "jras-frozen",
+                   "central"]
+QUICK = {"dataset": "synthetic", "heldout": "D", "methods": "fedavg+aug,jras-fedavg", "seeds": "0",
+         "rounds": 2, "local_epochs": 1, "size": 32, "cases": 6, "support": 2, "ft_epochs": 1}
+
+BASE_COLUMNS = ["method", "heldout", "site", "role", "seed"]
+TAIL_COLUMNS = ["hd95_mean", "guide_dice", "dice_oracle", "dice_random", "dice_noguide", "rounds", "local_epochs",
+                "size", "wall_s", "bytes_per_round", "peak_rss_mb"]
+MNMS_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnms-sample" / "manifest.csv"
+"""The M&Ms sample fixture beside the project folder (``--dataset mnms-sample``)."""
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class VendorData:
+    """The data source of one vendor's site."""
+
+    vendor: str
+    source: Any  # DataSourceConfig
+    val_fraction: float
+
+
+def vendor_sites(dataset: str, cases: int, size: int, data_seed: int) -> list[VendorData]:
+    """One site per vendor of ``dataset`` (``synthetic``, ``mnms-sample`` or a manifest CSV)."""
+    from jras_core.config import ConfigError
+    from jras_core.data.sources import DataSourceConfig
+
+    if dataset == "synthetic":
+        from jras_core.data.synthetic import BUILTIN_VENDORS
+
+        return [VendorData(v, DataSourceConfig(kind="synthetic", vendor=v, cases=cases, seed=data_seed, size=size), 0.25)
+                for v in sorted(BUILTIN_VENDORS)]
+    path = MNMS_SAMPLE if dataset == "mnms-sample" else Path(dataset).expanduser().resolve()
+    if not path.is_file():
+        hint = (" (the M&Ms sample is read from shared/data/mnms-sample beside the project folder)"
+                if dataset == "mnms-sample" else " (give synthetic, mnms-sample or a manifest CSV)")
+        raise ConfigError(f"--dataset {dataset}: {path} not found{hint}")
+    try:
+        with open(path, newline="") as fh:
+            vendors = sorted({(r.get("vendor") or "").strip() for r in csv.DictReader(fh)} - {""})
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ConfigError(f"{path}: not a readable manifest CSV ({exc})") from None
+    if len(vendors) < 2:
+        raise ConfigError(f"{path}: a vendor-shift benchmark needs a 'vendor' column with at least two vendors, "
+                          f"found {vendors or 'none'}")
+    return [VendorData(v, DataSourceConfig(kind="manifest", path=str(path), vendor=v), 0.5) for v in vendors]
+
+
+def site_config(vd: VendorData, name: str, support: int | None = None) -> SiteConfig:
+    from jras_core.site import SiteConfig
+
+    return SiteConfig(name=name, vendor=vd.vendor, data=vd.source, val_fraction=vd.val_fraction,
+                      support_cases=support)
+
+
+def write_site_yaml(cfg: SiteConfig, path: Path) -> Path:
+    """A site config as a YAML file (for the ClientApps of a simulated federation)."""
+    import dataclasses
+
+    import yaml
+
+    data = dataclasses.asdict(cfg)
+    data["data"] = {k: v for k, v in data["data"].items() if v is not None}
+    data = {k: v for k, v in data.items() if v is not None}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def heldout_site(vd: VendorData, method_cfg: JRASConfig, support: int) -> Site:
+    """The held-out vendor's site: ``support`` cases form its bank, the rest is evaluated."""
+    from jras_core.config import ConfigError
+    from jras_core.site import Site
+
+    site = Site(site_config(vd, f"heldout-{vd.vendor}", support), method_cfg)
+    n = len(site.slices.cases)
+    if support >= n:
+        raise ConfigError(f"vendor {vd.vendor} has {n} cases: --support must be below that (got {support})")
+    return site
+
+
+# --------------------------------------------------------------------------- training runs
+
+
+@dataclass
+class Trained:
+    """The outcome of one training run: final model state(s) and its costs."""
+
+    states: list[dict]  # one state for federated/central, one per site for local
+    train_rows: list[dict[str, float | str]]  # in-federation validation, one per training site
+    wall_s: float
+    bytes_per_round: float = float("nan")
+    peak_rss_mb: float = float("nan")
+
+
+@dataclass
+class Settings:
+    """What every run of one benchmark shares."""
+
+    method_config: Path
+    config_overrides: dict[str, Any]
+    rounds: int
+    local_epochs: int
+    size: int
+    support: int
+    ft_epochs: int
+    out: Path
+    cpus_per_client: float = 1.0
+    client_threads: int = 1
+    timeout: float | None = None
+
+    def method_cfg(self, method: Method, seed: int) -> JRASConfig:
+        from jras_core.config import JRASConfig
+
+        return JRASConfig.from_yaml(self.method_config).with_overrides(
+            {**self.config_overrides, **method.overrides, "preprocess.size": self.size,
+             "train.epochs": self.local_epochs, "train.seed": seed}
+        )
+
+    def run_dir(self, method: Method, heldout: str, seed: int) -> Path:
+        return self.out / "runs" / method.name / f"heldout-{heldout}-s{seed}"
+
+
+def _metrics_of(values: Mapping[str, Any], class_keys: Sequence[str]) -> dict[str, float]:
+    keys = ["dice_mean", *class_keys, "hd95_mean", "guide_dice", "dice_oracle", "dice_random", "dice_noguide"]
+    return {k: float(values[k]) for k in keys if k in values}
+
+
+def train_local(method: Method, sites: Sequence[Site], st: Settings, seed: int, run_dir: Path,
+                class_keys: Sequence[str]) -> Trained:
+    """Each site trains alone for ``rounds x local_epochs`` epochs."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from jras_core.models.jras import build_model
+
+    t0 = time.perf_counter()
+    states, rows = [], []
+    for site in sites:
+        model = build_model(site.method)
+        writer = SummaryWriter(str(run_dir / "tensorboard" / site.name))
+        try:
+            site.train(model, epochs=st.rounds * st.local_epochs, writer=writer)
+        finally:
+            writer.close()
+        rows.append({"site": site.name, **_metrics_of(site.evaluate(model), class_keys)})
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    return Trained(states, rows, time.perf_counter() - t0, 0.0, _peak_rss())
+
+
+def train_central(method: Method, sites: Sequence[Site], st: Settings, seed: int, run_dir: Path,
+                  class_keys: Sequence[str]) -> Trained:
+    """Pooled training of the training sites (same epochs), evaluated on each site."""
+    from jras_core.training.centralised import train_centralised
+
+    t0 = time.perf_counter()
+    cfg = sites[0].method.with_overrides({"train.epochs": st.rounds * st.local_epochs})
+    for s in sites:
+        s.method = cfg
+    model, res = train_centralised(sites, cfg, out_dir=run_dir)
+    rows = [{"site": s.name, **_metrics_of(res[s.name], class_keys)} for s in sites]
+    return Trained([{k: v.clone() for k, v in model.state_dict().items()}], rows, time.perf_counter() - t0, 0.0,
+                   _peak_rss())
+
+
+def train_federated(method: Method, yamls: Sequence[Path], st: Settings, seed: int, run_dir: Path,
+                    class_keys: Sequence[str], names: Sequence[str]) -> Trained:
+    """A Flower Simulation Engine federation of the training sites."""
+    import json
+
+    from jras_core.fedutil import PROJECT_ROOT, arrays_to_state
+    from server.checkpoint import load_checkpoint
+    from server.simulate import site_table
+
+    overrides = {**st.config_overrides, **method.overrides}
+    run_config: dict[str, Any] = {
+        "num-server-rounds": st.rounds,
+        "strategy": method.strategy,
+        "method-config": str(st.method_config),
+        "method-overrides": "; ".join(f"{k}={_yaml_value(v)}" for k, v in overrides.items()),
+        "local-epochs": st.local_epochs,
+        "image-size": st.size,
+        "seed": seed,
+        "client-threads": st.client_threads,
+        "min-nodes": len(yamls),
+    }
+    from server.simulate import run_simulation
+
+    t0 = time.perf_counter()
+    run_simulation(PROJECT_ROOT, [str(p) for p in yamls], run_config, cpus_per_client=st.cpus_per_client,
+                   out_dir=run_dir.parent, run_name=run_dir.name, stream=False, timeout=st.timeout, fresh=True)
+    wall = time.perf_counter() - t0
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+    table = {r["site"]: r for r in site_table(run_dir, [str(p) for p in yamls])}
+    rows = [{"site": n, **_metrics_of(table.get(n, {}), class_keys)} for n in names]
+    records = [json.loads(x) for x in (run_dir / "tensorboard" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    per_round = [r["round_stats"]["bytes_total"] for r in records if "bytes_total" in r.get("round_stats", {})]
+    rss = [float(m.get("peak-rss-mb", float("nan"))) for r in records for site in r.get("sites", {}).values()
+           for m in site.values() if isinstance(m, dict)]
+    rss = [x for x in rss if math.isfinite(x)]
+    return Trained([arrays_to_state(ckpt.arrays)], rows, wall,
+                   float(sum(per_round) / len(per_round)) if per_round else float("nan"),
+                   max(rss) if rss else float("nan"))
+
+
+def _yaml_value(v: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _peak_rss() -> float:
+    from jras_core.sysinfo import peak_rss_mb
+
+    return peak_rss_mb()
+
+
+# --------------------------------------------------------------------------- held-out evaluation
+
+
+def load_state(model: JRASModel, state: Mapping[str, Any]) -> None:
+    """Load ``state`` into ``model``; entries it lacks (kept local under FedBN) keep the model's."""
+    merged = dict(model.state_dict())
+    merged.update({k: v for k, v in state.items() if k in merged})
+    model.load_state_dict(merged)
+
+
+def evaluate_heldout(method: Method, trained: Trained, site: Site, st: Settings,
+                     class_keys: Sequence[str]) -> tuple[dict[str, float], JRASModel]:
+    """The held-out site's metrics with the trained model(s): AdaBN under FedBN, fine-tuning
+    for ``+ft`` methods, then evaluation retrieving from its support bank. Local-only
+    reports the mean over the local models."""
+    import numpy as np
+
+    from jras_core.models.jras import build_model
+    from jras_core.training.adapt import recalibrate_norm
+
+    results, model = [], None
+    for state in trained.states:
+        model = build_model(site.method)
+        load_state(model, state)
+        if method.strategy == "fedbn" and method.kind == "federated":
+            recalibrate_norm(model, site.train_set, site.method, site.bank if site.method.uses_retrieval else None)
+        if method.finetune:
+            site.train(model, epochs=st.ft_epochs)
+        results.append(_metrics_of(site.evaluate(model), class_keys))
+    keys = results[0].keys()
+    return {k: float(np.nanmean([r.get(k, float("nan")) for r in results])) for k in keys}, model
+
+
+# --------------------------------------------------------------------------- results file
+
+
+def columns_for(class_names: Sequence[str]) -> list[str]:
+    return [*BASE_COLUMNS, "dice_mean", *[f"dice_{c.lower()}" for c in class_names], *TAIL_COLUMNS]
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def write_rows(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    """All rows to ``path`` atomically (a crash mid-write leaves the previous file)."""
+    from jras_core.retrieval.store import atomic_write_bytes
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _fmt(r.get(k, "")) for k in columns})
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def _fmt(v: Any) -> Any:
+    if isinstance(v, float):
+        return "" if not math.isfinite(v) else f"{v:.6g}"
+    return v
+
+
+# --------------------------------------------------------------------------- planning and timing
+
+
+@dataclass
+class Job:
+    method: Method
+    heldout: str
+    seed: int
+
+
+def calibrate(st: Settings, vd: VendorData, base_cfg: JRASConfig) -> dict[str, float]:
+    """Seconds per training slice of one local epoch, without and with retrieval, measured
+    on a 32-slice subset of one site (second epoch, after a warm-up)."""
+    from jras_core.models.jras import build_model
+    from jras_core.site import Site
+    from jras_core.training.joint import JRASTrainer
+
+    site = Site(site_config(vd, "calibration"), base_cfg)
+    sub = site.train_set.subset(list(range(min(32, len(site.train_set)))))
+    out = {}
+    for name, overrides in (("plain", AUGMENTED), ("retrieval", RETRIEVAL)):
+        cfg = base_cfg.with_overrides(overrides)
+        trainer = JRASTrainer(build_model(cfg), cfg, sub)
+        trainer.train_epoch()
+        t0 = time.perf_counter()
+        trainer.train_epoch()
+        out[name] = (time.perf_counter() - t0) / len(sub)
+    out["train_slices"] = float(len(site.train_set))
+    out["val_slices"] = float(len(site.val_set))
+    return out
+
+
+FLOWER_START_S = 35.0
+"""Simulation Engine start-up and first-round set-up per federated run (measured on 2 cores)."""
+
+
+def estimate_job_s(job: Job, calib: Mapping[str, float], st: Settings, n_train_sites: int, cores: int) -> float:
+    """Rough seconds of one job: training epochs x slices x per-slice cost (+ evaluation, Flower start)."""
+    per = calib["retrieval" if job.method.uses_retrieval else "plain"]
+    epochs = st.rounds * st.local_epochs
+    slices = calib["train_slices"] * n_train_sites
+    evals = calib["val_slices"] * (n_train_sites + 1) * per * (4 if job.method.uses_retrieval else 1) * 0.3
+    if job.method.kind == "federated":
+        parallel = max(1, min(cores, n_train_sites))
+        return FLOWER_START_S + epochs * slices * per / parallel + evals * st.rounds / parallel + evals
+    return epochs * slices * per + evals
+
+
+# --------------------------------------------------------------------------- main loop
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark described by parsed ``args`` (see :func:`add_arguments`)."""
+    import os
+
+    import torch
+
+    from benchmarks.report import write_report
+    from jras_core.config import ConfigError, JRASConfig
+    from jras_core.fedutil import PROJECT_ROOT
+    from jras_core.site import Site
+
+    if args.quick:
+        for k, v in QUICK.items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+        if args.config is None:
+            args.config = str(PROJECT_ROOT / "configs" / "demo.yaml")
+    defaults = {"dataset": "synthetic", "methods": ",".join(DEFAULT_METHODS), "seeds": "0,1,2", "rounds": 10,
+                "local_epochs": 1, "size": 128, "cases": 12, "support": 5, "ft_epochs": 5}
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    config = Path(args.config) if args.config else PROJECT_ROOT / "configs" / "default.yaml"
+    if not config.is_file() and (PROJECT_ROOT / config).is_file():
+        config = PROJECT_ROOT / config
+    if not config.is_file():
+        raise ConfigError(f"--config {args.config}: file not found")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    try:
+        seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds expects comma-separated integers, got {args.seeds!r}") from None
+    if args.rounds < 1 or args.local_epochs < 1 or args.size < 16 or args.support < 1 or not seeds:
+        raise ConfigError("--rounds, --local-epochs and --support must be >= 1, --size >= 16, --seeds non-empty")
+    from jras_core.cli import parse_overrides
+
+    overrides = parse_overrides(args.set or [])
+    out = Path(args.out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, args.threads))
+    st = Settings(config.resolve(), overrides, args.rounds, args.local_epochs, args.size, args.support, args.ft_epochs,
+                  out, args.cpus_per_client, args.client_threads, args.timeout or None)
+    base_cfg = JRASConfig.from_yaml(config).with_overrides(
+        {**overrides, "preprocess.size": args.size, "train.epochs": args.local_epochs})
+    class_names = base_cfg.labels.names
+    class_keys = [f"dice_{c.lower()}" for c in class_names]
+    columns = columns_for(class_names)
+
+    vds = vendor_sites(args.dataset, args.cases, args.size, args.data_seed)
+    by_vendor = {v.vendor: v for v in vds}
+    heldouts = [h.strip() for h in (args.heldout or ",".join(by_vendor)).split(",") if h.strip()]
+    bad = [h for h in heldouts if h not in by_vendor]
+    if bad:
+        raise ConfigError(f"--heldout {', '.join(bad)}: not a vendor of {args.dataset} ({', '.join(by_vendor)})")
+    jobs = [Job(METHODS[m], h, s) for h in heldouts for m in methods for s in seeds]
+
+    results_path = out / "results.csv"
+    rows = [] if args.fresh else read_rows(results_path)
+    done = {(r["method"], r["heldout"], str(r["seed"])) for r in rows if r.get("role") == "heldout"}
+    todo = [j for j in jobs if (j.method.name, j.heldout, str(j.seed)) not in done]
+    cores = os.cpu_count() or 1
+    print(f"J-RAS vendor-shift benchmark: dataset {args.dataset} (vendors {', '.join(by_vendor)}), held-out "
+          f"{', '.join(heldouts)}, methods {', '.join(methods)}, seeds {', '.join(map(str, seeds))}; "
+          f"{args.rounds} rounds x {args.local_epochs} local epoch(s), {args.size} px, support {args.support} cases, "
+          f"config {config.name}.", flush=True)
+    if len(todo) < len(jobs):
+        print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already in {results_path}: skipped (--fresh reruns them)")
+    estimate: dict[int, float] = {}
+    if todo:
+        calib = calibrate(st, vds[0], base_cfg)
+        n_train = len(vds) - 1
+        estimate = {id(j): estimate_job_s(j, calib, st, n_train, cores) for j in todo}
+        total = sum(estimate.values())
+        print(f"expected runtime: about {_duration(total)} for {len(todo)} runs (calibrated on this machine: "
+              f"{calib['plain'] * 1e3:.1f} / {calib['retrieval'] * 1e3:.1f} ms per training slice without / with "
+              f"retrieval; a rough figure)", flush=True)
+
+    trained_cache: dict[tuple, Trained] = {}
+    gallery_done: set[str] = set()
+    t_start, spent_est = time.perf_counter(), 0.0
+    for i, job in enumerate(todo, 1):
+        m, h, seed = job.method, job.heldout, job.seed
+        cfg = st.method_cfg(m, seed)
+        train_vds = [v for v in vds if v.vendor != h]
+        names = [f"site-{v.vendor}" for v in train_vds]
+        run_dir = st.run_dir(m, h, seed)
+        print(f"[{i}/{len(todo)}] {m.name}, held-out {h}, seed {seed} ...", flush=True)
+        key = (m.training_key, h, seed)
+        trained = trained_cache.get(key)
+        if trained is None:
+            if m.kind == "federated":
+                yamls = [write_site_yaml(site_config(v, n), out / "sites" / args.dataset.replace("/", "_") / f"{n}.yaml")
+                         for v, n in zip(train_vds, names)]
+                trained = train_federated(m, yamls, st, seed, run_dir, class_keys, names)
+            else:
+                sites = [Site(site_config(v, n), cfg) for v, n in zip(train_vds, names)]
+                if m.kind == "local":
+                    trained = train_local(m, sites, st, seed, run_dir, class_keys)
+                else:
+                    trained = train_central(m, sites, st, seed, run_dir, class_keys)
+            trained_cache = {key: trained}  # only the last run is kept (a +ft variant follows its base)
+        t_eval = time.perf_counter()
+        held = heldout_site(by_vendor[h], cfg, st.support)
+        metrics, model = evaluate_heldout(m, trained, held, st, class_keys)
+        wall = trained.wall_s + (time.perf_counter() - t_eval)
+        common = {"method": m.name, "heldout": h, "seed": seed, "rounds": st.rounds, "local_epochs": st.local_epochs,
+                  "size": st.size, "wall_s": wall, "bytes_per_round": trained.bytes_per_round,
+                  "peak_rss_mb": max(trained.peak_rss_mb, _peak_rss()) if m.kind != "federated" else trained.peak_rss_mb}
+        rows = [r for r in rows if not (r["method"] == m.name and r["heldout"] == h and str(r["seed"]) == str(seed))]
+        rows.append({**common, "site": held.name, "role": "heldout", **metrics})
+        for r in trained.train_rows:
+            rows.append({**common, "role": "train", **r})
+        write_rows(results_path, rows, columns)
+        if m.uses_retrieval and model is not None and h not in gallery_done and not m.finetune:
+            from benchmarks.report import save_gallery
+
+            save_gallery(out / f"gallery-{h}.png", model, held, f"{m.name}, held-out vendor {h}, seed {seed}")
+            gallery_done.add(h)
+        spent_est += estimate.get(id(job), 0.0)
+        elapsed = time.perf_counter() - t_start
+        remaining = sum(estimate.get(id(j), 0.0) for j in todo[i:]) * (elapsed / spent_est if spent_est else 1.0)
+        print(f"    held-out Dice {metrics.get('dice_mean', float('nan')):.3f}"
+              + (f" (guides {metrics['guide_dice']:.3f}, oracle {metrics['dice_oracle']:.3f}, random "
+                 f"{metrics['dice_random']:.3f})" if "guide_dice" in metrics else "")
+              + f"; in-federation {_mean([r.get('dice_mean') for r in trained.train_rows]):.3f}; "
+              f"{wall:.0f} s; elapsed {_duration(elapsed)}, left about {_duration(remaining)}", flush=True)
+
+    rows = read_rows(results_path)
+    report = write_report(out, rows, methods=methods, class_names=class_names, settings={
+        "dataset": args.dataset, "vendors": ", ".join(by_vendor), "heldout": ", ".join(heldouts),
+        "seeds": ", ".join(map(str, seeds)), "rounds": args.rounds, "local_epochs": args.local_epochs,
+        "size": args.size, "support": args.support, "config": config.name,
+        "overrides": "; ".join(args.set or []) or "none", "command": "jras bench shift " + " ".join(getattr(args, "argv", None) or sys.argv[3:]),
+    }, descriptions={m: METHODS[m].description for m in methods})
+    print(report)
+    print(f"\nwrote {results_path}, {out / 'report.md'} and figures in {out}")
+    return 0
+
+
+def _mean(values: Sequence[Any]) -> float:
+    vals = [float(v) for v in values if v not in (None, "") and math.isfinite(float(v))]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``jras bench shift`` (no heavy import: ``--help`` stays instant)."""
+    p.add_argument("--dataset", help="synthetic (the 4 built-in vendors, default), mnms-sample (the M&Ms sample "
+                   "fixture, 3 vendors) or a manifest CSV with a vendor column")
+    p.add_argument("--methods", help="comma-separated, from: " + ", ".join(METHODS)
+                   + f" (default: {','.join(DEFAULT_METHODS)})")
+    p.add_argument("--heldout", help="held-out vendors, comma-separated (default: each vendor in turn)")
+    p.add_argument("--seeds", help="training seeds, comma-separated (default 0,1,2)")
+    p.add_argument("--rounds", type=int, help="federated rounds (local-only and central train rounds x local "
+                   "epochs epochs; default 10)")
+    p.add_argument("--local-epochs", type=int, help="local epochs per round (default 1)")
+    p.add_argument("--size", type=int, help="image side in pixels (default 128)")
+    p.add_argument("--cases", type=int, help="cases per synthetic vendor (default 12)")
+    p.add_argument("--support", type=int, help="annotated cases of the held-out vendor that form its bank (default 5)")
+    p.add_argument("--ft-epochs", type=int, help="fine-tuning epochs of the +ft methods (default 5)")
+    p.add_argument("--data-seed", type=int, default=1, help="synthetic data seed (default 1; fixed across --seeds)")
+    p.add_argument("--config", metavar="YAML", help="method config (default configs/default.yaml; "
+                   "--quick: configs/demo.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="method config override for every method, e.g. --set retrieval.k=5 (repeatable)")
+    p.add_argument("--quick", action="store_true", help="a small run in under 3 minutes on 2 cores: synthetic, "
+                   "held-out D, fedavg+aug vs jras-fedavg, 1 seed, 2 rounds, 32 px (options given "
+                   "explicitly still apply)")
+    p.add_argument("--out", default="runs/bench-shift", help="output folder (default runs/bench-shift)")
+    p.add_argument("--fresh", action="store_true", help="rerun runs already in OUT/results.csv")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of in-process training (default 2)")
+    p.add_argument("--cpus-per-client", type=float, default=1.0, help="CPUs Ray reserves per simulated site (default 1)")
+    p.add_argument("--client-threads", type=int, default=1, help="torch threads per simulated site (default 1)")
+    p.add_argument("--timeout", type=float, default=0, metavar="S", help="stop a federation after S seconds (default: none)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="jras bench shift", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    logging.basicConfig(level=logging.WARNING)
+    return run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,198 @@
+"""The vendor-shift benchmark: ``jras bench shift --quick`` end to end (two real
+Simulation Engine federations), the in-process methods (local-only, centralised,
+fine-tuning, AdaBN under FedBN), the report's arithmetic and bad arguments."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import shift
+from benchmarks.report import heldout_by_seed_mean, mean_se, mean_std, write_report
+from jras_core.cli import main as jras_main
+from jras_core.config import ConfigError
+from server.processes import pids_with_args
+
+PROJECT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = {"segmenter.channels": [4, 8, 16], "retriever.channels": [4, 8], "retriever.embed_dim": 8,
+        "train.batch_size": 32, "contrastive.steps_per_epoch": 1}
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.slow
+def test_quick_benchmark_end_to_end(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert jras_main(["bench", "shift", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "expected runtime" in printed and "[2/2]" in printed
+
+    rows = _rows(out / "results.csv")
+    required = {"method", "heldout", "site", "seed", "dice_mean", "dice_lv", "dice_myo", "dice_rv", "hd95_mean",
+                "guide_dice", "dice_oracle", "dice_random", "rounds", "wall_s", "bytes_per_round", "peak_rss_mb"}
+    assert required <= set(rows[0])
+    for method in ("fedavg+aug", "jras-fedavg"):
+        mine = [r for r in rows if r["method"] == method]
+        held = [r for r in mine if r["role"] == "heldout"]
+        assert [(r["heldout"], r["site"], r["seed"]) for r in held] == [("D", "heldout-D", "0")]
+        assert sorted(r["site"] for r in mine if r["role"] == "train") == ["site-A", "site-B", "site-C"]
+        for r in mine:
+            assert 0.0 <= float(r["dice_mean"]) <= 1.0
+            assert r["rounds"] == "2" and float(r["wall_s"]) > 0
+            assert float(r["bytes_per_round"]) > 1e5 and float(r["peak_rss_mb"]) > 100
+        diag = [r["guide_dice"] for r in held] + [r["dice_oracle"] for r in held] + [r["dice_random"] for r in held]
+        assert all(d != "" for d in diag) if method == "jras-fedavg" else all(d == "" for d in diag)
+
+        run_dir = out / "runs" / method / "heldout-D-s0"
+        assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+        records = [json.loads(x) for x in (run_dir / "tensorboard" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in records] == [1, 2]
+        for r in records:
+            assert r["round_stats"]["num_sites_train"] == 3 and r["round_stats"]["num_sites_evaluate"] == 3
+            assert "partition-id" not in r["global"]["evaluate"]  # per-site only, never averaged
+        # the in-federation rows are the last round's per-site validation of the run
+        last = {site["evaluate"]["partition-id"]: site["evaluate"]["dice_mean"] for site in records[-1]["sites"].values()}
+        by_site = {r["site"]: float(r["dice_mean"]) for r in mine if r["role"] == "train"}
+        assert by_site["site-A"] == pytest.approx(last[0], abs=1e-5)
+
+    from server.checkpoint import load_checkpoint
+    from server.simulate import format_site_table, site_table
+
+    ckpt = load_checkpoint(out / "runs" / "jras-fedavg" / "heldout-D-s0")
+    assert ckpt.round == 2 and ckpt.run_config["min-nodes"] == 3 and ckpt.run_config["strategy"] == "fedavg"
+    table = format_site_table(site_table(out / "runs" / "jras-fedavg" / "heldout-D-s0"))
+    assert "site-B" in table and "guide_dice" in table
+    assert not pids_with_args("flower-superlink", str(out))  # every local SuperLink was stopped
+
+    report = (out / "report.md").read_text()
+    assert "## Held-out vendor Dice" in report and "## In-federation validation Dice" in report
+    assert "| jras-fedavg |" in report and "| fedavg+aug |" in report and "## Retrieval diagnostics" in report
+    for png in ("heldout_dice.png", "gallery-D.png"):
+        data = (out / png).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000
+
+    # a re-run with the same output folder skips what results.csv holds: no new federation
+    before = (out / "results.csv").read_bytes()
+    assert jras_main(["bench", "shift", "--quick", "--out", str(out)]) == 0
+    assert "2 of 2 runs already in" in capsys.readouterr().out
+    assert (out / "results.csv").read_bytes() == before
+
+
+def _settings(tmp_path: Path, **over) -> shift.Settings:
+    kw = {"method_config": PROJECT / "configs" / "demo.yaml", "config_overrides": TINY,
+              "rounds": 1, "local_epochs": 1, "size": 32, "support": 1, "ft_epochs": 1, "out": tmp_path}
+    kw.update(over)
+    return shift.Settings(**kw)
+
+
+def test_local_central_finetune_in_process(tmp_path):
+    from jras_core.models.jras import build_model
+    from jras_core.site import Site
+
+    torch.set_num_threads(2)
+    st = _settings(tmp_path)
+    vds = shift.vendor_sites("synthetic", cases=4, size=32, data_seed=3)
+    assert [v.vendor for v in vds] == ["A", "B", "C", "D"]
+    keys = ["dice_lv", "dice_myo", "dice_rv"]
+
+    local = shift.METHODS["local"]
+    cfg = st.method_cfg(local, seed=0)
+    sites = [Site(shift.site_config(v, f"site-{v.vendor}"), cfg) for v in vds[:2]]
+    trained = shift.train_local(local, sites, st, 0, tmp_path / "local", keys)
+    assert len(trained.states) == 2 and [r["site"] for r in trained.train_rows] == ["site-A", "site-B"]
+    assert list((tmp_path / "local" / "tensorboard").rglob("events.out.tfevents.*"))
+    held = shift.heldout_site(vds[3], cfg, st.support)
+    metrics, _ = shift.evaluate_heldout(local, trained, held, st, keys)
+    per_model = []
+    for state in trained.states:
+        model = build_model(held.method)
+        shift.load_state(model, state)
+        per_model.append(held.evaluate(model)["dice_mean"])
+    assert metrics["dice_mean"] == pytest.approx(float(np.mean(per_model)), abs=1e-6)  # mean of the local models
+
+    central = shift.METHODS["central"]
+    sites = [Site(shift.site_config(v, f"site-{v.vendor}"), st.method_cfg(central, 0)) for v in vds[:2]]
+    trained = shift.train_central(central, sites, st, 0, tmp_path / "central", keys)
+    assert len(trained.states) == 1 and len(trained.train_rows) == 2
+
+    # +ft fine-tunes on the support cases: the evaluated model differs from the trained one
+    ft = shift.METHODS["jras-fedavg+ft"]
+    held = shift.heldout_site(vds[3], st.method_cfg(ft, 0), st.support)
+    base = build_model(held.method)
+    pseudo = shift.Trained([{k: v.clone() for k, v in base.state_dict().items()}], [], 1.0)
+    metrics, tuned = shift.evaluate_heldout(ft, pseudo, held, st, keys)
+    assert {"dice_mean", "guide_dice", "dice_oracle", "dice_random"} <= set(metrics)
+    changed = [k for k, v in tuned.state_dict().items() if v.is_floating_point() and not torch.equal(v, base.state_dict()[k])]
+    assert any(k.startswith("seg.") for k in changed)
+
+
+def test_adabn_recalibrates_statistics_only(tmp_path):
+    from jras_core.models.jras import build_model
+    from jras_core.site import Site
+    from jras_core.training.adapt import recalibrate_norm
+
+    st = _settings(tmp_path)
+    cfg = st.method_cfg(shift.METHODS["jras-fedbn"], 0)
+    vd = shift.vendor_sites("synthetic", cases=3, size=32, data_seed=3)[3]
+    site = Site(shift.site_config(vd, "held", support=1), cfg)
+    model = build_model(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    n = recalibrate_norm(model, site.train_set, cfg, site.bank)
+    assert n > 0
+    after = model.state_dict()
+    stats = [k for k in after if k.endswith("running_mean")]
+    assert stats and all(not torch.equal(after[k], before[k]) for k in stats)
+    params = {k for k, _ in model.named_parameters()}
+    assert all(torch.equal(after[k], before[k]) for k in params)  # no weight is trained
+    first = next(m for m in model.seg.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert torch.isfinite(first.running_mean).all() and first.momentum == 0.1
+
+
+def test_report_arithmetic(tmp_path):
+    rows = []
+    for seed, (a, b) in enumerate([(0.5, 0.7), (0.7, 0.9)]):
+        for h, d in (("A", a), ("B", b)):
+            rows.append({"method": "m", "heldout": h, "site": f"heldout-{h}", "role": "heldout", "seed": str(seed),
+                         "dice_mean": str(d), "guide_dice": "0.5", "dice_oracle": "0.9", "dice_random": "0.4",
+                         "wall_s": "10", "bytes_per_round": "2000000", "peak_rss_mb": "700"})
+        rows.append({"method": "m", "heldout": "A", "site": "site-B", "role": "train", "seed": str(seed),
+                     "dice_mean": "0.8"})
+    assert heldout_by_seed_mean(rows, "m", ["A", "B"]) == pytest.approx([0.6, 0.8])
+    assert mean_std([0.5, 0.7]) == "0.600 ± 0.141"
+    assert mean_se([0.6, 0.8]) == "0.700 ± 0.100"
+    text = write_report(tmp_path, rows, ["m"], ["LV"], settings={
+        "dataset": "x", "vendors": "A, B", "heldout": "A, B", "seeds": "0, 1", "rounds": 1, "local_epochs": 1,
+        "size": 32, "support": 1, "config": "c", "overrides": "none", "command": "jras bench shift"}, descriptions={})
+    assert "| m | 0.600 ± 0.141 | 0.800 ± 0.141 | 0.700 ± 0.100 |" in text
+    # gap closed: (0.7 - 0.4) / (0.9 - 0.4)
+    assert "| 0.60 |" in text
+    assert (tmp_path / "heldout_dice.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_bad_arguments_name_the_problem(tmp_path, capsys):
+    assert jras_main(["bench", "shift", "--methods", "fedavg,magic", "--out", str(tmp_path)]) == 2
+    assert "unknown magic" in capsys.readouterr().err
+    assert jras_main(["bench", "shift", "--quick", "--heldout", "Z", "--out", str(tmp_path)]) == 2
+    assert "--heldout Z: not a vendor" in capsys.readouterr().err
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("case,phase,image,mask\nc1,ED,a.nii.gz,b.nii.gz\n")
+    with pytest.raises(ConfigError, match="vendor"):
+        shift.vendor_sites(str(manifest), 4, 32, 0)
+    with pytest.raises(ConfigError, match="not found"):
+        shift.vendor_sites(str(tmp_path / "missing.csv"), 4, 32, 0)
+
+
+@pytest.mark.skipif(not shift.MNMS_SAMPLE.is_file(), reason="M&Ms sample fixture not beside the project")
+def test_mnms_sample_vendors():
+    vds = shift.vendor_sites("mnms-sample", 0, 64, 0)
+    assert [v.vendor for v in vds] == ["A", "B", "C"]
+    assert all(v.source.kind == "manifest" and v.val_fraction == 0.5 for v in vds)
