@@ -11,21 +11,27 @@ on this machine), else ``node_config["partition-id"]`` indexing the run config's
 comma-separated ``sites`` (simulation: paths relative to the app folder). A
 simulated node adds its ``partition-id`` (a number) to its reply metrics, so that
 per-site results can be named after the ``sites`` list.
+
+A problem with the site's own input (its YAML, its data, its bank: ``ConfigError`` or
+``DataError``) is logged here and sent to the coordinator as an error reply whose text
+names the file and the fix; the server logs it and counts the site as failed.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from jras_core.config import ConfigError
+from jras_core.data.volume import DataError
 from jras_core.fedutil import (
     PROJECT_ROOT,
     Arrays,
@@ -41,6 +47,9 @@ log = logging.getLogger(__name__)
 
 LOCAL_STATE_KEY = "jras-local"
 """``context.state`` entry holding the model entries that stay at this site."""
+
+INPUT_ERROR_CODE = 100
+"""Error code of a reply that reports bad site input (Flower's own codes are below 100)."""
 
 PARTITION_METRIC = "partition-id"
 """Reply metric naming a simulated node's partition (index into the run config's ``sites``)."""
@@ -115,7 +124,25 @@ def _record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
 
 
+def reports_input_errors(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Turn a ``ConfigError``/``DataError`` of ``handler`` into an error reply ``Type: message``
+    (logged here without a traceback); other exceptions propagate to Flower, which replies
+    with an error too."""
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except (ConfigError, DataError) as exc:
+            text = f"{type(exc).__name__}: {exc}"
+            log.error("%s refused: %s", msg.metadata.message_type, text)
+            return Message(Error(code=INPUT_ERROR_CODE, reason=text), reply_to=msg)
+
+    return wrapped
+
+
 @app.train()
+@reports_input_errors
 def train(msg: Message, context: Context) -> Message:
     """Local training from the global model; reply with the shared entries and metrics."""
     runner = runner_for(context)
@@ -127,6 +154,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@reports_input_errors
 def evaluate(msg: Message, context: Context) -> Message:
     """Validation metrics of the global model on this site (with its local entries)."""
     runner = runner_for(context)

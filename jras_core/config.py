@@ -242,12 +242,20 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: malformed YAML: {exc}") from None
+        raise ConfigError(f"{path}: malformed YAML{_yaml_where(exc)}; fix the syntax there") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
+
+
+def _yaml_where(exc: yaml.YAMLError) -> str:
+    """Where and what the YAML error is, on one line (e.g. ``" at line 3, column 1: expected ','"``)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{where}: {problem}"
 
 
 def from_mapping(cls: type, data: Mapping[str, Any], source: str, prefix: str = "") -> Any:
@@ -262,6 +270,13 @@ def from_mapping(cls: type, data: Mapping[str, Any], source: str, prefix: str = 
         raise ConfigError(
             f"{source}: unknown key(s) {unknown} in {where}; allowed: {sorted(fields)}"
         )
+    required = sorted(
+        name for name, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and name not in data
+    )
+    if required:
+        where = prefix.rstrip(".") or "top level"
+        raise ConfigError(f"{source}: missing key(s) {required} in {where}")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, source, f"{prefix}{name}")

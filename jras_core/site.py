@@ -157,8 +157,12 @@ class Site:
         if self._slices is None:
             cache = self._cache_path()
             if cache is not None and cache.is_file():
-                self._slices = SliceSet.load(cache)
-            else:
+                try:
+                    self._slices = SliceSet.load(cache)
+                except Exception as exc:  # noqa: BLE001 - a damaged cache is rebuilt from the data
+                    log.warning("site %s: ignoring unreadable slice cache %s (%s); rebuilding it",
+                                self.name, cache, type(exc).__name__)
+            if self._slices is None:
                 volumes = load_volumes(self.config.data, self.method.labels.num_classes, self.root)
                 self._slices = build_slice_set(volumes, self.method.preprocess, self.method.labels.num_classes)
                 if cache is not None:

@@ -68,7 +68,12 @@ def _plain(value: Any) -> Any:
 
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
     """Write ``ckpt`` to ``path`` (a file, or a folder for ``checkpoint.pt``) atomically:
-    temporary file, fsync, ``os.replace``, fsync of the folder."""
+    temporary file, fsync, ``os.replace``, fsync of the folder.
+
+    A crash at any point leaves the previous checkpoint readable. Temporary files that a
+    killed writer left next to the target are removed after a successful write (one
+    server writes a run folder).
+    """
     target = checkpoint_path(path)
     payload = {
         "kind": KIND,
@@ -82,6 +87,9 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
     buf = io.BytesIO()
     torch.save(payload, buf)
     atomic_write_bytes(target, buf.getvalue())
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+        log.info("removed %s, left by an interrupted checkpoint write", stale)
     log.info("checkpoint of round %d written to %s", ckpt.round, target)
     return target
 

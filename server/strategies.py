@@ -10,10 +10,15 @@ All strategies share :class:`JRASStrategyMixin`, which adds to Flower's own:
 * **update validation**: before aggregation every train reply is checked
   (:func:`~server.validation.validate_update`: keys, shapes, dtypes, finite values,
   update norm, and a positive finite ``num-examples``); failing replies are
-  rejected and logged, the round goes on with the others while at least
-  ``min_train_nodes`` valid replies remain, else the aggregate is skipped;
-* **bookkeeping**: per-site and aggregated metrics, failures, rejected replies and
-  bytes of arrays sent and received go to a :class:`~server.tracking.RoundRecorder`.
+  rejected and logged;
+* **site failures**: error replies (a ClientApp that raised, a SuperNode that went
+  away) are logged with the site's error text, and sites that sent nothing within
+  the round timeout are logged as timed out; the round goes on with the others
+  while at least ``min_train_nodes`` valid replies remain, else the aggregate is
+  skipped and the global model stays as it is;
+* **bookkeeping**: per-site and aggregated metrics, failures (with their error
+  text), timeouts, rejected replies and bytes of arrays sent and received go to a
+  :class:`~server.tracking.RoundRecorder`.
 
 :func:`build_strategy` picks FedAvg (default), FedProx, FedBN, FedAdam or a robust
 aggregation (FedMedian, FedTrimmedAvg, Krum) from :class:`~server.settings.ServerSettings`;
@@ -23,6 +28,7 @@ aggregation (FedMedian, FedTrimmedAvg, Krum) from :class:`~server.settings.Serve
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -74,6 +80,22 @@ def _drop_per_site(metrics: MetricRecord | None) -> MetricRecord | None:
     return MetricRecord({k: v for k, v in metrics.items() if k not in PER_SITE_ONLY})
 
 
+_FLOWER_REASON = re.compile(r"^<class '([\w.]+)'>:<'(.*)'>$", re.DOTALL)
+
+
+def error_text(msg: Message) -> str:
+    """The error of an error reply as one readable line, ``Type: message``.
+
+    Flower reports a ClientApp exception as ``<class 'pkg.Type'>:<'message'>``; a
+    reply the SuperLink made up for a node that went away carries Flower's own reason.
+    """
+    reason = (msg.error.reason or "").strip() or f"error code {msg.error.code}"
+    match = _FLOWER_REASON.match(reason)
+    if match:
+        reason = f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2).strip()}"
+    return " ".join(reason.split())
+
+
 def _metrics_of(msg: Message) -> dict[str, float]:
     out: dict[str, float] = {}
     for record in msg.content.metric_records.values():
@@ -93,7 +115,9 @@ class JRASStrategyMixin:
     round_offset: int = 0
     recorder: RoundRecorder | None = None
     max_update_norm: float = 0.0
+    round_timeout: float | None = None
     _global: Arrays | None = None
+    _outbox: dict[str, list[Message]] | None = None
     _screened: bool = False
 
     def setup_jras(
@@ -103,12 +127,15 @@ class JRASStrategyMixin:
         recorder: RoundRecorder | None = None,
         max_update_norm: float = 0.0,
         buffer_keys: Iterable[str] = (),
+        round_timeout: float | None = None,
     ) -> None:
         self.local_keys = frozenset(local_keys)
         self.buffer_keys = frozenset(buffer_keys)
         self.round_offset = int(round_offset)
         self.recorder = recorder
         self.max_update_norm = float(max_update_norm)
+        self.round_timeout = round_timeout
+        self._outbox = {}
 
     # ------------------------------------------------------------------ helpers
     def _shared(self, arrays: ArrayRecord) -> ArrayRecord:
@@ -116,7 +143,32 @@ class JRASStrategyMixin:
             return arrays
         return ArrayRecord({k: v for k, v in arrays.items() if k not in self.local_keys})
 
-    def _record(self, phase: str, replies: list[Message]) -> None:
+    def _failures(self, rnd: int, phase: str, replies: list[Message]) -> None:
+        """Log (and record) the phase's error replies with their text, and the sites that
+        sent no reply at all within the round timeout."""
+        sent = (self._outbox or {}).pop(phase, [])
+        dst = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+        for msg in replies:
+            if not msg.has_error():
+                continue
+            site = f"node-{dst.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)}"
+            text = error_text(msg)
+            log.warning("round %d: %s failed at %s: %s", rnd, phase, site, text)
+            if self.recorder is not None:
+                self.recorder.add_site_error(phase, site, text)
+        answered = {m.metadata.reply_to_message_id for m in replies}
+        missing = [m for m in sent if m.metadata.message_id and m.metadata.message_id not in answered]
+        for msg in missing:
+            site = f"node-{msg.metadata.dst_node_id}"
+            text = f"no reply within the round timeout ({self.round_timeout:g} s)" if self.round_timeout else "no reply"
+            log.warning("round %d: %s at %s: %s", rnd, phase, site, text)
+            if self.recorder is not None:
+                self.recorder.add_site_error(phase, site, text)
+        if self.recorder is not None and sent:
+            self.recorder.set_round_stat(f"timeouts_{phase}", len(missing))
+
+    def _record(self, phase: str, replies: list[Message], rnd: int = 0) -> None:
+        self._failures(rnd, phase, replies)
         if self.recorder is None:
             return
         ok = [m for m in replies if not m.has_error()]
@@ -163,10 +215,11 @@ class JRASStrategyMixin:
         """Record the round's train replies and drop those failing :meth:`check_reply`.
 
         Returns the replies to aggregate (error replies are kept for Flower to count), or
-        None when replies were rejected and fewer than ``min_train_nodes`` valid ones remain:
-        then the round's aggregate is skipped and the global model stays as it is.
+        None when fewer than ``min_train_nodes`` valid ones remain (after failed, timed-out
+        and rejected sites): then the round's aggregate is skipped and the global model
+        stays as it is.
         """
-        self._record("train", replies)
+        self._record("train", replies, rnd)
         reference = None
         if self._global is not None:
             reference = {k: v for k, v in self._global.items() if k not in self.local_keys}
@@ -183,10 +236,11 @@ class JRASStrategyMixin:
             self.recorder.set_round_stat("rejected_replies", rejected)
         valid = sum(1 for m in kept if not m.has_error())
         needed = int(getattr(self, "min_train_nodes", 1))
-        if rejected and valid < needed:
+        if valid < needed:
             log.warning(
-                "round %d: %d update(s) rejected, %d valid left (fewer than %d): "
-                "aggregation skipped, the global model is unchanged", rnd, rejected, valid, needed,
+                "round %d: %d valid update(s) (%d rejected, %d failed), fewer than min-nodes %d: "
+                "aggregation skipped, the global model is unchanged",
+                rnd, valid, rejected, sum(1 for m in replies if m.has_error()), needed,
             )
             if self.recorder is not None:
                 self.recorder.set_round_stat("aggregate_skipped", 1)
@@ -201,6 +255,7 @@ class JRASStrategyMixin:
         self._global = record_to_arrays(arrays)
         messages = list(super().configure_train(rnd, self._shared(arrays), config, grid))  # type: ignore[misc]
         self._sent(messages)
+        self._outbox = {**(self._outbox or {}), "train": messages}
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -230,12 +285,13 @@ class JRASStrategyMixin:
             self.recorder.start_round(rnd)
         messages = list(super().configure_evaluate(rnd, self._shared(arrays), config, grid))  # type: ignore[misc]
         self._sent(messages)
+        self._outbox = {**(self._outbox or {}), "evaluate": messages}
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         rnd = server_round + self.round_offset
         replies = list(replies)
-        self._record("evaluate", replies)
+        self._record("evaluate", replies, rnd)
         metrics = _drop_per_site(super().aggregate_evaluate(rnd, replies))  # type: ignore[misc]
         if metrics is not None and self.recorder is not None:
             self.recorder.add_global_metrics("evaluate", metrics)
@@ -356,7 +412,7 @@ def build_strategy(
         )
     else:
         raise ValueError(f"unknown strategy {name!r}")
-    strategy.setup_jras(local_keys, round_offset, recorder, settings.max_update_norm, buffer_keys)
+    strategy.setup_jras(local_keys, round_offset, recorder, settings.max_update_norm, buffer_keys, settings.round_timeout)
     return strategy
 
 

@@ -1,8 +1,9 @@
 """Per-round bookkeeping of a federation: TensorBoard scalars and a JSON-lines log.
 
 Per round it records the aggregated (global) and per-site train and evaluation
-metrics, the number of failed and rejected replies, the round's wall time and the bytes of
-model arrays sent to and received from the sites. No Flower import here.
+metrics, the number of failed and rejected replies, each failed site's error text, the
+round's wall time and the bytes of model arrays sent to and received from the sites.
+No Flower import here.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class RoundRecorder:
         self._sent = 0
         self._received = 0
         self._failures: dict[str, int] = defaultdict(int)
+        self._errors: dict[str, dict[str, str]] = defaultdict(dict)
         self._stats: dict[str, float] = {}
         self._global: dict[str, dict[str, float]] = {}
         self._sites: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
@@ -66,6 +68,10 @@ class RoundRecorder:
 
     def add_failures(self, phase: str, count: int) -> None:
         self._failures[phase] += int(count)
+
+    def add_site_error(self, phase: str, site: str, text: str) -> None:
+        """Why ``site`` gave no usable reply in ``phase`` (its error text, or a timeout)."""
+        self._errors[site][phase] = str(text)
 
     def set_round_stat(self, name: str, value: float) -> None:
         """A scalar of the round itself (rejected replies, DP parameters), logged with the round's stats."""
@@ -103,12 +109,12 @@ class RoundRecorder:
             "round_stats": summary,
             "global": self._global,
             "sites": {name: dict(phases) for name, phases in self._sites.items()},
+            "errors": {name: dict(phases) for name, phases in self._errors.items()},
             "time": time.time(),
         }
         self.history.append(record)
         if self.log_dir is not None:
-            with open(self.log_dir / METRICS_FILE, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(_json_safe(record)) + "\n")
+            _append_line(self.log_dir / METRICS_FILE, json.dumps(_json_safe(record)))
         if self._writer is not None:
             w = self._writer
             for key, value in summary.items():
@@ -132,6 +138,20 @@ class RoundRecorder:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append one line to ``path``, first ending a last line cut short by a crash (a resumed
+    run appends to the same log)."""
+    with open(path, "a+b") as fh:
+        fh.seek(0, 2)
+        lead = b""
+        if fh.tell() > 0:
+            fh.seek(-1, 2)
+            if fh.read(1) != b"\n":
+                lead = b"\n"
+        fh.write(lead + line.encode("utf-8") + b"\n")
+        fh.flush()
 
 
 def _json_safe(value: Any) -> Any:

@@ -1,6 +1,8 @@
 """A real deployment on localhost: a SuperLink with TLS and SuperNode authentication,
 two registered SuperNodes serving site YAMLs, ``flwr run`` for 2 training rounds,
-and an unregistered SuperNode that is refused. Every process is stopped by PID."""
+a third registered SuperNode killed by PID while it trains in round 1 (the run goes on
+with the two others), and an unregistered SuperNode that is refused. Every process is
+stopped by PID."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import pytest
 import yaml
 from test_federation import TINY
 
-from server.processes import free_port
+from server.processes import child_pids, free_port, stop_pid
 
 PROJECT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -53,7 +55,7 @@ def test_tls_authenticated_deployment(tmp_path, flwr_home, processes, monkeypatc
     env = dict(os.environ)
     pki.create_ca(tmp_path / "ca")
     pki.create_server_cert(tmp_path / "ca", tmp_path / "server", ["localhost", "127.0.0.1"])
-    keys = {name: pki.create_node_key(tmp_path / "keys" / f"{name}.key") for name in ("a", "b", "intruder", "wrongca")}
+    keys = {name: pki.create_node_key(tmp_path / "keys" / f"{name}.key") for name in ("a", "b", "c", "intruder", "wrongca")}
     ca = tmp_path / "ca" / pki.CA_CERT
     other_ca = pki.create_ca(tmp_path / "other-ca", common_name="Some other CA")[1]
 
@@ -71,7 +73,7 @@ def test_tls_authenticated_deployment(tmp_path, flwr_home, processes, monkeypatc
     ], cwd=tmp_path, env=env)
     wait_for_port(port, link)
 
-    for name in ("a", "b", "wrongca"):
+    for name in ("a", "b", "c", "wrongca"):
         res = subprocess.run(
             [str(BIN / "flwr"), "supernode", "register", str(keys[name][1]), "deploy"],
             check=False, capture_output=True, text=True, timeout=60, env=env,
@@ -91,6 +93,7 @@ def test_tls_authenticated_deployment(tmp_path, flwr_home, processes, monkeypatc
         ], cwd=tmp_path, env=env)
 
     nodes = [supernode(n, keys[n][0], site_yaml(tmp_path, v, i)) for i, (n, v) in enumerate((("a", "A"), ("b", "B")))]
+    doomed = supernode("c", keys["c"][0], site_yaml(tmp_path, "E", 7))
     intruder = supernode("intruder", keys["intruder"][0], site_yaml(tmp_path, "C", 5), retries=1, wait=5)
     # a registered key, but the node trusts another CA: the TLS handshake fails
     wrong_ca = supernode("wrongca", keys["wrongca"][0], site_yaml(tmp_path, "D", 6), retries=1, wait=5, root=other_ca)
@@ -98,17 +101,35 @@ def test_tls_authenticated_deployment(tmp_path, flwr_home, processes, monkeypatc
     out = tmp_path / "out"
     overrides = tmp_path / "run.toml"
     overrides.write_text(
-        "num-server-rounds = 2\nmin-nodes = 2\n"
+        "num-server-rounds = 2\nmin-nodes = 2\nround-timeout = 150\n"
         "fraction-evaluate = 0.0\n"  # each message starts a ClientApp process; evaluation runs in the simulation test
         f'output-dir = "{out}"\nrun-name = "deploy"\n'
         f'method-overrides = "{TINY}"\n'
     )
-    res = subprocess.run(
-        [str(BIN / "flwr"), "run", str(PROJECT), "deploy", "--run-config", str(overrides), "--stream"],
-        check=False, cwd=tmp_path, capture_output=True, text=True, timeout=420, env=env,
-    )
-    tail = (res.stdout + res.stderr)[-4000:]
-    assert res.returncode == 0, tail
+    run = processes("flwr-run", [str(BIN / "flwr"), "run", str(PROJECT), "deploy", "--run-config", str(overrides),
+                                 "--stream"], cwd=tmp_path, env=env)
+
+    def training(pid: int) -> bool:
+        for child in child_pids(pid):
+            try:
+                if b"flwr-clientapp" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    return True
+            except OSError:
+                pass
+        return False
+
+    # site c crashes while it trains in round 1: its SuperNode and ClientApp are killed
+    deadline = time.monotonic() + 300
+    while not training(doomed.pid) and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert training(doomed.pid), run.log_path.read_text()[-3000:]
+    stop_pid(doomed.pid)
+    try:
+        run.wait(timeout=420)
+    except subprocess.TimeoutExpired:
+        pass
+    tail = run.log_path.read_text()[-4000:]
+    assert run.returncode == 0, tail
     for node in nodes:
         assert node.poll() is None, node.log_path.read_text()[-3000:]
 
@@ -119,9 +140,15 @@ def test_tls_authenticated_deployment(tmp_path, flwr_home, processes, monkeypatc
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     rounds = [json.loads(x) for x in (run_dir / "tensorboard" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
+    # round 1: c's reply never came (the SuperLink answers for a node that left, else the
+    # round timeout ends the wait); logged with its text; the two others were aggregated
+    first = rounds[0]["round_stats"]
+    assert first.get("failures_train", 0) + first.get("timeouts_train", 0) == 1, rounds[0]
+    assert "aggregate_skipped" not in first and len(rounds[0]["errors"]) == 1, rounds[0]
+    assert "round 1: train" in tail or "round 1: train" in run.log_path.read_text()
     for r in rounds:
-        assert r["round_stats"]["num_sites_train"] == 2 and r["round_stats"].get("failures_train", 0) == 0
-        assert len(r["sites"]) == 2
+        assert r["round_stats"]["num_sites_train"] == 2 and len(r["sites"]) == 2
+    assert rounds[1]["round_stats"].get("failures_train", 0) == 0 and rounds[1]["errors"] == {}
     assert (tmp_path / "cache-A").is_dir() and (tmp_path / "cache-B").is_dir()
 
     # the unregistered node was refused and gave up

@@ -88,6 +88,11 @@ def _collect(
     return volumes
 
 
+def _one_line(exc: BaseException) -> str:
+    """``Type: message`` of a third-party exception, on one line."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
 def _require_file(path: Path, what: str) -> None:
     try:
         ok = path.is_file()
@@ -108,7 +113,7 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
         zooms = tuple(float(z) for z in img.header.get_zooms())
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types on corrupt files
         raise DataError(
-            f"{path}: unreadable or truncated NIfTI file ({type(exc).__name__}: {exc})"
+            f"{path}: unreadable or truncated NIfTI file ({_one_line(exc)}); re-export or replace it"
         ) from None
     return data, zooms
 
@@ -537,7 +542,7 @@ def _read_picture(path: Path) -> np.ndarray:
             data = np.asarray(im)
     except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError
         raise DataError(
-            f"{path}: unreadable or truncated image ({type(exc).__name__}: {exc})"
+            f"{path}: unreadable or truncated image ({_one_line(exc)}); re-export or replace it"
         ) from None
     if data.ndim not in (2, 3):
         raise DataError(f"{path}: expected a 2-D image, got shape {data.shape}")

@@ -142,7 +142,13 @@ class SliceSet:
         )
 
     def save(self, path) -> None:
-        """Write to a ``.pt`` file (a cache of preprocessed slices)."""
+        """Write to a ``.pt`` file (a cache of preprocessed slices), atomically: a crash
+        while writing leaves the previous file (or none), never a truncated one."""
+        import io
+
+        from jras_core.retrieval.store import atomic_write_bytes
+
+        buf = io.BytesIO()
         torch.save(
             {
                 "images": self.images,
@@ -153,8 +159,9 @@ class SliceSet:
                 "cases": self.cases,
                 "volumes": [vars(v) for v in self.volumes],
             },
-            path,
+            buf,
         )
+        atomic_write_bytes(path, buf.getvalue())
 
     @staticmethod
     def load(path) -> SliceSet:
