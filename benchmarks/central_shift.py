@@ -36,6 +36,9 @@ VARIANTS: dict[str, dict[str, object]] = {
     "frozen": {"retriever.mode": "frozen"},
     "mask-rank": {"retriever.mode": "mask"},
     "jras": {},
+    "jras-grid": {"retriever.pool_grid": 4},
+    "jras-zero": {"segmenter.guide_init": "zero"},
+    "jras-grid-zero": {"retriever.pool_grid": 4, "segmenter.guide_init": "zero"},
     "jras-naive": {"retriever.input": "image", "retrieval.align_centroid": False,
                    "retrieval.guide_dropout": 0.0, "augment.intensity": False},
 }

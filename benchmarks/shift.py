@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
+import json
 import logging
 import math
+import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -69,7 +72,7 @@ class Method:
     @property
     def training_key(self) -> tuple:
         """Methods with equal keys share one training run (e.g. with and without fine-tuning)."""
-        return self.kind, self.strategy, tuple(sorted(self.overrides.items()))
+        return self.kind, self.strategy, json.dumps(dict(self.overrides), sort_keys=True, default=str)
 
     @property
     def uses_retrieval(self) -> bool:
@@ -97,6 +100,47 @@ DEFAULT_METHODS = ["local", "fedavg", "fedavg+aug", "fedprox", "fedbn", "jras-fe
                    "central"]
 QUICK = {"dataset": "synthetic", "heldout": "D", "methods": "fedavg+aug,jras-fedavg", "seeds": "0",
          "rounds": 2, "local_epochs": 1, "size": 32, "cases": 6, "support": 2, "ft_epochs": 1}
+
+
+
+def parse_methods(text: str) -> list[Method]:
+    """The methods of ``--methods``: comma-separated names of :data:`METHODS`; a name may
+    carry method-config overrides in brackets, ``jras-fedavg[retriever.pool_grid=4; retrieval.k=5]``
+    (a lever study: the whole item is the method's name in the results)."""
+    from jras_core.config import ConfigError
+    from jras_core.fedutil import parse_method_overrides
+
+    items, depth, current = [], 0, ""
+    for ch in text:
+        if ch == "," and depth == 0:
+            items.append(current)
+            current = ""
+            continue
+        depth += (ch == "[") - (ch == "]")
+        current += ch
+    items.append(current)
+    out: list[Method] = []
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        base, bracket, rest = item.partition("[")
+        base = base.strip()
+        if base not in METHODS:
+            raise ConfigError(f"--methods: unknown {base!r}; choose from {', '.join(METHODS)}")
+        method = METHODS[base]
+        if bracket:
+            if not rest.endswith("]"):
+                raise ConfigError(f"--methods: {item!r}: overrides go in brackets, e.g. jras-fedavg[retrieval.k=5]")
+            extra = parse_method_overrides(rest[:-1])
+            method = dataclasses.replace(method, name=item, overrides={**method.overrides, **extra},
+                                         description=f"{method.description}; with {rest[:-1]}")
+        if any(m.name == method.name for m in out):
+            raise ConfigError(f"--methods: {method.name!r} is listed twice")
+        out.append(method)
+    if not out:
+        raise ConfigError("--methods: no method given")
+    return out
+
 
 BASE_COLUMNS = ["method", "heldout", "site", "role", "seed"]
 TAIL_COLUMNS = ["hd95_mean", "guide_dice", "dice_oracle", "dice_random", "dice_noguide", "rounds", "local_epochs",
@@ -152,8 +196,6 @@ def site_config(vd: VendorData, name: str, support: int | None = None) -> SiteCo
 
 def write_site_yaml(cfg: SiteConfig, path: Path) -> Path:
     """A site config as a YAML file (for the ClientApps of a simulated federation)."""
-    import dataclasses
-
     import yaml
 
     data = dataclasses.asdict(cfg)
@@ -215,7 +257,7 @@ class Settings:
         )
 
     def run_dir(self, method: Method, heldout: str, seed: int) -> Path:
-        return self.out / "runs" / method.name / f"heldout-{heldout}-s{seed}"
+        return self.out / "runs" / re.sub(r"[^\w.+=-]+", "_", method.name) / f"heldout-{heldout}-s{seed}"
 
 
 def _metrics_of(values: Mapping[str, Any], class_keys: Sequence[str]) -> dict[str, float]:
@@ -262,7 +304,6 @@ def train_central(method: Method, sites: Sequence[Site], st: Settings, seed: int
 def train_federated(method: Method, yamls: Sequence[Path], st: Settings, seed: int, run_dir: Path,
                     class_keys: Sequence[str], names: Sequence[str]) -> Trained:
     """A Flower Simulation Engine federation of the training sites."""
-    import json
 
     from jras_core.fedutil import PROJECT_ROOT, arrays_to_state
     from server.checkpoint import load_checkpoint
@@ -454,10 +495,8 @@ def run(args: argparse.Namespace) -> int:
         config = PROJECT_ROOT / config
     if not config.is_file():
         raise ConfigError(f"--config {args.config}: file not found")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ConfigError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    chosen = parse_methods(args.methods)
+    methods = [m.name for m in chosen]
     try:
         seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     except ValueError:
@@ -484,7 +523,7 @@ def run(args: argparse.Namespace) -> int:
     bad = [h for h in heldouts if h not in by_vendor]
     if bad:
         raise ConfigError(f"--heldout {', '.join(bad)}: not a vendor of {args.dataset} ({', '.join(by_vendor)})")
-    jobs = [Job(METHODS[m], h, s) for h in heldouts for m in methods for s in seeds]
+    jobs = [Job(m, h, s) for h in heldouts for m in chosen for s in seeds]
 
     results_path = out / "results.csv"
     rows = [] if args.fresh else read_rows(results_path)
@@ -563,7 +602,7 @@ def run(args: argparse.Namespace) -> int:
         "seeds": ", ".join(map(str, seeds)), "rounds": args.rounds, "local_epochs": args.local_epochs,
         "size": args.size, "support": args.support, "config": config.name,
         "overrides": "; ".join(args.set or []) or "none", "command": "jras bench shift " + " ".join(getattr(args, "argv", None) or sys.argv[3:]),
-    }, descriptions={m: METHODS[m].description for m in methods})
+    }, descriptions={m.name: m.description for m in chosen})
     print(report)
     print(f"\nwrote {results_path}, {out / 'report.md'} and figures in {out}")
     return 0

@@ -96,6 +96,10 @@ class SegmenterConfig:
     channels: tuple[int, ...] = (16, 32, 64, 128)
     fusion: Literal["concat", "prior", "feature", "none"] = "concat"
     dropout: float = 0.0
+    guide_init: Literal["default", "zero"] = "default"
+    """Initial weights of the backbone's input connections from the guide channels:
+    ``default`` (the layer's own initialisation) or ``zero`` (the segmenter starts as the
+    plain one and learns to use its guides only as far as they help)."""
 
     def validate(self) -> None:
         if len(self.channels) < 2:
@@ -111,10 +115,15 @@ class RetrieverConfig:
     mode: Literal["learned", "frozen", "mask"] = "learned"
     """learned: trained contrastively; frozen: never trained; mask: non-learned ranking by
     centroid-aligned mask Dice against the pass-1 prediction (ablation)."""
+    pool_grid: int = 1
+    """Pooling of the encoder's last feature map before the projection head: 1 averages it
+    to one vector; g > 1 averages it to a g x g grid kept in the embedding (where things are)."""
 
     def validate(self) -> None:
         if self.embed_dim < 2:
             raise ConfigError(f"retriever.embed_dim must be >= 2, got {self.embed_dim}")
+        if self.pool_grid < 1:
+            raise ConfigError(f"retriever.pool_grid must be >= 1, got {self.pool_grid}")
 
 
 @dataclass

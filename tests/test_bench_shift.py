@@ -180,9 +180,17 @@ def test_report_arithmetic(tmp_path):
 
 def test_bad_arguments_name_the_problem(tmp_path, capsys):
     assert jras_main(["bench", "shift", "--methods", "fedavg,magic", "--out", str(tmp_path)]) == 2
-    assert "unknown magic" in capsys.readouterr().err
+    assert "unknown 'magic'" in capsys.readouterr().err
     assert jras_main(["bench", "shift", "--quick", "--heldout", "Z", "--out", str(tmp_path)]) == 2
     assert "--heldout Z: not a vendor" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="brackets"):
+        shift.parse_methods("jras-fedavg[retrieval.k=5")
+    with pytest.raises(ConfigError, match="twice"):
+        shift.parse_methods("fedavg,fedavg")
+    lever = shift.parse_methods("fedavg+aug,jras-fedavg[retriever.pool_grid=4; segmenter.channels=[8, 16]]")[1]
+    assert lever.name == "jras-fedavg[retriever.pool_grid=4; segmenter.channels=[8, 16]]"
+    assert lever.overrides == {"augment.intensity": True, "retriever.pool_grid": 4, "segmenter.channels": [8, 16]}
+    assert lever.training_key != shift.METHODS["jras-fedavg"].training_key and lever.uses_retrieval
     manifest = tmp_path / "m.csv"
     manifest.write_text("case,phase,image,mask\nc1,ED,a.nii.gz,b.nii.gz\n")
     with pytest.raises(ConfigError, match="vendor"):

@@ -37,7 +37,8 @@ def build_model(cfg: JRASConfig) -> JRASModel:
         backbone=cfg.segmenter.backbone,
         channels=cfg.segmenter.channels,
         dropout=cfg.segmenter.dropout,
+        guide_init=cfg.segmenter.guide_init,
     )
     in_ch = 1 + (num_classes - 1 if cfg.retriever.input == "image+pred" else 0)
-    retr = Retriever(in_ch, cfg.retriever.embed_dim, cfg.retriever.channels)
+    retr = Retriever(in_ch, cfg.retriever.embed_dim, cfg.retriever.channels, cfg.retriever.pool_grid)
     return JRASModel(seg, retr)

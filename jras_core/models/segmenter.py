@@ -61,6 +61,9 @@ class GuidedSegmenter(nn.Module):
         backbone: backbone name (see :func:`build_backbone`).
         channels: backbone widths.
         prior_tau: temperature of the similarity softmax of ``prior`` fusion.
+        guide_init: ``zero`` sets the backbone's first-layer weights on the guide channels
+            to zero, so that the untrained segmenter computes what the plain backbone
+            computes from the query alone (``default``: the layer's own initialisation).
 
     ``forward(image, guide_images, guide_masks, guide_sims, guide_present)``:
         image ``(B, 1, H, W)``; guide_images ``(B, K, 1, H, W)``; guide_masks ``(B, K, H, W)``
@@ -80,6 +83,7 @@ class GuidedSegmenter(nn.Module):
         dropout: float = 0.0,
         prior_tau: float = 0.1,
         feature_width: int = 16,
+        guide_init: str = "default",
     ):
         super().__init__()
         if fusion not in FUSIONS:
@@ -101,6 +105,23 @@ class GuidedSegmenter(nn.Module):
             in_ch = 1
         self.in_channels = in_ch
         self.backbone = build_backbone(backbone, in_ch, num_classes, channels, dropout)
+        if guide_init == "zero" and in_ch > 1:
+            self.zero_guide_inputs()
+        elif guide_init not in ("default", "zero"):
+            raise ValueError(f"unknown guide_init {guide_init!r}; choose default or zero")
+
+    @torch.no_grad()
+    def zero_guide_inputs(self) -> int:
+        """Zero the weights that connect the guide channels (input channels ``1:``) to the
+        backbone's layers reading the input; returns how many layers were changed."""
+        changed = 0
+        for module in self.backbone.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                fan_in = module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
+                if fan_in == self.in_channels and module.weight.shape[1] == self.in_channels:
+                    module.weight[:, 1:] = 0.0
+                    changed += 1
+        return changed
 
     @property
     def uses_guides(self) -> bool:
