@@ -528,7 +528,7 @@ def run(args: argparse.Namespace) -> int:
     results_path = out / "results.csv"
     rows = [] if args.fresh else read_rows(results_path)
     done = {(r["method"], r["heldout"], str(r["seed"])) for r in rows if r.get("role") == "heldout"}
-    todo = [j for j in jobs if (j.method.name, j.heldout, str(j.seed)) not in done]
+    todo = [] if args.report_only else [j for j in jobs if (j.method.name, j.heldout, str(j.seed)) not in done]
     cores = os.cpu_count() or 1
     print(f"J-RAS vendor-shift benchmark: dataset {args.dataset} (vendors {', '.join(by_vendor)}), held-out "
           f"{', '.join(heldouts)}, methods {', '.join(methods)}, seeds {', '.join(map(str, seeds))}; "
@@ -647,6 +647,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "explicitly still apply)")
     p.add_argument("--out", default="runs/bench-shift", help="output folder (default runs/bench-shift)")
     p.add_argument("--fresh", action="store_true", help="rerun runs already in OUT/results.csv")
+    p.add_argument("--report-only", action="store_true", help="run nothing: rewrite report.md and the bar chart "
+                   "from OUT/results.csv for the given methods (e.g. after runs made by several invocations)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of in-process training (default 2)")
     p.add_argument("--cpus-per-client", type=float, default=1.0, help="CPUs Ray reserves per simulated site (default 1)")
     p.add_argument("--client-threads", type=int, default=1, help="torch threads per simulated site (default 1)")
