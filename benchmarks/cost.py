@@ -4,16 +4,20 @@ Sections (one table each; all rows also in ``cost.csv`` and ``cost.md``):
 
 1. ``step``: training step time, phase A of J-RAS (K=3) and of ``none``, and a
    phase-B step, same backbone and batch, at each ``--sizes`` (fixed batches,
-   warm-up first, median of repeats).
+   warm-up first, median of repeats); the phase-A ratio also in process CPU time.
 2. ``refresh``: bank refresh time (``RetrievalBank.refresh`` with the model's
    retriever) for banks of ``--bank-sizes`` slices, against one local epoch
    (phase A + B of J-RAS measured on a synthetic site of ~200 slices and scaled
-   per slice to the bank's size).
+   per slice to the bank's size); a whole J-RAS epoch (A + B + refresh) against a
+   ``none`` epoch on the same site (wall and CPU time).
 3. ``search``: FAISS exact top-K (K + own-case margin, 256 queries per batch)
-   against a brute-force torch matrix product + topk, at ``--index-sizes``,
+   against the bank's exact search (a chunked torch matrix product + topk,
+   :func:`jras_core.retrieval.bank.exact_topk`) at ``--index-sizes``,
    d=128, with the memory-bandwidth floor of one full scan of the index. FAISS
    and brute force must return the same indices (checked; a mismatch raises).
-4. Flower round overhead is not measured here (see ``cost.md``).
+4. ``flower``: Flower round overhead from a simulation's ``metrics.jsonl``
+   (``--flower-metrics``): each round's wall time against the sum of its sites'
+   ``client-time-s`` (local training + evaluation); without the option only a note.
 5. ``memory``: peak resident memory (``VmHWM``; ``ru_maxrss`` off Linux) of a
    separate process that builds a 2k-slice bank and runs one J-RAS epoch with it
    (per-client figure).
@@ -22,7 +26,8 @@ Sections (one table each; all rows also in ``cost.csv`` and ``cost.md``):
     python -m benchmarks.cost --out runs/cost          # or: jras bench cost --out runs/cost
     python -m benchmarks.cost --quick --out /tmp/cost  # tiny, < 1 min
 
-Timings depend on the machine and on whatever else runs on it.
+Timings depend on the machine and on whatever else runs on it: on a shared
+machine, run with ``--threads 1`` and read the CPU-time ratios.
 """
 
 from __future__ import annotations
@@ -43,13 +48,14 @@ SECTION_TITLES = {
     "step": "1. Training step time",
     "refresh": "2. Bank refresh vs one local epoch",
     "search": "3. Top-K search latency (256 queries per batch)",
+    "flower": "4. Flower round overhead",
     "memory": "5. Peak resident memory of one client process",
     "transfer": "6. Model transfer per round (one site)",
 }
 FLOWER_NOTE = (
-    "Flower round overhead is not measured by this script: take it from a simulation's "
-    "`tensorboard/metrics.jsonl` as the round's wall time minus the clients' `client-time-s` "
-    "(the time spent in local training and evaluation)."
+    "Flower round overhead: pass a simulation's `tensorboard/metrics.jsonl` with "
+    "`--flower-metrics`; the overhead is the round's wall time minus the sum of its sites' "
+    "`client-time-s` (the time spent in local training and evaluation)."
 )
 
 
@@ -78,6 +84,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="tiny run (size 32, bank 200, index 1000,10000, few repeats; < 1 min)")
     p.add_argument("--out", default="runs/cost", metavar="DIR", help="output folder (default runs/cost)")
+    p.add_argument("--flower-metrics", default=None, metavar="JSONL",
+                   help="a simulation's tensorboard/metrics.jsonl: report its rounds' Flower overhead")
     p.add_argument("--_memory-probe", dest="memory_probe", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_probe-size", dest="probe_size", type=int, default=128, help=argparse.SUPPRESS)
     p.add_argument("--_probe-bank", dest="probe_bank", type=int, default=2000, help=argparse.SUPPRESS)
@@ -133,8 +141,17 @@ def _median(values: list[float]) -> float:
     return v[m] if len(v) % 2 else 0.5 * (v[m - 1] + v[m])
 
 
+def _with_cpu_time(fn):
+    """``(fn(), process CPU seconds it took)``: unlike wall time, CPU time hardly moves
+    when other processes compete for the cores (with one thread per process)."""
+    t0 = time.process_time()
+    result = fn()
+    return result, time.process_time() - t0
+
+
 def step_times(cfg, slices, repeats: int) -> dict[str, float]:
-    """Median seconds per step: phase A of ``none`` and of J-RAS, and a phase-B step."""
+    """Median seconds per step: phase A of ``none`` and of J-RAS (wall and process CPU
+    time, ``cpu_phase_a_*``), and a phase-B step (wall)."""
     import torch
 
     from jras_core.models import build_model
@@ -148,7 +165,9 @@ def step_times(cfg, slices, repeats: int) -> dict[str, float]:
         trainer = JRASTrainer(build_model(c), c, slices)
         trainer._batches = lambda: list(batch)  # one fixed batch per call
         trainer.phase_segmenter()  # warm-up
-        out[f"phase_a_{name}"] = _median([trainer.phase_segmenter()["seg_time_s"] for _ in range(repeats)])
+        timed = [_with_cpu_time(trainer.phase_segmenter) for _ in range(repeats)]
+        out[f"phase_a_{name}"] = _median([m["seg_time_s"] for m, _ in timed])
+        out[f"cpu_phase_a_{name}"] = _median([cpu for _, cpu in timed])
         if name == "jras":
             trainer.phase_retriever()  # warm-up
             out["phase_b_jras"] = _median([trainer.phase_retriever()["retr_time_s"] for _ in range(repeats)])
@@ -156,20 +175,31 @@ def step_times(cfg, slices, repeats: int) -> dict[str, float]:
 
 
 def epoch_time(cfg, slices) -> dict[str, float]:
-    """One local J-RAS epoch (phase A + B, bank refresh excluded) on ``slices`` after a one-batch warm-up."""
+    """One local epoch on ``slices`` after a one-batch warm-up, of J-RAS (phase A, phase B,
+    refresh of the site's bank) and of ``none`` (the same data and batches)."""
     import torch
 
     from jras_core.models import build_model
     from jras_core.training.joint import JRASTrainer
 
-    trainer = JRASTrainer(build_model(cfg), cfg, slices)
-    full = trainer._batches
-    trainer._batches = lambda: [torch.arange(cfg.train.batch_size) % len(slices)]
-    trainer.phase_segmenter()
-    trainer.phase_retriever()  # warm-up (its refresh is of the small site bank)
-    trainer._batches = full
-    m = trainer.train_epoch()
-    return {"seg_s": m["seg_time_s"], "retr_s": m["retr_time_s"], "site_refresh_s": m["refresh_time_s"]}
+    out: dict[str, float] = {}
+    for name, overrides in (("none", {"segmenter.fusion": "none"}), ("jras", {})):
+        c = cfg.with_overrides(overrides)
+        trainer = JRASTrainer(build_model(c), c, slices)
+        full = trainer._batches
+        one_batch = [torch.arange(c.train.batch_size) % len(slices)]
+        trainer._batches = lambda one_batch=one_batch: list(one_batch)
+        trainer.phase_segmenter()  # warm-up
+        if c.trains_retriever:
+            trainer.phase_retriever()  # warm-up (its refresh is of the small site bank)
+        trainer._batches = full
+        m, out[f"cpu_{name}_s"] = _with_cpu_time(trainer.train_epoch)
+        if name == "none":
+            out["none_s"] = m["epoch_time_s"]
+        else:
+            out.update(seg_s=m["seg_time_s"], retr_s=m["retr_time_s"], site_refresh_s=m["refresh_time_s"],
+                       jras_s=m["epoch_time_s"])
+    return out
 
 
 def refresh_time(cfg, model, slices, n: int, repeats: int) -> float:
@@ -216,6 +246,8 @@ def search_times(n: int, d: int, k: int, nq: int, repeats: int, seed: int = 0) -
     q = rng.standard_normal((nq, d)).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     kk = min(k, n)
+    from jras_core.retrieval.bank import exact_topk
+
     index = faiss.IndexFlatIP(d)
     index.add(x)
     xt, qt = torch.from_numpy(x), torch.from_numpy(q)
@@ -224,7 +256,7 @@ def search_times(n: int, d: int, k: int, nq: int, repeats: int, seed: int = 0) -
         return index.search(q, kk)
 
     def run_torch():
-        return torch.topk(qt @ xt.T, kk, dim=1)
+        return exact_topk(qt, xt, kk)
 
     for fn in (run_faiss, run_torch):
         fn()  # warm-up
@@ -263,6 +295,38 @@ def check_same_topk(f_sims, f_idx, t_sims, t_idx, x, q, tol: float = 1e-4) -> fl
     return 1.0
 
 
+def flower_overhead(path: str | Path, cpus: int | None = None) -> list[dict[str, float]]:
+    """Per round of a simulation's ``metrics.jsonl``: wall time, the sites' compute
+    (``client-time-s`` of train + evaluate), and the overhead fraction ``1 - ideal / wall``
+    where ``ideal`` is the shortest round the sites' compute allows: the slowest site of
+    each phase (sites run in parallel), or the summed compute spread over ``cpus`` cores
+    (default: this machine's), whichever is longer.
+
+    Raises ``ValueError`` when no round has both a wall time and per-site client times.
+    """
+    rounds = []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        wall = (rec.get("round_stats") or {}).get("wall_time_s")
+        per_phase: dict[str, list[float]] = {}
+        for site in (rec.get("sites") or {}).values():
+            for phase, values in site.items():
+                if isinstance(values, dict) and "client-time-s" in values:
+                    per_phase.setdefault(phase, []).append(float(values["client-time-s"]))
+        compute = sum(sum(v) for v in per_phase.values())
+        if wall and compute > 0:
+            critical = sum(max(v) for v in per_phase.values())
+            ideal = max(critical, compute / (cpus or os.cpu_count() or 1))
+            rounds.append({"round": int(rec.get("round", len(rounds) + 1)), "wall_s": float(wall),
+                           "compute_s": compute, "critical_s": critical, "ideal_s": ideal,
+                           "sites": len(rec["sites"]), "overhead": max(0.0, 1.0 - ideal / float(wall))})
+    if not rounds:
+        raise ValueError(f"{path}: no round with a wall time and per-site client-time-s")
+    return rounds
+
+
 def transfer_bytes(cfg) -> dict[str, int]:
     """One-way bytes of the model's state as fp32 and with float entries cast to fp16."""
     import numpy as np
@@ -279,26 +343,6 @@ def transfer_bytes(cfg) -> dict[str, int]:
             "params": int(sum(v.size for v in arrays.values() if np.issubdtype(v.dtype, np.floating)))}
 
 
-def _maxrss_mb() -> float:
-    """Peak resident memory of this process in MiB.
-
-    On Linux this is ``VmHWM`` of ``/proc/self/status``: ``ru_maxrss`` of a process
-    started by fork/vfork + exec keeps its parent's peak (the kernel carries the old
-    address space's high-water mark across exec), which would report the benchmark's
-    own peak instead of the client's. Elsewhere: ``resource.getrusage(RUSAGE_SELF).ru_maxrss``.
-    """
-    import resource
-
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0  # kB
-    except OSError:
-        pass
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return kb / 1024.0 if sys.platform != "darwin" else kb / 2**20
-
-
 def memory_probe(args: argparse.Namespace) -> int:
     """In its own process: build a bank of ``--_probe-bank`` slices and run one J-RAS
     epoch on a ~``--_probe-cases``-case site with it; print peak RSS as JSON."""
@@ -307,17 +351,18 @@ def memory_probe(args: argparse.Namespace) -> int:
 
     from jras_core.models import build_model
     from jras_core.retrieval.bank import RetrievalBank
+    from jras_core.sysinfo import peak_rss_mb
     from jras_core.training.joint import JRASTrainer
 
     torch.set_num_threads(args.threads)
-    after_imports = _maxrss_mb()
+    after_imports = peak_rss_mb()
     cfg = base_config(args.probe_size)
     site = site_slices(cfg, args.probe_cases)
     bank = RetrievalBank(repeated_slices(site, args.probe_bank), cfg.labels.num_classes, cfg.retrieval.index)
     model = build_model(cfg)
     trainer = JRASTrainer(model, cfg, site, bank=bank)
     trainer.train_epoch()
-    print(json.dumps({"after_imports_mb": after_imports, "peak_mb": _maxrss_mb(),
+    print(json.dumps({"after_imports_mb": after_imports, "peak_mb": peak_rss_mb(),
                       "bank": len(bank), "site": len(site)}))
     return 0
 
@@ -397,7 +442,9 @@ def run(args: argparse.Namespace) -> int:
         note = f"batch {cfg.train.batch_size}, {cfg.segmenter.backbone} {cfg.segmenter.channels}"
         add("step", f"phase A none, {size}px", st["phase_a_none"] * 1e3, "ms/step", note)
         add("step", f"phase A J-RAS K={cfg.retrieval.k}, {size}px", st["phase_a_jras"] * 1e3, "ms/step", note)
-        add("step", f"phase A J-RAS / none, {size}px", st["phase_a_jras"] / st["phase_a_none"], "x")
+        add("step", f"phase A J-RAS / none, {size}px", st["phase_a_jras"] / st["phase_a_none"], "x", "wall time")
+        add("step", f"phase A J-RAS / none, {size}px, CPU time", st["cpu_phase_a_jras"] / st["cpu_phase_a_none"], "x",
+            "process CPU time (robust to other load)")
         add("step", f"phase B J-RAS, {size}px", st["phase_b_jras"] * 1e3, "ms/step",
             f"{cfg.contrastive.candidates} candidates, relevance {cfg.contrastive.relevance}")
     show("step")
@@ -411,6 +458,11 @@ def run(args: argparse.Namespace) -> int:
     add("refresh", f"local epoch (A+B), {len(slices)}-slice site, {size}px", ep["seg_s"] + ep["retr_s"], "s",
         f"phase A {ep['seg_s']:.2f} s + phase B {ep['retr_s']:.2f} s, refresh excluded")
     add("refresh", "local epoch per slice", per_slice * 1e3, "ms/slice")
+    add("refresh", f"local epoch none, {size}px", ep["none_s"], "s", "same site and batches, no retrieval")
+    add("refresh", "J-RAS epoch (A+B+refresh) / none epoch", ep["jras_s"] / ep["none_s"], "x",
+        f"wall time; site bank refresh {ep['site_refresh_s']:.2f} s included")
+    add("refresh", "J-RAS epoch / none epoch, CPU time", ep["cpu_jras_s"] / ep["cpu_none_s"], "x",
+        "process CPU time (robust to other load)")
     from jras_core.models import build_model
 
     model = build_model(cfg)
@@ -439,6 +491,16 @@ def run(args: argparse.Namespace) -> int:
         add("search", f"FAISS == brute force top-k, N={n}", s["agree"], "bool", "same index sets (float ties allowed)")
     show("search")
 
+    # 4. Flower round overhead (from a simulation's metrics) ----------------------
+    if args.flower_metrics:
+        for r in flower_overhead(args.flower_metrics):
+            note = (f"{r['sites']} sites; client-time-s: sum {r['compute_s']:.1f} s, "
+                    f"slowest site per phase {r['critical_s']:.1f} s")
+            add("flower", f"round {r['round']} wall time", r["wall_s"], "s", note)
+            add("flower", f"round {r['round']} overhead", max(100.0 * r["overhead"], 1e-3), "%",
+                f"1 - ideal {r['ideal_s']:.1f} s / wall (slowest sites, or compute / {os.cpu_count()} CPUs)")
+        show("flower")
+
     # 5. memory ------------------------------------------------------------------
     probe_size, probe_bank = (32, 200) if quick else (128, 2000)
     mem = run_memory_probe(probe_size, probe_bank, site_cases, args.threads)
@@ -464,11 +526,14 @@ def run(args: argparse.Namespace) -> int:
     md = ["# J-RAS cost benchmark", "", header + f"; {time.perf_counter() - t_start:.0f} s in all.",
           "Timings depend on the machine and on what else ran on it; medians of repeats after a warm-up.", ""]
     for section, title in SECTION_TITLES.items():
-        md += [f"## {title}", "", *format_table([r for r in rows if r["section"] == section]), ""]
-        if section == "search":
-            md += ["## 4. Flower round overhead", "", FLOWER_NOTE, ""]
+        if section == "flower" and not args.flower_metrics:
+            md += [f"## {title}", "", FLOWER_NOTE, ""]
+        else:
+            md += [f"## {title}", "", *format_table([r for r in rows if r["section"] == section]), ""]
     (out / "cost.md").write_text("\n".join(md))
-    print(f"\n{FLOWER_NOTE}\nwrote {out / 'cost.csv'} and {out / 'cost.md'}")
+    if not args.flower_metrics:
+        print(f"\n{FLOWER_NOTE}")
+    print(f"wrote {out / 'cost.csv'} and {out / 'cost.md'}")
     return 0
 
 

@@ -1,13 +1,14 @@
 """`jras bench cost --quick`: every section measured, files written, FAISS == brute force."""
 
 import csv
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from benchmarks.cost import SECTION_TITLES, check_same_topk, main, search_times
+from benchmarks.cost import SECTION_TITLES, check_same_topk, flower_overhead, main, search_times
 from jras_core.cli import build_parser
 
 
@@ -17,8 +18,33 @@ def test_cli_wires_bench_cost():
     assert args.func.__name__ == "cmd_bench_cost"
 
 
+def _metrics_jsonl(path: Path) -> Path:
+    """A two-round, two-site simulation record in the layout of ``tensorboard/metrics.jsonl``."""
+    rounds = []
+    for rnd, wall in ((1, 10.0), (2, 8.0)):
+        sites = {f"node-{i}": {"train": {"client-time-s": 3.0 + i}, "evaluate": {"client-time-s": 0.5}} for i in range(2)}
+        rounds.append({"round": rnd, "round_stats": {"wall_time_s": wall}, "global": {}, "sites": sites})
+    path.write_text("\n".join(json.dumps(r) for r in rounds) + "\n")
+    return path
+
+
+def test_flower_overhead_from_metrics(tmp_path: Path):
+    rounds = flower_overhead(_metrics_jsonl(tmp_path / "metrics.jsonl"), cpus=2)
+    assert [r["round"] for r in rounds] == [1, 2]
+    # sites run in parallel: the round waits for the slowest site of each phase (4.0 + 0.5 s)
+    assert rounds[0]["compute_s"] == pytest.approx(8.0) and rounds[0]["critical_s"] == pytest.approx(4.5)
+    assert rounds[0]["overhead"] == pytest.approx(1 - 4.5 / 10.0)
+    assert rounds[1]["overhead"] == pytest.approx(1 - 4.5 / 8.0)
+    # on one core the round cannot be shorter than all the compute in a row
+    assert flower_overhead(tmp_path / "metrics.jsonl", cpus=1)[0]["overhead"] == pytest.approx(1 - 8.0 / 10.0)
+    (tmp_path / "empty.jsonl").write_text(json.dumps({"round": 1, "round_stats": {"wall_time_s": 1.0}}))
+    with pytest.raises(ValueError):
+        flower_overhead(tmp_path / "empty.jsonl")
+
+
 def test_quick_run_writes_every_section(tmp_path: Path, capsys):
-    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    metrics = _metrics_jsonl(tmp_path / "metrics.jsonl")
+    assert main(["--quick", "--out", str(tmp_path), "--flower-metrics", str(metrics)]) == 0
     assert (tmp_path / "cost.md").is_file() and (tmp_path / "cost.csv").is_file()
     with open(tmp_path / "cost.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -31,7 +57,7 @@ def test_quick_run_writes_every_section(tmp_path: Path, capsys):
     assert {r["item"].rsplit("=", 1)[1] for r in agree} == {"1000", "10000"}
     assert all(float(r["value"]) == 1.0 for r in agree)
     md = (tmp_path / "cost.md").read_text()
-    assert "Flower round overhead" in md and "metrics.jsonl" in md
+    assert "Flower round overhead" in md and "round 2 overhead" in md
     assert "Training step time" in capsys.readouterr().out
 
 

@@ -9,8 +9,10 @@ from jras_core.retrieval.bank import RetrievalBank
 from jras_core.retrieval.guides import (
     align_guides,
     centred_dice,
+    centred_dice_pairs,
     centred_one_hot,
     centroids,
+    one_hot_fg,
     translate,
 )
 from jras_core.retrieval.store import BankStore
@@ -115,6 +117,43 @@ def test_mask_search_ranks_by_aligned_mask_dice():
     own = slices.case_ids.view(1, -1) == slices.case_ids[:3].view(-1, 1)
     expected = full.masked_fill(own, float("-inf")).topk(3, dim=1).values
     assert torch.allclose(sims, expected)
+
+
+def test_mask_similarity_at_candidates_equals_the_gathered_full_matrix():
+    slices = _slices()
+    bank = RetrievalBank(slices, num_classes=2)
+    query = slices.masks[:5].long()
+    cand = torch.randint(0, len(slices), (5, 8), generator=torch.Generator().manual_seed(1))
+    full = torch.gather(bank.mask_similarity(query), 1, cand)
+    assert torch.allclose(bank.mask_similarity_at(query, cand), full, atol=1e-6)
+    a, b = centred_one_hot(query, 2), bank.centred_masks()[cand]
+    assert torch.allclose(centred_dice_pairs(a, b), full, atol=1e-6)
+    # chunking does not change the centred maps
+    assert torch.allclose(centred_one_hot(slices.masks, 2, chunk=7), centred_one_hot(slices.masks, 2), atol=1e-6)
+
+
+def test_one_hot_fg_matches_torch_one_hot():
+    masks = torch.randint(0, 4, (2, 3, 8, 8), dtype=torch.uint8)
+    expected = torch.nn.functional.one_hot(masks.long(), 4).movedim(-1, -3)[..., 1:, :, :].float()
+    out = one_hot_fg(masks, 4)
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
+
+
+def test_exact_search_agrees_with_faiss_flat():
+    import faiss
+
+    slices = _slices()
+    bank = RetrievalBank(slices, num_classes=2)
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((len(slices), 16)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    bank.set_embeddings(emb)
+    q = emb[:6] + 0.1 * rng.standard_normal((6, 16)).astype(np.float32)
+    flat = faiss.IndexFlatIP(16)
+    flat.add(emb)
+    f_sims, f_idx = flat.search(q, 5)
+    sims, idx = bank.search(torch.from_numpy(q), 5)
+    assert np.array_equal(idx.numpy(), f_idx) and np.allclose(sims.numpy(), f_sims, atol=1e-5)
 
 
 def test_refresh_save_load_round_trip(tmp_path):

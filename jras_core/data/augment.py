@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from monai.data import get_track_meta, set_track_meta
 from monai.transforms import (
     Compose,
     RandAdjustContrast,
@@ -98,9 +99,13 @@ class BatchIntensityAugment:
         """``(B, 1, H, W)`` -> ``(B, 1, H, W)`` float32, each image re-scaled to about ``[0, 1]``."""
         if not self.enabled:
             return images
-        out = []
-        for img in images:
-            y = convert_to_tensor(self.transform(img), dtype=torch.float32, track_meta=False)
-            lo, hi = y.amin(), y.amax()
-            out.append((y - lo) / (hi - lo).clamp_min(1e-6))
-        return torch.stack(out).contiguous()
+        tracking = get_track_meta()
+        set_track_meta(False)  # plain tensors: same values, none of the metadata bookkeeping
+        try:
+            out = [convert_to_tensor(self.transform(img), dtype=torch.float32, track_meta=False) for img in images]
+        finally:
+            set_track_meta(tracking)
+        y = torch.stack(out)
+        lo = y.amin(dim=(1, 2, 3), keepdim=True)
+        hi = y.amax(dim=(1, 2, 3), keepdim=True)
+        return ((y - lo) / (hi - lo).clamp_min(1e-6)).contiguous()

@@ -18,8 +18,8 @@ def one_hot_fg(masks: torch.Tensor, num_classes: int) -> torch.Tensor:
     Returns:
         ``(..., num_classes-1, H, W)`` float32 (background channel dropped).
     """
-    oh = F.one_hot(masks.long(), num_classes).movedim(-1, -3)
-    return oh[..., 1:, :, :].float()
+    classes = torch.arange(1, num_classes, device=masks.device).view(-1, 1, 1)
+    return (masks.unsqueeze(-3) == classes).float()
 
 
 def centroids(fg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +84,7 @@ def align_guides(
     return images.reshape(b, k, 1, h, w), masks.reshape(b, k, h, w).round().long()
 
 
-def centred_one_hot(masks: torch.Tensor, num_classes: int, size: int = 32) -> torch.Tensor:
+def centred_one_hot(masks: torch.Tensor, num_classes: int, size: int = 32, chunk: int = 256) -> torch.Tensor:
     """Foreground one-hot maps shifted to the image centre and pooled to ``size``.
 
     The flattened result is the key of the appearance-free mask ranking: the Dice of
@@ -92,15 +92,22 @@ def centred_one_hot(masks: torch.Tensor, num_classes: int, size: int = 32) -> to
 
     Args:
         masks: ``(N, H, W)`` labels, or ``(N, C_fg, H, W)`` soft foreground maps.
+        chunk: maps processed at a time (bounds the full-resolution temporaries).
 
     Returns:
         ``(N, C_fg, size, size)`` float32.
     """
-    fg = one_hot_fg(masks, num_classes) if masks.dim() == 3 else masks.float()
-    cent, valid = centroids(fg.sum(dim=1))
-    offsets = torch.where(valid.unsqueeze(1), -cent, torch.zeros_like(cent))
-    fg = translate(fg, offsets)
-    return F.adaptive_avg_pool2d(fg, size)
+    out = []
+    for start in range(0, masks.shape[0], chunk):
+        part = masks[start : start + chunk]
+        fg = one_hot_fg(part, num_classes) if part.dim() == 3 else part.float()
+        cent, valid = centroids(fg.sum(dim=1))
+        offsets = torch.where(valid.unsqueeze(1), -cent, torch.zeros_like(cent))
+        out.append(F.adaptive_avg_pool2d(translate(fg, offsets), size))
+    if not out:
+        c_fg = num_classes - 1 if masks.dim() == 3 else masks.shape[1]
+        return masks.new_zeros((0, c_fg, size, size), dtype=torch.float32)
+    return torch.cat(out)
 
 
 def centred_dice(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -118,7 +125,29 @@ def centred_dice(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.T
     inter = torch.bmm(af, bf.transpose(1, 2))  # (C, Q, N)
     sa = af.pow(2).sum(-1).unsqueeze(2)
     sb = bf.pow(2).sum(-1).unsqueeze(1)
-    denom = sa + sb
+    return _class_mean_dice(inter, sa + sb, eps, dim=0)
+
+
+def centred_dice_pairs(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """:func:`centred_dice` of each query with its own candidates only.
+
+    Args:
+        a: ``(Q, C_fg, s, s)`` centred query maps.
+        b: ``(Q, M, C_fg, s, s)`` centred maps of each query's M candidates.
+
+    Returns:
+        ``(Q, M)`` Dice, equal to ``centred_dice(a, bank)`` gathered at the candidates.
+    """
+    af = a.flatten(2).unsqueeze(1)  # (Q, 1, C, P)
+    bf = b.flatten(3)  # (Q, M, C, P)
+    inter = (af * bf).sum(-1)  # (Q, M, C)
+    denom = af.pow(2).sum(-1) + bf.pow(2).sum(-1)
+    return _class_mean_dice(inter, denom, eps, dim=-1)
+
+
+def _class_mean_dice(inter: torch.Tensor, denom: torch.Tensor, eps: float, dim: int) -> torch.Tensor:
+    """``2 inter / denom`` averaged over the class axis ``dim``, counting only classes
+    present in either map (``denom > eps``)."""
     dice = 2 * inter / denom.clamp_min(eps)
     present = (denom > eps).float()
-    return (dice * present).sum(0) / present.sum(0).clamp_min(1.0)
+    return (dice * present).sum(dim) / present.sum(dim).clamp_min(1.0)

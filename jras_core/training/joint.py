@@ -84,6 +84,11 @@ class JRASTrainer:
             self.bank.refresh(model.retr)
             self.finder = GuideFinder(model, self.bank, cfg, self.generator)
         self._train_case_names = [train_set.cases[c] for c in train_set.case_ids.tolist()]
+        # a retriever without dropout or running statistics computes the same in train and eval mode
+        self._retriever_mode_free = not any(
+            isinstance(m, torch.nn.modules.dropout._DropoutNd) or getattr(m, "track_running_stats", False)
+            for m in model.retr.modules()
+        )
 
     # ------------------------------------------------------------------ helpers
     def _batches(self) -> list[torch.Tensor]:
@@ -139,9 +144,7 @@ class JRASTrainer:
         """``(B, M)`` relevance of each candidate to its query."""
         bank = self.bank
         if self.cfg.contrastive.relevance == "mask":
-            q = labels
-            all_dice = bank.mask_similarity(q)  # (B, N)
-            return torch.gather(all_dice, 1, cand_idx.clamp_min(0))
+            return bank.mask_similarity_at(labels, cand_idx)
         # utility: loss drop of the frozen segmenter with the candidate as its guide(s)
         seg = self.model.seg
         b, m = cand_idx.shape
@@ -175,15 +178,19 @@ class JRASTrainer:
             names = self._case_names(idx)
             probs = self.finder.first_pass(images) if self.finder.needs_first_pass else None
             exclude = bank.case_ids_of(names, len(idx))
+            q_emb = model.retr(self.finder.query_input(images, probs))  # (B, d)
+            # where train and eval mode agree, the search reuses this forward
+            search_emb = q_emb.detach() if self._retriever_mode_free else self.finder.embed_queries(images, probs)
             with torch.no_grad():
-                _, top_idx = bank.search(self.finder.embed_queries(images, probs), m_top, exclude)
+                _, top_idx = bank.search(search_emb, m_top, exclude)
                 rand_idx = self.finder.random_indices(len(idx), c.candidates - m_top, names)
             cand = torch.cat([top_idx, rand_idx], dim=1)  # (B, M)
             valid = cand >= 0
             relevance = self._relevance(images, labels, cand, probs)
-            q_emb = model.retr(self.finder.query_input(images, probs))  # (B, d)
-            flat = cand.clamp_min(0).flatten()
-            c_emb = model.retr(bank.retriever_input(flat)[:, : model.retr.in_channels]).view(*cand.shape, -1)
+            # each distinct candidate is embedded once; duplicates share it (and its gradient)
+            unique, inverse = torch.unique(cand.clamp_min(0), return_inverse=True)
+            u_emb = model.retr(bank.retriever_input(unique)[:, : model.retr.in_channels])
+            c_emb = u_emb[inverse]  # (B, M, d)
             sims = (c_emb * q_emb.unsqueeze(1)).sum(-1)
             loss = soft_info_nce(sims, relevance, c.tau, c.tau_relevance, valid)
             if self.proximal is not None:
