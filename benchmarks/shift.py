@@ -549,52 +549,58 @@ def run(args: argparse.Namespace) -> int:
     trained_cache: dict[tuple, Trained] = {}
     gallery_done: set[str] = set()
     t_start, spent_est = time.perf_counter(), 0.0
-    for i, job in enumerate(todo, 1):
-        m, h, seed = job.method, job.heldout, job.seed
-        cfg = st.method_cfg(m, seed)
-        train_vds = [v for v in vds if v.vendor != h]
-        names = [f"site-{v.vendor}" for v in train_vds]
-        run_dir = st.run_dir(m, h, seed)
-        print(f"[{i}/{len(todo)}] {m.name}, held-out {h}, seed {seed} ...", flush=True)
-        key = (m.training_key, h, seed)
-        trained = trained_cache.get(key)
-        if trained is None:
-            if m.kind == "federated":
-                yamls = [write_site_yaml(site_config(v, n), out / "sites" / args.dataset.replace("/", "_") / f"{n}.yaml")
-                         for v, n in zip(train_vds, names)]
-                trained = train_federated(m, yamls, st, seed, run_dir, class_keys, names)
-            else:
-                sites = [Site(site_config(v, n), cfg) for v, n in zip(train_vds, names)]
-                if m.kind == "local":
-                    trained = train_local(m, sites, st, seed, run_dir, class_keys)
+    try:
+        for i, job in enumerate(todo, 1):
+            m, h, seed = job.method, job.heldout, job.seed
+            cfg = st.method_cfg(m, seed)
+            train_vds = [v for v in vds if v.vendor != h]
+            names = [f"site-{v.vendor}" for v in train_vds]
+            run_dir = st.run_dir(m, h, seed)
+            print(f"[{i}/{len(todo)}] {m.name}, held-out {h}, seed {seed} ...", flush=True)
+            key = (m.training_key, h, seed)
+            trained = trained_cache.get(key)
+            if trained is None:
+                if m.kind == "federated":
+                    yamls = [write_site_yaml(site_config(v, n), out / "sites" / args.dataset.replace("/", "_") / f"{n}.yaml")
+                             for v, n in zip(train_vds, names)]
+                    trained = train_federated(m, yamls, st, seed, run_dir, class_keys, names)
                 else:
-                    trained = train_central(m, sites, st, seed, run_dir, class_keys)
-            trained_cache = {key: trained}  # only the last run is kept (a +ft variant follows its base)
-        t_eval = time.perf_counter()
-        held = heldout_site(by_vendor[h], cfg, st.support)
-        metrics, model = evaluate_heldout(m, trained, held, st, class_keys)
-        wall = trained.wall_s + (time.perf_counter() - t_eval)
-        common = {"method": m.name, "heldout": h, "seed": seed, "rounds": st.rounds, "local_epochs": st.local_epochs,
-                  "size": st.size, "wall_s": wall, "bytes_per_round": trained.bytes_per_round,
-                  "peak_rss_mb": max(trained.peak_rss_mb, _peak_rss()) if m.kind != "federated" else trained.peak_rss_mb}
-        rows = [r for r in rows if not (r["method"] == m.name and r["heldout"] == h and str(r["seed"]) == str(seed))]
-        rows.append({**common, "site": held.name, "role": "heldout", **metrics})
-        for r in trained.train_rows:
-            rows.append({**common, "role": "train", **r})
-        write_rows(results_path, rows, columns)
-        if m.uses_retrieval and model is not None and h not in gallery_done and not m.finetune:
-            from benchmarks.report import save_gallery
+                    sites = [Site(site_config(v, n), cfg) for v, n in zip(train_vds, names)]
+                    if m.kind == "local":
+                        trained = train_local(m, sites, st, seed, run_dir, class_keys)
+                    else:
+                        trained = train_central(m, sites, st, seed, run_dir, class_keys)
+                trained_cache = {key: trained}  # only the last run is kept (a +ft variant follows its base)
+            t_eval = time.perf_counter()
+            held = heldout_site(by_vendor[h], cfg, st.support)
+            metrics, model = evaluate_heldout(m, trained, held, st, class_keys)
+            wall = trained.wall_s + (time.perf_counter() - t_eval)
+            common = {"method": m.name, "heldout": h, "seed": seed, "rounds": st.rounds, "local_epochs": st.local_epochs,
+                      "size": st.size, "wall_s": wall, "bytes_per_round": trained.bytes_per_round,
+                      "peak_rss_mb": max(trained.peak_rss_mb, _peak_rss()) if m.kind != "federated" else trained.peak_rss_mb}
+            rows = [r for r in rows if not (r["method"] == m.name and r["heldout"] == h and str(r["seed"]) == str(seed))]
+            rows.append({**common, "site": held.name, "role": "heldout", **metrics})
+            for r in trained.train_rows:
+                rows.append({**common, "role": "train", **r})
+            write_rows(results_path, rows, columns)
+            if m.uses_retrieval and model is not None and h not in gallery_done and not m.finetune:
+                from benchmarks.report import save_gallery
 
-            save_gallery(out / f"gallery-{h}.png", model, held, f"{m.name}, held-out vendor {h}, seed {seed}")
-            gallery_done.add(h)
-        spent_est += estimate.get(id(job), 0.0)
-        elapsed = time.perf_counter() - t_start
-        remaining = sum(estimate.get(id(j), 0.0) for j in todo[i:]) * (elapsed / spent_est if spent_est else 1.0)
-        print(f"    held-out Dice {metrics.get('dice_mean', float('nan')):.3f}"
-              + (f" (guides {metrics['guide_dice']:.3f}, oracle {metrics['dice_oracle']:.3f}, random "
-                 f"{metrics['dice_random']:.3f})" if "guide_dice" in metrics else "")
-              + f"; in-federation {_mean([r.get('dice_mean') for r in trained.train_rows]):.3f}; "
-              f"{wall:.0f} s; elapsed {_duration(elapsed)}, left about {_duration(remaining)}", flush=True)
+                save_gallery(out / f"gallery-{h}.png", model, held, f"{m.name}, held-out vendor {h}, seed {seed}")
+                gallery_done.add(h)
+            spent_est += estimate.get(id(job), 0.0)
+            elapsed = time.perf_counter() - t_start
+            remaining = sum(estimate.get(id(j), 0.0) for j in todo[i:]) * (elapsed / spent_est if spent_est else 1.0)
+            print(f"    held-out Dice {metrics.get('dice_mean', float('nan')):.3f}"
+                  + (f" (guides {metrics['guide_dice']:.3f}, oracle {metrics['dice_oracle']:.3f}, random "
+                     f"{metrics['dice_random']:.3f})" if "guide_dice" in metrics else "")
+                  + f"; in-federation {_mean([r.get('dice_mean') for r in trained.train_rows]):.3f}; "
+                  f"{wall:.0f} s; elapsed {_duration(elapsed)}, left about {_duration(remaining)}", flush=True)
+
+    except KeyboardInterrupt:
+        print(f"\njras bench shift: interrupted; the runs finished so far are in {results_path} "
+              "(a re-run with the same --out continues from there)", file=sys.stderr)
+        return 130
 
     rows = read_rows(results_path)
     report = write_report(out, rows, methods=methods, class_names=class_names, settings={

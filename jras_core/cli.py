@@ -246,12 +246,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"Run folder: {out}\n",
         flush=True,
     )
-    import signal
-
-    def _terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # so that the local SuperLink is stopped on `kill` too
-
-    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         run_dir = run_simulation(
             PROJECT_ROOT, [str(p) for p in sites], run_config, cpus_per_client=1,
@@ -263,8 +257,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\njras demo: interrupted; the local SuperLink was stopped", file=sys.stderr)
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     rows = site_table(run_dir)
     print("\nPer-site validation results of the global model after the last round:")
     print(format_site_table(rows))

@@ -16,17 +16,19 @@ No Flower or torch import here: Flower runs in the subprocess.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +245,31 @@ def run_simulation(
         "--stream",
     ]
     log.info("running %s", " ".join(cmd))
+    with _sigterm_as_interrupt():
+        return _run_and_stop(cmd, work, env, flwr, toml_path, run_dir, home, control_port, timeout, stream)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While a run goes, SIGTERM raises KeyboardInterrupt (in the main thread), so that a
+    ``kill`` of the calling process still stops the local SuperLink it started."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_and_stop(cmd: list[str], work: Path, env: dict[str, str], flwr: str, toml_path: Path, run_dir: Path,
+                  home: Path, control_port: int, timeout: float | None, stream: bool) -> Path:
+    """Run ``flwr run`` and wait for it; always stop the local SuperLink of ``control_port``."""
     lines: list[str] = []
     tty = sys.stdout.isatty()
     proc: subprocess.Popen[str] | None = None

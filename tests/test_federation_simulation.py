@@ -6,13 +6,24 @@ run, 3 sites x 2 rounds, is the end-to-end test of ``jras bench shift --quick`` 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from test_federation import TINY, write_sites
 
-from server.processes import pids_with_args
-from server.simulate import SimulationError, format_site_table, run_simulation, site_table
+from server.processes import pids_with_args, stop_pid
+from server.simulate import (
+    OFFLINE_ENV,
+    SimulationError,
+    format_site_table,
+    run_simulation,
+    site_table,
+)
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -25,6 +36,39 @@ def test_simulation_failure_is_reported_and_cleaned_up(tmp_path):
         run_simulation(PROJECT, sites, {"num-server-rounds": 1, "strategy": "nonsense", "method-overrides": TINY},
                        out_dir=tmp_path / "out", flwr_home=home, stream=False, timeout=300)
     assert not pids_with_args("flower-superlink", str(home))
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_caller_stops_the_local_superlink(tmp_path):
+    """`kill` of a process inside run_simulation (e.g. `jras bench shift`) leaves no SuperLink behind."""
+    sites = write_sites(tmp_path, "AB", cases=4)
+    home = tmp_path / "flwr-home"
+    script = (
+        "from server.simulate import run_simulation\n"
+        f"run_simulation({str(PROJECT)!r}, {sites!r}, {{'num-server-rounds': 50, 'method-overrides': {TINY!r}}}, "
+        f"out_dir={str(tmp_path / 'out')!r}, flwr_home={str(home)!r}, stream=False, timeout=600)\n"
+    )
+    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(PROJECT)}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not pids_with_args("flower-superlink", str(home)):
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.5)
+        assert pids_with_args("flower-superlink", str(home)), "the local SuperLink never started"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and pids_with_args("flower-superlink", str(home)):
+            time.sleep(0.5)
+        assert not pids_with_args("flower-superlink", str(home))
+        assert proc.returncode != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in pids_with_args("flower-superlink", str(home)):
+            stop_pid(pid)
 
 
 def test_site_table_names_partitions(tmp_path):
