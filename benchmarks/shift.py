@@ -523,7 +523,8 @@ def run(args: argparse.Namespace) -> int:
     bad = [h for h in heldouts if h not in by_vendor]
     if bad:
         raise ConfigError(f"--heldout {', '.join(bad)}: not a vendor of {args.dataset} ({', '.join(by_vendor)})")
-    jobs = [Job(m, h, s) for h in heldouts for m in chosen for s in seeds]
+    # seed by seed: an interrupted benchmark has every vendor and method of its first seeds
+    jobs = [Job(m, h, s) for s in seeds for h in heldouts for m in chosen]
 
     results_path = out / "results.csv"
     rows = [] if args.fresh else read_rows(results_path)
