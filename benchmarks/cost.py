@@ -16,8 +16,9 @@ Sections (one table each; all rows also in ``cost.csv`` and ``cost.md``):
    d=128, with the memory-bandwidth floor of one full scan of the index. FAISS
    and brute force must return the same indices (checked; a mismatch raises).
 4. ``flower``: Flower round overhead from a simulation's ``metrics.jsonl``
-   (``--flower-metrics``): each round's wall time against the sum of its sites'
-   ``client-time-s`` (local training + evaluation); without the option only a note.
+   (``--flower-metrics``): each round's wall time against the shortest round its
+   sites' compute (``client-time-s`` of training + evaluation) allows on this
+   machine's CPUs; without the option only a note.
 5. ``memory``: peak resident memory (``VmHWM``; ``ru_maxrss`` off Linux) of a
    separate process that builds a 2k-slice bank and runs one J-RAS epoch with it
    (per-client figure).
@@ -54,8 +55,8 @@ SECTION_TITLES = {
 }
 FLOWER_NOTE = (
     "Flower round overhead: pass a simulation's `tensorboard/metrics.jsonl` with "
-    "`--flower-metrics`; the overhead is the round's wall time minus the sum of its sites' "
-    "`client-time-s` (the time spent in local training and evaluation)."
+    "`--flower-metrics`; the overhead is 1 - ideal / wall, the ideal round being the slower of "
+    "its slowest site and its sites' total `client-time-s` (training + evaluation) spread over the CPUs."
 )
 
 
