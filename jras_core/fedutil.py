@@ -59,6 +59,24 @@ def arrays_nbytes(arrays: Mapping[str, np.ndarray]) -> int:
     return int(sum(np.asarray(v).nbytes for v in arrays.values()))
 
 
+TRANSFER_DTYPES: dict[str, np.dtype] = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
+"""Wire formats of model entries (``transfer-dtype`` in the run config)."""
+
+
+def transfer_cast(arrays: Mapping[str, np.ndarray], dtype: str) -> Arrays:
+    """The floating-point entries of ``arrays`` cast to ``dtype`` (``float32`` or ``float16``);
+    integer entries (counters) unchanged. Used on the way out (``float16`` halves the bytes of
+    a round) and on the way in (back to ``float32`` before the model or the aggregation)."""
+    if dtype not in TRANSFER_DTYPES:
+        raise ConfigError(f"transfer-dtype must be one of {list(TRANSFER_DTYPES)}, got {dtype!r}")
+    target = TRANSFER_DTYPES[dtype]
+    out: Arrays = {}
+    for k, v in arrays.items():
+        v = np.asarray(v)
+        out[k] = v.astype(target) if np.issubdtype(v.dtype, np.floating) and v.dtype != target else v
+    return out
+
+
 def norm_keys(model: nn.Module) -> set[str]:
     """State keys of normalisation layers: weights, biases, running statistics, counters."""
     keys: set[str] = set()
@@ -238,6 +256,8 @@ class RoundPolicy:
         keep_retriever_local: only the segmenter is aggregated.
         proximal_mu: FedProx weight (0: no proximal term).
         epochs: local epochs (None: the method config's ``train.epochs``).
+        transfer_dtype: wire format of the model entries the site sends back
+            (``float32`` or ``float16``).
     """
 
     server_round: int = 0
@@ -245,6 +265,7 @@ class RoundPolicy:
     keep_retriever_local: bool = False
     proximal_mu: float = 0.0
     epochs: int | None = None
+    transfer_dtype: str = "float32"
 
 
 @dataclass
@@ -268,6 +289,7 @@ class SiteRunner:
     def _load(self, shared: Mapping[str, np.ndarray], local: Mapping[str, np.ndarray] | None, policy: RoundPolicy) -> set[str]:
         keep = local_keys(self.model, policy.keep_norm_local, policy.keep_retriever_local)
         check_arrays_fit(shared, self.model, "global model", expected=set(self.initial) - keep)
+        shared = transfer_cast(shared, "float32")
         merged = dict(self.initial)
         if local:
             stale = set(local) - keep
@@ -306,6 +328,7 @@ class SiteRunner:
         finally:
             self.site.method = base
         out_shared, out_local = split_arrays(state_to_arrays(self.model.state_dict()), keep)
+        out_shared = transfer_cast(out_shared, policy.transfer_dtype)
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["client-time-s"] = time.perf_counter() - t0
         metrics["peak-rss-mb"] = peak_rss_mb()

@@ -123,6 +123,7 @@ def main(grid: Grid, context: Context) -> None:
     flags = {
         "keep-norm-local": settings.keep_norm_local,
         "keep-retriever-local": settings.keep_retriever_local,
+        "transfer-dtype": settings.transfer_dtype,
     }
     try:
         with_privacy(strategy, settings).start(

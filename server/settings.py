@@ -44,6 +44,8 @@ class ServerSettings:
             [``dp-noise-multiplier``, ``dp-clipping-norm``].
         dp_num_sampled_clients: sites per round the noise is calibrated for; 0: ``min-nodes``
             [``dp-num-sampled-clients``].
+        transfer_dtype: wire format of model entries in both directions, ``float32`` or
+            ``float16`` (half the bytes; the server aggregates in float32) [``transfer-dtype``].
     """
 
     num_rounds: int = 3
@@ -68,6 +70,7 @@ class ServerSettings:
     dp_noise_multiplier: float = 1.0
     dp_clipping_norm: float = 1.0
     dp_num_sampled_clients: int = 0
+    transfer_dtype: str = "float32"
 
     KEYS: ClassVar[dict[str, tuple[str, type]]] = {
         "num-server-rounds": ("num_rounds", int),
@@ -92,6 +95,7 @@ class ServerSettings:
         "dp-noise-multiplier": ("dp_noise_multiplier", float),
         "dp-clipping-norm": ("dp_clipping_norm", float),
         "dp-num-sampled-clients": ("dp_num_sampled_clients", int),
+        "transfer-dtype": ("transfer_dtype", str),
     }
 
     @property
@@ -158,6 +162,8 @@ class ServerSettings:
             raise ConfigError(f"run config: dp-noise-multiplier must be >= 0, got {self.dp_noise_multiplier}")
         if not self.dp_clipping_norm > 0:
             raise ConfigError(f"run config: dp-clipping-norm must be positive, got {self.dp_clipping_norm}")
+        if self.transfer_dtype not in ("float32", "float16"):
+            raise ConfigError(f"run config: transfer-dtype must be float32 or float16, got {self.transfer_dtype!r}")
         if self.dp_num_sampled_clients < 0:
             raise ConfigError(f"run config: dp-num-sampled-clients must be >= 0 (0: min-nodes), got {self.dp_num_sampled_clients}")
 

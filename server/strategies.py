@@ -47,7 +47,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.differential_privacy import compute_stdv
 
-from jras_core.fedutil import Arrays, cast_like, weighted_average
+from jras_core.fedutil import Arrays, cast_like, transfer_cast, weighted_average
 from server.settings import ServerSettings
 from server.tracking import RoundRecorder
 from server.validation import validate_update, validate_weight
@@ -116,6 +116,7 @@ class JRASStrategyMixin:
     recorder: RoundRecorder | None = None
     max_update_norm: float = 0.0
     round_timeout: float | None = None
+    transfer_dtype: str = "float32"
     _global: Arrays | None = None
     _outbox: dict[str, list[Message]] | None = None
     _screened: bool = False
@@ -128,6 +129,7 @@ class JRASStrategyMixin:
         max_update_norm: float = 0.0,
         buffer_keys: Iterable[str] = (),
         round_timeout: float | None = None,
+        transfer_dtype: str = "float32",
     ) -> None:
         self.local_keys = frozenset(local_keys)
         self.buffer_keys = frozenset(buffer_keys)
@@ -135,6 +137,7 @@ class JRASStrategyMixin:
         self.recorder = recorder
         self.max_update_norm = float(max_update_norm)
         self.round_timeout = round_timeout
+        self.transfer_dtype = transfer_dtype
         self._outbox = {}
 
     # ------------------------------------------------------------------ helpers
@@ -180,6 +183,28 @@ class JRASStrategyMixin:
             self.recorder.add_site_metrics(phase, site_label(msg), _metrics_of(msg))
         self.recorder.add_traffic(received=received)
 
+    def _to_wire(self, messages: list[Message]) -> list[Message]:
+        """Cast the outgoing model entries to the transfer dtype (in place; one cast for all)."""
+        if self.transfer_dtype == "float32":
+            return messages
+        cast: dict[int, ArrayRecord] = {}
+        for msg in messages:
+            for name, record in list(msg.content.array_records.items()):
+                if id(record) not in cast:
+                    cast[id(record)] = arrays_to_record(transfer_cast(record_to_arrays(record), self.transfer_dtype))
+                msg.content[name] = cast[id(record)]
+        return messages
+
+    def _from_wire(self, replies: list[Message]) -> None:
+        """Turn the replies' model entries back to float32 (in place) before validation and aggregation."""
+        if self.transfer_dtype == "float32":
+            return
+        for msg in replies:
+            if msg.has_error():
+                continue
+            for name, record in list(msg.content.array_records.items()):
+                msg.content[name] = arrays_to_record(transfer_cast(record_to_arrays(record), "float32"))
+
     def _sent(self, messages: list[Message]) -> None:
         if self.recorder is None:
             return
@@ -220,6 +245,7 @@ class JRASStrategyMixin:
         stays as it is.
         """
         self._record("train", replies, rnd)
+        self._from_wire(replies)
         reference = None
         if self._global is not None:
             reference = {k: v for k, v in self._global.items() if k not in self.local_keys}
@@ -253,7 +279,7 @@ class JRASStrategyMixin:
         if self.recorder is not None:
             self.recorder.start_round(rnd)
         self._global = record_to_arrays(arrays)
-        messages = list(super().configure_train(rnd, self._shared(arrays), config, grid))  # type: ignore[misc]
+        messages = self._to_wire(list(super().configure_train(rnd, self._shared(arrays), config, grid)))  # type: ignore[misc]
         self._sent(messages)
         self._outbox = {**(self._outbox or {}), "train": messages}
         return messages
@@ -283,7 +309,7 @@ class JRASStrategyMixin:
         rnd = server_round + self.round_offset
         if self.recorder is not None:
             self.recorder.start_round(rnd)
-        messages = list(super().configure_evaluate(rnd, self._shared(arrays), config, grid))  # type: ignore[misc]
+        messages = self._to_wire(list(super().configure_evaluate(rnd, self._shared(arrays), config, grid)))  # type: ignore[misc]
         self._sent(messages)
         self._outbox = {**(self._outbox or {}), "evaluate": messages}
         return messages
@@ -412,7 +438,8 @@ def build_strategy(
         )
     else:
         raise ValueError(f"unknown strategy {name!r}")
-    strategy.setup_jras(local_keys, round_offset, recorder, settings.max_update_norm, buffer_keys, settings.round_timeout)
+    strategy.setup_jras(local_keys, round_offset, recorder, settings.max_update_norm, buffer_keys, settings.round_timeout,
+                        settings.transfer_dtype)
     return strategy
 
 
