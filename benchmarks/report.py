@@ -41,12 +41,13 @@ def mean_std(values: Sequence[float]) -> str:
 
 
 def mean_se(values: Sequence[float]) -> str:
-    """``"0.712 ± 0.012"`` (standard error of the mean), ``"–"`` for none."""
+    """``"0.712 ± 0.012"`` (standard error of the mean), ``"0.712"`` for one value, ``"–"`` for none."""
     if not values:
         return "–"
     m = float(np.mean(values))
-    se = float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
-    return f"{m:.3f} ± {se:.3f}"
+    if len(values) == 1:
+        return f"{m:.3f}"
+    return f"{m:.3f} ± {float(np.std(values, ddof=1) / math.sqrt(len(values))):.3f}"
 
 
 def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:

@@ -608,11 +608,19 @@ def run(args: argparse.Namespace) -> int:
         "dataset": args.dataset, "vendors": ", ".join(by_vendor), "heldout": ", ".join(heldouts),
         "seeds": ", ".join(map(str, seeds)), "rounds": args.rounds, "local_epochs": args.local_epochs,
         "size": args.size, "support": args.support, "config": config.name,
-        "overrides": "; ".join(args.set or []) or "none", "command": "jras bench shift " + " ".join(getattr(args, "argv", None) or sys.argv[3:]),
+        "overrides": "; ".join(args.set or []) or "none", "command": reproduce_command(getattr(args, "argv", None) or sys.argv[3:]),
     }, descriptions={m.name: m.description for m in chosen})
     print(report)
     print(f"\nwrote {results_path}, {out / 'report.md'} and figures in {out}")
     return 0
+
+
+def reproduce_command(argv: Sequence[str]) -> str:
+    """The ``jras bench shift`` command line that reruns a benchmark (without ``--report-only``/``--fresh``)."""
+    import shlex
+
+    kept = [a for a in argv if a not in ("--report-only", "--fresh")]
+    return shlex.join(["jras", "bench", "shift", *kept])
 
 
 def _mean(values: Sequence[Any]) -> float:

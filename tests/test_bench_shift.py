@@ -168,7 +168,7 @@ def test_report_arithmetic(tmp_path):
                      "dice_mean": "0.8"})
     assert heldout_by_seed_mean(rows, "m", ["A", "B"]) == pytest.approx([0.6, 0.8])
     assert mean_std([0.5, 0.7]) == "0.600 ± 0.141"
-    assert mean_se([0.6, 0.8]) == "0.700 ± 0.100"
+    assert mean_se([0.6, 0.8]) == "0.700 ± 0.100" and mean_se([0.6]) == "0.600" and mean_std([]) == "–"
     text = write_report(tmp_path, rows, ["m"], ["LV"], settings={
         "dataset": "x", "vendors": "A, B", "heldout": "A, B", "seeds": "0, 1", "rounds": 1, "local_epochs": 1,
         "size": 32, "support": 1, "config": "c", "overrides": "none", "command": "jras bench shift"}, descriptions={})
@@ -183,6 +183,8 @@ def test_bad_arguments_name_the_problem(tmp_path, capsys):
     assert "unknown 'magic'" in capsys.readouterr().err
     assert jras_main(["bench", "shift", "--quick", "--heldout", "Z", "--out", str(tmp_path)]) == 2
     assert "--heldout Z: not a vendor" in capsys.readouterr().err
+    assert shift.reproduce_command(["--report-only", "--methods", "jras-fedavg[retrieval.k=5; train.lr=0.01]"]) == (
+        "jras bench shift --methods 'jras-fedavg[retrieval.k=5; train.lr=0.01]'")
     with pytest.raises(ConfigError, match="brackets"):
         shift.parse_methods("jras-fedavg[retrieval.k=5")
     with pytest.raises(ConfigError, match="twice"):
