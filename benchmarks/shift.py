@@ -307,7 +307,7 @@ def train_federated(method: Method, yamls: Sequence[Path], st: Settings, seed: i
 
     from jras_core.fedutil import PROJECT_ROOT, arrays_to_state
     from server.checkpoint import load_checkpoint
-    from server.simulate import site_table
+    from server.simulate import run_simulation, site_table
 
     overrides = {**st.config_overrides, **method.overrides}
     run_config: dict[str, Any] = {
@@ -321,8 +321,6 @@ def train_federated(method: Method, yamls: Sequence[Path], st: Settings, seed: i
         "client-threads": st.client_threads,
         "min-nodes": len(yamls),
     }
-    from server.simulate import run_simulation
-
     t0 = time.perf_counter()
     run_simulation(PROJECT_ROOT, [str(p) for p in yamls], run_config, cpus_per_client=st.cpus_per_client,
                    out_dir=run_dir.parent, run_name=run_dir.name, stream=False, timeout=st.timeout, fresh=True)
@@ -427,7 +425,7 @@ class Job:
     seed: int
 
 
-def calibrate(st: Settings, vd: VendorData, base_cfg: JRASConfig) -> dict[str, float]:
+def calibrate(vd: VendorData, base_cfg: JRASConfig) -> dict[str, float]:
     """Seconds per training slice of one local epoch, without and with retrieval, measured
     on a 32-slice subset of one site (second epoch, after a warm-up)."""
     from jras_core.models.jras import build_model
@@ -539,7 +537,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already in {results_path}: skipped (--fresh reruns them)")
     estimate: dict[int, float] = {}
     if todo:
-        calib = calibrate(st, vds[0], base_cfg)
+        calib = calibrate(vds[0], base_cfg)
         n_train = len(vds) - 1
         estimate = {id(j): estimate_job_s(j, calib, st, n_train, cores) for j in todo}
         total = sum(estimate.values())
