@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.report import mean_se as report_mean_se
 from jras_core.config import JRASConfig
 from jras_core.data.slices import SliceSet
 from jras_core.models import build_model
@@ -69,12 +70,8 @@ def step_times(cfg: JRASConfig, slices: SliceSet, repeats: int = 5) -> dict[str,
 
 
 def mean_se(values: list[float]) -> str:
-    vals = [v for v in values if not math.isnan(v)]
-    if not vals:
-        return "–"
-    m = float(np.mean(vals))
-    se = float(np.std(vals, ddof=1) / math.sqrt(len(vals))) if len(vals) > 1 else 0.0
-    return f"{m:.3f} ± {se:.3f}"
+    """Mean ± standard error of the finite values (see :func:`benchmarks.report.mean_se`)."""
+    return report_mean_se([v for v in values if not math.isnan(v)])
 
 
 def main(argv: list[str] | None = None) -> int:
