@@ -265,8 +265,7 @@ def _metrics_of(values: Mapping[str, Any], class_keys: Sequence[str]) -> dict[st
     return {k: float(values[k]) for k in keys if k in values}
 
 
-def train_local(method: Method, sites: Sequence[Site], st: Settings, seed: int, run_dir: Path,
-                class_keys: Sequence[str]) -> Trained:
+def train_local(sites: Sequence[Site], st: Settings, run_dir: Path, class_keys: Sequence[str]) -> Trained:
     """Each site trains alone for ``rounds x local_epochs`` epochs."""
     from torch.utils.tensorboard import SummaryWriter
 
@@ -286,8 +285,7 @@ def train_local(method: Method, sites: Sequence[Site], st: Settings, seed: int, 
     return Trained(states, rows, time.perf_counter() - t0, 0.0, _peak_rss())
 
 
-def train_central(method: Method, sites: Sequence[Site], st: Settings, seed: int, run_dir: Path,
-                  class_keys: Sequence[str]) -> Trained:
+def train_central(sites: Sequence[Site], st: Settings, run_dir: Path, class_keys: Sequence[str]) -> Trained:
     """Pooled training of the training sites (same epochs), evaluated on each site."""
     from jras_core.training.centralised import train_centralised
 
@@ -566,9 +564,9 @@ def run(args: argparse.Namespace) -> int:
                 else:
                     sites = [Site(site_config(v, n), cfg) for v, n in zip(train_vds, names)]
                     if m.kind == "local":
-                        trained = train_local(m, sites, st, seed, run_dir, class_keys)
+                        trained = train_local(sites, st, run_dir, class_keys)
                     else:
-                        trained = train_central(m, sites, st, seed, run_dir, class_keys)
+                        trained = train_central(sites, st, run_dir, class_keys)
                 trained_cache = {key: trained}  # only the last run is kept (a +ft variant follows its base)
             t_eval = time.perf_counter()
             held = heldout_site(by_vendor[h], cfg, st.support)

@@ -107,7 +107,7 @@ def test_local_central_finetune_in_process(tmp_path):
     local = shift.METHODS["local"]
     cfg = st.method_cfg(local, seed=0)
     sites = [Site(shift.site_config(v, f"site-{v.vendor}"), cfg) for v in vds[:2]]
-    trained = shift.train_local(local, sites, st, 0, tmp_path / "local", keys)
+    trained = shift.train_local(sites, st, tmp_path / "local", keys)
     assert len(trained.states) == 2 and [r["site"] for r in trained.train_rows] == ["site-A", "site-B"]
     assert list((tmp_path / "local" / "tensorboard").rglob("events.out.tfevents.*"))
     held = shift.heldout_site(vds[3], cfg, st.support)
@@ -121,7 +121,7 @@ def test_local_central_finetune_in_process(tmp_path):
 
     central = shift.METHODS["central"]
     sites = [Site(shift.site_config(v, f"site-{v.vendor}"), st.method_cfg(central, 0)) for v in vds[:2]]
-    trained = shift.train_central(central, sites, st, 0, tmp_path / "central", keys)
+    trained = shift.train_central(sites, st, tmp_path / "central", keys)
     assert len(trained.states) == 1 and len(trained.train_rows) == 2
 
     # +ft fine-tunes on the support cases: the evaluated model differs from the trained one
