@@ -4,21 +4,24 @@ Sections (one table each; all rows also in ``cost.csv`` and ``cost.md``):
 
 1. ``step``: training step time, phase A of J-RAS (K=3) and of ``none``, and a
    phase-B step, same backbone and batch, at each ``--sizes`` (fixed batches,
-   warm-up first, median of repeats); the phase-A ratio also in process CPU time.
+   warm-up first, the three steps timed in turn in each repeat, medians); the ratios
+   also in process CPU time.
 2. ``refresh``: bank refresh time (``RetrievalBank.refresh`` with the model's
    retriever) for banks of ``--bank-sizes`` slices, against one local epoch
    (phase A + B of J-RAS measured on a synthetic site of ~200 slices and scaled
    per slice to the bank's size); a whole J-RAS epoch (A + B + refresh) against a
    ``none`` epoch on the same site (wall and CPU time).
-3. ``search``: FAISS exact top-K (K + own-case margin, 256 queries per batch)
-   against the bank's exact search (a chunked torch matrix product + topk,
+3. ``search``: the bank's FAISS exact top-K (``IndexFlatIP`` through
+   :func:`jras_core.retrieval.bank.faiss_search`; K + own-case margin, 256 queries per
+   batch) against brute force (a chunked torch matrix product + topk,
    :func:`jras_core.retrieval.bank.exact_topk`) at ``--index-sizes``,
    d=128, with the memory-bandwidth floor of one full scan of the index. FAISS
    and brute force must return the same indices (checked; a mismatch raises).
 4. ``flower``: Flower round overhead from a simulation's ``metrics.jsonl``
    (``--flower-metrics``): each round's wall time against the shortest round its
    sites' compute (``client-time-s`` of training + evaluation) allows on this
-   machine's CPUs; without the option only a note.
+   machine's CPUs, and the server's warm-up before round 1 (``startup.json``) on its
+   own row; without the option only a note.
 5. ``memory``: peak resident memory (``VmHWM``; ``ru_maxrss`` off Linux) of a
    separate process that builds a 2k-slice bank and runs one J-RAS epoch with it
    (per-client figure).
@@ -26,6 +29,7 @@ Sections (one table each; all rows also in ``cost.csv`` and ``cost.md``):
 
     python -m benchmarks.cost --out runs/cost          # or: jras bench cost --out runs/cost
     python -m benchmarks.cost --quick --out /tmp/cost  # tiny, < 1 min
+    jras bench cost --set contrastive.steps_per_epoch=4  # the cost of a method option
 
 Timings depend on the machine and on whatever else runs on it: on a shared
 machine, run with ``--threads 1`` and read the CPU-time ratios.
@@ -56,7 +60,8 @@ SECTION_TITLES = {
 FLOWER_NOTE = (
     "Flower round overhead: pass a simulation's `tensorboard/metrics.jsonl` with "
     "`--flower-metrics`; the overhead is 1 - ideal / wall, the ideal round being the slower of "
-    "its slowest site and its sites' total `client-time-s` (training + evaluation) spread over the CPUs."
+    "its slowest site and its sites' total `client-time-s` (training + evaluation) spread over the CPUs. "
+    "The server's warm-up before round 1 (`startup.json`) is reported on its own row."
 )
 
 
@@ -85,6 +90,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="tiny run (size 32, bank 200, index 1000,10000, few repeats; < 1 min)")
     p.add_argument("--out", default="runs/cost", metavar="DIR", help="output folder (default runs/cost)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="method config override for every measurement, e.g. --set contrastive.steps_per_epoch=4 "
+                        "(repeatable; values parsed as YAML)")
     p.add_argument("--flower-metrics", default=None, metavar="JSONL",
                    help="a simulation's tensorboard/metrics.jsonl: report its rounds' Flower overhead")
     p.add_argument("--_memory-probe", dest="memory_probe", action="store_true", help=argparse.SUPPRESS)
@@ -96,11 +104,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------- data
 
 
-def base_config(size: int):
-    """The method's built-in defaults (backbone, batch, K=3) at ``size`` pixels."""
+def base_config(size: int, overrides: dict[str, object] | None = None):
+    """The method's built-in defaults (backbone, batch, K=3) at ``size`` pixels, with
+    ``overrides`` (dotted keys, as ``--set``) applied."""
     from jras_core.config import JRASConfig
 
-    return JRASConfig().with_overrides({"preprocess.size": size})
+    return JRASConfig().with_overrides({**(overrides or {}), "preprocess.size": size})
 
 
 def site_slices(cfg, cases: int, seed: int = 0):
@@ -150,9 +159,29 @@ def _with_cpu_time(fn):
     return result, time.process_time() - t0
 
 
+def _phase_b(trainer) -> tuple[dict[str, float], float]:
+    """One ``phase_retriever`` call: its metrics and its process CPU seconds without the
+    bank refresh at its end (timed apart, like its wall time ``retr_time_s``)."""
+    bank = trainer.bank
+    refresh = bank.refresh
+    spent: list[float] = []
+
+    def timed_refresh(*args, **kwargs):
+        _, cpu = _with_cpu_time(lambda: refresh(*args, **kwargs))
+        spent.append(cpu)
+
+    bank.refresh = timed_refresh
+    try:
+        metrics, cpu = _with_cpu_time(trainer.phase_retriever)
+    finally:
+        del bank.refresh  # the class's method again
+    return metrics, cpu - sum(spent)
+
+
 def step_times(cfg, slices, repeats: int) -> dict[str, float]:
-    """Median seconds per step: phase A of ``none`` and of J-RAS (wall and process CPU
-    time, ``cpu_phase_a_*``), and a phase-B step (wall)."""
+    """Median seconds per step: phase A of ``none`` and of J-RAS and a phase-B step of
+    J-RAS, in wall and process CPU time (``cpu_*``). The three steps are timed in turn
+    within each repeat, so that a change of load on the machine affects them alike."""
     import torch
 
     from jras_core.models import build_model
@@ -160,18 +189,29 @@ def step_times(cfg, slices, repeats: int) -> dict[str, float]:
 
     bs = cfg.train.batch_size
     batch = [torch.arange(bs) % len(slices)]
-    out: dict[str, float] = {}
+    trainers = {}
     for name, overrides in (("none", {"segmenter.fusion": "none"}), ("jras", {})):
         c = cfg.with_overrides(overrides)
         trainer = JRASTrainer(build_model(c), c, slices)
         trainer._batches = lambda: list(batch)  # one fixed batch per call
         trainer.phase_segmenter()  # warm-up
-        timed = [_with_cpu_time(trainer.phase_segmenter) for _ in range(repeats)]
-        out[f"phase_a_{name}"] = _median([m["seg_time_s"] for m, _ in timed])
-        out[f"cpu_phase_a_{name}"] = _median([cpu for _, cpu in timed])
-        if name == "jras":
-            trainer.phase_retriever()  # warm-up
-            out["phase_b_jras"] = _median([trainer.phase_retriever()["retr_time_s"] for _ in range(repeats)])
+        trainers[name] = trainer
+    jras = trainers["jras"]
+    if cfg.trains_retriever:
+        _phase_b(jras)  # warm-up
+    timed: dict[str, list[tuple[float, float]]] = {"phase_a_none": [], "phase_a_jras": [], "phase_b_jras": []}
+    for _ in range(repeats):
+        for name in ("none", "jras"):
+            m, cpu = _with_cpu_time(trainers[name].phase_segmenter)
+            timed[f"phase_a_{name}"].append((m["seg_time_s"], cpu))
+        if cfg.trains_retriever:
+            m, cpu = _phase_b(jras)
+            timed["phase_b_jras"].append((m["retr_time_s"], cpu))
+    out: dict[str, float] = {}
+    for key, values in timed.items():
+        if values:
+            out[key] = _median([wall for wall, _ in values])
+            out[f"cpu_{key}"] = _median([cpu for _, cpu in values])
     return out
 
 
@@ -198,8 +238,8 @@ def epoch_time(cfg, slices) -> dict[str, float]:
         if name == "none":
             out["none_s"] = m["epoch_time_s"]
         else:
-            out.update(seg_s=m["seg_time_s"], retr_s=m["retr_time_s"], site_refresh_s=m["refresh_time_s"],
-                       jras_s=m["epoch_time_s"])
+            out.update(seg_s=m["seg_time_s"], retr_s=m.get("retr_time_s", 0.0),
+                       site_refresh_s=m.get("refresh_time_s", 0.0), jras_s=m["epoch_time_s"])
     return out
 
 
@@ -233,7 +273,8 @@ def memory_bandwidth(nbytes: int, repeats: int) -> float:
 
 
 def search_times(n: int, d: int, k: int, nq: int, repeats: int, seed: int = 0) -> dict[str, float]:
-    """Median seconds per batch of ``nq`` queries: FAISS ``IndexFlatIP`` vs torch ``mm`` + ``topk``.
+    """Median seconds per batch of ``nq`` queries: FAISS ``IndexFlatIP`` as the bank searches it
+    (:func:`~jras_core.retrieval.bank.faiss_search`) vs torch ``mm`` + ``topk``.
 
     Raises ``AssertionError`` if the two disagree on a top-k index beyond float ties.
     """
@@ -247,14 +288,14 @@ def search_times(n: int, d: int, k: int, nq: int, repeats: int, seed: int = 0) -
     q = rng.standard_normal((nq, d)).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     kk = min(k, n)
-    from jras_core.retrieval.bank import exact_topk
+    from jras_core.retrieval.bank import exact_topk, faiss_search
 
     index = faiss.IndexFlatIP(d)
     index.add(x)
     xt, qt = torch.from_numpy(x), torch.from_numpy(q)
 
     def run_faiss():
-        return index.search(q, kk)
+        return faiss_search(index, q, kk)
 
     def run_torch():
         return exact_topk(qt, xt, kk)
@@ -328,6 +369,15 @@ def flower_overhead(path: str | Path, cpus: int | None = None) -> list[dict[str,
     return rounds
 
 
+def flower_startup(path: str | Path) -> dict | None:
+    """The server's warm-up before round 1 (``startup.json`` beside ``metrics.jsonl``;
+    written by :meth:`server.tracking.RoundRecorder.record_startup`), or None."""
+    from server.tracking import STARTUP_FILE
+
+    file = Path(path).with_name(STARTUP_FILE)
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
 def transfer_bytes(cfg) -> dict[str, int]:
     """One-way bytes of the model's state as fp32 and with float entries cast to fp16."""
     import numpy as np
@@ -350,6 +400,7 @@ def memory_probe(args: argparse.Namespace) -> int:
     import faiss  # noqa: F401  (count the libraries a client loads)
     import torch
 
+    from jras_core.cli import parse_overrides
     from jras_core.models import build_model
     from jras_core.retrieval.bank import RetrievalBank
     from jras_core.sysinfo import peak_rss_mb
@@ -357,7 +408,7 @@ def memory_probe(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     after_imports = peak_rss_mb()
-    cfg = base_config(args.probe_size)
+    cfg = base_config(args.probe_size, parse_overrides(args.set))
     site = site_slices(cfg, args.probe_cases)
     bank = RetrievalBank(repeated_slices(site, args.probe_bank), cfg.labels.num_classes, cfg.retrieval.index)
     model = build_model(cfg)
@@ -368,9 +419,11 @@ def memory_probe(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_memory_probe(size: int, bank: int, cases: int, threads: int) -> dict[str, float]:
+def run_memory_probe(size: int, bank: int, cases: int, threads: int, settings: list[str] | None = None) -> dict[str, float]:
     cmd = [sys.executable, "-m", "benchmarks.cost", "--_memory-probe", "--_probe-size", str(size),
            "--_probe-bank", str(bank), "--_probe-cases", str(cases), "--threads", str(threads)]
+    for item in settings or []:
+        cmd += ["--set", item]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
     res = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, env=env, check=False)
     if res.returncode != 0:
@@ -405,7 +458,10 @@ def run(args: argparse.Namespace) -> int:
     import faiss
     import torch
 
+    from jras_core.cli import parse_overrides
+
     logging.getLogger("jras_core").setLevel(logging.WARNING)
+    method = parse_overrides(args.set)
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     quick = args.quick
@@ -430,13 +486,14 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(format_table([r for r in rows if r["section"] == section])), flush=True)
 
     header = (f"threads {args.threads}, torch {torch.__version__}, faiss {faiss.__version__}, "
-              f"{os.cpu_count()} CPUs visible{', --quick' if quick else ''}")
+              f"{os.cpu_count()} CPUs visible{', --quick' if quick else ''}"
+              + "".join(f", --set {item}" for item in args.set))
     print(f"# J-RAS cost benchmark ({header})", flush=True)
 
     # 1. step times ----------------------------------------------------------
     site_by_size = {}
     for size in sizes:
-        cfg = base_config(size)
+        cfg = base_config(size, method)
         slices = site_slices(cfg, site_cases)
         site_by_size[size] = slices
         st = step_times(cfg, slices, repeats)
@@ -446,13 +503,16 @@ def run(args: argparse.Namespace) -> int:
         add("step", f"phase A J-RAS / none, {size}px", st["phase_a_jras"] / st["phase_a_none"], "x", "wall time")
         add("step", f"phase A J-RAS / none, {size}px, CPU time", st["cpu_phase_a_jras"] / st["cpu_phase_a_none"], "x",
             "process CPU time (robust to other load)")
-        add("step", f"phase B J-RAS, {size}px", st["phase_b_jras"] * 1e3, "ms/step",
-            f"{cfg.contrastive.candidates} candidates, relevance {cfg.contrastive.relevance}")
+        if "phase_b_jras" in st:
+            note_b = f"{cfg.contrastive.candidates} candidates, relevance {cfg.contrastive.relevance}, refresh excluded"
+            add("step", f"phase B J-RAS, {size}px", st["phase_b_jras"] * 1e3, "ms/step", note_b)
+            add("step", f"phase B J-RAS / phase A none, {size}px, CPU time",
+                st["cpu_phase_b_jras"] / st["cpu_phase_a_none"], "x", "process CPU time (robust to other load)")
     show("step")
 
     # 2. refresh vs epoch ----------------------------------------------------
     size = max(sizes)
-    cfg = base_config(size)
+    cfg = base_config(size, method)
     slices = site_by_size[size]
     ep = epoch_time(cfg, slices)
     per_slice = (ep["seg_s"] + ep["retr_s"]) / len(slices)
@@ -494,6 +554,12 @@ def run(args: argparse.Namespace) -> int:
 
     # 4. Flower round overhead (from a simulation's metrics) ----------------------
     if args.flower_metrics:
+        startup = flower_startup(args.flower_metrics)
+        if startup and startup.get("wall_time_s"):
+            site_times = [t for t in (startup.get("client-time-s") or {}).values() if t is not None]
+            add("flower", "warm-up before round 1, wall time", startup["wall_time_s"], "s",
+                f"{startup.get('sites_ready', 0)} of {startup.get('sites', 0)} sites ready; worker start, imports, "
+                f"site data and bank (slowest site {max(site_times, default=0.0):.1f} s); not part of any round")
         for r in flower_overhead(args.flower_metrics):
             note = (f"{r['sites']} sites; client-time-s: sum {r['compute_s']:.1f} s, "
                     f"slowest site per phase {r['critical_s']:.1f} s")
@@ -504,7 +570,7 @@ def run(args: argparse.Namespace) -> int:
 
     # 5. memory ------------------------------------------------------------------
     probe_size, probe_bank = (32, 200) if quick else (128, 2000)
-    mem = run_memory_probe(probe_size, probe_bank, site_cases, args.threads)
+    mem = run_memory_probe(probe_size, probe_bank, site_cases, args.threads, args.set)
     add("memory", "after imports (torch, MONAI, FAISS)", mem["after_imports_mb"], "MiB", "peak RSS (VmHWM)")
     add("memory", f"peak: bank {mem['bank']} x {probe_size}px + 1 J-RAS epoch", mem["peak_mb"], "MiB",
         f"site of {mem['site']} slices, separate process, peak RSS (VmHWM)")

@@ -4,7 +4,10 @@ On ``train``: load the global weights (plus the site's own local entries kept in
 ``context.state``), run the local epochs of the alternating optimisation, reply
 with the model entries that are aggregated (one ``ArrayRecord``) and scalar
 metrics (one ``MetricRecord`` with ``num-examples``). On ``evaluate``: reply with
-the validation metrics only. Images, masks, embeddings and the bank never leave.
+the validation metrics only. On ``query`` (the server's warm-up before the first
+round): get ready, i.e. read the site's YAML and data, build its bank and model and
+pay the process's first-use costs, and reply with the seconds it took. Images,
+masks, embeddings and the bank never leave.
 
 Which site this node is: ``node_config["site-config"]`` (deployment: a site YAML
 on this machine), else ``node_config["partition-id"]`` indexing the run config's
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -160,4 +164,23 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Validation metrics of the global model on this site (with its local entries)."""
     runner = runner_for(context)
     metrics = runner.evaluate(_arrays(msg), _local_state(context), _policy(_config(msg)))
+    return Message(content=RecordDict({"metrics": MetricRecord(_identify(metrics, context))}), reply_to=msg)
+
+
+@app.query()
+@reports_input_errors
+def query(msg: Message, context: Context) -> Message:
+    """Warm-up before the first round: build this node's site runner (site YAML, data splits,
+    bank, model) and import what the first local epoch would otherwise import (torch's
+    optimisers load ``torch._dynamo`` on first use, seconds per process), so that the rounds
+    measure rounds. Replies with ``client-time-s``."""
+    t0 = time.perf_counter()
+    import torch._dynamo  # noqa: F401
+
+    runner = runner_for(context)
+    site = runner.site
+    site.train_set, site.val_set  # noqa: B018 - loads and splits the site's slices
+    if site.method.uses_retrieval:
+        site.bank  # noqa: B018 - the bank over the training slices
+    metrics = {"client-time-s": time.perf_counter() - t0}
     return Message(content=RecordDict({"metrics": MetricRecord(_identify(metrics, context))}), reply_to=msg)

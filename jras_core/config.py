@@ -80,6 +80,13 @@ class AugmentConfig:
     flip: bool = False
     rotate_deg: float = 0.0
     scale: float = 0.0
+    guides: Literal["none", "shared", "independent"] = "none"
+    """How phase A's guide images are augmented. ``none``: the query is augmented before
+    retrieval and its guides keep their bank appearance. ``shared``: guides are retrieved
+    for the unaugmented query, then the query and its K guides receive one intensity change
+    together, so they always look alike (as at a site whose bank holds its own scanner's
+    images) and the segmenter can read the query's appearance off its guides.
+    ``independent``: the query as in ``none``, each guide its own random change."""
 
     def validate(self) -> None:
         if not 0.0 <= self.prob <= 1.0:
@@ -100,6 +107,9 @@ class SegmenterConfig:
     """Initial weights of the backbone's input connections from the guide channels:
     ``default`` (the layer's own initialisation) or ``zero`` (the segmenter starts as the
     plain one and learns to use its guides only as far as they help)."""
+    appearance: bool = False
+    """Also feed the segmenter the query's class probabilities under a per-class intensity
+    model fitted to its guides (which intensities mean which tissue at this scanner)."""
 
     def validate(self) -> None:
         if len(self.channels) < 2:
@@ -118,12 +128,18 @@ class RetrieverConfig:
     pool_grid: int = 1
     """Pooling of the encoder's last feature map before the projection head: 1 averages it
     to one vector; g > 1 averages it to a g x g grid kept in the embedding (where things are)."""
+    input_size: int | None = None
+    """Side in pixels to which the retriever's inputs (bank entries and queries alike) are
+    resampled by area averaging before its encoder; None: the slice size. Half the slice
+    size makes the retriever about four times cheaper (phase B, bank refresh, query embedding)."""
 
     def validate(self) -> None:
         if self.embed_dim < 2:
             raise ConfigError(f"retriever.embed_dim must be >= 2, got {self.embed_dim}")
         if self.pool_grid < 1:
             raise ConfigError(f"retriever.pool_grid must be >= 1, got {self.pool_grid}")
+        if self.input_size is not None and (self.input_size < 16 or self.input_size % 16):
+            raise ConfigError(f"retriever.input_size must be a multiple of 16 and >= 16, got {self.input_size}")
 
 
 @dataclass

@@ -2,18 +2,28 @@
 
 It builds the global model (segmenter + retriever, one ``ArrayRecord`` with
 ``seg.*``/``retr.*`` keys) from the run's method configuration, or loads it from a
-checkpoint to resume, runs the configured strategy, and after every round writes
-the global checkpoint and the round's TensorBoard scalars.
+checkpoint to resume, warms the connected sites up when asked to (:func:`warm_up`,
+run-config ``warm-up``, which ``run_simulation`` sets), runs the configured strategy, and after
+every round writes the global checkpoint and the round's TensorBoard scalars.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid, ServerApp
 
 from jras_core.config import JRASConfig
@@ -32,7 +42,9 @@ from server.strategies import (
     JRASStrategyMixin,
     arrays_to_record,
     build_strategy,
+    error_text,
     record_to_arrays,
+    site_label,
     with_privacy,
 )
 from server.tracking import RoundRecorder
@@ -89,6 +101,37 @@ def initial_state(
     return arrays_to_record(ckpt.arrays), ckpt
 
 
+def warm_up(grid: Grid, timeout: float | None) -> dict[str, Any]:
+    """Before the first round, send each connected node a ``query`` message and wait (at
+    most ``timeout`` s) for the replies: each site then loads its data, builds its bank and
+    model, and its process pays its first-use costs (Flower's simulation starts its workers
+    and imports the ClientApp on their first message), so that round 1 measures a round.
+
+    A site that fails or does not answer is logged and left to the rounds. Nodes that
+    connect later are warmed up by their first round.
+
+    Returns:
+        ``wall_time_s``, ``sites``, ``sites_ready`` and each ready site's ``client-time-s``
+        (``{}`` when no node is connected yet).
+    """
+    node_ids = list(grid.get_node_ids())
+    if not node_ids:
+        return {}
+    t0 = time.perf_counter()
+    messages = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=nid) for nid in node_ids]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    wall = time.perf_counter() - t0
+    ready: dict[str, float] = {}
+    for msg in replies:
+        if msg.has_error():
+            log.warning("warm-up: %s is not ready: %s", site_label(msg), error_text(msg))
+            continue
+        metrics = next(iter(msg.content.metric_records.values()), {})
+        ready[site_label(msg)] = float(metrics.get("client-time-s", float("nan")))
+    log.info("warm-up: %d of %d sites ready in %.1f s", len(ready), len(node_ids), wall)
+    return {"wall_time_s": wall, "sites": len(node_ids), "sites_ready": len(ready), "client-time-s": ready}
+
+
 def _show_logs() -> None:
     """Route this package's INFO logs to Flower's log handlers (they reach ``flwr log``)."""
     ours = logging.getLogger("server")
@@ -126,6 +169,9 @@ def main(grid: Grid, context: Context) -> None:
         "transfer-dtype": settings.transfer_dtype,
     }
     try:
+        startup = warm_up(grid, settings.round_timeout) if settings.warm_up else {}
+        if startup:
+            recorder.record_startup(startup)
         with_privacy(strategy, settings).start(
             grid=grid,
             initial_arrays=arrays,

@@ -14,7 +14,6 @@ ROBUST = ("fedmedian", "fedtrimmedavg", "krum")
 DP_MODES = ("none", "fixed")
 AGGREGATE = ("all", "segmenter")
 
-
 @dataclass
 class ServerSettings:
     """What the ServerApp reads from ``context.run_config`` (keys in brackets).
@@ -46,6 +45,9 @@ class ServerSettings:
             [``dp-num-sampled-clients``].
         transfer_dtype: wire format of model entries in both directions, ``float32`` or
             ``float16`` (half the bytes; the server aggregates in float32) [``transfer-dtype``].
+        warm_up: before round 1, have every connected site load its data, bank and model
+            and its process pay its first-use costs (:func:`server.server_app.warm_up`), so
+            that round 1 measures a round [``warm-up``]; ``run_simulation`` turns it on.
     """
 
     num_rounds: int = 3
@@ -71,6 +73,7 @@ class ServerSettings:
     dp_clipping_norm: float = 1.0
     dp_num_sampled_clients: int = 0
     transfer_dtype: str = "float32"
+    warm_up: bool = False
 
     KEYS: ClassVar[dict[str, tuple[str, type]]] = {
         "num-server-rounds": ("num_rounds", int),
@@ -96,6 +99,7 @@ class ServerSettings:
         "dp-clipping-norm": ("dp_clipping_norm", float),
         "dp-num-sampled-clients": ("dp_num_sampled_clients", int),
         "transfer-dtype": ("transfer_dtype", str),
+        "warm-up": ("warm_up", bool),
     }
 
     @property
@@ -121,7 +125,7 @@ class ServerSettings:
             value = run_config[key]
             if tp is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
-            if not isinstance(value, tp) or isinstance(value, bool):
+            if not isinstance(value, tp) or (isinstance(value, bool) and tp is not bool):
                 raise ConfigError(f"run config: {key} must be {tp.__name__}, got {value!r}")
             kwargs[attr] = value
         settings = cls(**kwargs)

@@ -162,6 +162,7 @@ def run_simulation(
     stream: bool = True,
     timeout: float | None = None,
     fresh: bool = False,
+    warm_up: bool = True,
 ) -> Path:
     """Run a simulated federation of ``sites`` and return its run folder.
 
@@ -182,10 +183,15 @@ def run_simulation(
         timeout: seconds before the run is stopped and :class:`SimulationError` raised.
         fresh: first remove a previous run's checkpoint, TensorBoard folder and logs
             from ``out_dir/run_name`` (else new rounds are appended to its logs).
+        warm_up: before round 1 the server has every site load its data and bank and its
+            worker import the ClientApp (run-config ``warm-up``), so that Ray's start and the
+            first-use costs are not part of round 1; the warm-up's wall time is written to
+            ``tensorboard/startup.json``.
 
     Returns:
-        ``out_dir/run_name``: ``checkpoint.pt``, ``tensorboard/`` (events and
-        ``metrics.jsonl``), ``run-config.toml`` and ``flwr-run.log``.
+        ``out_dir/run_name``: ``checkpoint.pt``, ``tensorboard/`` (events,
+        ``metrics.jsonl`` and, after a warm-up, ``startup.json``), ``run-config.toml`` and
+        ``flwr-run.log``.
 
     Raises:
         SimulationError: ``flwr run`` failed or timed out, or the run did not finish
@@ -218,6 +224,7 @@ def run_simulation(
     elif any(p.exists() for p in previous):
         log.warning("%s holds a previous run: its checkpoint is replaced and its logs are appended to", run_dir)
     rc: dict[str, Any] = dict(run_config or {})
+    rc.setdefault("warm-up", warm_up)
     rc.setdefault("min-nodes", n)
     rc.update({"sites": ",".join(str(p) for p in site_paths), "output-dir": str(run_dir.parent), "run-name": run_name})
 

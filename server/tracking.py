@@ -20,6 +20,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+STARTUP_FILE = "startup.json"
+"""The warm-up before the first round (wall time, sites ready, each site's ``client-time-s``)."""
 
 
 class RoundRecorder:
@@ -133,6 +135,17 @@ class RoundRecorder:
         )
         self._reset(rnd)
         return summary
+
+    def record_startup(self, startup: Mapping[str, Any]) -> None:
+        """Write the warm-up before the first round to ``startup.json`` (not a round: it is
+        kept out of ``metrics.jsonl``) and its scalars to TensorBoard."""
+        if self.log_dir is not None:
+            (self.log_dir / STARTUP_FILE).write_text(json.dumps(_json_safe(dict(startup)), indent=1) + "\n")
+        if self._writer is not None:
+            for key, value in startup.items():
+                if isinstance(value, (int, float)):
+                    self._writer.add_scalar(f"startup/{key}", value, 0)
+            self._writer.flush()
 
     def close(self) -> None:
         if self._writer is not None:

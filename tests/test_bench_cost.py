@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.cost import SECTION_TITLES, check_same_topk, flower_overhead, main, search_times
+from benchmarks.cost import (
+    SECTION_TITLES,
+    check_same_topk,
+    flower_overhead,
+    flower_startup,
+    main,
+    search_times,
+)
 from jras_core.cli import build_parser
 
 
@@ -42,8 +49,18 @@ def test_flower_overhead_from_metrics(tmp_path: Path):
         flower_overhead(tmp_path / "empty.jsonl")
 
 
+def test_flower_startup_beside_the_metrics(tmp_path: Path):
+    metrics = _metrics_jsonl(tmp_path / "metrics.jsonl")
+    assert flower_startup(metrics) is None
+    startup = {"wall_time_s": 12.5, "sites": 2, "sites_ready": 2, "client-time-s": {"node-0": 4.0, "node-1": 3.0}}
+    (tmp_path / "startup.json").write_text(json.dumps(startup))
+    assert flower_startup(metrics) == startup
+
+
 def test_quick_run_writes_every_section(tmp_path: Path, capsys):
     metrics = _metrics_jsonl(tmp_path / "metrics.jsonl")
+    (tmp_path / "startup.json").write_text(json.dumps({"wall_time_s": 9.0, "sites": 2, "sites_ready": 2,
+                                                       "client-time-s": {"node-0": 4.0, "node-1": 3.5}}))
     assert main(["--quick", "--out", str(tmp_path), "--flower-metrics", str(metrics)]) == 0
     assert (tmp_path / "cost.md").is_file() and (tmp_path / "cost.csv").is_file()
     with open(tmp_path / "cost.csv", newline="") as fh:
@@ -57,7 +74,7 @@ def test_quick_run_writes_every_section(tmp_path: Path, capsys):
     assert {r["item"].rsplit("=", 1)[1] for r in agree} == {"1000", "10000"}
     assert all(float(r["value"]) == 1.0 for r in agree)
     md = (tmp_path / "cost.md").read_text()
-    assert "Flower round overhead" in md and "round 2 overhead" in md
+    assert "Flower round overhead" in md and "round 2 overhead" in md and "warm-up before round 1" in md
     assert "Training step time" in capsys.readouterr().out
 
 

@@ -69,3 +69,91 @@ def test_lever_options_are_validated():
         JRASConfig().with_overrides({"retriever.pool_grid": 0})
     with pytest.raises(ConfigError, match="guide_init"):
         JRASConfig().with_overrides({"segmenter.guide_init": "ones"})
+
+
+def _trainer_with_echo_guides(mode: str, k: int = 3):
+    """A trainer (``augment.guides = mode``, noise off) whose finder returns each query's own
+    image K times as its guides (the last one missing), so shared appearance is checkable."""
+    from jras_core.cli import synthetic_site
+    from jras_core.retrieval.finder import Guides
+    from jras_core.site import Site
+    from jras_core.training.joint import JRASTrainer
+
+    cfg = JRASConfig().with_overrides({**BASE, "augment.guides": mode, "augment.prob": 1.0,
+                                       "augment.noise_std": 0.0, "retrieval.k": k})
+    site = Site(synthetic_site("A", 2, 0, 32), cfg)
+    trainer = JRASTrainer(build_model(cfg), cfg, site.train_set)
+    seen = {}
+
+    def find(images, case_names=None, train_pool=None, **_):
+        seen["query"] = images
+        b, _, h, w = images.shape
+        idx = torch.arange(k).repeat(b, 1)
+        idx[:, -1] = -1
+        guide_images = images.unsqueeze(1).repeat(1, k, 1, 1, 1)
+        guide_images[:, -1] = 0.0
+        return Guides(guide_images, torch.zeros(b, k, h, w, dtype=torch.long), torch.zeros(b, k), idx), None
+
+    trainer.finder.find = find
+    return trainer, seen
+
+
+def test_shared_guide_augmentation_gives_query_and_guides_one_appearance():
+    trainer, seen = _trainer_with_echo_guides("shared")
+    idx = torch.arange(6)
+    images, guides = trainer._guided_batch(idx)
+    raw = trainer.train_set.images[idx]
+    assert torch.equal(seen["query"], raw)  # retrieval sees the unaugmented query
+    assert not torch.allclose(images, raw, atol=1e-3)  # the query was changed
+    for j in range(2):  # each present guide (here: the query's own image) changed the same way
+        torch.testing.assert_close(guides.images[:, j], images, atol=1e-5, rtol=0)
+    assert torch.count_nonzero(guides.images[:, -1]) == 0  # a missing guide stays blank
+
+
+def test_independent_and_no_guide_augmentation():
+    trainer, seen = _trainer_with_echo_guides("independent")
+    images, guides = trainer._guided_batch(torch.arange(6))
+    assert torch.equal(seen["query"], images)  # retrieval with the augmented query
+    assert not torch.allclose(guides.images[:, 0], guides.images[:, 1], atol=1e-3)  # each guide its own change
+    assert not torch.allclose(guides.images[:, 0], images, atol=1e-3)
+    assert torch.count_nonzero(guides.images[:, -1]) == 0
+    trainer, seen = _trainer_with_echo_guides("none")
+    images, guides = trainer._guided_batch(torch.arange(6))
+    assert torch.equal(guides.images[:, 0], seen["query"]) and torch.equal(seen["query"], images)
+    with pytest.raises(ConfigError, match="augment.guides"):
+        JRASConfig().with_overrides({"augment.guides": "both"})
+
+
+def test_appearance_prior_reads_tissue_intensities_off_the_guides():
+    from jras_core.models.segmenter import appearance_prior
+
+    masks = torch.zeros(1, 2, 8, 8, dtype=torch.long)
+    masks[:, :, 2:4] = 1
+    masks[:, :, 5:7] = 2
+    # scanner 1: class 1 bright, class 2 dark; scanner 2: the contrast order reversed
+    for bright, dark in ((1, 2), (2, 1)):
+        guides = torch.full((1, 2, 1, 8, 8), 0.5) + 0.01 * torch.randn(1, 2, 1, 8, 8)
+        guides[:, :, 0][masks == bright] = 0.9
+        guides[:, :, 0][masks == dark] = 0.1
+        query = torch.tensor([0.9, 0.1, 0.5, 0.5]).view(1, 1, 2, 2)
+        prior = appearance_prior(query, guides, masks, num_classes=4)
+        assert prior.shape == (1, 4, 2, 2)
+        torch.testing.assert_close(prior.sum(1), torch.ones(1, 2, 2))
+        assert prior[0, :, 0, 0].argmax() == bright and prior[0, :, 0, 1].argmax() == dark
+        assert prior[0, :, 1, 0].argmax() == 0
+        assert prior[0, 3].max() == 0  # class 3 appears in no guide
+
+
+def test_appearance_channels_are_part_of_the_guides():
+    cfg = JRASConfig().with_overrides({**BASE, "segmenter.appearance": True})
+    model = build_model(cfg).eval()
+    plain = build_model(cfg.with_overrides({"segmenter.appearance": False}))
+    assert model.seg.in_channels == plain.seg.in_channels + 4
+    x = torch.rand(2, 1, 32, 32)
+    guides = torch.rand(2, 3, 1, 32, 32), torch.randint(0, 4, (2, 3, 32, 32))
+    extra = model.seg.guide_channels(x, *guides)
+    assert extra.shape == (2, model.seg.in_channels - 1, 32, 32)
+    torch.testing.assert_close(extra[:, -4:].sum(1), torch.ones(2, 32, 32))
+    with torch.no_grad():  # guide dropout removes the appearance channels with the guides
+        dropped = model.seg(x, *guides, None, torch.zeros(2, dtype=torch.bool))
+        assert torch.equal(dropped, model.seg(x))

@@ -96,7 +96,12 @@ class BatchIntensityAugment:
         self.transform.set_random_state(seed=seed)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 1, H, W)`` -> ``(B, 1, H, W)`` float32, each image re-scaled to about ``[0, 1]``."""
+        """``(B, C, H, W)`` -> ``(B, C, H, W)`` float32, each image re-scaled to about ``[0, 1]``.
+
+        The ``C`` channels of a sample receive one random change together (one contrast
+        curve, bias field, intensity shift; independent noise), then each channel is
+        re-scaled on its own: a query stacked with its guides stays alike in appearance.
+        """
         if not self.enabled:
             return images
         tracking = get_track_meta()
@@ -106,6 +111,6 @@ class BatchIntensityAugment:
         finally:
             set_track_meta(tracking)
         y = torch.stack(out)
-        lo = y.amin(dim=(1, 2, 3), keepdim=True)
-        hi = y.amax(dim=(1, 2, 3), keepdim=True)
+        lo = y.amin(dim=(2, 3), keepdim=True)
+        hi = y.amax(dim=(2, 3), keepdim=True)
         return ((y - lo) / (hi - lo).clamp_min(1e-6)).contiguous()

@@ -38,7 +38,9 @@ def build_model(cfg: JRASConfig) -> JRASModel:
         channels=cfg.segmenter.channels,
         dropout=cfg.segmenter.dropout,
         guide_init=cfg.segmenter.guide_init,
+        appearance=cfg.segmenter.appearance,
     )
     in_ch = 1 + (num_classes - 1 if cfg.retriever.input == "image+pred" else 0)
-    retr = Retriever(in_ch, cfg.retriever.embed_dim, cfg.retriever.channels, cfg.retriever.pool_grid)
+    retr = Retriever(in_ch, cfg.retriever.embed_dim, cfg.retriever.channels, cfg.retriever.pool_grid,
+                     input_size=cfg.retriever.input_size)
     return JRASModel(seg, retr)

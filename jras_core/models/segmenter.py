@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 from monai.networks.blocks import Convolution
 from torch import nn
 
@@ -13,6 +14,38 @@ from jras_core.models.backbones import build_backbone
 from jras_core.retrieval.guides import one_hot_fg
 
 FUSIONS = ("concat", "prior", "feature", "none")
+
+
+def appearance_prior(
+    image: torch.Tensor, guide_images: torch.Tensor, guide_masks: torch.Tensor, num_classes: int,
+    min_std: float = 0.05,
+) -> torch.Tensor:
+    """Per-pixel class probabilities of the query under its guides' intensity model.
+
+    Each class's intensity in the K guide images (read through their masks) is fitted by one
+    Gaussian; each query pixel gets the class posterior of its intensity under these
+    Gaussians (equal class priors). Guides from the query's own scanner so tell which
+    intensities mean which tissue there, whatever the scanner's contrast order.
+
+    Args:
+        image: query ``(B, 1, H, W)``; guide_images ``(B, K, 1, H, W)``; guide_masks
+            ``(B, K, H, W)`` labels in ``[0, num_classes)``.
+        min_std: floor of each class's standard deviation (intensities in about ``[0, 1]``).
+
+    Returns:
+        ``(B, C, H, W)`` probabilities; classes absent from every guide get probability 0
+        (uniform over all classes when no class is present).
+    """
+    onehot = F.one_hot(guide_masks.long().clamp(0, num_classes - 1), num_classes).movedim(-1, 2)  # (B, K, C, H, W)
+    onehot = onehot.to(image.dtype)
+    count = onehot.sum(dim=(1, 3, 4))  # (B, C)
+    s1 = (onehot * guide_images).sum(dim=(1, 3, 4))
+    s2 = (onehot * guide_images.square()).sum(dim=(1, 3, 4))
+    mean = s1 / count.clamp_min(1.0)
+    var = (s2 / count.clamp_min(1.0) - mean.square()).clamp_min(0.0) + min_std**2
+    loglik = -(image - mean[:, :, None, None]).square() / (2 * var[:, :, None, None]) - 0.5 * var.log()[:, :, None, None]
+    loglik = loglik.masked_fill((count == 0)[:, :, None, None], -1e4)
+    return torch.softmax(loglik, dim=1)
 
 
 class GuideAttention(nn.Module):
@@ -64,6 +97,8 @@ class GuidedSegmenter(nn.Module):
         guide_init: ``zero`` sets the backbone's first-layer weights on the guide channels
             to zero, so that the untrained segmenter computes what the plain backbone
             computes from the query alone (``default``: the layer's own initialisation).
+        appearance: also give the backbone ``C`` channels of :func:`appearance_prior` (the
+            query's class probabilities under its guides' per-class intensities).
 
     ``forward(image, guide_images, guide_masks, guide_sims, guide_present)``:
         image ``(B, 1, H, W)``; guide_images ``(B, K, 1, H, W)``; guide_masks ``(B, K, H, W)``
@@ -84,6 +119,7 @@ class GuidedSegmenter(nn.Module):
         prior_tau: float = 0.1,
         feature_width: int = 16,
         guide_init: str = "default",
+        appearance: bool = False,
     ):
         super().__init__()
         if fusion not in FUSIONS:
@@ -103,25 +139,73 @@ class GuidedSegmenter(nn.Module):
             in_ch = 1 + feature_width
         else:
             in_ch = 1
+        self.appearance = appearance and fusion != "none"
+        if self.appearance:
+            in_ch += num_classes
         self.in_channels = in_ch
         self.backbone = build_backbone(backbone, in_ch, num_classes, channels, dropout)
+        self._query_channel_exact: bool | None = None
         if guide_init == "zero" and in_ch > 1:
             self.zero_guide_inputs()
         elif guide_init not in ("default", "zero"):
             raise ValueError(f"unknown guide_init {guide_init!r}; choose default or zero")
 
+    def _input_layers(self) -> list[tuple[str, nn.Module]]:
+        """The backbone's layers that read its input: ``(name, module)`` of each Conv2d/Linear
+        whose weight spans all ``in_channels``."""
+        layers = []
+        for name, module in self.backbone.named_modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                fan_in = module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
+                if fan_in == self.in_channels and module.weight.shape[1] == self.in_channels:
+                    layers.append((name, module))
+        return layers
+
     @torch.no_grad()
     def zero_guide_inputs(self) -> int:
         """Zero the weights that connect the guide channels (input channels ``1:``) to the
         backbone's layers reading the input; returns how many layers were changed."""
-        changed = 0
-        for module in self.backbone.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                fan_in = module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
-                if fan_in == self.in_channels and module.weight.shape[1] == self.in_channels:
-                    module.weight[:, 1:] = 0.0
-                    changed += 1
-        return changed
+        layers = self._input_layers()
+        for _, module in layers:
+            module.weight[:, 1:] = 0.0
+        return len(layers)
+
+    def _query_channel_forward(self, image: torch.Tensor) -> torch.Tensor:
+        """The backbone on the query channel alone, its input layers using only their
+        query-channel weights: ``(B, 1, H, W)`` -> logits ``(B, C, H, W)``."""
+        weights = {f"{name}.weight": module.weight[:, :1] for name, module in self._input_layers()
+                   if isinstance(module, nn.Conv2d)}
+        return functional_call(self.backbone, weights, (image,))
+
+    def forward_without_guides(self, image: torch.Tensor) -> torch.Tensor:
+        """What :meth:`forward` computes when no sample has guides, ``(B, 1, H, W)`` -> logits
+        ``(B, C, H, W)``, without pushing the all-zero guide channels through the first layers
+        (zero channels add nothing to a convolution, so only the query channel's weights are
+        used). Checked once against the full input on the first call; a backbone for which
+        the two differ always gets the full input."""
+        if not self.uses_guides:
+            return self.backbone(image)
+        if self._query_channel_exact is None:
+            self._query_channel_exact = self._check_query_channel_forward(image[:2])
+        if self._query_channel_exact:
+            return self._query_channel_forward(image)
+        b, _, h, w = image.shape
+        return self.backbone(torch.cat([image, image.new_zeros(b, self.in_channels - 1, h, w)], dim=1))
+
+    @torch.no_grad()
+    def _check_query_channel_forward(self, image: torch.Tensor) -> bool:
+        was_training = self.backbone.training
+        self.backbone.eval()  # no running-statistics updates, no dropout
+        try:
+            b, _, h, w = image.shape
+            full = self.backbone(torch.cat([image, image.new_zeros(b, self.in_channels - 1, h, w)], dim=1))
+            try:
+                slim = self._query_channel_forward(image)
+            except RuntimeError:
+                return False
+            return slim.shape == full.shape and torch.allclose(slim, full, rtol=1e-4, atol=1e-5)
+        finally:
+            self.backbone.train(was_training)
 
     @property
     def uses_guides(self) -> bool:
@@ -140,14 +224,18 @@ class GuidedSegmenter(nn.Module):
             return image.new_zeros(b, self.in_channels - 1, h, w)
         fg = one_hot_fg(guide_masks, self.num_classes)  # (B, K, C_fg, H, W)
         if self.fusion == "concat":
-            return torch.cat([guide_images.flatten(1, 2), fg.flatten(1, 2)], dim=1)
-        if self.fusion == "prior":
+            fused = torch.cat([guide_images.flatten(1, 2), fg.flatten(1, 2)], dim=1)
+        elif self.fusion == "prior":
             if guide_sims is None:
                 weights = image.new_full((b, fg.shape[1]), 1.0 / fg.shape[1])
             else:
                 weights = torch.softmax(guide_sims / self.prior_tau, dim=1)
-            return (weights[:, :, None, None, None] * fg).sum(1)
-        return self.guide_attention(image, guide_images, fg)
+            fused = (weights[:, :, None, None, None] * fg).sum(1)
+        else:
+            fused = self.guide_attention(image, guide_images, fg)
+        if self.appearance:
+            fused = torch.cat([fused, appearance_prior(image, guide_images, guide_masks, self.num_classes)], dim=1)
+        return fused
 
     def forward(
         self,
@@ -159,6 +247,8 @@ class GuidedSegmenter(nn.Module):
     ) -> torch.Tensor:
         if not self.uses_guides:
             return self.backbone(image)
+        if guide_images is None or guide_masks is None or (guide_present is not None and not bool(guide_present.any())):
+            return self.forward_without_guides(image)
         extra = self.guide_channels(image, guide_images, guide_masks, guide_sims)
         if guide_present is not None:
             extra = extra * guide_present.to(extra.dtype)[:, None, None, None]

@@ -1,8 +1,8 @@
 """A site's private retrieval bank: its image-mask pairs and their embeddings.
 
-Exact search (``flat``) is a batched matrix product + top-k in torch, which on CPU
-is faster than FAISS ``IndexFlatIP`` at every bank size measured by
-``jras bench cost``; the approximate ``hnsw`` index is FAISS's.
+Search runs in FAISS: ``IndexFlatIP`` (exact inner product, default) or
+``IndexHNSWFlat`` (approximate), through :func:`faiss_search`, which gives FAISS
+torch's thread count and its BLAS path for batches of queries.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class RetrievalBank:
     Args:
         slices: the bank's pairs (``images (N, 1, S, S)``, ``masks (N, S, S)``, case ids).
         num_classes: classes including background.
-        index: ``flat`` (exact inner product, batched torch matrix product; default) or
+        index: ``flat`` (exact inner product, FAISS ``IndexFlatIP``; default) or
             ``hnsw`` (approximate FAISS HNSW index, large banks).
 
     A query never retrieves a slice of its own case: :meth:`search` takes the
@@ -43,7 +43,6 @@ class RetrievalBank:
         self.index_kind = index
         self.embeddings: np.ndarray | None = None
         self.index: faiss.Index | None = None
-        self._emb_t: torch.Tensor | None = None
         self._centred: torch.Tensor | None = None
         counts = torch.bincount(slices.case_ids)
         self.max_per_case = int(counts.max())
@@ -53,10 +52,13 @@ class RetrievalBank:
         return len(self.slices)
 
     # ------------------------------------------------------------------ embedding
-    def retriever_input(self, index: torch.Tensor | slice | None = None) -> torch.Tensor:
-        """Bank entries in the retriever's channel layout: image plus true-mask one-hot."""
+    def retriever_input(self, index: torch.Tensor | slice | None = None, channels: int | None = None) -> torch.Tensor:
+        """Bank entries in the retriever's channel layout: image plus true-mask one-hot,
+        ``(n, 1 + C_fg, S, S)``; with ``channels=1`` the image alone ``(n, 1, S, S)``."""
         sel = slice(None) if index is None else index
         images = self.slices.images[sel]
+        if channels == 1:
+            return images
         masks = one_hot_fg(self.slices.masks[sel], self.num_classes)
         return torch.cat([images, masks], dim=1)
 
@@ -67,24 +69,23 @@ class RetrievalBank:
         retriever.eval()
         chunks = []
         for start in range(0, len(self), batch_size):
-            x = self.retriever_input(slice(start, start + batch_size))
-            chunks.append(retriever(x[:, : retriever.in_channels]))
+            chunks.append(retriever(self.retriever_input(slice(start, start + batch_size), retriever.in_channels)))
         retriever.train(was_training)
         self.set_embeddings(torch.cat(chunks).numpy())
 
     def set_embeddings(self, embeddings: np.ndarray) -> None:
-        """Install ``(N, d)`` float32 embeddings (and build the HNSW index over them)."""
+        """Install ``(N, d)`` float32 embeddings and build the search index over them."""
         emb = np.ascontiguousarray(embeddings, dtype=np.float32)
         if emb.shape[0] != len(self):
             raise ValueError(f"{emb.shape[0]} embeddings for a bank of {len(self)} entries")
-        self.index = None
         if self.index_kind == "hnsw":
             index = faiss.IndexHNSWFlat(emb.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efSearch = 128
-            index.add(emb)
-            self.index = index
+        else:
+            index = faiss.IndexFlatIP(emb.shape[1])
+        index.add(emb)
+        self.index = index
         self.embeddings = emb
-        self._emb_t = torch.from_numpy(emb)  # shares memory with ``embeddings``
 
     # ------------------------------------------------------------------ search
     def case_ids_of(self, case_names: list[str] | None, n: int) -> torch.Tensor:
@@ -107,16 +108,12 @@ class RetrievalBank:
             similarities ``(Q, k)`` float32 and indices ``(Q, k)`` int64, best first;
             index -1 (similarity -inf) where fewer than ``k`` entries are eligible.
         """
-        if self.embeddings is None:
+        if self.index is None:
             raise RuntimeError("the bank has no embeddings yet: call refresh() first")
         extra = self.max_per_case if exclude_cases is not None and bool((exclude_cases >= 0).any()) else 0
         fetch = min(len(self), k + extra)
-        if self.index is not None:
-            q = np.ascontiguousarray(torch.as_tensor(queries).detach().cpu().numpy(), dtype=np.float32)
-            sims, idx = self.index.search(q, fetch)
-            sims_t, idx_t = torch.from_numpy(sims), torch.from_numpy(idx).long()
-        else:
-            sims_t, idx_t = exact_topk(torch.as_tensor(queries).detach().float(), self._emb_t, fetch)
+        sims, idx = faiss_search(self.index, torch.as_tensor(queries).detach().cpu().numpy(), fetch)
+        sims_t, idx_t = torch.from_numpy(sims), torch.from_numpy(idx)
         valid = idx_t >= 0
         if extra:
             own = self.slices.case_ids[idx_t.clamp_min(0)] == exclude_cases.view(-1, 1)
@@ -219,11 +216,41 @@ class RetrievalBank:
         return bank
 
 
+BLAS_MIN_QUERIES = 4
+"""From this many queries per call on, FAISS's flat search computes the inner products as
+BLAS matrix products over blocks of entries, which read the index once per block of
+queries. With fewer, it scans the whole index once per query (SIMD dot products), which is
+faster for a single query but streams the index from memory again for every query: FAISS's
+own switch-over (``distance_compute_blas_threshold``, 1000 queries at d=128) made a batch
+of 256 queries over 100k entries 10x slower than one matrix product."""
+
+
+def faiss_search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search`` with FAISS's OpenMP threads set to torch's and its BLAS path from
+    :data:`BLAS_MIN_QUERIES` queries on.
+
+    FAISS has its own OpenMP runtime: left at its default it starts one thread per core
+    next to torch's pool, however few threads torch was given.
+
+    Args:
+        index: a FAISS index of ``d``-dimensional vectors.
+        queries: ``(Q, d)`` (any float dtype, any layout: converted to contiguous float32).
+        k: neighbours per query.
+
+    Returns:
+        scores ``(Q, k)`` float32 and indices ``(Q, k)`` int64 (-1 where fewer than ``k``).
+    """
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    faiss.cvar.distance_compute_blas_threshold = BLAS_MIN_QUERIES * index.d
+    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+
 def exact_topk(
     queries: torch.Tensor, entries: torch.Tensor, k: int, chunk_elems: int = 1 << 24
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-``k`` inner products, queries in chunks so that at most ``chunk_elems``
-    scores exist at a time.
+    """Exact top-``k`` inner products in torch (a matrix product + ``topk``), queries in
+    chunks so that at most ``chunk_elems`` scores exist at a time: the brute-force reference
+    that ``jras bench cost`` times FAISS against.
 
     Args:
         queries: ``(Q, d)``; entries: ``(N, d)`` float32.

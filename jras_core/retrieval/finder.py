@@ -42,6 +42,12 @@ class GuideFinder:
     """
 
     def __init__(self, model: JRASModel, bank: RetrievalBank, cfg: JRASConfig, generator: torch.Generator | None = None):
+        model_size, cfg_size = getattr(model.retr, "input_size", None), cfg.retriever.input_size
+        if model_size != cfg_size:
+            raise ValueError(
+                f"the model's retriever embeds its inputs at size {model_size} but retriever.input_size "
+                f"is {cfg_size}: build the model from the same configuration"
+            )
         self.model = model
         self.bank = bank
         self.cfg = cfg

@@ -40,6 +40,23 @@ def centroids(fg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([cx, cy], dim=1), mass > 0.5
 
 
+def translation_grid(offsets: torch.Tensor, h: int, w: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Sampling grid of a pure translation, as ``F.affine_grid`` builds it (``align_corners=True``)
+    but without its per-pixel matrix product: the identity grid minus each offset.
+
+    Args:
+        offsets: ``(B, 2)`` shift ``(dx, dy)`` in normalised units.
+        h, w: output size.
+
+    Returns:
+        ``(B, h, w, 2)`` grid of ``(x, y)`` sampling positions for ``F.grid_sample``.
+    """
+    xs = torch.linspace(-1.0, 1.0, w, dtype=dtype, device=offsets.device)
+    ys = torch.linspace(-1.0, 1.0, h, dtype=dtype, device=offsets.device)
+    base = torch.stack(torch.broadcast_tensors(xs.view(1, w), ys.view(h, 1)), dim=-1)  # (h, w, 2)
+    return base.unsqueeze(0) - offsets.to(dtype).view(-1, 1, 1, 2)
+
+
 def translate(images: torch.Tensor, offsets: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
     """Shift each image by ``offsets`` (normalised units; +x moves content right).
 
@@ -48,12 +65,7 @@ def translate(images: torch.Tensor, offsets: torch.Tensor, mode: str = "bilinear
         offsets: ``(B, 2)`` shift ``(dx, dy)`` in ``[-2, 2]``.
         mode: ``bilinear`` for images, ``nearest`` for label maps.
     """
-    b = images.shape[0]
-    theta = torch.zeros(b, 2, 3, dtype=images.dtype, device=images.device)
-    theta[:, 0, 0] = 1.0
-    theta[:, 1, 1] = 1.0
-    theta[:, :, 2] = -offsets.to(images.dtype)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=True)
+    grid = translation_grid(offsets, images.shape[-2], images.shape[-1], images.dtype)
     return F.grid_sample(images, grid, mode=mode, padding_mode="zeros", align_corners=True)
 
 
@@ -79,8 +91,9 @@ def align_guides(
     offsets = target_centroid.repeat_interleave(k, dim=0) - g_cent
     ok = (g_valid & target_valid.repeat_interleave(k)).unsqueeze(1)
     offsets = torch.where(ok, offsets, torch.zeros_like(offsets))
-    images = translate(guide_images.reshape(b * k, 1, h, w), offsets)
-    masks = translate(guide_masks.reshape(b * k, 1, h, w).float(), offsets, mode="nearest")
+    grid = translation_grid(offsets, h, w, guide_images.dtype)  # one grid for images and masks
+    images = F.grid_sample(guide_images.reshape(b * k, 1, h, w), grid, align_corners=True)
+    masks = F.grid_sample(guide_masks.reshape(b * k, 1, h, w).to(grid.dtype), grid, mode="nearest", align_corners=True)
     return images.reshape(b, k, 1, h, w), masks.reshape(b, k, h, w).round().long()
 
 

@@ -77,7 +77,7 @@ def recalibrate_norm(
         # the retriever on what it sees at inference: bank entries and queries
         _collect(model.retr, retr_layers)
         for start in range(0, len(bank), batch_size):
-            model.retr(bank.retriever_input(slice(start, start + batch_size)))
+            model.retr(bank.retriever_input(slice(start, start + batch_size), model.retr.in_channels))
         for images in batches:
             probs = finder.first_pass(images) if finder.needs_first_pass else None
             model.retr(finder.query_input(images, probs))

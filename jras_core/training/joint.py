@@ -4,7 +4,8 @@ Per local epoch:
 
 * **Phase A (segmenter)**: retriever frozen; each (augmented) query gets K guides
   drawn from its top ``train_pool`` bank entries (own case excluded), shifted to its
-  pass-1 centroid, dropped with probability ``guide_dropout``; Dice + CE step.
+  pass-1 centroid, augmented as ``augment.guides`` says, dropped with probability
+  ``guide_dropout``; Dice + CE step.
 * **Phase B (retriever)**: segmenter frozen; each query gets M candidates (top M/2
   by the current retriever plus random ones); their relevance (``mask``: centroid-
   aligned Dice with the query's mask; ``utility``: how much the segmenter's loss
@@ -30,10 +31,15 @@ from jras_core.data.augment import BatchIntensityAugment
 from jras_core.data.slices import SliceSet
 from jras_core.models.jras import JRASModel
 from jras_core.retrieval.bank import RetrievalBank
-from jras_core.retrieval.finder import GuideFinder
+from jras_core.retrieval.finder import GuideFinder, Guides
 from jras_core.training.losses import per_sample_dice_ce, segmentation_loss, soft_info_nce
 
 log = logging.getLogger(__name__)
+
+
+def _blank_missing(guide_images: torch.Tensor, guide_idx: torch.Tensor) -> torch.Tensor:
+    """Guide images ``(B, K, 1, H, W)`` with the missing guides (index -1, ``(B, K)``) zeroed."""
+    return guide_images * (guide_idx >= 0).to(guide_images.dtype)[:, :, None, None, None]
 
 
 class JRASTrainer:
@@ -111,6 +117,23 @@ class JRASTrainer:
     def _bar(self, items, desc: str):
         return tqdm(items, desc=desc, leave=False, disable=not self.progress)
 
+    def _guided_batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, Guides]:
+        """Phase A's augmented queries ``(B, 1, H, W)`` and their guides (``augment.guides``)."""
+        cfg = self.cfg
+        raw = self.train_set.images[idx]
+        names = self._case_names(idx)
+        if cfg.augment.guides != "shared" or not self.augment.enabled:
+            images = self.augment(raw)
+            guides, _ = self.finder.find(images, names, train_pool=cfg.retrieval.train_pool)
+            if cfg.augment.guides == "independent" and self.augment.enabled:
+                changed = self.augment(guides.images.flatten(0, 1))  # (B*K, 1, H, W)
+                guides.images = _blank_missing(changed.view_as(guides.images), guides.idx)
+            return images, guides
+        guides, _ = self.finder.find(raw, names, train_pool=cfg.retrieval.train_pool)
+        stacked = self.augment(torch.cat([raw, guides.images.flatten(1, 2)], dim=1))  # (B, 1 + K, H, W)
+        guides.images = _blank_missing(stacked[:, 1:].unsqueeze(2), guides.idx)
+        return stacked[:, :1].contiguous(), guides
+
     # ------------------------------------------------------------------ phases
     def phase_segmenter(self) -> dict[str, float]:
         """Phase A: one pass over the data training the segmenter (retriever frozen)."""
@@ -119,16 +142,14 @@ class JRASTrainer:
         model.retr.eval()
         total, n, t0 = 0.0, 0, time.perf_counter()
         for idx in self._bar(self._batches(), f"epoch {self.epoch} seg"):
-            images = self.augment(self.train_set.images[idx])
             labels = self.train_set.masks[idx].long()
             if self.finder is not None:
-                guides, _ = self.finder.find(
-                    images, self._case_names(idx), train_pool=cfg.retrieval.train_pool
-                )
+                images, guides = self._guided_batch(idx)
                 present = torch.rand(len(idx), generator=self.generator) >= cfg.retrieval.guide_dropout
                 present &= (guides.idx >= 0).any(dim=1)
                 logits = model.seg(images, guides.images, guides.masks, guides.sims, present)
             else:
+                images = self.augment(self.train_set.images[idx])
                 logits = model.seg(images)
             loss = self.seg_loss(logits, labels.unsqueeze(1))
             if self.proximal is not None:
@@ -189,7 +210,7 @@ class JRASTrainer:
             relevance = self._relevance(images, labels, cand, probs)
             # each distinct candidate is embedded once; duplicates share it (and its gradient)
             unique, inverse = torch.unique(cand.clamp_min(0), return_inverse=True)
-            u_emb = model.retr(bank.retriever_input(unique)[:, : model.retr.in_channels])
+            u_emb = model.retr(bank.retriever_input(unique, model.retr.in_channels))
             c_emb = u_emb[inverse]  # (B, M, d)
             sims = (c_emb * q_emb.unsqueeze(1)).sum(-1)
             loss = soft_info_nce(sims, relevance, c.tau, c.tau_relevance, valid)

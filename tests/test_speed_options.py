@@ -1,0 +1,245 @@
+"""Speed paths and options: FAISS search (threads, BLAS switch-over), the bank's flat FAISS
+index, the translation grid of guide alignment, the retriever's group-norm form of
+instance normalisation, and the retriever input size option."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jras_core.config import ConfigError, JRASConfig
+from jras_core.data.slices import build_slice_set
+from jras_core.data.synthetic import generate_volumes
+from jras_core.models.jras import JRASModel, build_model
+from jras_core.models.retriever import Retriever
+from jras_core.retrieval.bank import BLAS_MIN_QUERIES, RetrievalBank, exact_topk, faiss_search
+from jras_core.retrieval.finder import GuideFinder
+from jras_core.retrieval.guides import translate, translation_grid
+
+TINY = {"preprocess.size": 32, "preprocess.fov_mm": 200.0, "segmenter.channels": [4, 8, 16],
+        "retriever.channels": [4, 8], "retriever.embed_dim": 8, "train.batch_size": 8}
+
+
+def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def slices():
+    cfg = JRASConfig().with_overrides(TINY)
+    return build_slice_set(generate_volumes("A", 4, seed=2, size=32), cfg.preprocess, cfg.labels.num_classes)
+
+
+@pytest.mark.parametrize("nq", [1, BLAS_MIN_QUERIES - 1, BLAS_MIN_QUERIES, 64])
+def test_faiss_search_equals_brute_force_on_both_paths(nq):
+    rng = np.random.default_rng(nq)
+    x, q = _unit(rng, 3000, 32), _unit(rng, nq, 32)
+    index = faiss.IndexFlatIP(32)
+    index.add(x)
+    sims, idx = faiss_search(index, q.astype(np.float64), 7)  # any float dtype is accepted
+    t_sims, t_idx = exact_topk(torch.from_numpy(q), torch.from_numpy(x), 7)
+    assert idx.dtype == np.int64 and sims.dtype == np.float32
+    assert np.array_equal(idx, t_idx.numpy())
+    assert np.allclose(sims, t_sims.numpy(), atol=1e-5)
+    assert faiss.omp_get_max_threads() == torch.get_num_threads()
+
+
+def test_bank_flat_index_is_faiss_and_exact(slices):
+    bank = RetrievalBank(slices, num_classes=4)
+    rng = np.random.default_rng(0)
+    emb = _unit(rng, len(slices), 16)
+    bank.set_embeddings(emb)
+    assert isinstance(bank.index, faiss.IndexFlatIP) and bank.index.ntotal == len(slices)
+    q = torch.from_numpy(_unit(rng, 12, 16))
+    sims, idx = bank.search(q, 5)
+    t_sims, t_idx = exact_topk(q, torch.from_numpy(emb), 5)
+    assert torch.equal(idx, t_idx) and torch.allclose(sims, t_sims, atol=1e-5)
+    # own-case exclusion still holds
+    exclude = bank.slices.case_ids[:12]
+    _, idx = bank.search(q, 5, exclude)
+    assert not (bank.slices.case_ids[idx] == exclude.view(-1, 1)).any()
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (17, 40)])
+def test_translation_grid_equals_affine_grid(hw):
+    h, w = hw
+    offsets = (torch.rand(6, 2) - 0.5) * 2
+    theta = torch.zeros(6, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, :, 2] = -offsets
+    assert torch.equal(translation_grid(offsets, h, w), F.affine_grid(theta, [6, 1, h, w], align_corners=True))
+    images = torch.rand(6, 2, h, w)
+    expected = F.grid_sample(images, F.affine_grid(theta, [6, 2, h, w], align_corners=True), align_corners=True)
+    assert torch.equal(translate(images, offsets), expected)
+
+
+def test_retriever_norm_is_instance_norm_without_running_stats():
+    torch.manual_seed(0)
+    retr = Retriever(in_channels=2, embed_dim=8, channels=(4, 8))
+    norms = [m for m in retr.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == m.num_channels and not m.affine for m in norms)
+    assert not any(getattr(m, "track_running_stats", False) for m in retr.modules())
+    assert not any(n.startswith("encoder") and "adn" in n for n in retr.state_dict())  # no norm parameters
+    x = torch.rand(3, 2, 32, 32)
+    out = retr(x)
+    with torch.no_grad():
+        h = x
+        for conv in [m for m in retr.encoder.modules() if isinstance(m, torch.nn.Conv2d)]:
+            h = F.relu(F.instance_norm(conv(h)))
+        ref = F.normalize(retr.head(h.mean(dim=(2, 3))), dim=1)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_retriever_input_size_resamples_every_input():
+    torch.manual_seed(0)
+    small = Retriever(in_channels=4, embed_dim=8, channels=(4, 8), input_size=16).eval()
+    plain = Retriever(in_channels=4, embed_dim=8, channels=(4, 8)).eval()
+    plain.load_state_dict(small.state_dict())  # the option adds no weights
+    x = torch.rand(3, 4, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(small(x), plain(F.avg_pool2d(x, 2)), atol=1e-6)
+        assert torch.equal(small(x[..., ::2, ::2]), plain(x[..., ::2, ::2]))  # already 16 px: unchanged
+    with pytest.raises(ValueError):
+        Retriever(in_channels=1, input_size=0)
+
+
+def test_retriever_input_size_is_validated():
+    assert JRASConfig().retriever.input_size is None
+    assert JRASConfig().with_overrides({"retriever.input_size": 64}).retriever.input_size == 64
+    for bad in (8, 40, 0):
+        with pytest.raises(ConfigError, match="input_size"):
+            JRASConfig().with_overrides({"retriever.input_size": bad})
+
+
+def _model(cfg: JRASConfig) -> JRASModel:
+    """``build_model(cfg)`` with a retriever that embeds at ``cfg.retriever.input_size``."""
+    model = build_model(cfg)
+    r = cfg.retriever
+    retr = Retriever(model.retr.in_channels, r.embed_dim, r.channels, r.pool_grid, input_size=r.input_size)
+    return JRASModel(model.seg, retr)
+
+
+def test_finder_refuses_a_retriever_built_for_another_input_size(slices):
+    cfg = JRASConfig().with_overrides({**TINY, "retriever.input_size": 16})
+    bank = RetrievalBank(slices, cfg.labels.num_classes)
+    with pytest.raises(ValueError, match="input_size"):
+        GuideFinder(build_model(cfg.with_overrides({"retriever.input_size": None})), bank, cfg)
+    GuideFinder(_model(cfg), bank, cfg)
+
+
+def test_training_with_a_smaller_retriever_input(slices):
+    from jras_core.training.joint import JRASTrainer
+
+    cfg = JRASConfig().with_overrides({**TINY, "retriever.input_size": 16, "contrastive.steps_per_epoch": 1})
+    model = _model(cfg)
+    trainer = JRASTrainer(model, cfg, slices)
+    before = trainer.bank.embeddings.copy()
+    metrics = trainer.train_epoch()
+    assert np.isfinite(metrics["retr_loss"]) and metrics["retr_time_s"] > 0
+    assert trainer.bank.embeddings.shape == (len(slices), 8) and (trainer.bank.embeddings != before).any()
+    # bank entries are embedded from 16 px inputs, like the queries
+    with torch.no_grad():
+        first = model.retr.eval()(F.avg_pool2d(trainer.bank.retriever_input(slice(0, 4)), 2))
+    assert np.allclose(trainer.bank.embeddings[:4], first.numpy(), atol=1e-5)
+
+
+def test_bank_retriever_input_channels(slices):
+    bank = RetrievalBank(slices, num_classes=4)
+    idx = torch.tensor([0, 3])
+    assert torch.equal(bank.retriever_input(idx, 1), slices.images[idx])
+    full = bank.retriever_input(idx)
+    assert full.shape == (2, 4, 32, 32) and torch.equal(full[:, :1], slices.images[idx])
+
+
+# --------------------------------------------------------------------------- federation warm-up
+
+
+def test_warm_up_before_round_one(tmp_path, in_process_grid):
+    """With run-config ``warm-up = true`` the server first sends every node a ``query``; each site
+    loads its data and bank then; the rounds follow as before and the warm-up is logged
+    in ``startup.json``, not as a round."""
+    import json
+
+    from test_federation import base_run_config, run_dir, run_server, write_sites
+
+    from jras_core import fedutil
+    from server.settings import ServerSettings
+    from server.tracking import METRICS_FILE, STARTUP_FILE
+
+    fedutil.clear_cache()
+    assert ServerSettings.from_run_config({"warm-up": True}).warm_up and not ServerSettings().warm_up
+    with pytest.raises(ConfigError, match="warm-up"):
+        ServerSettings.from_run_config({"warm-up": 1})
+    sites = write_sites(tmp_path, "AB", cases=4) + [str(tmp_path / "nowhere.yaml")]
+    rc = base_run_config(tmp_path, sites, **{"num-server-rounds": 1, "min-nodes": 2, "fraction-evaluate": 0.0,
+                                             "warm-up": True})
+    grid = run_server(in_process_grid, rc)
+    types = [m.metadata.message_type for m in grid.sent]
+    assert types[:3] == ["query"] * 3 and types[3:] == ["train"] * 3
+    assert [m.has_error() for m in grid.received[:3]] == [False, False, True]  # the missing site is reported
+    ready = [fedutil.get_runner(p, fedutil.method_from_run_config(rc)).site for p in sites[:2]]
+    assert all(s._slices is not None and s._bank is not None for s in ready)
+    folder = run_dir(rc) / "tensorboard"
+    startup = json.loads((folder / STARTUP_FILE).read_text())
+    assert startup["sites"] == 3 and startup["sites_ready"] == 2 and startup["wall_time_s"] > 0
+    assert all(t > 0 for t in startup["client-time-s"].values())
+    assert [json.loads(x)["round"] for x in (folder / METRICS_FILE).read_text().splitlines()] == [1]
+    fedutil.clear_cache()
+
+
+def test_no_warm_up_unless_asked_and_the_same_model_either_way(tmp_path, in_process_grid):
+    from test_federation import base_run_config, run_dir, run_server, write_sites
+
+    from jras_core import fedutil
+    from server.checkpoint import load_checkpoint
+    from server.tracking import STARTUP_FILE
+
+    sites = write_sites(tmp_path, "AB", cases=4)
+    finals = {}
+    for flag in (False, True):
+        fedutil.clear_cache()
+        rc = base_run_config(tmp_path, sites, **{"num-server-rounds": 1, "fraction-evaluate": 0.0,
+                                                 "run-name": f"warm-{flag}", "warm-up": flag})
+        grid = run_server(in_process_grid, rc)
+        assert ("query" in {m.metadata.message_type for m in grid.sent}) == flag
+        assert (run_dir(rc) / "tensorboard" / STARTUP_FILE).exists() == flag
+        finals[flag] = load_checkpoint(run_dir(rc)).arrays
+    # the warm-up changes when sites get ready, not what they train
+    assert all(np.array_equal(finals[False][k], finals[True][k]) for k in finals[False])
+    fedutil.clear_cache()
+
+
+# --------------------------------------------------------------------------- guide-free forward
+
+
+@pytest.mark.parametrize("backbone", ["unet", "segformer"])
+def test_forward_without_guides_equals_the_zero_padded_input(backbone):
+    cfg = JRASConfig().with_overrides({"preprocess.size": 32, "segmenter.backbone": backbone,
+                                       "segmenter.channels": [8, 16, 32]})
+    seg = build_model(cfg).seg.train()
+    x = torch.rand(4, 1, 32, 32)
+    absent = torch.zeros(4, dtype=torch.bool)
+    out = seg(x, torch.rand(4, 3, 1, 32, 32), torch.randint(0, 4, (4, 3, 32, 32)), None, absent)
+    assert seg._query_channel_exact is True
+    full = seg.backbone(torch.cat([x, torch.zeros(4, seg.in_channels - 1, 32, 32)], dim=1))
+    torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-6)
+    # gradients reach the query-channel weights of the input layers, as with the full input
+    out.square().mean().backward()
+    first = seg._input_layers()[0][1]
+    assert first.weight.grad is not None and first.weight.grad[:, :1].abs().sum() > 0
+    assert torch.count_nonzero(first.weight.grad[:, 1:]) == 0
+
+
+def test_forward_without_guides_falls_back_when_the_shortcut_differs(monkeypatch):
+    cfg = JRASConfig().with_overrides({"preprocess.size": 32, "segmenter.channels": [8, 16, 32]})
+    seg = build_model(cfg).seg.eval()
+    monkeypatch.setattr(seg, "_query_channel_forward", lambda image: torch.zeros(len(image), 4, 32, 32))
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        out = seg.forward_without_guides(x)
+        full = seg.backbone(torch.cat([x, torch.zeros(2, seg.in_channels - 1, 32, 32)], dim=1))
+    assert seg._query_channel_exact is False and torch.equal(out, full)
