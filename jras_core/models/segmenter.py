@@ -145,6 +145,7 @@ class GuidedSegmenter(nn.Module):
         self.in_channels = in_ch
         self.backbone = build_backbone(backbone, in_ch, num_classes, channels, dropout)
         self._query_channel_exact: bool | None = None
+        self._input_layer_list: list[tuple[str, nn.Module]] | None = None
         if guide_init == "zero" and in_ch > 1:
             self.zero_guide_inputs()
         elif guide_init not in ("default", "zero"):
@@ -152,14 +153,16 @@ class GuidedSegmenter(nn.Module):
 
     def _input_layers(self) -> list[tuple[str, nn.Module]]:
         """The backbone's layers that read its input: ``(name, module)`` of each Conv2d/Linear
-        whose weight spans all ``in_channels``."""
-        layers = []
-        for name, module in self.backbone.named_modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                fan_in = module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
-                if fan_in == self.in_channels and module.weight.shape[1] == self.in_channels:
-                    layers.append((name, module))
-        return layers
+        whose weight spans all ``in_channels`` (found once; the modules keep their weights)."""
+        if self._input_layer_list is None:
+            layers = []
+            for name, module in self.backbone.named_modules():
+                if isinstance(module, (nn.Conv2d, nn.Linear)):
+                    fan_in = module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
+                    if fan_in == self.in_channels and module.weight.shape[1] == self.in_channels:
+                        layers.append((name, module))
+            self._input_layer_list = layers
+        return self._input_layer_list
 
     @torch.no_grad()
     def zero_guide_inputs(self) -> int:
@@ -214,14 +217,12 @@ class GuidedSegmenter(nn.Module):
     def guide_channels(
         self,
         image: torch.Tensor,
-        guide_images: torch.Tensor | None,
-        guide_masks: torch.Tensor | None,
+        guide_images: torch.Tensor,
+        guide_masks: torch.Tensor,
         guide_sims: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The extra input channels ``(B, in_channels - 1, H, W)`` built from the guides."""
-        b, _, h, w = image.shape
-        if guide_images is None or guide_masks is None:
-            return image.new_zeros(b, self.in_channels - 1, h, w)
+        b = image.shape[0]
         fg = one_hot_fg(guide_masks, self.num_classes)  # (B, K, C_fg, H, W)
         if self.fusion == "concat":
             fused = torch.cat([guide_images.flatten(1, 2), fg.flatten(1, 2)], dim=1)

@@ -42,7 +42,7 @@ class GuideFinder:
     """
 
     def __init__(self, model: JRASModel, bank: RetrievalBank, cfg: JRASConfig, generator: torch.Generator | None = None):
-        model_size, cfg_size = getattr(model.retr, "input_size", None), cfg.retriever.input_size
+        model_size, cfg_size = model.retr.input_size, cfg.retriever.input_size
         if model_size != cfg_size:
             raise ValueError(
                 f"the model's retriever embeds its inputs at size {model_size} but retriever.input_size "
