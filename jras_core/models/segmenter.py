@@ -192,16 +192,19 @@ class GuidedSegmenter(nn.Module):
             self._query_channel_exact = self._check_query_channel_forward(image[:2])
         if self._query_channel_exact:
             return self._query_channel_forward(image)
+        return self.backbone(self._zero_padded(image))
+
+    def _zero_padded(self, image: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, H, W)`` -> the backbone input ``(B, in_channels, H, W)`` with all guide channels zero."""
         b, _, h, w = image.shape
-        return self.backbone(torch.cat([image, image.new_zeros(b, self.in_channels - 1, h, w)], dim=1))
+        return torch.cat([image, image.new_zeros(b, self.in_channels - 1, h, w)], dim=1)
 
     @torch.no_grad()
     def _check_query_channel_forward(self, image: torch.Tensor) -> bool:
         was_training = self.backbone.training
         self.backbone.eval()  # no running-statistics updates, no dropout
         try:
-            b, _, h, w = image.shape
-            full = self.backbone(torch.cat([image, image.new_zeros(b, self.in_channels - 1, h, w)], dim=1))
+            full = self.backbone(self._zero_padded(image))
             try:
                 slim = self._query_channel_forward(image)
             except RuntimeError:
