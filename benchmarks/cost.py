@@ -234,6 +234,8 @@ def epoch_time(cfg, slices) -> dict[str, float]:
         if c.trains_retriever:
             trainer.phase_retriever()  # warm-up (its refresh is of the small site bank)
         trainer._batches = full
+        if trainer.memory is not None:
+            trainer.phase_segmenter()  # steady state: every slice's prediction remembered
         m, out[f"cpu_{name}_s"] = _with_cpu_time(trainer.train_epoch)
         if name == "none":
             out["none_s"] = m["epoch_time_s"]

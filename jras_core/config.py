@@ -151,6 +151,13 @@ class RetrievalConfig:
     align_centroid: bool = True
     """Shift guides onto the query's pass-1 centroid before fusion."""
     index: Literal["flat", "hnsw"] = "flat"
+    first_pass: Literal["fresh", "reuse"] = "fresh"
+    """Where training takes each query's pass-1 prediction from. ``fresh``: a guide-free
+    forward of the current segmenter at every step, as at inference. ``reuse``: the
+    segmenter's own prediction for that slice at its last phase-A step (guided, on another
+    augmentation, kept per slice in 8 bits), computed fresh only for slices not yet seen;
+    phase A then costs about what a step without retrieval costs. Inference always runs
+    pass 1."""
 
     def validate(self) -> None:
         if self.k < 1:
@@ -171,6 +178,11 @@ class ContrastiveConfig:
     lr: float = 1e-3
     steps_per_epoch: int | None = None
     """Batches of phase B per local epoch (None: one pass over the data)."""
+    keys: Literal["encoded", "stored"] = "encoded"
+    """The candidates' side of each similarity. ``encoded``: candidates are embedded anew
+    with gradients, so both sides are trained. ``stored``: their embeddings are read from
+    the bank (as of its last refresh) and only the queries' side is trained; phase B then
+    embeds the batch's queries only."""
 
     def validate(self) -> None:
         if self.candidates < 2:

@@ -13,6 +13,17 @@ def test_defaults_are_valid_and_round_trip():
     assert cfg.retrieval.k == 3 and cfg.retriever.embed_dim == 128 and cfg.contrastive.candidates == 8
 
 
+def test_shipped_default_yaml_states_the_built_in_defaults():
+    path = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+    assert JRASConfig.from_yaml(path) == JRASConfig()
+    # every option is written out, so the file is a complete starting point
+    import yaml
+
+    written = yaml.safe_load(path.read_text())
+    for section, values in JRASConfig().to_dict().items():
+        assert set(written[section]) == set(values), section
+
+
 def test_yaml_loading_and_errors_name_the_file(tmp_path: Path):
     good = tmp_path / "m.yaml"
     good.write_text("train:\n  epochs: 2\nsegmenter:\n  fusion: prior\n")

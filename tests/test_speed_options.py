@@ -1,6 +1,7 @@
 """Speed paths and options: FAISS search (threads, BLAS switch-over), the bank's flat FAISS
 index, the translation grid of guide alignment, the retriever's group-norm form of
-instance normalisation, and the retriever input size option."""
+instance normalisation, the retriever input size option, training's reused pass 1
+(prediction memory) and phase B's stored candidate keys."""
 
 from __future__ import annotations
 
@@ -243,3 +244,119 @@ def test_forward_without_guides_falls_back_when_the_shortcut_differs(monkeypatch
         out = seg.forward_without_guides(x)
         full = seg.backbone(torch.cat([x, torch.zeros(2, seg.in_channels - 1, 32, 32)], dim=1))
     assert seg._query_channel_exact is False and torch.equal(out, full)
+
+
+# --------------------------------------------------------------------------- reused pass 1, stored keys
+
+
+def test_prediction_memory_round_trip():
+    from jras_core.training.memory import PredictionMemory
+
+    mem = PredictionMemory(6, num_classes=4, size=8)
+    probs = torch.softmax(torch.randn(3, 4, 8, 8), dim=1)
+    idx = torch.tensor([4, 0, 2])
+    mem.store(idx, probs)
+    back, known = mem.recall(torch.tensor([0, 1, 2, 4]))
+    assert known.tolist() == [True, False, True, True]
+    assert torch.allclose(back[[0, 2, 3]], probs[[1, 2, 0]], atol=2.5 / 255)
+    assert torch.equal(back[1, 0], torch.ones(8, 8)) and not back[1, 1:].any()  # unknown: background
+    with pytest.raises(ValueError, match=r"\(B, 4, 8, 8\)"):
+        mem.store(idx, probs[:, :3])
+
+
+class _PassOneCounter:
+    """Counts the queries that ``GuideFinder.first_pass`` runs on."""
+
+    def __init__(self, finder: GuideFinder):
+        self.images = 0
+        original = finder.first_pass
+
+        def counted(images):
+            self.images += images.shape[0]
+            return original(images)
+
+        finder.first_pass = counted
+
+
+def test_reused_first_pass_runs_pass_one_only_for_unseen_slices(slices):
+    from jras_core.training.joint import JRASTrainer
+
+    n = len(slices)
+    fresh_cfg = JRASConfig().with_overrides(TINY)
+    fresh = JRASTrainer(build_model(fresh_cfg), fresh_cfg, slices)
+    fresh_count = _PassOneCounter(fresh.finder)
+    fresh.train_epoch()
+    assert fresh.memory is None and fresh_count.images == 2 * n  # phase A and phase B
+
+    cfg = fresh_cfg.with_overrides({"retrieval.first_pass": "reuse"})
+    trainer = JRASTrainer(build_model(cfg), cfg, slices)
+    count = _PassOneCounter(trainer.finder)
+    trainer.phase_segmenter()
+    assert count.images == n and bool(trainer.memory.known.all())
+    remembered, _ = trainer.memory.recall(torch.arange(n))
+    # what phase A kept is its own (guided) prediction, not the pass 1 it started from
+    first = trainer.finder.first_pass(slices.images)
+    count.images = 0
+    assert (remembered - first).abs().max() > 0.05
+    trainer.phase_retriever()
+    trainer.phase_segmenter()
+    assert count.images == 0
+    # phase B's retriever input is the remembered prediction
+    seen = []
+    query_input = trainer.finder.query_input
+    trainer.finder.query_input = lambda images, probs: seen.append(probs) or query_input(images, probs)
+    trainer.phase_retriever()
+    assert seen and all(torch.allclose(p.sum(dim=1), torch.ones(()), atol=0.02) for p in seen)
+    # a later trainer given the memory (as a site keeps it across rounds) starts from it
+    later = JRASTrainer(build_model(cfg), cfg, slices, memory=trainer.memory)
+    later_count = _PassOneCounter(later.finder)
+    later.phase_segmenter()
+    assert later_count.images == 0
+
+
+def test_site_keeps_its_prediction_memory_across_rounds():
+    from jras_core.data.sources import DataSourceConfig
+    from jras_core.site import Site, SiteConfig
+
+    cfg = JRASConfig().with_overrides({**TINY, "retrieval.first_pass": "reuse", "contrastive.steps_per_epoch": 1})
+    site = Site(SiteConfig(name="s", data=DataSourceConfig(kind="synthetic", vendor="B", cases=3, size=32)), cfg)
+    site.train(build_model(cfg), epochs=1)
+    memory = site._memory
+    assert memory is not None and bool(memory.known.all())
+    site.train(build_model(cfg), epochs=1)
+    assert site._memory is memory
+
+
+def test_stored_keys_embed_only_the_queries_in_phase_b(slices):
+    from jras_core.training.joint import JRASTrainer
+
+    cfg = JRASConfig().with_overrides({**TINY, "contrastive.keys": "stored"})
+    model = build_model(cfg)
+    trainer = JRASTrainer(model, cfg, slices)
+    embedded = []
+    handle = model.retr.register_forward_hook(lambda mod, inp, out: embedded.append(inp[0].shape[0]))
+    before = [p.detach().clone() for p in model.retr.parameters()]
+    trainer.bank.refresh = lambda retriever: None  # count phase B's own forwards only
+    metrics = trainer.phase_retriever()
+    handle.remove()
+    bs = cfg.train.batch_size
+    expected = [min(bs, n - i) for n in [len(slices)] for i in range(0, n, bs)]
+    assert embedded == expected  # one forward per batch, of its queries: no candidate is embedded
+    assert np.isfinite(metrics["retr_loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.retr.parameters()))
+    idx = torch.tensor([[2, -1], [0, 5]])
+    rows = trainer.bank.embeddings_at(idx)
+    assert rows.shape == (2, 2, 8) and torch.equal(rows[1, 1], torch.from_numpy(trainer.bank.embeddings[5]))
+    assert torch.equal(rows[0, 1], torch.from_numpy(trainer.bank.embeddings[0]))
+
+
+def test_pass_one_and_key_options_are_validated():
+    cfg = JRASConfig()
+    assert cfg.retrieval.first_pass == "fresh" and cfg.contrastive.keys == "encoded"
+    with pytest.raises(ConfigError, match="first_pass"):
+        cfg.with_overrides({"retrieval.first_pass": "stale"})
+    with pytest.raises(ConfigError, match="keys"):
+        cfg.with_overrides({"contrastive.keys": "cached"})
+    with pytest.raises(RuntimeError, match="refresh"):
+        RetrievalBank(build_slice_set(generate_volumes("A", 2, seed=0, size=32), cfg.with_overrides(TINY).preprocess, 4),
+                      4).embeddings_at(torch.tensor([0]))

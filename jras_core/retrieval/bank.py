@@ -87,6 +87,13 @@ class RetrievalBank:
         self.index = index
         self.embeddings = emb
 
+    def embeddings_at(self, idx: torch.Tensor) -> torch.Tensor:
+        """The stored embeddings at ``idx`` (any shape; -1 reads entry 0): ``(*idx.shape, d)``."""
+        if self.embeddings is None:
+            raise RuntimeError("the bank has no embeddings yet: call refresh() first")
+        table = torch.from_numpy(self.embeddings)
+        return table[idx.clamp_min(0)]
+
     # ------------------------------------------------------------------ search
     def case_ids_of(self, case_names: list[str] | None, n: int) -> torch.Tensor:
         """Bank case id of each query's case (-1 when the case is not in the bank)."""

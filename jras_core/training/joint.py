@@ -10,7 +10,12 @@ Per local epoch:
   by the current retriever plus random ones); their relevance (``mask``: centroid-
   aligned Dice with the query's mask; ``utility``: how much the segmenter's loss
   drops with the candidate as guide) supervises the retriever's similarities
-  through a soft InfoNCE. Then the bank is refreshed.
+  through a soft InfoNCE (candidates embedded anew, or read from the bank:
+  ``contrastive.keys``). Then the bank is refreshed.
+
+Pass 1 is a guide-free forward of the segmenter, or (``retrieval.first_pass:
+reuse``) the prediction a :class:`PredictionMemory` kept from the slice's last
+phase-A step.
 
 ``fusion: none`` trains only phase A without guides (the no-retrieval baseline, same
 code path); ``retriever.mode: frozen`` or ``mask`` skips phase B.
@@ -33,6 +38,7 @@ from jras_core.models.jras import JRASModel
 from jras_core.retrieval.bank import RetrievalBank
 from jras_core.retrieval.finder import GuideFinder, Guides
 from jras_core.training.losses import per_sample_dice_ce, segmentation_loss, soft_info_nce
+from jras_core.training.memory import PredictionMemory
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,8 @@ class JRASTrainer:
         bank: retrieval bank (default: built from ``train_set`` and embedded now).
         proximal_reference: global weights for the FedProx term ``mu/2 ||w - w_g||^2``
             (``cfg.train.proximal_mu``).
+        memory: where ``retrieval.first_pass: reuse`` keeps its predictions (default: a new
+            one; pass the same one to later trainers on this site to keep it across rounds).
         writer: TensorBoard writer for per-epoch curves (optional).
         progress: show progress bars.
     """
@@ -63,6 +71,7 @@ class JRASTrainer:
         train_set: SliceSet,
         bank: RetrievalBank | None = None,
         proximal_reference: Mapping[str, torch.Tensor] | None = None,
+        memory: PredictionMemory | None = None,
         writer: SummaryWriter | None = None,
         progress: bool = False,
     ):
@@ -89,6 +98,11 @@ class JRASTrainer:
             self.bank = bank or RetrievalBank(train_set, cfg.labels.num_classes, cfg.retrieval.index)
             self.bank.refresh(model.retr)
             self.finder = GuideFinder(model, self.bank, cfg, self.generator)
+        self.memory: PredictionMemory | None = None
+        if self.finder is not None and self.finder.needs_first_pass and cfg.retrieval.first_pass == "reuse":
+            self.memory = memory or prediction_memory_for(train_set, cfg)
+            if len(self.memory) != len(train_set):
+                raise ValueError(f"the prediction memory holds {len(self.memory)} slices, the training set {len(train_set)}")
         self._train_case_names = [train_set.cases[c] for c in train_set.case_ids.tolist()]
         # a retriever without dropout or running statistics computes the same in train and eval mode
         self._retriever_mode_free = not any(
@@ -117,6 +131,21 @@ class JRASTrainer:
     def _bar(self, items, desc: str):
         return tqdm(items, desc=desc, leave=False, disable=not self.progress)
 
+    def _first_pass(self, idx: torch.Tensor, images: torch.Tensor) -> torch.Tensor | None:
+        """Pass-1 softmax ``(B, C, H, W)`` for slices ``idx`` seen as ``images`` (None when
+        the configuration needs none): fresh, or from the memory where it knows the slice."""
+        if not self.finder.needs_first_pass:
+            return None
+        if self.memory is None:
+            return self.finder.first_pass(images)
+        probs, known = self.memory.recall(idx)
+        if not bool(known.all()):
+            missing = ~known
+            fresh = self.finder.first_pass(images[missing])
+            probs[missing] = fresh
+            self.memory.store(idx[missing], fresh)
+        return probs
+
     def _guided_batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, Guides]:
         """Phase A's augmented queries ``(B, 1, H, W)`` and their guides (``augment.guides``)."""
         cfg = self.cfg
@@ -124,12 +153,14 @@ class JRASTrainer:
         names = self._case_names(idx)
         if cfg.augment.guides != "shared" or not self.augment.enabled:
             images = self.augment(raw)
-            guides, _ = self.finder.find(images, names, train_pool=cfg.retrieval.train_pool)
+            probs = self._first_pass(idx, images)
+            guides, _ = self.finder.find(images, names, train_pool=cfg.retrieval.train_pool, probs=probs)
             if cfg.augment.guides == "independent" and self.augment.enabled:
                 changed = self.augment(guides.images.flatten(0, 1))  # (B*K, 1, H, W)
                 guides.images = _blank_missing(changed.view_as(guides.images), guides.idx)
             return images, guides
-        guides, _ = self.finder.find(raw, names, train_pool=cfg.retrieval.train_pool)
+        probs = self._first_pass(idx, raw)
+        guides, _ = self.finder.find(raw, names, train_pool=cfg.retrieval.train_pool, probs=probs)
         stacked = self.augment(torch.cat([raw, guides.images.flatten(1, 2)], dim=1))  # (B, 1 + K, H, W)
         guides.images = _blank_missing(stacked[:, 1:].unsqueeze(2), guides.idx)
         return stacked[:, :1].contiguous(), guides
@@ -148,6 +179,8 @@ class JRASTrainer:
                 present = torch.rand(len(idx), generator=self.generator) >= cfg.retrieval.guide_dropout
                 present &= (guides.idx >= 0).any(dim=1)
                 logits = model.seg(images, guides.images, guides.masks, guides.sims, present)
+                if self.memory is not None:
+                    self.memory.store(idx, torch.softmax(logits.detach(), dim=1))
             else:
                 images = self.augment(self.train_set.images[idx])
                 logits = model.seg(images)
@@ -197,7 +230,7 @@ class JRASTrainer:
             images = self.augment(self.train_set.images[idx])
             labels = self.train_set.masks[idx].long()
             names = self._case_names(idx)
-            probs = self.finder.first_pass(images) if self.finder.needs_first_pass else None
+            probs = self._first_pass(idx, images)
             exclude = bank.case_ids_of(names, len(idx))
             q_emb = model.retr(self.finder.query_input(images, probs))  # (B, d)
             # where train and eval mode agree, the search reuses this forward
@@ -208,10 +241,13 @@ class JRASTrainer:
             cand = torch.cat([top_idx, rand_idx], dim=1)  # (B, M)
             valid = cand >= 0
             relevance = self._relevance(images, labels, cand, probs)
-            # each distinct candidate is embedded once; duplicates share it (and its gradient)
-            unique, inverse = torch.unique(cand.clamp_min(0), return_inverse=True)
-            u_emb = model.retr(bank.retriever_input(unique, model.retr.in_channels))
-            c_emb = u_emb[inverse]  # (B, M, d)
+            if c.keys == "stored":
+                c_emb = bank.embeddings_at(cand)  # (B, M, d), no gradient
+            else:
+                # each distinct candidate is embedded once; duplicates share it (and its gradient)
+                unique, inverse = torch.unique(cand.clamp_min(0), return_inverse=True)
+                u_emb = model.retr(bank.retriever_input(unique, model.retr.in_channels))
+                c_emb = u_emb[inverse]  # (B, M, d)
             sims = (c_emb * q_emb.unsqueeze(1)).sum(-1)
             loss = soft_info_nce(sims, relevance, c.tau, c.tau_relevance, valid)
             if self.proximal is not None:
@@ -249,3 +285,8 @@ class JRASTrainer:
         """Train ``epochs`` (default ``cfg.train.epochs``) local epochs."""
         epochs = self.cfg.train.epochs if epochs is None else epochs
         return [self.train_epoch() for _ in range(epochs)]
+
+
+def prediction_memory_for(train_set: SliceSet, cfg: JRASConfig) -> PredictionMemory:
+    """An empty :class:`PredictionMemory` sized for ``train_set``."""
+    return PredictionMemory(len(train_set), cfg.labels.num_classes, int(train_set.images.shape[-1]))
