@@ -17,6 +17,17 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """Code under test may set torch's thread count (a ClientApp does); restore it, so that
+    a test's numbers do not depend on which tests ran before it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def processes(tmp_path):
     """Start background processes (``start(name, argv, **popen_kwargs)``); every one of them

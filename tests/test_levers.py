@@ -101,7 +101,7 @@ def _trainer_with_echo_guides(mode: str, k: int = 3):
 def test_shared_guide_augmentation_gives_query_and_guides_one_appearance():
     trainer, seen = _trainer_with_echo_guides("shared")
     idx = torch.arange(6)
-    images, guides = trainer._guided_batch(idx)
+    images, guides = trainer._guided_batch(idx, torch.ones(6, dtype=torch.bool))
     raw = trainer.train_set.images[idx]
     assert torch.equal(seen["query"], raw)  # retrieval sees the unaugmented query
     assert not torch.allclose(images, raw, atol=1e-3)  # the query was changed
@@ -112,13 +112,13 @@ def test_shared_guide_augmentation_gives_query_and_guides_one_appearance():
 
 def test_independent_and_no_guide_augmentation():
     trainer, seen = _trainer_with_echo_guides("independent")
-    images, guides = trainer._guided_batch(torch.arange(6))
+    images, guides = trainer._guided_batch(torch.arange(6), torch.ones(6, dtype=torch.bool))
     assert torch.equal(seen["query"], images)  # retrieval with the augmented query
     assert not torch.allclose(guides.images[:, 0], guides.images[:, 1], atol=1e-3)  # each guide its own change
     assert not torch.allclose(guides.images[:, 0], images, atol=1e-3)
     assert torch.count_nonzero(guides.images[:, -1]) == 0
     trainer, seen = _trainer_with_echo_guides("none")
-    images, guides = trainer._guided_batch(torch.arange(6))
+    images, guides = trainer._guided_batch(torch.arange(6), torch.ones(6, dtype=torch.bool))
     assert torch.equal(guides.images[:, 0], seen["query"]) and torch.equal(seen["query"], images)
     with pytest.raises(ConfigError, match="augment.guides"):
         JRASConfig().with_overrides({"augment.guides": "both"})
@@ -142,6 +142,26 @@ def test_appearance_prior_reads_tissue_intensities_off_the_guides():
         assert prior[0, :, 0, 0].argmax() == bright and prior[0, :, 0, 1].argmax() == dark
         assert prior[0, :, 1, 0].argmax() == 0
         assert prior[0, 3].max() == 0  # class 3 appears in no guide
+
+
+def test_appearance_prior_fits_the_class_statistics_of_all_guides():
+    from jras_core.models.segmenter import appearance_prior
+
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.randint(0, 3, (2, 3, 6, 6), generator=gen)  # class 3 absent
+    guides = torch.rand(2, 3, 1, 6, 6, generator=gen)
+    query = torch.rand(2, 1, 6, 6, generator=gen)
+    prior = appearance_prior(query, guides, masks, num_classes=4, min_std=0.05)
+    for b in range(2):
+        pixels, labels = guides[b].flatten(), masks[b].flatten()
+        loglik = []
+        for c in range(3):  # one Gaussian per class over the pixels of all K guides
+            values = pixels[labels == c].double()
+            var = values.var(unbiased=False) + 0.05**2
+            loglik.append(-(query[b, 0].double() - values.mean()) ** 2 / (2 * var) - 0.5 * var.log())
+        expected = torch.softmax(torch.stack(loglik), dim=0)
+        torch.testing.assert_close(prior[b, :3].double(), expected, atol=1e-5, rtol=1e-4)
+        assert prior[b, 3].max() == 0
 
 
 def test_appearance_channels_are_part_of_the_guides():

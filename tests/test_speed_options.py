@@ -285,14 +285,17 @@ def test_reused_first_pass_runs_pass_one_only_for_unseen_slices(slices):
     fresh_cfg = JRASConfig().with_overrides(TINY)
     fresh = JRASTrainer(build_model(fresh_cfg), fresh_cfg, slices)
     fresh_count = _PassOneCounter(fresh.finder)
-    fresh.train_epoch()
-    assert fresh.memory is None and fresh_count.images == 2 * n  # phase A and phase B
+    fresh.phase_segmenter()  # pass 1 only for the queries whose guides are not dropped
+    assert fresh.memory is None and 0 < fresh_count.images < n
+    fresh_count.images = 0
+    fresh.phase_retriever()
+    assert fresh_count.images == n
 
     cfg = fresh_cfg.with_overrides({"retrieval.first_pass": "reuse"})
     trainer = JRASTrainer(build_model(cfg), cfg, slices)
     count = _PassOneCounter(trainer.finder)
     trainer.phase_segmenter()
-    assert count.images == n and bool(trainer.memory.known.all())
+    assert 0 < count.images < n and bool(trainer.memory.known.all())
     remembered, _ = trainer.memory.recall(torch.arange(n))
     # what phase A kept is its own (guided) prediction, not the pass 1 it started from
     first = trainer.finder.first_pass(slices.images)
@@ -360,3 +363,41 @@ def test_pass_one_and_key_options_are_validated():
     with pytest.raises(RuntimeError, match="refresh"):
         RetrievalBank(build_slice_set(generate_volumes("A", 2, seed=0, size=32), cfg.with_overrides(TINY).preprocess, 4),
                       4).embeddings_at(torch.tensor([0]))
+
+
+def test_phase_a_retrieves_only_for_queries_that_keep_their_guides(slices):
+    from jras_core.training.joint import JRASTrainer
+
+    cfg = JRASConfig().with_overrides({**TINY, "retrieval.guide_dropout": 0.5})
+    model = build_model(cfg)
+    trainer = JRASTrainer(model, cfg, slices)
+    found, kept = [], []
+    find = trainer.finder.find
+    trainer.finder.find = lambda images, *a, **kw: found.append(images.shape[0]) or find(images, *a, **kw)
+    forward = model.seg.forward
+
+    def seg_forward(image, guide_images=None, guide_masks=None, guide_sims=None, guide_present=None):
+        if guide_images is not None:  # a phase-A step (pass 1 comes without guides)
+            kept.append(guide_present.clone())
+            # dropped queries come with blank guides; kept ones with real ones
+            assert not guide_images[~guide_present].any() and not guide_masks[~guide_present].any()
+            assert guide_masks[guide_present].flatten(1).any(dim=1).all()
+        return forward(image, guide_images, guide_masks, guide_sims, guide_present)
+
+    model.seg.forward = seg_forward
+    trainer.phase_segmenter()
+    present = torch.cat(kept)
+    assert len(present) == len(slices) and 0 < int(present.sum()) < len(slices)
+    assert sum(found) == int(present.sum())
+
+
+def test_guides_placed_in_a_larger_batch():
+    from jras_core.retrieval.finder import Guides
+
+    sub = Guides(torch.rand(2, 3, 1, 4, 4), torch.randint(1, 4, (2, 3, 4, 4)), torch.rand(2, 3),
+                 torch.tensor([[5, 6, 7], [8, -1, 9]]))
+    out = sub.placed(torch.tensor([3, 0]), 5)
+    assert out.images.shape == (5, 3, 1, 4, 4) and out.idx.shape == (5, 3)
+    assert torch.equal(out.images[3], sub.images[0]) and torch.equal(out.masks[0], sub.masks[1])
+    assert torch.equal(out.idx[[1, 2, 4]], torch.full((3, 3), -1)) and not out.images[[1, 2, 4]].any()
+    assert not out.masks[[1, 2, 4]].any() and not out.sims[[1, 2, 4]].any()

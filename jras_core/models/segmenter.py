@@ -36,11 +36,14 @@ def appearance_prior(
         ``(B, C, H, W)`` probabilities; classes absent from every guide get probability 0
         (uniform over all classes when no class is present).
     """
-    onehot = F.one_hot(guide_masks.long().clamp(0, num_classes - 1), num_classes).movedim(-1, 2)  # (B, K, C, H, W)
-    onehot = onehot.to(image.dtype)
-    count = onehot.sum(dim=(1, 3, 4))  # (B, C)
-    s1 = (onehot * guide_images).sum(dim=(1, 3, 4))
-    s2 = (onehot * guide_images.square()).sum(dim=(1, 3, 4))
+    b = guide_masks.shape[0]
+    # per-class sums over all guide pixels, by scatter-add into (B, C) (no one-hot maps)
+    labels = guide_masks.long().clamp(0, num_classes - 1).reshape(b, -1)
+    values = guide_images.reshape(b, -1).to(image.dtype)
+    zeros = image.new_zeros(b, num_classes)
+    count = zeros.scatter_add(1, labels, torch.ones_like(values))
+    s1 = zeros.scatter_add(1, labels, values)
+    s2 = zeros.scatter_add(1, labels, values.square())
     mean = s1 / count.clamp_min(1.0)
     var = (s2 / count.clamp_min(1.0) - mean.square()).clamp_min(0.0) + min_std**2
     loglik = -(image - mean[:, :, None, None]).square() / (2 * var[:, :, None, None]) - 0.5 * var.log()[:, :, None, None]

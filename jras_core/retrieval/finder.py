@@ -30,6 +30,21 @@ class Guides:
     sims: torch.Tensor
     idx: torch.Tensor
 
+    @classmethod
+    def none(cls, batch: int, k: int, size: tuple[int, int]) -> Guides:
+        """No guides for any of ``batch`` queries (blank images and masks, index -1)."""
+        h, w = size
+        return cls(torch.zeros(batch, k, 1, h, w), torch.zeros(batch, k, h, w, dtype=torch.long),
+                   torch.zeros(batch, k), torch.full((batch, k), -1, dtype=torch.long))
+
+    def placed(self, rows: torch.Tensor, batch: int) -> Guides:
+        """These guides, one row per entry of ``rows`` ``(R,)``, as rows of a batch of
+        ``batch`` queries in which the other rows have none."""
+        k, size = self.idx.shape[1], tuple(self.masks.shape[-2:])
+        out = Guides.none(batch, k, size)
+        out.images[rows], out.masks[rows], out.sims[rows], out.idx[rows] = self.images, self.masks, self.sims, self.idx
+        return out
+
 
 class GuideFinder:
     """Find guides for a batch of queries in a bank, as the configuration says.

@@ -146,21 +146,32 @@ class JRASTrainer:
             self.memory.store(idx[missing], fresh)
         return probs
 
-    def _guided_batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, Guides]:
-        """Phase A's augmented queries ``(B, 1, H, W)`` and their guides (``augment.guides``)."""
+    def _find_kept(self, idx: torch.Tensor, images: torch.Tensor, keep: torch.Tensor) -> Guides:
+        """Training guides for the queries ``images`` (slices ``idx``) whose guides are kept
+        (``keep`` ``(B,)``); the dropped ones get none, without pass 1 or retrieval."""
+        rows = keep.nonzero().squeeze(1)
+        if len(rows) == 0:
+            return Guides.none(len(idx), self.cfg.retrieval.k, tuple(images.shape[-2:]))
+        sub_idx = idx[rows]
+        sub_images = images[rows]
+        probs = self._first_pass(sub_idx, sub_images)
+        guides, _ = self.finder.find(sub_images, self._case_names(sub_idx),
+                                     train_pool=self.cfg.retrieval.train_pool, probs=probs)
+        return guides if len(rows) == len(idx) else guides.placed(rows, len(idx))
+
+    def _guided_batch(self, idx: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, Guides]:
+        """Phase A's augmented queries ``(B, 1, H, W)`` and their guides (``augment.guides``);
+        queries whose guides are dropped (``keep`` false) get none."""
         cfg = self.cfg
         raw = self.train_set.images[idx]
-        names = self._case_names(idx)
         if cfg.augment.guides != "shared" or not self.augment.enabled:
             images = self.augment(raw)
-            probs = self._first_pass(idx, images)
-            guides, _ = self.finder.find(images, names, train_pool=cfg.retrieval.train_pool, probs=probs)
+            guides = self._find_kept(idx, images, keep)
             if cfg.augment.guides == "independent" and self.augment.enabled:
                 changed = self.augment(guides.images.flatten(0, 1))  # (B*K, 1, H, W)
                 guides.images = _blank_missing(changed.view_as(guides.images), guides.idx)
             return images, guides
-        probs = self._first_pass(idx, raw)
-        guides, _ = self.finder.find(raw, names, train_pool=cfg.retrieval.train_pool, probs=probs)
+        guides = self._find_kept(idx, raw, keep)
         stacked = self.augment(torch.cat([raw, guides.images.flatten(1, 2)], dim=1))  # (B, 1 + K, H, W)
         guides.images = _blank_missing(stacked[:, 1:].unsqueeze(2), guides.idx)
         return stacked[:, :1].contiguous(), guides
@@ -175,8 +186,8 @@ class JRASTrainer:
         for idx in self._bar(self._batches(), f"epoch {self.epoch} seg"):
             labels = self.train_set.masks[idx].long()
             if self.finder is not None:
-                images, guides = self._guided_batch(idx)
                 present = torch.rand(len(idx), generator=self.generator) >= cfg.retrieval.guide_dropout
+                images, guides = self._guided_batch(idx, present)
                 present &= (guides.idx >= 0).any(dim=1)
                 logits = model.seg(images, guides.images, guides.masks, guides.sims, present)
                 if self.memory is not None:
