@@ -107,7 +107,7 @@ class SegmenterConfig:
     """Initial weights of the backbone's input connections from the guide channels:
     ``default`` (the layer's own initialisation) or ``zero`` (the segmenter starts as the
     plain one and learns to use its guides only as far as they help)."""
-    appearance: bool = False
+    appearance: bool = True
     """Also feed the segmenter the query's class probabilities under a per-class intensity
     model fitted to its guides (which intensities mean which tissue at this scanner)."""
 
@@ -151,13 +151,13 @@ class RetrievalConfig:
     align_centroid: bool = True
     """Shift guides onto the query's pass-1 centroid before fusion."""
     index: Literal["flat", "hnsw"] = "flat"
-    first_pass: Literal["fresh", "reuse"] = "fresh"
+    first_pass: Literal["fresh", "reuse"] = "reuse"
     """Where training takes each query's pass-1 prediction from. ``fresh``: a guide-free
     forward of the current segmenter at every step, as at inference. ``reuse``: the
     segmenter's own prediction for that slice at its last phase-A step (guided, on another
-    augmentation, kept per slice in 8 bits), computed fresh only for slices not yet seen;
-    phase A then costs about what a step without retrieval costs. Inference always runs
-    pass 1."""
+    augmentation, kept per slice in 8 bits), computed fresh only for slices not yet seen.
+    Phase B then trains the retriever on the views phase A trained on (kept with their
+    predictions) instead of augmenting anew. Inference always runs pass 1."""
 
     def validate(self) -> None:
         if self.k < 1:
@@ -178,7 +178,7 @@ class ContrastiveConfig:
     lr: float = 1e-3
     steps_per_epoch: int | None = None
     """Batches of phase B per local epoch (None: one pass over the data)."""
-    keys: Literal["encoded", "stored"] = "encoded"
+    keys: Literal["encoded", "stored"] = "stored"
     """The candidates' side of each similarity. ``encoded``: candidates are embedded anew
     with gradients, so both sides are trained. ``stored``: their embeddings are read from
     the bank (as of its last refresh) and only the queries' side is trained; phase B then

@@ -254,14 +254,16 @@ def test_prediction_memory_round_trip():
 
     mem = PredictionMemory(6, num_classes=4, size=8)
     probs = torch.softmax(torch.randn(3, 4, 8, 8), dim=1)
+    views = torch.rand(3, 1, 8, 8)
     idx = torch.tensor([4, 0, 2])
-    mem.store(idx, probs)
+    mem.store(idx, probs, views)
     back, known = mem.recall(torch.tensor([0, 1, 2, 4]))
     assert known.tolist() == [True, False, True, True]
     assert torch.allclose(back[[0, 2, 3]], probs[[1, 2, 0]], atol=2.5 / 255)
     assert torch.equal(back[1, 0], torch.ones(8, 8)) and not back[1, 1:].any()  # unknown: background
-    with pytest.raises(ValueError, match=r"\(B, 4, 8, 8\)"):
-        mem.store(idx, probs[:, :3])
+    assert torch.allclose(mem.views(torch.tensor([2, 4])), views[[2, 0]], atol=1e-3)
+    with pytest.raises(ValueError, match=r"\(3, 4, 8, 8\)"):
+        mem.store(idx, probs[:, :3], views)
 
 
 class _PassOneCounter:
@@ -282,7 +284,7 @@ def test_reused_first_pass_runs_pass_one_only_for_unseen_slices(slices):
     from jras_core.training.joint import JRASTrainer
 
     n = len(slices)
-    fresh_cfg = JRASConfig().with_overrides(TINY)
+    fresh_cfg = JRASConfig().with_overrides({**TINY, "retrieval.first_pass": "fresh"})
     fresh = JRASTrainer(build_model(fresh_cfg), fresh_cfg, slices)
     fresh_count = _PassOneCounter(fresh.finder)
     fresh.phase_segmenter()  # pass 1 only for the queries whose guides are not dropped
@@ -304,12 +306,19 @@ def test_reused_first_pass_runs_pass_one_only_for_unseen_slices(slices):
     trainer.phase_retriever()
     trainer.phase_segmenter()
     assert count.images == 0
-    # phase B's retriever input is the remembered prediction
+    # phase B's queries are the remembered views with their predictions, not new augmentations
     seen = []
     query_input = trainer.finder.query_input
-    trainer.finder.query_input = lambda images, probs: seen.append(probs) or query_input(images, probs)
+    trainer.finder.query_input = lambda images, probs: seen.append((images, probs)) or query_input(images, probs)
+    augmented = []
+    augment = trainer.augment
+    trainer.augment = lambda x: augmented.append(x) or augment(x)
     trainer.phase_retriever()
-    assert seen and all(torch.allclose(p.sum(dim=1), torch.ones(()), atol=0.02) for p in seen)
+    assert len(seen) == len(trainer._batches()) and not augmented
+    all_views, all_probs = trainer.memory.views(torch.arange(n)), trainer.memory.recall(torch.arange(n))[0]
+    for images, probs in seen:
+        rows = [int((all_views - img).abs().flatten(1).sum(1).argmin()) for img in images]
+        assert torch.equal(images, all_views[rows]) and torch.equal(probs, all_probs[rows])
     # a later trainer given the memory (as a site keeps it across rounds) starts from it
     later = JRASTrainer(build_model(cfg), cfg, slices, memory=trainer.memory)
     later_count = _PassOneCounter(later.finder)
@@ -355,7 +364,7 @@ def test_stored_keys_embed_only_the_queries_in_phase_b(slices):
 
 def test_pass_one_and_key_options_are_validated():
     cfg = JRASConfig()
-    assert cfg.retrieval.first_pass == "fresh" and cfg.contrastive.keys == "encoded"
+    assert cfg.retrieval.first_pass == "reuse" and cfg.contrastive.keys == "stored"
     with pytest.raises(ConfigError, match="first_pass"):
         cfg.with_overrides({"retrieval.first_pass": "stale"})
     with pytest.raises(ConfigError, match="keys"):

@@ -15,7 +15,8 @@ Per local epoch:
 
 Pass 1 is a guide-free forward of the segmenter, or (``retrieval.first_pass:
 reuse``) the prediction a :class:`PredictionMemory` kept from the slice's last
-phase-A step.
+phase-A step; phase B then also takes its queries from the memory: the augmented
+views phase A trained on, each with the prediction made on it.
 
 ``fusion: none`` trains only phase A without guides (the no-retrieval baseline, same
 code path); ``retriever.mode: frozen`` or ``mask`` skips phase B.
@@ -143,7 +144,7 @@ class JRASTrainer:
             missing = ~known
             fresh = self.finder.first_pass(images[missing])
             probs[missing] = fresh
-            self.memory.store(idx[missing], fresh)
+            self.memory.store(idx[missing], fresh, images[missing])
         return probs
 
     def _find_kept(self, idx: torch.Tensor, images: torch.Tensor, keep: torch.Tensor) -> Guides:
@@ -191,7 +192,7 @@ class JRASTrainer:
                 present &= (guides.idx >= 0).any(dim=1)
                 logits = model.seg(images, guides.images, guides.masks, guides.sims, present)
                 if self.memory is not None:
-                    self.memory.store(idx, torch.softmax(logits.detach(), dim=1))
+                    self.memory.store(idx, torch.softmax(logits.detach(), dim=1), images)
             else:
                 images = self.augment(self.train_set.images[idx])
                 logits = model.seg(images)
@@ -238,7 +239,10 @@ class JRASTrainer:
             batches = batches[: c.steps_per_epoch]
         m_top = c.candidates // 2
         for idx in self._bar(batches, f"epoch {self.epoch} retr"):
-            images = self.augment(self.train_set.images[idx])
+            if self.memory is not None and bool(self.memory.known[idx].all()):
+                images = self.memory.views(idx)  # the views phase A trained on, with their predictions
+            else:
+                images = self.augment(self.train_set.images[idx])
             labels = self.train_set.masks[idx].long()
             names = self._case_names(idx)
             probs = self._first_pass(idx, images)

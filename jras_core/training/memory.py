@@ -1,4 +1,4 @@
-"""The segmenter's latest prediction for each training slice, kept for reuse as pass 1."""
+"""The segmenter's latest view and prediction of each training slice, kept for reuse."""
 
 from __future__ import annotations
 
@@ -6,14 +6,15 @@ import torch
 
 
 class PredictionMemory:
-    """Class probabilities per slice, stored as the foreground channels in 8 bits.
+    """Per slice: the (augmented) image the segmenter last saw, in 16 bits, and its class
+    probabilities there, stored as the foreground channels in 8 bits.
 
     Args:
         num_slices: slices of the training set (indices ``0 .. num_slices - 1``).
         num_classes: classes including background.
         size: side ``S`` of the slices.
 
-    A 2,000-slice set of 128 x 128 slices with four classes takes 98 MiB.
+    A 2,000-slice set of 128 x 128 slices with four classes takes 160 MiB.
     """
 
     def __init__(self, num_slices: int, num_classes: int, size: int):
@@ -22,19 +23,23 @@ class PredictionMemory:
         self.num_classes = num_classes
         self.size = size
         self._fg = torch.zeros(num_slices, num_classes - 1, size, size, dtype=torch.uint8)
+        self._views = torch.zeros(num_slices, 1, size, size, dtype=torch.float16)
         self.known = torch.zeros(num_slices, dtype=torch.bool)
 
     def __len__(self) -> int:
         return int(self._fg.shape[0])
 
-    def store(self, idx: torch.Tensor, probs: torch.Tensor) -> None:
-        """Keep ``probs`` ``(B, C, S, S)`` (a softmax) as the prediction for slices ``idx`` ``(B,)``."""
-        if probs.shape[1:] != (self.num_classes, self.size, self.size):
+    def store(self, idx: torch.Tensor, probs: torch.Tensor, views: torch.Tensor) -> None:
+        """Keep ``probs`` ``(B, C, S, S)`` (a softmax), predicted on ``views`` ``(B, 1, S, S)``,
+        for slices ``idx`` ``(B,)``."""
+        b = idx.shape[0]
+        if probs.shape != (b, self.num_classes, self.size, self.size) or views.shape != (b, 1, self.size, self.size):
             raise ValueError(
-                f"expected probabilities of shape (B, {self.num_classes}, {self.size}, {self.size}), "
-                f"got {tuple(probs.shape)}"
+                f"expected probabilities ({b}, {self.num_classes}, {self.size}, {self.size}) and views "
+                f"({b}, 1, {self.size}, {self.size}), got {tuple(probs.shape)} and {tuple(views.shape)}"
             )
         self._fg[idx] = (probs[:, 1:].detach() * 255.0).round_().to(torch.uint8)
+        self._views[idx] = views.detach().to(torch.float16)
         self.known[idx] = True
 
     def recall(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,3 +49,7 @@ class PredictionMemory:
         fg = self._fg[idx].float().div_(255.0)
         bg = (1.0 - fg.sum(dim=1, keepdim=True)).clamp_min_(0.0)
         return torch.cat([bg, fg], dim=1), self.known[idx]
+
+    def views(self, idx: torch.Tensor) -> torch.Tensor:
+        """The images ``(B, 1, S, S)`` the stored predictions of slices ``idx`` were made on."""
+        return self._views[idx].float()
