@@ -155,7 +155,8 @@ class RetrievalConfig:
     """Where training takes each query's pass-1 prediction from. ``fresh``: a guide-free
     forward of the current segmenter at every step, as at inference. ``reuse``: the
     segmenter's own prediction for that slice at its last phase-A step (guided, on another
-    augmentation, kept per slice in 8 bits), computed fresh only for slices not yet seen.
+    augmentation, kept per slice in 8 bits), computed fresh only for slices not yet seen in
+    this call of local training (its first epoch).
     Phase B then trains the retriever on the views phase A trained on (kept with their
     predictions) instead of augmenting anew. Inference always runs pass 1."""
 

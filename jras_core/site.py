@@ -26,8 +26,7 @@ from jras_core.retrieval.bank import RetrievalBank
 from jras_core.retrieval.crypto import resolve_key
 from jras_core.retrieval.store import BankStore
 from jras_core.training.evaluate import evaluate
-from jras_core.training.joint import JRASTrainer, prediction_memory_for
-from jras_core.training.memory import PredictionMemory
+from jras_core.training.joint import JRASTrainer
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +103,6 @@ class Site:
         self._slices: SliceSet | None = None
         self._split: tuple[SliceSet, SliceSet] | None = None
         self._bank: RetrievalBank | None = None
-        self._memory: PredictionMemory | None = None
 
     @property
     def name(self) -> str:
@@ -210,13 +208,12 @@ class Site:
         """Run local epochs of the alternating optimisation; returns scalar metrics
         (averaged over the epochs) including ``num-examples``."""
         bank = self.bank if self.method.uses_retrieval else None
-        if self.method.retrieval.first_pass == "reuse" and self._memory is None:
-            # kept across rounds: a slice's prediction from the previous round stands in
-            # for pass 1 until the slice's first step of this round replaces it
-            self._memory = prediction_memory_for(self.train_set, self.method)
+        # the prediction memory (retrieval.first_pass: reuse) lives for this call only: a
+        # round depends on the global model and the site's data alone, so a resumed or
+        # rescheduled round computes what it would have computed
         trainer = JRASTrainer(
-            model, self.method, self.train_set, bank=bank, proximal_reference=proximal_reference,
-            memory=self._memory, writer=writer, progress=progress,
+            model, self.method, self.train_set, bank=bank,
+            proximal_reference=proximal_reference, writer=writer, progress=progress,
         )
         history = trainer.fit(epochs)
         out = {k: float(np.mean([h[k] for h in history])) for k in history[0]} if history else {}

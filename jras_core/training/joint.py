@@ -59,8 +59,8 @@ class JRASTrainer:
         bank: retrieval bank (default: built from ``train_set`` and embedded now).
         proximal_reference: global weights for the FedProx term ``mu/2 ||w - w_g||^2``
             (``cfg.train.proximal_mu``).
-        memory: where ``retrieval.first_pass: reuse`` keeps its predictions (default: a new
-            one; pass the same one to later trainers on this site to keep it across rounds).
+        memory: where ``retrieval.first_pass: reuse`` keeps its predictions (default: a new,
+            empty one; its first epoch runs pass 1 for every query).
         writer: TensorBoard writer for per-epoch curves (optional).
         progress: show progress bars.
     """
