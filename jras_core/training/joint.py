@@ -101,7 +101,8 @@ class JRASTrainer:
             self.finder = GuideFinder(model, self.bank, cfg, self.generator)
         self.memory: PredictionMemory | None = None
         if self.finder is not None and self.finder.needs_first_pass and cfg.retrieval.first_pass == "reuse":
-            self.memory = memory or prediction_memory_for(train_set, cfg)
+            size = int(train_set.images.shape[-1])
+            self.memory = memory or PredictionMemory(len(train_set), cfg.labels.num_classes, size)
             if len(self.memory) != len(train_set):
                 raise ValueError(f"the prediction memory holds {len(self.memory)} slices, the training set {len(train_set)}")
         self._train_case_names = [train_set.cases[c] for c in train_set.case_ids.tolist()]
@@ -300,8 +301,3 @@ class JRASTrainer:
         """Train ``epochs`` (default ``cfg.train.epochs``) local epochs."""
         epochs = self.cfg.train.epochs if epochs is None else epochs
         return [self.train_epoch() for _ in range(epochs)]
-
-
-def prediction_memory_for(train_set: SliceSet, cfg: JRASConfig) -> PredictionMemory:
-    """An empty :class:`PredictionMemory` sized for ``train_set``."""
-    return PredictionMemory(len(train_set), cfg.labels.num_classes, int(train_set.images.shape[-1]))
