@@ -151,14 +151,17 @@ class RetrievalConfig:
     align_centroid: bool = True
     """Shift guides onto the query's pass-1 centroid before fusion."""
     index: Literal["flat", "hnsw"] = "flat"
-    first_pass: Literal["fresh", "reuse"] = "reuse"
+    first_pass: Literal["fresh", "reuse", "warmup"] = "reuse"
     """Where training takes each query's pass-1 prediction from. ``fresh``: a guide-free
     forward of the current segmenter at every step, as at inference. ``reuse``: the
     segmenter's own prediction for that slice at its last phase-A step (guided, on another
     augmentation, kept per slice in 8 bits), computed fresh only for slices not yet seen in
-    this call of local training (its first epoch).
-    Phase B then trains the retriever on the views phase A trained on (kept with their
-    predictions) instead of augmenting anew. Inference always runs pass 1."""
+    this call of local training (its first epoch). ``warmup``: as ``reuse``, but when a
+    call trains two or more epochs its first phase A trains the segmenter without guides,
+    and those predictions fill the memory (no pass-1 forwards at all).
+    With ``reuse`` and ``warmup`` phase B trains the retriever on the views phase A trained
+    on (kept with their predictions) instead of augmenting anew. Inference always runs
+    pass 1."""
 
     def validate(self) -> None:
         if self.k < 1:

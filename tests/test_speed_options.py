@@ -326,6 +326,36 @@ def test_reused_first_pass_runs_pass_one_only_for_unseen_slices(slices):
     assert later_count.images == 0
 
 
+def test_warmup_first_epoch_trains_without_guides_and_fills_the_memory(slices):
+    from jras_core.training.joint import JRASTrainer
+
+    cfg = JRASConfig().with_overrides({**TINY, "retrieval.first_pass": "warmup", "retrieval.guide_dropout": 0.0})
+    trainer = JRASTrainer(build_model(cfg), cfg, slices)
+    count = _PassOneCounter(trainer.finder)
+    guided_inputs = []
+    forward = trainer.model.seg.forward
+
+    def watched(images, guide_images=None, *args, **kwargs):
+        guided_inputs.append(guide_images is not None)
+        return forward(images, guide_images, *args, **kwargs)
+
+    trainer.model.seg.forward = watched
+    found = []
+    find = trainer.finder.find
+    trainer.finder.find = lambda *a, **k: found.append(1) or find(*a, **k)
+    trainer.fit(2)
+    steps = len(trainer._batches())
+    # epoch 0: guide-free steps that fill the memory; epoch 1: every step guided, no pass 1 at all
+    assert guided_inputs[:steps] == [False] * steps and all(guided_inputs[steps : 2 * steps])
+    assert count.images == 0 and len(found) == steps and bool(trainer.memory.known.all())
+
+    # a call of a single epoch stays guided (pass 1 for the unseen slices, as with reuse)
+    single = JRASTrainer(build_model(cfg), cfg, slices)
+    single_count = _PassOneCounter(single.finder)
+    single.fit(1)
+    assert single_count.images == len(slices)
+
+
 def test_a_round_of_local_training_does_not_depend_on_the_previous_one():
     """The prediction memory lives for one call of ``Site.train``: the same global model
     gives the same local update whatever the site trained before (as after a resume)."""

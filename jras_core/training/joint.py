@@ -16,7 +16,8 @@ Per local epoch:
 Pass 1 is a guide-free forward of the segmenter, or (``retrieval.first_pass:
 reuse``) the prediction a :class:`PredictionMemory` kept from the slice's last
 phase-A step; phase B then also takes its queries from the memory: the augmented
-views phase A trained on, each with the prediction made on it.
+views phase A trained on, each with the prediction made on it. With ``warmup`` the
+first phase A of a multi-epoch call trains without guides and fills the memory.
 
 ``fusion: none`` trains only phase A without guides (the no-retrieval baseline, same
 code path); ``retriever.mode: frozen`` or ``mask`` skips phase B.
@@ -100,7 +101,7 @@ class JRASTrainer:
             self.bank.refresh(model.retr)
             self.finder = GuideFinder(model, self.bank, cfg, self.generator)
         self.memory: PredictionMemory | None = None
-        if self.finder is not None and self.finder.needs_first_pass and cfg.retrieval.first_pass == "reuse":
+        if self.finder is not None and self.finder.needs_first_pass and cfg.retrieval.first_pass in ("reuse", "warmup"):
             size = int(train_set.images.shape[-1])
             self.memory = memory or PredictionMemory(len(train_set), cfg.labels.num_classes, size)
             if len(self.memory) != len(train_set):
@@ -179,15 +180,23 @@ class JRASTrainer:
         return stacked[:, :1].contiguous(), guides
 
     # ------------------------------------------------------------------ phases
-    def phase_segmenter(self) -> dict[str, float]:
-        """Phase A: one pass over the data training the segmenter (retriever frozen)."""
+    def phase_segmenter(self, guided: bool = True) -> dict[str, float]:
+        """Phase A: one pass over the data training the segmenter (retriever frozen).
+
+        ``guided=False`` trains without guides (no pass 1, no retrieval); the predictions
+        still fill the prediction memory (``retrieval.first_pass: warmup``)."""
         model, cfg = self.model, self.cfg
         model.seg.train()
         model.retr.eval()
         total, n, t0 = 0.0, 0, time.perf_counter()
         for idx in self._bar(self._batches(), f"epoch {self.epoch} seg"):
             labels = self.train_set.masks[idx].long()
-            if self.finder is not None:
+            if self.finder is not None and not guided:
+                images = self.augment(self.train_set.images[idx])
+                logits = model.seg(images)
+                if self.memory is not None:
+                    self.memory.store(idx, torch.softmax(logits.detach(), dim=1), images)
+            elif self.finder is not None:
                 present = torch.rand(len(idx), generator=self.generator) >= cfg.retrieval.guide_dropout
                 images, guides = self._guided_batch(idx, present)
                 present &= (guides.idx >= 0).any(dim=1)
@@ -283,10 +292,11 @@ class JRASTrainer:
             "refresh_time_s": done - t_refresh,
         }
 
-    def train_epoch(self) -> dict[str, float]:
-        """One local epoch: phase A, then (if the retriever is learned) phase B + refresh."""
+    def train_epoch(self, guided: bool = True) -> dict[str, float]:
+        """One local epoch: phase A (``guided=False``: without guides), then (if the retriever
+        is learned) phase B + refresh."""
         t0 = time.perf_counter()
-        metrics = self.phase_segmenter()
+        metrics = self.phase_segmenter(guided)
         if self.cfg.trains_retriever:
             metrics.update(self.phase_retriever())
         metrics["epoch_time_s"] = time.perf_counter() - t0
@@ -300,4 +310,5 @@ class JRASTrainer:
     def fit(self, epochs: int | None = None) -> list[dict[str, float]]:
         """Train ``epochs`` (default ``cfg.train.epochs``) local epochs."""
         epochs = self.cfg.train.epochs if epochs is None else epochs
-        return [self.train_epoch() for _ in range(epochs)]
+        warmup = self.memory is not None and self.cfg.retrieval.first_pass == "warmup" and epochs > 1
+        return [self.train_epoch(guided=not (warmup and i == 0)) for i in range(epochs)]
