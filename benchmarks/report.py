@@ -77,7 +77,9 @@ def write_report(out: Path, rows: Sequence[Mapping[str, Any]], methods: Sequence
     lines = ["# Vendor-shift benchmark", "",
              (f"Dataset **{settings['dataset']}** (vendors {settings['vendors']}), held-out vendors {settings['heldout']}; "
              f"seeds {settings['seeds']}; {settings['rounds']} rounds x {settings['local_epochs']} local epoch(s), "
-             f"{settings['size']} px; held-out support bank of {settings['support']} annotated cases; method config "
+             f"{settings['size']} px; held-out support bank of {settings['support']} annotated cases"
+             + (f" of {settings['heldout_cases']}" if settings.get("heldout_cases") else "")
+             + f"; method config "
              f"`{settings['config']}`, overrides: {settings['overrides']}."), "",
              f"Reproduce: `{settings['command']}`", "", "## Methods", ""]
     lines += _table(["method", "what"], [[m, descriptions.get(m, "")] for m in present])

@@ -303,9 +303,8 @@ def train_federated(method: Method, yamls: Sequence[Path], st: Settings, seed: i
                     class_keys: Sequence[str], names: Sequence[str]) -> Trained:
     """A Flower Simulation Engine federation of the training sites."""
 
-    from jras_core.fedutil import PROJECT_ROOT, arrays_to_state
-    from server.checkpoint import load_checkpoint
-    from server.simulate import run_simulation, site_table
+    from jras_core.fedutil import PROJECT_ROOT
+    from server.simulate import run_simulation
 
     overrides = {**st.config_overrides, **method.overrides}
     run_config: dict[str, Any] = {
@@ -322,7 +321,31 @@ def train_federated(method: Method, yamls: Sequence[Path], st: Settings, seed: i
     t0 = time.perf_counter()
     run_simulation(PROJECT_ROOT, [str(p) for p in yamls], run_config, cpus_per_client=st.cpus_per_client,
                    out_dir=run_dir.parent, run_name=run_dir.name, stream=False, timeout=st.timeout, fresh=True)
-    wall = time.perf_counter() - t0
+    return federated_outcome(run_dir, yamls, class_keys, names, time.perf_counter() - t0)
+
+
+def finished_federation(run_dir: Path, rounds: int) -> bool:
+    """Whether ``run_dir`` holds the final checkpoint of a federation of ``rounds`` rounds."""
+    from server.checkpoint import load_checkpoint
+
+    path = run_dir / "checkpoint.pt"
+    if not path.is_file() or not (run_dir / "tensorboard" / "metrics.jsonl").is_file():
+        return False
+    try:
+        return load_checkpoint(path).round == rounds
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint is trained again
+        return False
+
+
+def federated_outcome(run_dir: Path, yamls: Sequence[Path], class_keys: Sequence[str], names: Sequence[str],
+                      wall_s: float) -> Trained:
+    """What a finished federation left in ``run_dir``: its final global model, the training
+    sites' last validation metrics, bytes per round and peak memory (``wall_s`` as given)."""
+    from jras_core.fedutil import arrays_to_state
+    from server.checkpoint import load_checkpoint
+    from server.simulate import site_table
+
+    wall = wall_s
     ckpt = load_checkpoint(run_dir / "checkpoint.pt")
     table = {r["site"]: r for r in site_table(run_dir, [str(p) for p in yamls])}
     rows = [{"site": n, **_metrics_of(table.get(n, {}), class_keys)} for n in names]
@@ -515,6 +538,14 @@ def run(args: argparse.Namespace) -> int:
 
     vds = vendor_sites(args.dataset, args.cases, args.size, args.data_seed)
     by_vendor = {v.vendor: v for v in vds}
+    heldout_cases = args.heldout_cases or args.cases
+    if args.heldout_cases is not None:
+        if args.dataset != "synthetic":
+            raise ConfigError(f"--heldout-cases applies to the synthetic vendors only (dataset {args.dataset})")
+        if args.heldout_cases <= args.support:
+            raise ConfigError(f"--heldout-cases ({args.heldout_cases}) must exceed --support ({args.support})")
+    heldout_vds = {v.vendor: dataclasses.replace(v, source=dataclasses.replace(v.source, cases=heldout_cases))
+                   if args.heldout_cases is not None else v for v in vds}
     heldouts = [h.strip() for h in (args.heldout or ",".join(by_vendor)).split(",") if h.strip()]
     bad = [h for h in heldouts if h not in by_vendor]
     if bad:
@@ -525,7 +556,14 @@ def run(args: argparse.Namespace) -> int:
     results_path = out / "results.csv"
     rows = [] if args.fresh else read_rows(results_path)
     done = {(r["method"], r["heldout"], str(r["seed"])) for r in rows if r.get("role") == "heldout"}
-    todo = [] if args.report_only else [j for j in jobs if (j.method.name, j.heldout, str(j.seed)) not in done]
+    if args.report_only:
+        todo = []
+    elif args.reevaluate:
+        todo = list(jobs)
+    else:
+        todo = [j for j in jobs if (j.method.name, j.heldout, str(j.seed)) not in done]
+    previous_wall = {(r["method"], r["heldout"], str(r["seed"])): r.get("wall_s") for r in rows
+                     if r.get("role") == "heldout"}
     cores = os.cpu_count() or 1
     print(f"J-RAS vendor-shift benchmark: dataset {args.dataset} (vendors {', '.join(by_vendor)}), held-out "
           f"{', '.join(heldouts)}, methods {', '.join(methods)}, seeds {', '.join(map(str, seeds))}; "
@@ -533,13 +571,23 @@ def run(args: argparse.Namespace) -> int:
           f"config {config.name}.", flush=True)
     if len(todo) < len(jobs):
         print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already in {results_path}: skipped (--fresh reruns them)")
+    if heldout_cases != args.cases:
+        print(f"held-out vendors: {heldout_cases} cases, {args.support} of them the support bank, the rest evaluated")
+
+    def reusable(job: Job) -> bool:
+        return bool(args.reevaluate) and job.method.kind == "federated" and finished_federation(
+            st.run_dir(job.method, job.heldout, job.seed), st.rounds)
+
     estimate: dict[int, float] = {}
-    if todo:
+    to_train = [j for j in todo if not reusable(j)]
+    if len(to_train) < len(todo):
+        print(f"{len(todo) - len(to_train)} finished federations in {out / 'runs'}: evaluated again, not retrained")
+    if to_train:
         calib = calibrate(vds[0], base_cfg)
         n_train = len(vds) - 1
-        estimate = {id(j): estimate_job_s(j, calib, st, n_train, cores) for j in todo}
+        estimate = {id(j): estimate_job_s(j, calib, st, n_train, cores) for j in to_train}
         total = sum(estimate.values())
-        print(f"expected runtime: about {_duration(total)} for {len(todo)} runs (calibrated on this machine: "
+        print(f"expected runtime: about {_duration(total)} for {len(to_train)} runs (calibrated on this machine: "
               f"{calib['plain'] * 1e3:.1f} / {calib['retrieval'] * 1e3:.1f} ms per training slice without / with "
               f"retrieval; a rough figure)", flush=True)
 
@@ -560,7 +608,12 @@ def run(args: argparse.Namespace) -> int:
                 if m.kind == "federated":
                     yamls = [write_site_yaml(site_config(v, n), out / "sites" / args.dataset.replace("/", "_") / f"{n}.yaml")
                              for v, n in zip(train_vds, names)]
-                    trained = train_federated(m, yamls, st, seed, run_dir, class_keys, names)
+                    if reusable(job):
+                        wall_before = previous_wall.get((m.name, h, str(seed)))
+                        trained = federated_outcome(run_dir, yamls, class_keys, names,
+                                                    float(wall_before) if wall_before not in (None, "") else float("nan"))
+                    else:
+                        trained = train_federated(m, yamls, st, seed, run_dir, class_keys, names)
                 else:
                     sites = [Site(site_config(v, n), cfg) for v, n in zip(train_vds, names)]
                     if m.kind == "local":
@@ -569,9 +622,10 @@ def run(args: argparse.Namespace) -> int:
                         trained = train_central(sites, st, run_dir, class_keys)
                 trained_cache = {key: trained}  # only the last run is kept (a +ft variant follows its base)
             t_eval = time.perf_counter()
-            held = heldout_site(by_vendor[h], cfg, st.support)
+            held = heldout_site(heldout_vds[h], cfg, st.support)
             metrics, model = evaluate_heldout(m, trained, held, st, class_keys)
-            wall = trained.wall_s + (time.perf_counter() - t_eval)
+            # a federation evaluated again keeps the wall time of its first training and evaluation
+            wall = trained.wall_s + (0.0 if reusable(job) else time.perf_counter() - t_eval)
             common = {"method": m.name, "heldout": h, "seed": seed, "rounds": st.rounds, "local_epochs": st.local_epochs,
                       "size": st.size, "wall_s": wall, "bytes_per_round": trained.bytes_per_round,
                       "peak_rss_mb": max(trained.peak_rss_mb, _peak_rss()) if m.kind != "federated" else trained.peak_rss_mb}
@@ -603,7 +657,8 @@ def run(args: argparse.Namespace) -> int:
     report = write_report(out, rows, methods=methods, class_names=class_names, settings={
         "dataset": args.dataset, "vendors": ", ".join(by_vendor), "heldout": ", ".join(heldouts),
         "seeds": ", ".join(map(str, seeds)), "rounds": args.rounds, "local_epochs": args.local_epochs,
-        "size": args.size, "support": args.support, "config": config.name,
+        "size": args.size, "support": args.support,
+        "heldout_cases": heldout_cases if args.dataset == "synthetic" else None, "config": config.name,
         "overrides": "; ".join(args.set or []) or "none", "command": reproduce_command(getattr(args, "argv", None) or sys.argv[3:]),
     }, descriptions={m.name: m.description for m in chosen})
     print(report)
@@ -647,6 +702,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, help="image side in pixels (default 128)")
     p.add_argument("--cases", type=int, help="cases per synthetic vendor (default 12)")
     p.add_argument("--support", type=int, help="annotated cases of the held-out vendor that form its bank (default 5)")
+    p.add_argument("--heldout-cases", type=int, help="cases of each held-out synthetic vendor: --support of them form "
+                   "its bank, the others are evaluated (default: --cases; more cases, less evaluation noise, "
+                   "no extra training)")
     p.add_argument("--ft-epochs", type=int, help="fine-tuning epochs of the +ft methods (default 5)")
     p.add_argument("--data-seed", type=int, default=1, help="synthetic data seed (default 1; fixed across --seeds)")
     p.add_argument("--config", metavar="YAML", help="method config (default configs/default.yaml; "
@@ -658,6 +716,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "explicitly still apply)")
     p.add_argument("--out", default="runs/bench-shift", help="output folder (default runs/bench-shift)")
     p.add_argument("--fresh", action="store_true", help="rerun runs already in OUT/results.csv")
+    p.add_argument("--reevaluate", action="store_true", help="evaluate every run again; a federation whose final "
+                   "checkpoint is already in OUT/runs is not retrained (e.g. after changing --heldout-cases)")
     p.add_argument("--report-only", action="store_true", help="run nothing: rewrite report.md and the bar chart "
                    "from OUT/results.csv for the given methods (e.g. after runs made by several invocations)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of in-process training (default 2)")

@@ -86,6 +86,23 @@ def test_quick_benchmark_end_to_end(tmp_path, capsys):
     assert "2 of 2 runs already in" in capsys.readouterr().out
     assert (out / "results.csv").read_bytes() == before
 
+    # --reevaluate with more held-out cases: the finished federations are evaluated again, not retrained
+    ckpt_path = out / "runs" / "jras-fedavg" / "heldout-D-s0" / "checkpoint.pt"
+    stamp = ckpt_path.stat().st_mtime_ns
+    assert jras_main(["bench", "shift", "--quick", "--out", str(out), "--reevaluate", "--heldout-cases", "9"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 finished federations" in printed and "expected runtime" not in printed
+    assert "held-out vendors: 9 cases" in printed
+    assert ckpt_path.stat().st_mtime_ns == stamp
+    again = _rows(out / "results.csv")
+    old_held = {r["method"]: r for r in rows if r["role"] == "heldout"}
+    new_held = {r["method"]: r for r in again if r["role"] == "heldout"}
+    assert set(new_held) == set(old_held) and len(again) == len(rows)
+    for method, r in new_held.items():
+        assert r["wall_s"] == old_held[method]["wall_s"]  # the training's wall time is kept
+    assert any(r["dice_mean"] != old_held[m]["dice_mean"] for m, r in new_held.items())  # other cases evaluated
+    assert "annotated cases of 9" in (out / "report.md").read_text()
+
 
 def _settings(tmp_path: Path, **over) -> shift.Settings:
     kw = {"method_config": PROJECT / "configs" / "demo.yaml", "config_overrides": TINY,
@@ -183,6 +200,8 @@ def test_bad_arguments_name_the_problem(tmp_path, capsys):
     assert "unknown 'magic'" in capsys.readouterr().err
     assert jras_main(["bench", "shift", "--quick", "--heldout", "Z", "--out", str(tmp_path)]) == 2
     assert "--heldout Z: not a vendor" in capsys.readouterr().err
+    assert jras_main(["bench", "shift", "--quick", "--heldout-cases", "2", "--out", str(tmp_path)]) == 2
+    assert "--heldout-cases (2) must exceed --support (2)" in capsys.readouterr().err
     assert shift.reproduce_command(["--report-only", "--methods", "jras-fedavg[retrieval.k=5; train.lr=0.01]"]) == (
         "jras bench shift --methods 'jras-fedavg[retrieval.k=5; train.lr=0.01]'")
     with pytest.raises(ConfigError, match="brackets"):
