@@ -103,7 +103,7 @@ class SegmenterConfig:
     channels: tuple[int, ...] = (16, 32, 64, 128)
     fusion: Literal["concat", "prior", "feature", "none"] = "concat"
     dropout: float = 0.0
-    guide_init: Literal["default", "zero"] = "default"
+    guide_init: Literal["default", "zero"] = "zero"
     """Initial weights of the backbone's input connections from the guide channels:
     ``default`` (the layer's own initialisation) or ``zero`` (the segmenter starts as the
     plain one and learns to use its guides only as far as they help)."""
