@@ -66,6 +66,43 @@ def heldout_by_seed_mean(rows: Sequence[Mapping[str, Any]], method: str, heldout
     return out
 
 
+BASELINE = "fedavg+aug"
+"""The method every other one is compared with, seed by seed."""
+
+
+def paired_differences(rows: Sequence[Mapping[str, Any]], method: str, baseline: str,
+                       heldouts: Sequence[str]) -> dict[str, list[float]]:
+    """Held-out Dice of ``method`` minus that of ``baseline``, seed by seed (seeds both ran).
+
+    Returns ``{vendor: [difference per seed]}`` for each of ``heldouts`` and ``"mean"``: per
+    seed, the difference averaged over the held-out vendors (seeds with every vendor only)."""
+    def by_seed(m: str, h: str) -> dict[str, float]:
+        return {str(r["seed"]): _num(r["dice_mean"]) for r in rows
+                if r["method"] == m and r["role"] == "heldout" and r["heldout"] == h}
+
+    out: dict[str, list[float]] = {}
+    per_seed: dict[str, list[float]] = {}
+    for h in heldouts:
+        mine, base = by_seed(method, h), by_seed(baseline, h)
+        seeds = sorted(set(mine) & set(base), key=lambda x: (len(x), x))
+        out[h] = [mine[s] - base[s] for s in seeds if math.isfinite(mine[s] - base[s])]
+        for s in seeds:
+            if math.isfinite(mine[s] - base[s]):
+                per_seed.setdefault(s, []).append(mine[s] - base[s])
+    out["mean"] = [float(np.mean(v)) for v in per_seed.values() if len(v) == len(heldouts)]
+    return out
+
+
+def _signed_mean_se(values: Sequence[float]) -> str:
+    if not values:
+        return "–"
+    m = float(np.mean(values))
+    m = 0.0 if abs(m) < 5e-4 else m  # no "-0.000"
+    if len(values) == 1:
+        return f"{m:+.3f}"
+    return f"{m:+.3f} ± {float(np.std(values, ddof=1) / math.sqrt(len(values))):.3f}"
+
+
 def write_report(out: Path, rows: Sequence[Mapping[str, Any]], methods: Sequence[str], class_names: Sequence[str],
                  settings: Mapping[str, Any], descriptions: Mapping[str, str]) -> str:
     """Write ``report.md`` and ``heldout_dice.png`` to ``out``; returns the report text."""
@@ -93,6 +130,19 @@ def write_report(out: Path, rows: Sequence[Mapping[str, Any]], methods: Sequence
                  for h in heldouts]
         body.append([m, *cells, mean_se(heldout_by_seed_mean(rows, m, heldouts))])
     lines += _table(["method", *[f"held-out {h}" for h in heldouts], "mean over vendors"], body)
+
+    others = [m for m in present if m != BASELINE]
+    if BASELINE in present and others:
+        lines += ["", f"## Paired difference to {BASELINE} (mean ± standard error over seeds)", "",
+                  (f"Held-out Dice of the method minus that of {BASELINE} trained with the same seed; last column: "
+                   "per seed, the difference averaged over the held-out vendors. In brackets: seeds ahead / seeds "
+                   "compared."), ""]
+        body = []
+        for m in others:
+            diffs = paired_differences(rows, m, BASELINE, heldouts)
+            body.append([m, *[f"{_signed_mean_se(diffs[h])} ({sum(d > 1e-9 for d in diffs[h])}/{len(diffs[h])})"
+                              if diffs[h] else "–" for h in [*heldouts, "mean"]]])
+        lines += _table(["method", *[f"held-out {h}" for h in heldouts], "mean over vendors"], body)
 
     lines += ["", "## Held-out Dice per class and HD95 (mean over vendors and seeds)", ""]
     class_cols = [f"dice_{c.lower()}" for c in class_names]

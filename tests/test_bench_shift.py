@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from benchmarks import shift
-from benchmarks.report import heldout_by_seed_mean, mean_se, mean_std, write_report
+from benchmarks.report import heldout_by_seed_mean, mean_se, mean_std, paired_differences, write_report
 from jras_core.cli import main as jras_main
 from jras_core.config import ConfigError
 from server.processes import pids_with_args
@@ -192,6 +192,20 @@ def test_report_arithmetic(tmp_path):
     assert "| m | 0.600 ± 0.141 | 0.800 ± 0.141 | 0.700 ± 0.100 |" in text
     # gap closed: (0.7 - 0.4) / (0.9 - 0.4)
     assert "| 0.60 |" in text
+    assert "Paired difference" not in text  # no baseline among the methods
+
+    # the baseline, 0.1 below on A and 0.1 above on B for seed 0, level on both for seed 1
+    for seed, (a, b) in enumerate([(0.4, 0.8), (0.7, 0.9)]):
+        for h, d in (("A", a), ("B", b)):
+            rows.append({"method": "fedavg+aug", "heldout": h, "site": f"heldout-{h}", "role": "heldout",
+                         "seed": str(seed), "dice_mean": str(d)})
+    diffs = paired_differences(rows, "m", "fedavg+aug", ["A", "B"])
+    assert diffs["A"] == pytest.approx([0.1, 0.0]) and diffs["B"] == pytest.approx([-0.1, 0.0])
+    assert diffs["mean"] == pytest.approx([0.0, 0.0])
+    text = write_report(tmp_path, rows, ["fedavg+aug", "m"], ["LV"], settings={
+        "dataset": "x", "vendors": "A, B", "heldout": "A, B", "seeds": "0, 1", "rounds": 1, "local_epochs": 1,
+        "size": 32, "support": 1, "config": "c", "overrides": "none", "command": "jras bench shift"}, descriptions={})
+    assert "| m | +0.050 ± 0.050 (1/2) | -0.050 ± 0.050 (0/2) | +0.000 ± 0.000 (0/2) |" in text
     assert (tmp_path / "heldout_dice.png").read_bytes().startswith(PNG_MAGIC)
 
 
