@@ -63,7 +63,7 @@ def train_centralised(
     trainer = JRASTrainer(model, cfg, pooled, writer=writer, progress=progress)
     t0 = time.perf_counter()
     for epoch in range(cfg.train.epochs):
-        trainer.train_epoch()
+        trainer.train_epoch(guided=trainer.epoch_is_guided(epoch, cfg.train.epochs))
         if eval_every and (epoch + 1) % eval_every == 0 and writer is not None:
             for name, m in evaluate_sites(model, sites, cfg, trainer.bank, diagnostics=False).items():
                 writer.add_scalar(f"val/{name}/dice_mean", m["dice_mean"], epoch)

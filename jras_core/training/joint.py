@@ -310,5 +310,10 @@ class JRASTrainer:
     def fit(self, epochs: int | None = None) -> list[dict[str, float]]:
         """Train ``epochs`` (default ``cfg.train.epochs``) local epochs."""
         epochs = self.cfg.train.epochs if epochs is None else epochs
+        return [self.train_epoch(guided=self.epoch_is_guided(i, epochs)) for i in range(epochs)]
+
+    def epoch_is_guided(self, index: int, epochs: int) -> bool:
+        """Whether epoch ``index`` of a call training ``epochs`` epochs trains with guides: all
+        do, except the first of two or more under ``retrieval.first_pass: warmup``."""
         warmup = self.memory is not None and self.cfg.retrieval.first_pass == "warmup" and epochs > 1
-        return [self.train_epoch(guided=not (warmup and i == 0)) for i in range(epochs)]
+        return not (warmup and index == 0)
