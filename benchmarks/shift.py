@@ -574,12 +574,11 @@ def run(args: argparse.Namespace) -> int:
     if heldout_cases != args.cases:
         print(f"held-out vendors: {heldout_cases} cases, {args.support} of them the support bank, the rest evaluated")
 
-    def reusable(job: Job) -> bool:
-        return bool(args.reevaluate) and job.method.kind == "federated" and finished_federation(
-            st.run_dir(job.method, job.heldout, job.seed), st.rounds)
-
+    # decided once, before any training: a federation this call trains is evaluated as new
+    reused = {id(j) for j in todo if args.reevaluate and j.method.kind == "federated"
+              and finished_federation(st.run_dir(j.method, j.heldout, j.seed), st.rounds)}
     estimate: dict[int, float] = {}
-    to_train = [j for j in todo if not reusable(j)]
+    to_train = [j for j in todo if id(j) not in reused]
     if len(to_train) < len(todo):
         print(f"{len(todo) - len(to_train)} finished federations in {out / 'runs'}: evaluated again, not retrained")
     if to_train:
@@ -608,7 +607,7 @@ def run(args: argparse.Namespace) -> int:
                 if m.kind == "federated":
                     yamls = [write_site_yaml(site_config(v, n), out / "sites" / args.dataset.replace("/", "_") / f"{n}.yaml")
                              for v, n in zip(train_vds, names)]
-                    if reusable(job):
+                    if id(job) in reused:
                         wall_before = previous_wall.get((m.name, h, str(seed)))
                         trained = federated_outcome(run_dir, yamls, class_keys, names,
                                                     float(wall_before) if wall_before not in (None, "") else float("nan"))
@@ -625,7 +624,7 @@ def run(args: argparse.Namespace) -> int:
             held = heldout_site(heldout_vds[h], cfg, st.support)
             metrics, model = evaluate_heldout(m, trained, held, st, class_keys)
             # a federation evaluated again keeps the wall time of its first training and evaluation
-            wall = trained.wall_s + (0.0 if reusable(job) else time.perf_counter() - t_eval)
+            wall = trained.wall_s + (0.0 if id(job) in reused else time.perf_counter() - t_eval)
             common = {"method": m.name, "heldout": h, "seed": seed, "rounds": st.rounds, "local_epochs": st.local_epochs,
                       "size": st.size, "wall_s": wall, "bytes_per_round": trained.bytes_per_round,
                       "peak_rss_mb": max(trained.peak_rss_mb, _peak_rss()) if m.kind != "federated" else trained.peak_rss_mb}
