@@ -40,14 +40,18 @@ def mean_std(values: Sequence[float]) -> str:
     return f"{m:.3f} ± {float(np.std(values, ddof=1)):.3f}" if len(values) > 1 else f"{m:.3f}"
 
 
-def mean_se(values: Sequence[float]) -> str:
-    """``"0.712 ± 0.012"`` (standard error of the mean), ``"0.712"`` for one value, ``"–"`` for none."""
+def mean_se(values: Sequence[float], signed: bool = False) -> str:
+    """``"0.712 ± 0.012"`` (standard error of the mean), ``"0.712"`` for one value, ``"–"`` for none;
+    ``signed``: with its sign, ``"+0.012 ± 0.004"`` (a mean that rounds to zero is ``+0.000``)."""
     if not values:
         return "–"
     m = float(np.mean(values))
+    fmt = ".3f"
+    if signed:
+        m, fmt = (0.0 if abs(m) < 5e-4 else m), "+.3f"  # no "-0.000"
     if len(values) == 1:
-        return f"{m:.3f}"
-    return f"{m:.3f} ± {float(np.std(values, ddof=1) / math.sqrt(len(values))):.3f}"
+        return f"{m:{fmt}}"
+    return f"{m:{fmt}} ± {float(np.std(values, ddof=1) / math.sqrt(len(values))):.3f}"
 
 
 def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
@@ -84,23 +88,14 @@ def paired_differences(rows: Sequence[Mapping[str, Any]], method: str, baseline:
     per_seed: dict[str, list[float]] = {}
     for h in heldouts:
         mine, base = by_seed(method, h), by_seed(baseline, h)
-        seeds = sorted(set(mine) & set(base), key=lambda x: (len(x), x))
-        out[h] = [mine[s] - base[s] for s in seeds if math.isfinite(mine[s] - base[s])]
-        for s in seeds:
-            if math.isfinite(mine[s] - base[s]):
-                per_seed.setdefault(s, []).append(mine[s] - base[s])
+        out[h] = []
+        for s in sorted(set(mine) & set(base), key=lambda x: (len(x), x)):
+            d = mine[s] - base[s]
+            if math.isfinite(d):
+                out[h].append(d)
+                per_seed.setdefault(s, []).append(d)
     out["mean"] = [float(np.mean(v)) for v in per_seed.values() if len(v) == len(heldouts)]
     return out
-
-
-def _signed_mean_se(values: Sequence[float]) -> str:
-    if not values:
-        return "–"
-    m = float(np.mean(values))
-    m = 0.0 if abs(m) < 5e-4 else m  # no "-0.000"
-    if len(values) == 1:
-        return f"{m:+.3f}"
-    return f"{m:+.3f} ± {float(np.std(values, ddof=1) / math.sqrt(len(values))):.3f}"
 
 
 def write_report(out: Path, rows: Sequence[Mapping[str, Any]], methods: Sequence[str], class_names: Sequence[str],
@@ -140,7 +135,7 @@ def write_report(out: Path, rows: Sequence[Mapping[str, Any]], methods: Sequence
         body = []
         for m in others:
             diffs = paired_differences(rows, m, BASELINE, heldouts)
-            body.append([m, *[f"{_signed_mean_se(diffs[h])} ({sum(d > 1e-9 for d in diffs[h])}/{len(diffs[h])})"
+            body.append([m, *[f"{mean_se(diffs[h], signed=True)} ({sum(d > 1e-9 for d in diffs[h])}/{len(diffs[h])})"
                               if diffs[h] else "–" for h in [*heldouts, "mean"]]])
         lines += _table(["method", *[f"held-out {h}" for h in heldouts], "mean over vendors"], body)
 

@@ -345,7 +345,6 @@ def federated_outcome(run_dir: Path, yamls: Sequence[Path], class_keys: Sequence
     from server.checkpoint import load_checkpoint
     from server.simulate import site_table
 
-    wall = wall_s
     ckpt = load_checkpoint(run_dir / "checkpoint.pt")
     table = {r["site"]: r for r in site_table(run_dir, [str(p) for p in yamls])}
     rows = [{"site": n, **_metrics_of(table.get(n, {}), class_keys)} for n in names]
@@ -354,7 +353,7 @@ def federated_outcome(run_dir: Path, yamls: Sequence[Path], class_keys: Sequence
     rss = [float(m.get("peak-rss-mb", float("nan"))) for r in records for site in r.get("sites", {}).values()
            for m in site.values() if isinstance(m, dict)]
     rss = [x for x in rss if math.isfinite(x)]
-    return Trained([arrays_to_state(ckpt.arrays)], rows, wall,
+    return Trained([arrays_to_state(ckpt.arrays)], rows, wall_s,
                    float(sum(per_round) / len(per_round)) if per_round else float("nan"),
                    max(rss) if rss else float("nan"))
 

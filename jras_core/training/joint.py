@@ -191,21 +191,16 @@ class JRASTrainer:
         total, n, t0 = 0.0, 0, time.perf_counter()
         for idx in self._bar(self._batches(), f"epoch {self.epoch} seg"):
             labels = self.train_set.masks[idx].long()
-            if self.finder is not None and not guided:
-                images = self.augment(self.train_set.images[idx])
-                logits = model.seg(images)
-                if self.memory is not None:
-                    self.memory.store(idx, torch.softmax(logits.detach(), dim=1), images)
-            elif self.finder is not None:
+            if self.finder is not None and guided:
                 present = torch.rand(len(idx), generator=self.generator) >= cfg.retrieval.guide_dropout
                 images, guides = self._guided_batch(idx, present)
                 present &= (guides.idx >= 0).any(dim=1)
                 logits = model.seg(images, guides.images, guides.masks, guides.sims, present)
-                if self.memory is not None:
-                    self.memory.store(idx, torch.softmax(logits.detach(), dim=1), images)
             else:
                 images = self.augment(self.train_set.images[idx])
                 logits = model.seg(images)
+            if self.memory is not None:
+                self.memory.store(idx, torch.softmax(logits.detach(), dim=1), images)
             loss = self.seg_loss(logits, labels.unsqueeze(1))
             if self.proximal is not None:
                 loss = loss + self._proximal_term()
