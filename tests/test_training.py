@@ -36,13 +36,41 @@ def test_segmenter_shapes_and_guide_dropout(fusion, backbone):
     x = torch.rand(2, 1, 32, 32)
     gi = torch.rand(2, 3, 1, 32, 32)
     gm = torch.randint(0, 4, (2, 3, 32, 32))
-    out = seg(x, gi, gm, torch.rand(2, 3), torch.tensor([True, False]))
+    sims = torch.rand(2, 3)
+    out = seg(x, gi, gm, sims, torch.tensor([True, False]))
     assert out.shape == (2, 4, 32, 32)
     # a dropped sample sees exactly what a sample without guides sees
     no_guides = seg(x, guide_present=torch.zeros(2, dtype=torch.bool))
     assert torch.allclose(out[1], no_guides[1], atol=1e-5)
     if fusion != "none":
         assert not torch.allclose(out[0], no_guides[0], atol=1e-5)
+        # a kept sample's guide channels do not depend on which others were dropped, and
+        # the guide-free forward leaves the full input layers in place
+        alone = seg(x[:1], gi[:1], gm[:1], sims[:1], torch.tensor([True]))
+        assert torch.allclose(out[0], alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone,fusion", [("unet", "concat"), ("dynunet", "concat"), ("unet", "feature")])
+def test_channels_last_layout_computes_the_same(backbone, fusion):
+    def build(channels_last):
+        torch.manual_seed(0)
+        return GuidedSegmenter(num_classes=4, k=3, fusion=fusion, backbone=backbone, channels=(8, 16, 32), appearance=True,
+                               guide_init="default", channels_last=channels_last)
+
+    fast, plain = build(True), build(False)
+    conv = next(m for m in fast.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
+    x, gi, gm = torch.rand(4, 1, 32, 32), torch.rand(4, 3, 1, 32, 32), torch.randint(0, 4, (4, 3, 32, 32))
+    present = torch.tensor([True, False, True, True])
+    out_fast, out_plain = fast(x, gi, gm, None, present), plain(x, gi, gm, None, present)
+    assert out_fast.is_contiguous()  # logits in the usual layout for the losses
+    torch.testing.assert_close(out_fast, out_plain, atol=1e-4, rtol=1e-4)
+    out_fast.square().mean().backward()
+    out_plain.square().mean().backward()
+    for (name, a), (_, b) in zip(fast.named_parameters(), plain.named_parameters()):
+        assert a.grad is not None, name  # guide encoders too, through the dropped-row assembly
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-3, msg=name)
 
 
 @pytest.mark.parametrize("backbone", ["swinunetr", "segformer"])
