@@ -5,12 +5,13 @@ Sections (one table each; all rows also in ``cost.csv`` and ``cost.md``):
 1. ``step``: training step time, phase A of J-RAS (K=3) and of ``none``, and a
    phase-B step, same backbone and batch, at each ``--sizes`` (fixed batches,
    warm-up first, the three steps timed in turn in each repeat, medians); the ratios
-   also in process CPU time.
+   also in process CPU time, as the median of the ratios of steps timed side by side.
 2. ``refresh``: bank refresh time (``RetrievalBank.refresh`` with the model's
    retriever) for banks of ``--bank-sizes`` slices, against one local epoch
    (phase A + B of J-RAS measured on a synthetic site of ~200 slices and scaled
    per slice to the bank's size); a whole J-RAS epoch (A + B + refresh) against a
-   ``none`` epoch on the same site (wall and CPU time).
+   ``none`` epoch on the same site (wall and CPU time; epochs timed in turn, three
+   repeats, ratios taken within each repeat).
 3. ``search``: the bank's FAISS exact top-K (``IndexFlatIP`` through
    :func:`jras_core.retrieval.bank.faiss_search`; K + own-case margin, 256 queries per
    batch) against brute force (a chunked torch matrix product + topk,
@@ -181,7 +182,9 @@ def _phase_b(trainer) -> tuple[dict[str, float], float]:
 def step_times(cfg, slices, repeats: int) -> dict[str, float]:
     """Median seconds per step: phase A of ``none`` and of J-RAS and a phase-B step of
     J-RAS, in wall and process CPU time (``cpu_*``). The three steps are timed in turn
-    within each repeat, so that a change of load on the machine affects them alike."""
+    within each repeat, so that a change of load on the machine affects them alike;
+    ``ratio_phase_a`` is the median over repeats of the J-RAS / ``none`` CPU-time ratio
+    of the two steps timed next to each other."""
     import torch
 
     from jras_core.models import build_model
@@ -212,21 +215,25 @@ def step_times(cfg, slices, repeats: int) -> dict[str, float]:
         if values:
             out[key] = _median([wall for wall, _ in values])
             out[f"cpu_{key}"] = _median([cpu for _, cpu in values])
+    out["ratio_phase_a"] = _median([j[1] / n[1] for n, j in zip(timed["phase_a_none"], timed["phase_a_jras"])])
     return out
 
 
-def epoch_time(cfg, slices) -> dict[str, float]:
-    """One local epoch on ``slices`` after a one-batch warm-up, of J-RAS (phase A, phase B,
-    refresh of the site's bank) and of ``none`` (the same data and batches). With a
-    prediction memory (``retrieval.first_pass: reuse`` or ``warmup``) J-RAS's first epoch of
-    a round, which runs pass 1 (``reuse``) or trains without guides (``warmup``), is timed
-    too (``cpu_jras_first_s``, ``jras_first_s``), and the epoch reported is the next one."""
+def epoch_time(cfg, slices, repeats: int = 3) -> dict[str, float]:
+    """Local epochs on ``slices`` after a one-batch warm-up, of J-RAS (phase A, phase B,
+    refresh of the site's bank) and of ``none`` (the same data and batches), timed in turn
+    ``repeats`` times; medians. With a prediction memory (``retrieval.first_pass: reuse``
+    or ``warmup``) each repeat also times J-RAS's first epoch of a round, whose memory is
+    empty: it runs pass 1 (``cpu_jras_single_s``, a one-epoch round) or trains without
+    guides (``warmup``, a round of two or more epochs; ``cpu_jras_first_s``). The epoch
+    reported as ``jras_s`` is a later one. ``ratio_*`` are medians over repeats of CPU-time
+    ratios to the ``none`` epoch timed in the same repeat."""
     import torch
 
     from jras_core.models import build_model
     from jras_core.training.joint import JRASTrainer
 
-    out: dict[str, float] = {}
+    trainers = {}
     for name, overrides in (("none", {"segmenter.fusion": "none"}), ("jras", {})):
         c = cfg.with_overrides(overrides)
         trainer = JRASTrainer(build_model(c), c, slices)
@@ -237,22 +244,38 @@ def epoch_time(cfg, slices) -> dict[str, float]:
         if c.trains_retriever:
             trainer.phase_retriever()  # warm-up (its refresh is of the small site bank)
         trainer._batches = full
-        if trainer.memory is not None:
-            trainer.memory.known[:] = False  # as at the start of a round
-            m, out["cpu_jras_first_s"] = _with_cpu_time(trainer.train_epoch)
-            out["jras_first_s"] = out["jras_single_s"] = m["epoch_time_s"]
-            out["cpu_jras_single_s"] = out["cpu_jras_first_s"]
-            if c.retrieval.first_pass == "warmup":  # a call of 2+ epochs starts with a guide-free one
-                trainer.memory.known[:] = False
-                m, out["cpu_jras_first_s"] = _with_cpu_time(lambda: trainer.train_epoch(guided=False))
-                out["jras_first_s"] = m["epoch_time_s"]
-        m, out[f"cpu_{name}_s"] = _with_cpu_time(trainer.train_epoch)
-        if name == "none":
-            out["none_s"] = m["epoch_time_s"]
-        else:
-            out.update(seg_s=m["seg_time_s"], retr_s=m.get("retr_time_s", 0.0),
-                       site_refresh_s=m.get("refresh_time_s", 0.0), jras_s=m["epoch_time_s"])
-    return out
+        trainers[name] = trainer
+    jras = trainers["jras"]
+    memory = jras.memory
+    warmup = memory is not None and cfg.retrieval.first_pass == "warmup"
+    samples: dict[str, list[float]] = {}
+
+    def record(key: str, value: float) -> None:
+        samples.setdefault(key, []).append(value)
+
+    for _ in range(repeats):
+        m, cpu_none = _with_cpu_time(trainers["none"].train_epoch)
+        record("none_s", m["epoch_time_s"])
+        record("cpu_none_s", cpu_none)
+        if memory is not None:
+            memory.known[:] = False  # as at the start of a round of one epoch
+            m, cpu = _with_cpu_time(jras.train_epoch)
+            record("jras_single_s", m["epoch_time_s"])
+            record("cpu_jras_single_s", cpu)
+            record("ratio_single", cpu / cpu_none)
+            if warmup:  # a call of 2+ epochs starts with a guide-free one
+                memory.known[:] = False
+                m, cpu = _with_cpu_time(lambda: jras.train_epoch(guided=False))
+            record("jras_first_s", m["epoch_time_s"])
+            record("cpu_jras_first_s", cpu)
+            record("ratio_first", cpu / cpu_none)
+        m, cpu = _with_cpu_time(jras.train_epoch)
+        record("cpu_jras_s", cpu)
+        record("ratio_later", cpu / cpu_none)
+        for key, metric in (("seg_s", "seg_time_s"), ("retr_s", "retr_time_s"),
+                            ("site_refresh_s", "refresh_time_s"), ("jras_s", "epoch_time_s")):
+            record(key, m.get(metric, 0.0))
+    return {key: _median(values) for key, values in samples.items()}
 
 
 def refresh_time(cfg, model, slices, n: int, repeats: int) -> float:
@@ -513,8 +536,9 @@ def run(args: argparse.Namespace) -> int:
         add("step", f"phase A none, {size}px", st["phase_a_none"] * 1e3, "ms/step", note)
         add("step", f"phase A J-RAS K={cfg.retrieval.k}, {size}px", st["phase_a_jras"] * 1e3, "ms/step", note)
         add("step", f"phase A J-RAS / none, {size}px", st["phase_a_jras"] / st["phase_a_none"], "x", "wall time")
-        add("step", f"phase A J-RAS / none, {size}px, CPU time", st["cpu_phase_a_jras"] / st["cpu_phase_a_none"], "x",
-            "process CPU time (robust to other load)")
+        add("step", f"phase A J-RAS / none, {size}px, CPU time", st["ratio_phase_a"], "x",
+            f"process CPU time (robust to other load); median over {repeats} repeats of the ratio of "
+            "two steps timed next to each other")
         if "phase_b_jras" in st:
             note_b = (f"{cfg.contrastive.candidates} candidates, relevance {cfg.contrastive.relevance}, "
                       f"keys {cfg.contrastive.keys}, pass 1 {cfg.retrieval.first_pass}, refresh excluded")
@@ -527,26 +551,26 @@ def run(args: argparse.Namespace) -> int:
     size = max(sizes)
     cfg = base_config(size, method)
     slices = site_by_size[size]
-    ep = epoch_time(cfg, slices)
+    epoch_repeats = 1 if quick else 3
+    ep = epoch_time(cfg, slices, epoch_repeats)
     per_slice = (ep["seg_s"] + ep["retr_s"]) / len(slices)
+    paired = f"process CPU time, median over {epoch_repeats} repeats of the ratio to the none epoch of the same repeat"
     add("refresh", f"local epoch (A+B), {len(slices)}-slice site, {size}px", ep["seg_s"] + ep["retr_s"], "s",
         f"phase A {ep['seg_s']:.2f} s + phase B {ep['retr_s']:.2f} s, refresh excluded")
     add("refresh", "local epoch per slice", per_slice * 1e3, "ms/slice")
     add("refresh", f"local epoch none, {size}px", ep["none_s"], "s", "same site and batches, no retrieval")
     add("refresh", "J-RAS epoch (A+B+refresh) / none epoch", ep["jras_s"] / ep["none_s"], "x",
         f"wall time; site bank refresh {ep['site_refresh_s']:.2f} s included")
-    add("refresh", "J-RAS epoch / none epoch, CPU time", ep["cpu_jras_s"] / ep["cpu_none_s"], "x",
-        "process CPU time (robust to other load)")
-    if "jras_first_s" in ep:
+    add("refresh", "J-RAS epoch / none epoch, CPU time", ep["ratio_later"], "x", paired)
+    if "ratio_first" in ep:
         warmup = cfg.retrieval.first_pass == "warmup"
-        add("refresh", "J-RAS first epoch of a round / none epoch", ep["jras_first_s"] / ep["none_s"], "x",
-            "wall time; " + ("phase A without guides (first_pass warmup), then phase B" if warmup
+        add("refresh", "J-RAS first epoch of a round / none epoch", ep["ratio_first"], "x",
+            paired + "; " + ("phase A without guides (first_pass warmup), then phase B" if warmup
                              else "pass 1 run for the queries not yet in the prediction memory"))
-        later = ep["cpu_jras_s"]
         for e in (1, 3):
-            first = ep["cpu_jras_single_s"] if e == 1 else ep["cpu_jras_first_s"]
+            first = ep["ratio_single"] if e == 1 else ep["ratio_first"]
             add("refresh", f"J-RAS round of {e} local epoch(s) / none, CPU time",
-                (first + (e - 1) * later) / (e * ep["cpu_none_s"]), "x", "first epoch + later epochs")
+                (first + (e - 1) * ep["ratio_later"]) / e, "x", "first epoch + later epochs, from the ratios above")
     from jras_core.models import build_model
 
     model = build_model(cfg)
