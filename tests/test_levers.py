@@ -108,6 +108,13 @@ def test_shared_guide_augmentation_gives_query_and_guides_one_appearance():
     for j in range(2):  # each present guide (here: the query's own image) changed the same way
         torch.testing.assert_close(guides.images[:, j], images, atol=1e-5, rtol=0)
     assert torch.count_nonzero(guides.images[:, -1]) == 0  # a missing guide stays blank
+    # queries whose guides are dropped are changed alone; the kept ones still share theirs
+    keep = torch.tensor([True, False, True, False, False, True])
+    images, guides = trainer._guided_batch(idx, keep)
+    assert not torch.allclose(images[~keep], raw[~keep], atol=1e-3)
+    assert torch.count_nonzero(guides.images[~keep]) == 0 and bool((guides.idx[~keep] < 0).all())
+    for j in range(2):
+        torch.testing.assert_close(guides.images[keep, j], images[keep], atol=1e-5, rtol=0)
 
 
 def test_independent_and_no_guide_augmentation():

@@ -104,13 +104,22 @@ class BatchIntensityAugment:
         """
         if not self.enabled:
             return images
+        return torch.stack(self.each(images)).contiguous()
+
+    def each(self, images) -> list[torch.Tensor]:
+        """:meth:`__call__` for samples of different channel counts: a sequence of
+        ``(C_i, H, W)`` tensors -> a list of ``(C_i, H, W)`` float32 tensors."""
+        if not self.enabled:
+            return [torch.as_tensor(img, dtype=torch.float32) for img in images]
         tracking = get_track_meta()
         set_track_meta(False)  # plain tensors: same values, none of the metadata bookkeeping
         try:
             out = [convert_to_tensor(self.transform(img), dtype=torch.float32, track_meta=False) for img in images]
         finally:
             set_track_meta(tracking)
-        y = torch.stack(out)
-        lo = y.amin(dim=(2, 3), keepdim=True)
-        hi = y.amax(dim=(2, 3), keepdim=True)
-        return ((y - lo) / (hi - lo).clamp_min(1e-6)).contiguous()
+        rescaled = []
+        for y in out:
+            lo = y.amin(dim=(1, 2), keepdim=True)
+            hi = y.amax(dim=(1, 2), keepdim=True)
+            rescaled.append((y - lo) / (hi - lo).clamp_min(1e-6))
+        return rescaled

@@ -175,9 +175,17 @@ class JRASTrainer:
                 guides.images = _blank_missing(changed.view_as(guides.images), guides.idx)
             return images, guides
         guides = self._find_kept(idx, raw, keep)
-        stacked = self.augment(torch.cat([raw, guides.images.flatten(1, 2)], dim=1))  # (B, 1 + K, H, W)
-        guides.images = _blank_missing(stacked[:, 1:].unsqueeze(2), guides.idx)
-        return stacked[:, :1].contiguous(), guides
+        present = (guides.idx >= 0).any(dim=1).tolist()
+        # each query with its guides stacked, one change for the stack (B, 1 + K, H, W);
+        # a query without guides alone
+        stacks = [torch.cat([q, g.flatten(0, 1)]) if has else q
+                  for q, g, has in zip(raw, guides.images, present)]
+        changed = self.augment.each(stacks)
+        images = torch.stack([c[:1] for c in changed])
+        guide_images = torch.stack([c[1:] if has else torch.zeros_like(g.flatten(0, 1))
+                                    for c, g, has in zip(changed, guides.images, present)])
+        guides.images = _blank_missing(guide_images.unsqueeze(2), guides.idx)
+        return images, guides
 
     # ------------------------------------------------------------------ phases
     def phase_segmenter(self, guided: bool = True) -> dict[str, float]:
