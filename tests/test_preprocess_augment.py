@@ -62,3 +62,23 @@ def test_non_monotone_remap_can_reverse_tissue_order():
         assert y.shape == ramp.shape and (y >= 0).all() and (y <= 1).all()
         reversed_seen |= bool((y.diff() < 0).any())
     assert reversed_seen
+
+
+def test_shared_bias_field_matches_monai_with_one_evaluation():
+    from monai.transforms import RandBiasField
+
+    from jras_core.data.augment import RandSharedBiasField
+
+    reference = RandBiasField(degree=3, coeff_range=(0.0, 0.4), prob=1.0)
+    shared = RandSharedBiasField(degree=3, coeff_range=(0.0, 0.4), prob=1.0)
+    reference.set_random_state(seed=5)
+    shared.set_random_state(seed=5)
+    calls = []
+    evaluate = shared._generate_random_field
+    shared._generate_random_field = lambda **kw: calls.append(1) or evaluate(**kw)
+    for channels in (1, 4):
+        x = torch.rand(channels, 24, 24)
+        expected, got = torch.as_tensor(reference(x)), torch.as_tensor(shared(x))
+        assert torch.equal(expected, got)
+        assert not torch.allclose(got, x)  # a field was applied
+    assert len(calls) == 2  # once per call, whatever the channel count
