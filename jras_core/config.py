@@ -80,12 +80,13 @@ class AugmentConfig:
     flip: bool = False
     rotate_deg: float = 0.0
     scale: float = 0.0
-    guides: Literal["none", "shared", "independent"] = "none"
-    """How phase A's guide images are augmented. ``none``: the query is augmented before
-    retrieval and its guides keep their bank appearance. ``shared``: guides are retrieved
+    guides: Literal["none", "shared", "independent"] = "shared"
+    """How phase A's guide images are augmented. ``shared`` (default): guides are retrieved
     for the unaugmented query, then the query and its K guides receive one intensity change
     together, so they always look alike (as at a site whose bank holds its own scanner's
-    images) and the segmenter can read the query's appearance off its guides.
+    images) and the segmenter can read the query's appearance off its guides, as the
+    appearance prior does. ``none``: the query is augmented before retrieval and its guides
+    keep their bank appearance (cheaper: no augmentation of guide images).
     ``independent``: the query as in ``none``, each guide its own random change."""
 
     def validate(self) -> None:
