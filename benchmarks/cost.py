@@ -222,12 +222,13 @@ def step_times(cfg, slices, repeats: int) -> dict[str, float]:
 def epoch_time(cfg, slices, repeats: int = 3) -> dict[str, float]:
     """Local epochs on ``slices`` after a one-batch warm-up, of J-RAS (phase A, phase B,
     refresh of the site's bank) and of ``none`` (the same data and batches), timed in turn
-    ``repeats`` times; medians. With a prediction memory (``retrieval.first_pass: reuse``
-    or ``warmup``) each repeat also times J-RAS's first epoch of a round, whose memory is
-    empty: it runs pass 1 (``cpu_jras_single_s``, a one-epoch round) or trains without
-    guides (``warmup``, a round of two or more epochs; ``cpu_jras_first_s``). The epoch
-    reported as ``jras_s`` is a later one. ``ratio_*`` are medians over repeats of CPU-time
-    ratios to the ``none`` epoch timed in the same repeat."""
+    ``repeats`` times; medians. ``ratio_*`` are CPU-time ratios to the ``none`` epoch timed
+    in the same repeat: ``ratio_later`` of an epoch whose prediction memory is filled
+    (reported with its wall times ``jras_s``, ``seg_s``, ``retr_s``, ``site_refresh_s``).
+    With a prediction memory (``retrieval.first_pass: reuse`` or ``warmup``) each repeat
+    also times the first epoch of a round, whose memory is empty: ``ratio_single`` runs
+    pass 1 (a one-epoch round), ``ratio_first`` is the first epoch of a round of two or
+    more (the same, or under ``warmup`` a guide-free one)."""
     import torch
 
     from jras_core.models import build_model
@@ -256,21 +257,15 @@ def epoch_time(cfg, slices, repeats: int = 3) -> dict[str, float]:
     for _ in range(repeats):
         m, cpu_none = _with_cpu_time(trainers["none"].train_epoch)
         record("none_s", m["epoch_time_s"])
-        record("cpu_none_s", cpu_none)
         if memory is not None:
             memory.known[:] = False  # as at the start of a round of one epoch
-            m, cpu = _with_cpu_time(jras.train_epoch)
-            record("jras_single_s", m["epoch_time_s"])
-            record("cpu_jras_single_s", cpu)
+            _, cpu = _with_cpu_time(jras.train_epoch)
             record("ratio_single", cpu / cpu_none)
             if warmup:  # a call of 2+ epochs starts with a guide-free one
                 memory.known[:] = False
-                m, cpu = _with_cpu_time(lambda: jras.train_epoch(guided=False))
-            record("jras_first_s", m["epoch_time_s"])
-            record("cpu_jras_first_s", cpu)
+                _, cpu = _with_cpu_time(lambda: jras.train_epoch(guided=False))
             record("ratio_first", cpu / cpu_none)
         m, cpu = _with_cpu_time(jras.train_epoch)
-        record("cpu_jras_s", cpu)
         record("ratio_later", cpu / cpu_none)
         for key, metric in (("seg_s", "seg_time_s"), ("retr_s", "retr_time_s"),
                             ("site_refresh_s", "refresh_time_s"), ("jras_s", "epoch_time_s")):
