@@ -1,146 +1,263 @@
-"""Vendor-style intensity augmentation built from MONAI's random intensity transforms.
+"""Vendor-style intensity augmentation, drawn per sample and applied to a whole batch at once.
 
 Scanner vendors differ in contrast curve, bias field, noise, blur and intensity
-histogram; these transforms draw such changes at random so that the segmenter
-and the retriever learn anatomy rather than scanner appearance.
+histogram; these changes are drawn at random so that the segmenter and the retriever
+learn anatomy rather than scanner appearance.
+
+Each change is the one a MONAI random intensity transform makes (``RandBiasField``,
+``RandAdjustContrast``, ``RandHistogramShift``, ``RandScaleIntensity``,
+``RandShiftIntensity``, ``RandGaussianSmooth``, ``RandGaussianNoise``, in that order),
+with its parameters drawn from the same ranges and probabilities. Those transforms take
+one image and one draw per call; here every sample of a ``(B, C, H, W)`` batch gets its
+own draw and the batch is changed in a few tensor operations (the tests check each
+change against the MONAI transform given the same parameters). The ``C`` channels of a
+sample are one image: they share the draw, as a query stacked with its guides should.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import lru_cache
+
 import numpy as np
 import torch
-from monai.data import get_track_meta, set_track_meta
-from monai.transforms import (
-    Compose,
-    RandAdjustContrast,
-    RandBiasField,
-    RandGaussianNoise,
-    RandGaussianSmooth,
-    RandHistogramShift,
-    RandomizableTransform,
-    RandScaleIntensity,
-    RandShiftIntensity,
-    ScaleIntensityRange,
-)
-from monai.utils import convert_data_type, convert_to_dst_type, convert_to_tensor
 
 from jras_core.config import AugmentConfig
 
+BIAS_DEGREE = 3
+"""Degree of the bias field's Legendre polynomial (MONAI's default)."""
+HISTOGRAM_POINTS = (5, 10)
+"""Range of the number of control points of the histogram shift."""
+SMOOTH_SIGMA = (0.25, 1.0)
+"""Range of the Gaussian blur's sigma, in pixels, along each axis."""
+SMOOTH_TRUNCATED = 4.0
+"""The blur kernel reaches ``int(max(4 sigma, 0.5) + 0.5)`` pixels each side (MONAI's ``gaussian_1d``)."""
+NON_MONOTONE_POINTS = 4
+"""Interior control points of the non-monotone intensity curve."""
 
-class RandNonMonotoneIntensity(RandomizableTransform):
-    """Map intensities through a random piecewise-linear, possibly non-monotone curve.
 
-    Tissue contrast order can change between vendors (e.g. myocardium brighter
-    than blood on one scanner, darker on another); a monotone transform can
-    never produce that.
+@dataclass
+class IntensityDraw:
+    """The random parameters of one batch of ``B`` intensity changes.
 
-    Args:
-        prob: probability of applying the transform.
-        num_points: number of interior control points of the curve.
+    Each ``*_on`` is a ``(B,)`` bool: whether that sample receives the change.
     """
 
-    def __init__(self, prob: float = 0.1, num_points: int = 4) -> None:
-        super().__init__(prob)
-        self.num_points = num_points
-        self._values = np.linspace(0.0, 1.0, num_points + 2)
-
-    def randomize(self, data=None) -> None:
-        super().randomize(None)
-        if self._do_transform:
-            self._values = self.R.uniform(0.0, 1.0, self.num_points + 2)
-
-    def __call__(self, img: torch.Tensor, randomize: bool = True) -> torch.Tensor:
-        if randomize:
-            self.randomize()
-        if not self._do_transform:
-            return img
-        x = torch.as_tensor(img)
-        knots = torch.linspace(0.0, 1.0, self.num_points + 2, dtype=x.dtype)
-        values = torch.as_tensor(self._values, dtype=x.dtype)
-        xc = x.clamp(0.0, 1.0)
-        pos = torch.bucketize(xc, knots[1:-1])
-        x0, x1 = knots[pos], knots[pos + 1]
-        y0, y1 = values[pos], values[pos + 1]
-        return y0 + (xc - x0) / (x1 - x0) * (y1 - y0)
-
-
-class RandSharedBiasField(RandBiasField):
-    """MONAI's :class:`~monai.transforms.RandBiasField` with its field computed once per call.
-
-    The parent draws one set of coefficients per call and gives every channel the same
-    field, but evaluates the polynomial once per channel; this evaluates it once and
-    broadcasts it over the channels (the same values, a fraction of the work when a query
-    is stacked with its guides).
-    """
-
-    def __call__(self, img, randomize: bool = True):
-        img = convert_to_tensor(img, track_meta=get_track_meta())
-        if randomize:
-            self.randomize(img_size=img.shape[1:])
-        if not self._do_transform:
-            return img
-        field = self._generate_random_field(spatial_shape=img.shape[1:], degree=self.degree, coeff=self._coeff)
-        img_np, *_ = convert_data_type(img, np.ndarray)
-        out, *_ = convert_to_dst_type(src=img_np * np.exp(field)[None], dst=img, dtype=self.dtype or img.dtype)
-        return out
+    curve_on: torch.Tensor
+    curve_values: torch.Tensor
+    """``(B, NON_MONOTONE_POINTS + 2)`` curve values at equally spaced knots on ``[0, 1]``."""
+    bias_on: torch.Tensor
+    bias_coeff: torch.Tensor
+    """``(B, 10)`` Legendre coefficients, in the order of ``numpy.tril_indices(4)``."""
+    gamma_on: torch.Tensor
+    gamma: torch.Tensor
+    """``(B,)``"""
+    histogram_on: torch.Tensor
+    histogram_points: torch.Tensor
+    """``(B,)`` number of control points ``n`` of each sample."""
+    histogram_floating: torch.Tensor
+    """``(B, max n)`` where the reference points ``linspace(0, 1, n)`` move to (padded with 1)."""
+    scale_on: torch.Tensor
+    scale: torch.Tensor
+    """``(B,)`` relative change: ``x * (1 + scale)``."""
+    shift_on: torch.Tensor
+    shift: torch.Tensor
+    """``(B,)`` offset: ``x + shift``."""
+    smooth_on: torch.Tensor
+    sigma: torch.Tensor
+    """``(B, 2)`` blur sigma along H and W."""
+    noise_on: torch.Tensor
+    noise_std: torch.Tensor
+    """``(B,)`` standard deviation of the additive Gaussian noise."""
 
 
-def intensity_transform(cfg: AugmentConfig) -> Compose:
-    """The per-image random intensity pipeline for ``(1, H, W)`` images in ``[0, 1]``."""
+def _uniform(n: int, lo: float, hi: float, generator: torch.Generator) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
+
+
+def draw_intensity_changes(cfg: AugmentConfig, batch: int, generator: torch.Generator) -> IntensityDraw:
+    """Draw the parameters of ``batch`` independent intensity changes (ranges and
+    probabilities of ``cfg``; float64 parameters, as MONAI draws them)."""
     p = cfg.prob
-    transforms = [
-        RandSharedBiasField(degree=3, coeff_range=(0.0, cfg.bias_field), prob=p),
-        RandAdjustContrast(prob=p, gamma=cfg.gamma),
-        RandHistogramShift(num_control_points=(5, 10), prob=p * 0.5),
-        RandScaleIntensity(factors=cfg.contrast_shift, prob=p),
-        RandShiftIntensity(offsets=cfg.contrast_shift, prob=p),
-        RandGaussianSmooth(sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0), prob=p * 0.5),
-        RandGaussianNoise(prob=p, std=cfg.noise_std),
-    ]
-    if cfg.non_monotone > 0:
-        transforms.insert(0, RandNonMonotoneIntensity(prob=cfg.non_monotone))
-    transforms.append(ScaleIntensityRange(a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=False))
-    return Compose(transforms)
+
+    def on(prob: float) -> torch.Tensor:
+        return torch.rand(batch, generator=generator) < prob
+
+    lo_pts, hi_pts = HISTOGRAM_POINTS
+    points = torch.randint(lo_pts, hi_pts + 1, (batch,), generator=generator)
+    # MONAI's draw: interior points one after another, each uniform between its left
+    # neighbour (already moved) and its right one (not yet moved)
+    slots = torch.arange(hi_pts, dtype=torch.float64)
+    floating = (slots / (points - 1).unsqueeze(1)).clamp(max=1.0)
+    for i in range(1, hi_pts - 1):
+        u = torch.rand(batch, generator=generator, dtype=torch.float64)
+        moved = floating[:, i - 1] + (floating[:, i + 1] - floating[:, i - 1]) * u
+        floating[:, i] = torch.where(i < points - 1, moved, floating[:, i])
+    n_coeff = (BIAS_DEGREE + 1) * (BIAS_DEGREE + 2) // 2
+    return IntensityDraw(
+        curve_on=on(cfg.non_monotone),
+        curve_values=torch.rand(batch, NON_MONOTONE_POINTS + 2, generator=generator, dtype=torch.float64),
+        bias_on=on(p),
+        bias_coeff=cfg.bias_field * torch.rand(batch, n_coeff, generator=generator, dtype=torch.float64),
+        gamma_on=on(p),
+        gamma=_uniform(batch, *cfg.gamma, generator),
+        histogram_on=on(p * 0.5),
+        histogram_points=points,
+        histogram_floating=floating,
+        scale_on=on(p),
+        scale=_uniform(batch, -cfg.contrast_shift, cfg.contrast_shift, generator),
+        shift_on=on(p),
+        shift=_uniform(batch, -cfg.contrast_shift, cfg.contrast_shift, generator),
+        smooth_on=on(p * 0.5),
+        sigma=torch.stack([_uniform(batch, *SMOOTH_SIGMA, generator) for _ in range(2)], dim=1),
+        noise_on=on(p),
+        noise_std=_uniform(batch, 0.0, cfg.noise_std, generator),
+    )
+
+
+def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` -> ``(B, 1, 1, 1)`` in ``like``'s dtype."""
+    return v.to(like.dtype).view(-1, 1, 1, 1)
+
+
+def _image_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample minimum and maximum over all channels, each ``(B, 1, 1, 1)``."""
+    flat = x.flatten(1)
+    return flat.amin(1).view(-1, 1, 1, 1), flat.amax(1).view(-1, 1, 1, 1)
+
+
+def non_monotone_curve(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Map ``x`` ``(B, C, H, W)`` (clamped to ``[0, 1]``) through per-sample piecewise-linear
+    curves with ``values`` ``(B, P)`` at ``P`` equally spaced knots: tissue contrast order can
+    change, as between vendors, which no monotone transform produces."""
+    b, n = values.shape
+    knots = torch.linspace(0.0, 1.0, n, dtype=x.dtype)
+    xc = x.clamp(0.0, 1.0).reshape(b, -1)
+    pos = torch.bucketize(xc, knots[1:-1])
+    vals = values.to(x.dtype)
+    y0, y1 = vals.gather(1, pos), vals.gather(1, pos + 1)
+    x0 = knots[pos]
+    return (y0 + (xc - x0) * (n - 1) * (y1 - y0)).view_as(x)
+
+
+@lru_cache(maxsize=8)
+def _legendre_basis(h: int, w: int, degree: int = BIAS_DEGREE) -> torch.Tensor:
+    """``(n_coeff, H, W)`` products ``L_i(y) L_j(x)`` over ``[-1, 1]^2`` for the lower-triangular
+    ``(i, j)`` of ``numpy.tril_indices(degree + 1)`` (MONAI's ``RandBiasField`` layout)."""
+    ly = np.polynomial.legendre.legvander(np.linspace(-1.0, 1.0, h, dtype=np.float32).astype(np.float64), degree)
+    lx = np.polynomial.legendre.legvander(np.linspace(-1.0, 1.0, w, dtype=np.float32).astype(np.float64), degree)
+    rows, cols = np.tril_indices(degree + 1)
+    basis = ly[:, rows].T[:, :, None] * lx[:, cols].T[:, None, :]
+    return torch.from_numpy(basis)
+
+
+def bias_field(coeff: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Log bias fields ``(B, H, W)`` (float64) of Legendre coefficients ``(B, n_coeff)``."""
+    return torch.einsum("bn,nhw->bhw", coeff.to(torch.float64), _legendre_basis(h, w))
+
+
+def adjust_contrast(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """Per-sample gamma curve over each sample's own intensity range (MONAI's ``AdjustContrast``)."""
+    lo, hi = _image_range(x)
+    span = hi - lo
+    return ((x - lo) / (span + 1e-7)) ** _col(gamma, x) * span + lo
+
+
+def histogram_shift(x: torch.Tensor, points: torch.Tensor, floating: torch.Tensor) -> torch.Tensor:
+    """Per-sample piecewise-linear remap moving the control points ``linspace(0, 1, n)`` of each
+    sample's intensity range to ``floating`` (MONAI's ``RandHistogramShift`` given its draw).
+    A constant sample is returned unchanged."""
+    b = x.shape[0]
+    lo, hi = _image_range(x)
+    span = (hi - lo).view(b, 1)
+    last = (points - 1).view(b, 1).to(x.dtype)
+    fp = floating.to(x.dtype)
+    # position on the equally spaced reference points: segment and fraction within it
+    t = (x.reshape(b, -1) - lo.view(b, 1)) / span.clamp_min(torch.finfo(x.dtype).tiny) * last
+    seg = t.floor().clamp_(min=0).minimum(last - 1)
+    frac = t - seg
+    seg = seg.long()
+    y = fp.gather(1, seg) + frac * fp.diff(dim=1).gather(1, seg)
+    out = (y * span + lo.view(b, 1)).view_as(x)
+    return torch.where((span > 0).view(b, 1, 1, 1), out, x)
+
+
+def gaussian_kernels(sigma: torch.Tensor, tail: int) -> torch.Tensor:
+    """``(B, 2 tail + 1)`` erf-approximated Gaussian kernels (MONAI's ``gaussian_1d``, not
+    normalised), each cut to its own sigma's reach and zero-padded to ``tail`` each side."""
+    x = torch.arange(-tail, tail + 1, dtype=torch.float32)
+    s = sigma.to(torch.float32).view(-1, 1)
+    t = 0.70710678 / s.abs()
+    kernel = (0.5 * ((t * (x + 0.5)).erf() - (t * (x - 0.5)).erf())).clamp(min=0)
+    reach = ((s * SMOOTH_TRUNCATED).clamp_min(0.5) + 0.5).floor()
+    return kernel * (x.abs() <= reach)
+
+
+def gaussian_smooth(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable per-sample Gaussian blur with zero padding; ``sigma`` ``(B, 2)`` along H and W
+    (MONAI's ``GaussianSmooth``)."""
+    tail = int(max(float(sigma.max()) * SMOOTH_TRUNCATED, 0.5) + 0.5)
+    h, w = x.shape[-2:]
+    out = x
+    for axis, (pad, length) in enumerate((((0, 0, tail, tail), h), ((tail, tail), w))):
+        kernel = gaussian_kernels(sigma[:, axis], tail).to(x.dtype)
+        padded = torch.nn.functional.pad(out, pad)
+        acc = torch.zeros_like(out)
+        for k in range(2 * tail + 1):
+            window = padded[:, :, k:k + length, :] if axis == 0 else padded[..., k:k + length]
+            acc += kernel[:, k].view(-1, 1, 1, 1) * window
+        out = acc
+    return out
+
+
+def apply_intensity_changes(x: torch.Tensor, draw: IntensityDraw, generator: torch.Generator) -> torch.Tensor:
+    """Apply ``draw`` to ``x`` ``(B, C, H, W)`` float32; ``generator`` draws the noise."""
+    h, w = x.shape[-2:]
+
+    def on_rows(mask: torch.Tensor, change) -> None:
+        nonlocal x
+        rows = mask.nonzero().squeeze(1)
+        if len(rows):
+            x = x.index_copy(0, rows, change(x.index_select(0, rows), rows))
+
+    on_rows(draw.curve_on, lambda v, r: non_monotone_curve(v, draw.curve_values[r]))
+    on_rows(draw.bias_on, lambda v, r: v * bias_field(draw.bias_coeff[r], h, w).exp().to(v.dtype).unsqueeze(1))
+    on_rows(draw.gamma_on, lambda v, r: adjust_contrast(v, draw.gamma[r]))
+    on_rows(draw.histogram_on, lambda v, r: histogram_shift(v, draw.histogram_points[r], draw.histogram_floating[r]))
+    on_rows(draw.scale_on, lambda v, r: v * (1.0 + _col(draw.scale[r], v)))
+    on_rows(draw.shift_on, lambda v, r: v + _col(draw.shift[r], v))
+    on_rows(draw.smooth_on, lambda v, r: gaussian_smooth(v, draw.sigma[r]))
+    on_rows(draw.noise_on, lambda v, r: v + _col(draw.noise_std[r], v) * torch.randn(v.shape, generator=generator))
+    return x
 
 
 class BatchIntensityAugment:
-    """Apply :func:`intensity_transform` independently to each image of a batch.
+    """Random vendor-style intensity changes, one independent draw per sample of a batch.
 
     Args:
-        cfg: augmentation options.
-        seed: seed of the transforms' random state.
+        cfg: augmentation options (``intensity: false`` makes this the identity).
+        seed: seed of the random draws.
     """
 
     def __init__(self, cfg: AugmentConfig, seed: int = 0) -> None:
+        self.cfg = cfg
         self.enabled = cfg.intensity
-        self.transform = intensity_transform(cfg)
-        self.transform.set_random_state(seed=seed)
+        self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W)`` -> ``(B, C, H, W)`` float32, each image re-scaled to about ``[0, 1]``.
+        """``(B, C, H, W)`` -> ``(B, C, H, W)`` float32, each channel re-scaled to ``[0, 1]``.
 
         The ``C`` channels of a sample receive one random change together (one contrast
-        curve, bias field, intensity shift; independent noise), then each channel is
+        curve, bias field, intensity shift, blur; independent noise), then each channel is
         re-scaled on its own: a query stacked with its guides stays alike in appearance.
         """
         if not self.enabled:
             return images
-        return torch.stack(self.each(images)).contiguous()
-
-    def each(self, images) -> list[torch.Tensor]:
-        """:meth:`__call__` for samples of different channel counts: a sequence of
-        ``(C_i, H, W)`` tensors -> a list of ``(C_i, H, W)`` float32 tensors."""
-        if not self.enabled:
-            return [torch.as_tensor(img, dtype=torch.float32) for img in images]
-        tracking = get_track_meta()
-        set_track_meta(False)  # plain tensors: same values, none of the metadata bookkeeping
-        try:
-            out = [convert_to_tensor(self.transform(img), dtype=torch.float32, track_meta=False) for img in images]
-        finally:
-            set_track_meta(tracking)
-        rescaled = []
-        for y in out:
-            lo = y.amin(dim=(1, 2), keepdim=True)
-            hi = y.amax(dim=(1, 2), keepdim=True)
-            rescaled.append((y - lo) / (hi - lo).clamp_min(1e-6))
-        return rescaled
+        x = torch.as_tensor(images, dtype=torch.float32)
+        if x.shape[0] == 0:
+            return x.clone()
+        draw = draw_intensity_changes(self.cfg, x.shape[0], self.generator)
+        y = apply_intensity_changes(x, draw, self.generator)
+        lo = y.amin(dim=(2, 3), keepdim=True)
+        hi = y.amax(dim=(2, 3), keepdim=True)
+        return ((y - lo) / (hi - lo).clamp_min(1e-6)).contiguous()

@@ -175,16 +175,18 @@ class JRASTrainer:
                 guides.images = _blank_missing(changed.view_as(guides.images), guides.idx)
             return images, guides
         guides = self._find_kept(idx, raw, keep)
-        present = (guides.idx >= 0).any(dim=1).tolist()
-        # each query with its guides stacked, one change for the stack (B, 1 + K, H, W);
-        # a query without guides alone
-        stacks = [torch.cat([q, g.flatten(0, 1)]) if has else q
-                  for q, g, has in zip(raw, guides.images, present)]
-        changed = self.augment.each(stacks)
-        images = torch.stack([c[:1] for c in changed])
-        guide_images = torch.stack([c[1:] if has else torch.zeros_like(g.flatten(0, 1))
-                                    for c, g, has in zip(changed, guides.images, present)])
-        guides.images = _blank_missing(guide_images.unsqueeze(2), guides.idx)
+        # each query with its K guides stacked (B1, 1 + K, H, W): one change for the stack;
+        # a query without guides changed alone
+        has = (guides.idx >= 0).any(dim=1)
+        with_guides, alone = has.nonzero().squeeze(1), (~has).nonzero().squeeze(1)
+        stacks = torch.cat([raw[with_guides], guides.images[with_guides].flatten(1, 2)], dim=1)
+        changed = self.augment(stacks)
+        images = torch.empty_like(raw)
+        images[with_guides] = changed[:, :1]
+        images[alone] = self.augment(raw[alone])
+        guide_images = torch.zeros_like(guides.images)
+        guide_images[with_guides] = changed[:, 1:].unsqueeze(2)
+        guides.images = _blank_missing(guide_images, guides.idx)
         return images, guides
 
     # ------------------------------------------------------------------ phases
