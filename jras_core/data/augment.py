@@ -160,7 +160,9 @@ def adjust_contrast(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     """Per-sample gamma curve over each sample's own intensity range (MONAI's ``AdjustContrast``)."""
     lo, hi = _image_range(x)
     span = hi - lo
-    return ((x - lo) / (span + 1e-7)) ** _col(gamma, x) * span + lo
+    # u ** gamma as exp(gamma log u), in place on the one temporary
+    u = ((x - lo) / (span + 1e-7)).log_().mul_(_col(gamma, x)).exp_()
+    return u.mul_(span).add_(lo)
 
 
 def histogram_shift(x: torch.Tensor, points: torch.Tensor, floating: torch.Tensor) -> torch.Tensor:
@@ -177,8 +179,8 @@ def histogram_shift(x: torch.Tensor, points: torch.Tensor, floating: torch.Tenso
     seg = t.floor().clamp_(min=0).minimum(last - 1)
     frac = t - seg
     seg = seg.long()
-    y = fp.gather(1, seg) + frac * fp.diff(dim=1).gather(1, seg)
-    out = (y * span + lo.view(b, 1)).view_as(x)
+    y = fp.gather(1, seg).addcmul_(frac, fp.diff(dim=1).gather(1, seg))
+    out = y.mul_(span).add_(lo.view(b, 1)).view_as(x)
     return torch.where((span > 0).view(b, 1, 1, 1), out, x)
 
 
@@ -205,7 +207,7 @@ def gaussian_smooth(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         acc = torch.zeros_like(out)
         for k in range(2 * tail + 1):
             window = padded[:, :, k:k + length, :] if axis == 0 else padded[..., k:k + length]
-            acc += kernel[:, k].view(-1, 1, 1, 1) * window
+            acc.addcmul_(window, kernel[:, k].view(-1, 1, 1, 1))
         out = acc
     return out
 
@@ -213,12 +215,14 @@ def gaussian_smooth(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 def apply_intensity_changes(x: torch.Tensor, draw: IntensityDraw, generator: torch.Generator) -> torch.Tensor:
     """Apply ``draw`` to ``x`` ``(B, C, H, W)`` float32; ``generator`` draws the noise."""
     h, w = x.shape[-2:]
+    x = x.clone()
 
     def on_rows(mask: torch.Tensor, change) -> None:
-        nonlocal x
         rows = mask.nonzero().squeeze(1)
-        if len(rows):
-            x = x.index_copy(0, rows, change(x.index_select(0, rows), rows))
+        if len(rows) == len(mask):  # every sample: no gathering
+            x.copy_(change(x, rows))
+        elif len(rows):
+            x[rows] = change(x[rows], rows)
 
     on_rows(draw.curve_on, lambda v, r: non_monotone_curve(v, draw.curve_values[r]))
     on_rows(draw.bias_on, lambda v, r: v * bias_field(draw.bias_coeff[r], h, w).exp().to(v.dtype).unsqueeze(1))
@@ -227,7 +231,7 @@ def apply_intensity_changes(x: torch.Tensor, draw: IntensityDraw, generator: tor
     on_rows(draw.scale_on, lambda v, r: v * (1.0 + _col(draw.scale[r], v)))
     on_rows(draw.shift_on, lambda v, r: v + _col(draw.shift[r], v))
     on_rows(draw.smooth_on, lambda v, r: gaussian_smooth(v, draw.sigma[r]))
-    on_rows(draw.noise_on, lambda v, r: v + _col(draw.noise_std[r], v) * torch.randn(v.shape, generator=generator))
+    on_rows(draw.noise_on, lambda v, r: torch.randn(v.shape, generator=generator).mul_(_col(draw.noise_std[r], v)).add_(v))
     return x
 
 
