@@ -219,6 +219,27 @@ def step_times(cfg, slices, repeats: int) -> dict[str, float]:
     return out
 
 
+def augment_times(cfg, slices, repeats: int) -> dict[str, float]:
+    """Median process CPU seconds of the intensity augmentation of one phase-A batch:
+    ``single`` (B images, as for ``none`` and for queries whose guides are dropped) and
+    ``stacked`` (B stacks of a query and its K guides, as ``augment.guides: shared``)."""
+    import torch
+
+    from jras_core.data.augment import BatchIntensityAugment
+
+    augment = BatchIntensityAugment(cfg.augment, seed=cfg.train.seed)
+    idx = torch.arange(cfg.train.batch_size) % len(slices)
+    images = slices.images[idx]
+    batches = {"single": images, "stacked": images.repeat(1, 1 + cfg.retrieval.k, 1, 1)}
+    for x in batches.values():
+        augment(x)  # warm-up
+    timed: dict[str, list[float]] = {name: [] for name in batches}
+    for _ in range(repeats):
+        for name, x in batches.items():
+            timed[name].append(_with_cpu_time(lambda x=x: augment(x))[1])
+    return {name: _median(values) for name, values in timed.items()}
+
+
 def epoch_time(cfg, slices, repeats: int = 3) -> dict[str, float]:
     """Local epochs on ``slices`` after a one-batch warm-up, of J-RAS (phase A, phase B,
     refresh of the site's bank) and of ``none`` (the same data and batches), timed in turn
@@ -540,6 +561,12 @@ def run(args: argparse.Namespace) -> int:
             add("step", f"phase B J-RAS, {size}px", st["phase_b_jras"] * 1e3, "ms/step", note_b)
             add("step", f"phase B J-RAS / phase A none, {size}px, CPU time",
                 st["cpu_phase_b_jras"] / st["cpu_phase_a_none"], "x", "process CPU time (robust to other load)")
+        aug = augment_times(cfg, slices, repeats)
+        note_aug = f"process CPU time, batch {cfg.train.batch_size}, augment.prob {cfg.augment.prob}"
+        add("step", f"intensity augmentation, {cfg.train.batch_size} images, {size}px", aug["single"] * 1e3, "ms/batch",
+            note_aug + " (none, and queries without guides)")
+        add("step", f"intensity augmentation, {cfg.train.batch_size} stacks of 1 + {cfg.retrieval.k}, {size}px",
+            aug["stacked"] * 1e3, "ms/batch", note_aug + " (query and guides, augment.guides shared)")
     show("step")
 
     # 2. refresh vs epoch ----------------------------------------------------

@@ -73,6 +73,9 @@ def test_quick_run_writes_every_section(tmp_path: Path, capsys):
     agree = [r for r in rows if r["section"] == "search" and r["item"].startswith("FAISS == brute force")]
     assert {r["item"].rsplit("=", 1)[1] for r in agree} == {"1000", "10000"}
     assert all(float(r["value"]) == 1.0 for r in agree)
+    augment = {r["item"].split(",")[1].strip(): float(r["value"]) for r in rows
+               if r["item"].startswith("intensity augmentation")}
+    assert set(augment) == {"16 images", "16 stacks of 1 + 3"}
     md = (tmp_path / "cost.md").read_text()
     assert "Flower round overhead" in md and "round 2 overhead" in md and "warm-up before round 1" in md
     assert "Training step time" in capsys.readouterr().out
