@@ -217,6 +217,18 @@ class TrainConfig:
 
 
 @dataclass
+class PostprocessConfig:
+    """What is done to predicted label maps before they are scored."""
+
+    largest_component: bool = True
+    """Keep only the largest connected component of each class in each volume (3-D, faces
+    connected), which removes stray islands far from the structure."""
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass
 class JRASConfig:
     """The whole method configuration."""
 
@@ -228,6 +240,7 @@ class JRASConfig:
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
 
     @property
     def uses_retrieval(self) -> bool:

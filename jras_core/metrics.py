@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import defaultdict
 
 import numpy as np
 import torch
@@ -70,13 +69,8 @@ def volume_metrics(pred: torch.Tensor, slices: SliceSet, num_classes: int) -> di
     Returns:
         ``{"dice": (V, C-1), "hd95": (V, C-1)}`` over the volumes present, in mm.
     """
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i, v in enumerate(slices.volume_ids.tolist()):
-        groups[v].append(i)
     dices, hds = [], []
-    for v, rows in groups.items():
-        rows = sorted(rows, key=lambda r: int(slices.slice_pos[r]))
-        idx = torch.tensor(rows)
+    for v, idx in slices.volume_rows():
         p = pred[idx].permute(1, 2, 0).unsqueeze(0)  # (1, H, W, Z)
         t = slices.masks[idx].long().permute(1, 2, 0).unsqueeze(0)
         spacing = slices.volumes[v].spacing

@@ -71,6 +71,15 @@ class SliceSet:
         """Vendor of every slice."""
         return [self.volumes[v].vendor for v in self.volume_ids.tolist()]
 
+    def volume_rows(self) -> list[tuple[int, torch.Tensor]]:
+        """Each volume present, in order of first appearance, with the indices of its
+        slices sorted by position: ``[(volume_id, (Z,) int64), ...]``."""
+        groups: dict[int, list[int]] = {}
+        for i, v in enumerate(self.volume_ids.tolist()):
+            groups.setdefault(v, []).append(i)
+        pos = self.slice_pos.tolist()
+        return [(v, torch.tensor(sorted(rows, key=lambda r: pos[r]), dtype=torch.long)) for v, rows in groups.items()]
+
     def subset(self, index: Sequence[int] | torch.Tensor) -> SliceSet:
         """The slices at ``index`` (case and volume tables are kept whole)."""
         idx = torch.as_tensor(index, dtype=torch.long)

@@ -19,6 +19,7 @@ from jras_core.config import JRASConfig
 from jras_core.data.slices import SliceSet
 from jras_core.metrics import dice_per_class, summarise, volume_metrics
 from jras_core.models.jras import JRASModel
+from jras_core.postprocess import postprocess
 from jras_core.retrieval.bank import RetrievalBank
 from jras_core.retrieval.finder import GuideFinder, Guides
 
@@ -36,7 +37,7 @@ def predict(
     batch_size: int = 64,
     seed: int = 0,
 ) -> tuple[torch.Tensor, list[Guides]]:
-    """Predict labels ``(N, S, S)`` for every slice.
+    """Predict labels ``(N, S, S)`` for every slice, post-processed as ``cfg.postprocess`` says.
 
     Args:
         source: ``retrieved``, ``oracle``, ``random`` or ``none`` (no guides).
@@ -65,7 +66,7 @@ def predict(
             logits = model.seg(images, guides.images, guides.masks, guides.sims, present)
             used.append(guides)
         preds.append(logits.argmax(dim=1))
-    return torch.cat(preds), used
+    return postprocess(torch.cat(preds), slices, cfg.postprocess, cfg.labels.num_classes), used
 
 
 def guide_quality(slices: SliceSet, guides: list[Guides], num_classes: int) -> float:
