@@ -112,7 +112,9 @@ def write_report(out: Path, rows: Sequence[Mapping[str, Any]], methods: Sequence
              f"{settings['size']} px; held-out support bank of {settings['support']} annotated cases"
              + (f" of {settings['heldout_cases']}" if settings.get("heldout_cases") else "")
              + f"; method config "
-             f"`{settings['config']}`, overrides: {settings['overrides']}."), "",
+             f"`{settings['config']}`, overrides: {settings['overrides']}"
+             + (f"; federations start from the weights of `{settings['init']}`" if settings.get("init") else "")
+             + "."), "",
              f"Reproduce: `{settings['command']}`", "", "## Methods", ""]
     lines += _table(["method", "what"], [[m, descriptions.get(m, "")] for m in present])
 

@@ -247,6 +247,8 @@ class Settings:
     cpus_per_client: float = 1.0
     client_threads: int = 1
     timeout: float | None = None
+    init: str | None = None
+    """Checkpoint path a federated run starts from; ``{method}``, ``{heldout}``, ``{seed}`` filled in."""
 
     def method_cfg(self, method: Method, seed: int) -> JRASConfig:
         from jras_core.config import JRASConfig
@@ -256,8 +258,26 @@ class Settings:
              "train.epochs": self.local_epochs, "train.seed": seed}
         )
 
+    def init_path(self, method: Method, heldout: str, seed: int) -> Path | None:
+        """The checkpoint that ``method``'s run for ``heldout`` and ``seed`` starts from (None: fresh weights)."""
+        if not self.init:
+            return None
+        from jras_core.config import ConfigError
+
+        try:
+            path = self.init.format(method=_dir_name(method.name), heldout=heldout, seed=seed)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(f"--init {self.init}: only {{method}}, {{heldout}} and {{seed}} can be filled in "
+                              f"({exc!r})") from None
+        return Path(path).expanduser().resolve()
+
     def run_dir(self, method: Method, heldout: str, seed: int) -> Path:
-        return self.out / "runs" / re.sub(r"[^\w.+=-]+", "_", method.name) / f"heldout-{heldout}-s{seed}"
+        return self.out / "runs" / _dir_name(method.name) / f"heldout-{heldout}-s{seed}"
+
+
+def _dir_name(name: str) -> str:
+    """A method name as a folder name."""
+    return re.sub(r"[^\w.+=-]+", "_", name)
 
 
 def _metrics_of(values: Mapping[str, Any], class_keys: Sequence[str]) -> dict[str, float]:
@@ -300,8 +320,9 @@ def train_central(sites: Sequence[Site], st: Settings, run_dir: Path, class_keys
 
 
 def train_federated(method: Method, yamls: Sequence[Path], st: Settings, seed: int, run_dir: Path,
-                    class_keys: Sequence[str], names: Sequence[str]) -> Trained:
-    """A Flower Simulation Engine federation of the training sites."""
+                    class_keys: Sequence[str], names: Sequence[str], init: Path | None = None) -> Trained:
+    """A Flower Simulation Engine federation of the training sites (from the weights of
+    the checkpoint ``init`` when given)."""
 
     from jras_core.fedutil import PROJECT_ROOT
     from server.simulate import run_simulation
@@ -318,6 +339,8 @@ def train_federated(method: Method, yamls: Sequence[Path], st: Settings, seed: i
         "client-threads": st.client_threads,
         "min-nodes": len(yamls),
     }
+    if init is not None:
+        run_config["initial-weights"] = str(init)
     t0 = time.perf_counter()
     run_simulation(PROJECT_ROOT, [str(p) for p in yamls], run_config, cpus_per_client=st.cpus_per_client,
                    out_dir=run_dir.parent, run_name=run_dir.name, stream=False, timeout=st.timeout, fresh=True)
@@ -528,7 +551,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, args.threads))
     st = Settings(config.resolve(), overrides, args.rounds, args.local_epochs, args.size, args.support, args.ft_epochs,
-                  out, args.cpus_per_client, args.client_threads, args.timeout or None)
+                  out, args.cpus_per_client, args.client_threads, args.timeout or None, args.init)
     base_cfg = JRASConfig.from_yaml(config).with_overrides(
         {**overrides, "preprocess.size": args.size, "train.epochs": args.local_epochs})
     class_names = base_cfg.labels.names
@@ -551,6 +574,14 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--heldout {', '.join(bad)}: not a vendor of {args.dataset} ({', '.join(by_vendor)})")
     # seed by seed: an interrupted benchmark has every vendor and method of its first seeds
     jobs = [Job(m, h, s) for s in seeds for h in heldouts for m in chosen]
+    if st.init:
+        others = [m.name for m in chosen if m.kind != "federated"]
+        if others:
+            raise ConfigError(f"--init applies to federated methods only, not {', '.join(others)}")
+        missing = sorted({str(p) for j in jobs if not (p := st.init_path(j.method, j.heldout, j.seed)).is_file()})
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ConfigError(f"--init: checkpoint {missing[0]} not found{more}")
 
     results_path = out / "results.csv"
     rows = [] if args.fresh else read_rows(results_path)
@@ -611,7 +642,8 @@ def run(args: argparse.Namespace) -> int:
                         trained = federated_outcome(run_dir, yamls, class_keys, names,
                                                     float(wall_before) if wall_before not in (None, "") else float("nan"))
                     else:
-                        trained = train_federated(m, yamls, st, seed, run_dir, class_keys, names)
+                        trained = train_federated(m, yamls, st, seed, run_dir, class_keys, names,
+                                                  st.init_path(m, h, seed))
                 else:
                     sites = [Site(site_config(v, n), cfg) for v, n in zip(train_vds, names)]
                     if m.kind == "local":
@@ -657,7 +689,7 @@ def run(args: argparse.Namespace) -> int:
         "seeds": ", ".join(map(str, seeds)), "rounds": args.rounds, "local_epochs": args.local_epochs,
         "size": args.size, "support": args.support,
         "heldout_cases": heldout_cases if args.dataset == "synthetic" else None, "config": config.name,
-        "overrides": "; ".join(args.set or []) or "none", "command": reproduce_command(getattr(args, "argv", None) or sys.argv[3:]),
+        "overrides": "; ".join(args.set or []) or "none", "init": args.init, "command": reproduce_command(getattr(args, "argv", None) or sys.argv[3:]),
     }, descriptions={m.name: m.description for m in chosen})
     print(report)
     print(f"\nwrote {results_path}, {out / 'report.md'} and figures in {out}")
@@ -704,6 +736,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "its bank, the others are evaluated (default: --cases; more cases, less evaluation noise, "
                    "no extra training)")
     p.add_argument("--ft-epochs", type=int, help="fine-tuning epochs of the +ft methods (default 5)")
+    p.add_argument("--init", metavar="CHECKPOINT", help="start every federated run from this checkpoint's weights "
+                   "(pretraining, e.g. on the synthetic vendors); {method}, {heldout} and {seed} in the path are "
+                   "replaced by the run's, e.g. runs/pretrain/runs/{method}/heldout-D-s0/checkpoint.pt")
     p.add_argument("--data-seed", type=int, default=1, help="synthetic data seed (default 1; fixed across --seeds)")
     p.add_argument("--config", metavar="YAML", help="method config (default configs/default.yaml; "
                    "--quick: configs/demo.yaml)")

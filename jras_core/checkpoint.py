@@ -21,9 +21,9 @@ def save_model(path: str | Path, model: JRASModel, cfg: JRASConfig, **extra: Any
     return Path(path)
 
 
-def load_model(path: str | Path, cfg: JRASConfig | None = None) -> tuple[JRASModel, JRASConfig, dict]:
-    """Read a checkpoint; returns the model (built from the stored config unless
-    ``cfg`` is given), the config and the remaining stored entries."""
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The entries of a checkpoint written by :func:`save_model` or by a federation
+    (both hold ``state``, the model's state dict, and ``config``, the method configuration)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: checkpoint not found")
@@ -31,8 +31,16 @@ def load_model(path: str | Path, cfg: JRASConfig | None = None) -> tuple[JRASMod
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ConfigError(f"{path}: not a readable checkpoint ({exc})") from None
-    if not isinstance(data, dict) or "state" not in data or "config" not in data:
+    if not isinstance(data, dict) or not isinstance(data.get("state"), dict) or "config" not in data:
         raise ConfigError(f"{path}: not a J-RAS checkpoint (missing 'state' or 'config')")
+    return data
+
+
+def load_model(path: str | Path, cfg: JRASConfig | None = None) -> tuple[JRASModel, JRASConfig, dict]:
+    """Read a checkpoint; returns the model (built from the stored config unless
+    ``cfg`` is given), the config and the remaining stored entries."""
+    path = Path(path)
+    data = read_checkpoint(path)
     cfg = cfg or JRASConfig.from_dict(data["config"], source=str(path))
     model = build_model(cfg)
     try:

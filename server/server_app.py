@@ -34,9 +34,11 @@ from jras_core.fedutil import (
     local_keys,
     method_from_run_config,
     resolve_path,
+    state_to_arrays,
 )
+from jras_core.checkpoint import read_checkpoint
 from jras_core.models.jras import JRASModel, build_model
-from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from server.checkpoint import Checkpoint, checkpoint_path, load_checkpoint, save_checkpoint
 from server.settings import ServerSettings
 from server.strategies import (
     JRASStrategyMixin,
@@ -90,9 +92,19 @@ def make_round_end_fn(
 def initial_state(
     model: JRASModel, method: JRASConfig, settings: ServerSettings, roots: list[Path]
 ) -> tuple[ArrayRecord, Checkpoint | None]:
-    """The starting global arrays: the fresh model's, or a checkpoint's when resuming."""
+    """The starting global arrays: a checkpoint's when resuming, else the weights of
+    ``initial-weights`` when given, else the fresh model's."""
     if not settings.resume:
-        return ArrayRecord(model.state_dict()), None
+        if not settings.initial_weights:
+            return ArrayRecord(model.state_dict()), None
+        path = checkpoint_path(resolve_path(settings.initial_weights, roots))
+        data = read_checkpoint(path)
+        arrays = state_to_arrays(data["state"])
+        check_arrays_fit(arrays, model, f"initial-weights {path}")
+        if data["config"] != method.to_dict():
+            log.warning("initial-weights %s were trained with another method configuration", path)
+        log.info("starting from the weights of %s", path)
+        return arrays_to_record(arrays), None
     ckpt = load_checkpoint(resolve_path(settings.resume, roots))
     check_arrays_fit(ckpt.arrays, model, f"resume {settings.resume}")
     if ckpt.config and ckpt.config != method.to_dict():

@@ -33,6 +33,9 @@ class ServerSettings:
         output_dir: folder of run folders [``output-dir``].
         run_name: this run's folder under ``output_dir`` (empty: ``run-<run id>``) [``run-name``].
         resume: checkpoint file or run folder to resume from (empty: start fresh) [``resume``].
+        initial_weights: checkpoint file or run folder whose model weights a fresh run starts
+            from, e.g. a model pretrained elsewhere (``jras train`` or another federation);
+            rounds count from 1; ignored when resuming [``initial-weights``].
         round_timeout: seconds to wait for replies per round [``round-timeout``].
         trim_beta: fraction cut off at each tail by ``fedtrimmedavg`` [``trim-beta``].
         krum_num_malicious: sites assumed malicious by ``krum`` [``krum-num-malicious``].
@@ -64,6 +67,7 @@ class ServerSettings:
     output_dir: str = "runs/federation"
     run_name: str = ""
     resume: str = ""
+    initial_weights: str = ""
     round_timeout: float = 3600.0
     trim_beta: float = 0.2
     krum_num_malicious: int = 0
@@ -90,6 +94,7 @@ class ServerSettings:
         "output-dir": ("output_dir", str),
         "run-name": ("run_name", str),
         "resume": ("resume", str),
+        "initial-weights": ("initial_weights", str),
         "round-timeout": ("round_timeout", float),
         "trim-beta": ("trim_beta", float),
         "krum-num-malicious": ("krum_num_malicious", int),
