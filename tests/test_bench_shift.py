@@ -226,6 +226,19 @@ def test_bad_arguments_name_the_problem(tmp_path, capsys):
     assert lever.name == "jras-fedavg[retriever.pool_grid=4; segmenter.channels=[8, 16]]"
     assert lever.overrides == {"augment.intensity": True, "retriever.pool_grid": 4, "segmenter.channels": [8, 16]}
     assert lever.training_key != shift.METHODS["jras-fedavg"].training_key and lever.uses_retrieval
+    # --init: a path per run, federated methods only, every checkpoint present before anything runs
+    st = _settings(tmp_path, init=str(tmp_path / "pre" / "{method}" / "heldout-{heldout}-s{seed}.pt"))
+    assert st.init_path(lever, "D", 2) == tmp_path / "pre" / "jras-fedavg_retriever.pool_grid=4_segmenter.channels=_8_16_" / "heldout-D-s2.pt"
+    with pytest.raises(ConfigError, match=r"only \{method\}, \{heldout\} and \{seed\}"):
+        _settings(tmp_path, init="x-{site}.pt").init_path(lever, "D", 0)
+    assert jras_main(["bench", "shift", "--quick", "--methods", "local,fedavg", "--init", "x.pt", "--out", str(tmp_path)]) == 2
+    assert "--init applies to federated methods only, not local" in capsys.readouterr().err
+    pattern = str(tmp_path / "pre" / "{method}.pt")
+    (tmp_path / "pre").mkdir()
+    (tmp_path / "pre" / "fedavg+aug.pt").write_bytes(b"")
+    assert jras_main(["bench", "shift", "--quick", "--init", pattern, "--out", str(tmp_path)]) == 2
+    assert f"--init: checkpoint {tmp_path / 'pre' / 'jras-fedavg.pt'} not found" in capsys.readouterr().err
+    assert not (tmp_path / "results.csv").exists()
     manifest = tmp_path / "m.csv"
     manifest.write_text("case,phase,image,mask\nc1,ED,a.nii.gz,b.nii.gz\n")
     with pytest.raises(ConfigError, match="vendor"):

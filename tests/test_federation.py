@@ -557,3 +557,47 @@ def test_float16_transfer_halves_the_bytes(tmp_path, in_process_grid, strategy):
         fedutil.transfer_cast({"w": np.zeros(2, np.float32)}, "bfloat16")
     counters = fedutil.transfer_cast({"n": np.array(3, np.int64), "w": np.ones(2, np.float32)}, "float16")
     assert counters["n"].dtype == np.int64 and counters["w"].dtype == np.float16
+
+
+def test_initial_weights_start_a_fresh_run(tmp_path, caplog):
+    from jras_core.checkpoint import save_model
+    from server import checkpoint as ck
+    from server.server_app import initial_state
+    from server.settings import ServerSettings
+    from server.strategies import record_to_arrays
+
+    method = JRASConfig.from_yaml(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    pretrained = build_model(method)
+    with torch.no_grad():
+        for p in pretrained.parameters():
+            p.add_(1.0)
+    save_model(tmp_path / "pretrained.pt", pretrained, method.with_overrides({"train.lr": 0.5}))
+    fresh = build_model(method)
+
+    s = ServerSettings.from_run_config({"initial-weights": "pretrained.pt"})
+    assert s.initial_weights == "pretrained.pt"
+    with caplog.at_level("WARNING"):
+        arrays, ckpt = initial_state(fresh, method, s, [tmp_path])
+    assert ckpt is None  # rounds count from 1
+    got = record_to_arrays(arrays)
+    want = fedutil.state_to_arrays(pretrained.state_dict())
+    assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    fresh_arrays = fedutil.state_to_arrays(fresh.state_dict())
+    assert all(not np.array_equal(got[k], fresh_arrays[k]) for k, p in fresh.named_parameters())
+    assert "another method configuration" in caplog.text
+
+    # a federation checkpoint (a run folder) is read the same way; a resume wins over it
+    ck.save_checkpoint(tmp_path / "run", ck.Checkpoint(round=2, arrays=want, config=method.to_dict()))
+    resumed, ckpt = initial_state(fresh, method, ServerSettings(resume=str(tmp_path / "run"),
+                                                                initial_weights=str(tmp_path / "missing.pt")), [tmp_path])
+    assert ckpt is not None and ckpt.round == 2
+    from_run, ckpt = initial_state(fresh, method, ServerSettings(initial_weights=str(tmp_path / "run")), [tmp_path])
+    assert ckpt is None and all(np.array_equal(record_to_arrays(from_run)[k], want[k]) for k in want)
+
+    # weights of another architecture or a missing file: errors that name the file
+    other = method.with_overrides({"segmenter.channels": [4, 8, 16, 32]})
+    save_model(tmp_path / "other.pt", build_model(other), other)
+    with pytest.raises(ConfigError, match=r"initial-weights .*other\.pt: entry .* has shape"):
+        initial_state(fresh, method, ServerSettings(initial_weights="other.pt"), [tmp_path])
+    with pytest.raises(ConfigError, match=r"nothing\.pt: checkpoint not found"):
+        initial_state(fresh, method, ServerSettings(initial_weights="nothing.pt"), [tmp_path])
