@@ -29,7 +29,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: checkpoint not found")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - torch.load fails in many ways on a bad file
         raise ConfigError(f"{path}: not a readable checkpoint ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("state"), dict) or "config" not in data:
         raise ConfigError(f"{path}: not a J-RAS checkpoint (missing 'state' or 'config')")

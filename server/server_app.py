@@ -26,6 +26,7 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid, ServerApp
 
+from jras_core.checkpoint import read_checkpoint
 from jras_core.config import JRASConfig
 from jras_core.fedutil import (
     PROJECT_ROOT,
@@ -36,7 +37,6 @@ from jras_core.fedutil import (
     resolve_path,
     state_to_arrays,
 )
-from jras_core.checkpoint import read_checkpoint
 from jras_core.models.jras import JRASModel, build_model
 from server.checkpoint import Checkpoint, checkpoint_path, load_checkpoint, save_checkpoint
 from server.settings import ServerSettings
@@ -94,9 +94,14 @@ def initial_state(
 ) -> tuple[ArrayRecord, Checkpoint | None]:
     """The starting global arrays: a checkpoint's when resuming, else the weights of
     ``initial-weights`` when given, else the fresh model's."""
-    if not settings.resume:
-        if not settings.initial_weights:
-            return ArrayRecord(model.state_dict()), None
+    if settings.resume:
+        ckpt = load_checkpoint(resolve_path(settings.resume, roots))
+        check_arrays_fit(ckpt.arrays, model, f"resume {settings.resume}")
+        if ckpt.config and ckpt.config != method.to_dict():
+            log.warning("resuming with a method configuration that differs from the checkpoint's")
+        log.info("resuming from round %d (%s)", ckpt.round, settings.resume)
+        return arrays_to_record(ckpt.arrays), ckpt
+    if settings.initial_weights:
         path = checkpoint_path(resolve_path(settings.initial_weights, roots))
         data = read_checkpoint(path)
         arrays = state_to_arrays(data["state"])
@@ -105,12 +110,7 @@ def initial_state(
             log.warning("initial-weights %s were trained with another method configuration", path)
         log.info("starting from the weights of %s", path)
         return arrays_to_record(arrays), None
-    ckpt = load_checkpoint(resolve_path(settings.resume, roots))
-    check_arrays_fit(ckpt.arrays, model, f"resume {settings.resume}")
-    if ckpt.config and ckpt.config != method.to_dict():
-        log.warning("resuming with a method configuration that differs from the checkpoint's")
-    log.info("resuming from round %d (%s)", ckpt.round, settings.resume)
-    return arrays_to_record(ckpt.arrays), ckpt
+    return ArrayRecord(model.state_dict()), None
 
 
 def warm_up(grid: Grid, timeout: float | None) -> dict[str, Any]:

@@ -588,8 +588,8 @@ def test_initial_weights_start_a_fresh_run(tmp_path, caplog):
 
     # a federation checkpoint (a run folder) is read the same way; a resume wins over it
     ck.save_checkpoint(tmp_path / "run", ck.Checkpoint(round=2, arrays=want, config=method.to_dict()))
-    resumed, ckpt = initial_state(fresh, method, ServerSettings(resume=str(tmp_path / "run"),
-                                                                initial_weights=str(tmp_path / "missing.pt")), [tmp_path])
+    _, ckpt = initial_state(fresh, method, ServerSettings(resume=str(tmp_path / "run"),
+                                                          initial_weights=str(tmp_path / "missing.pt")), [tmp_path])
     assert ckpt is not None and ckpt.round == 2
     from_run, ckpt = initial_state(fresh, method, ServerSettings(initial_weights=str(tmp_path / "run")), [tmp_path])
     assert ckpt is None and all(np.array_equal(record_to_arrays(from_run)[k], want[k]) for k in want)

@@ -9,7 +9,6 @@ from jras_core.training.evaluate import predict
 
 
 def _slices(masks: torch.Tensor, volume_ids: list[int], slice_pos: list[int]) -> SliceSet:
-    n = len(masks)
     vols = [VolumeInfo(f"v{i}", f"c{i}", "ED", "A", "", (1.0, 1.0, 1.0)) for i in range(max(volume_ids) + 1)]
     return SliceSet(
         images=masks.float().unsqueeze(1) / 3.0,
