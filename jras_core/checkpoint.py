@@ -21,16 +21,21 @@ def save_model(path: str | Path, model: JRASModel, cfg: JRASConfig, **extra: Any
     return Path(path)
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The entries of a checkpoint written by :func:`save_model` or by a federation
-    (both hold ``state``, the model's state dict, and ``config``, the method configuration)."""
+def load_file(path: str | Path) -> Any:
+    """What the checkpoint file ``path`` holds (tensors and plain data only, no pickled code)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: checkpoint not found")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch.load fails in many ways on a bad file
         raise ConfigError(f"{path}: not a readable checkpoint ({exc})") from None
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The entries of a checkpoint written by :func:`save_model` or by a federation
+    (both hold ``state``, the model's state dict, and ``config``, the method configuration)."""
+    data = load_file(path)
     if not isinstance(data, dict) or not isinstance(data.get("state"), dict) or "config" not in data:
         raise ConfigError(f"{path}: not a J-RAS checkpoint (missing 'state' or 'config')")
     return data

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from jras_core.checkpoint import load_file
 from jras_core.config import ConfigError
 from jras_core.fedutil import Arrays, arrays_to_state, state_to_arrays
 from jras_core.retrieval.store import atomic_write_bytes
@@ -97,12 +98,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint` (tensors only, no pickled code)."""
     target = checkpoint_path(path)
-    if not target.is_file():
-        raise ConfigError(f"{target}: checkpoint not found")
-    try:
-        data = torch.load(target, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch.load fails in many ways on a bad file
-        raise ConfigError(f"{target}: not a readable checkpoint ({exc})") from None
+    data = load_file(target)
     if not isinstance(data, dict) or data.get("kind") != KIND or "state" not in data:
         raise ConfigError(f"{target}: not a federated J-RAS checkpoint")
     return Checkpoint(
