@@ -607,7 +607,7 @@ def run(args: argparse.Namespace) -> int:
     from jras_core.retrieval.bank import RetrievalBank
 
     d, nq = 128, 256
-    margin = RetrievalBank(slices, cfg.labels.num_classes).max_per_case
+    margin = RetrievalBank(slices, cfg.labels.num_classes).max_per_owner
     k = 3 + margin
     bw = memory_bandwidth((64 if quick else 512) * 2**20, repeats)
     add("search", "memory bandwidth (numpy copy)", bw / 1e9, "GB/s", "read + write bytes / time")

@@ -163,6 +163,12 @@ class RetrievalConfig:
     With ``reuse`` and ``warmup`` phase B trains the retriever on the views phase A trained
     on (kept with their predictions) instead of augmenting anew. Inference always runs
     pass 1."""
+    exclude: Literal["case", "volume", "auto"] = "auto"
+    """What a training query may not retrieve from its own site's bank. ``case``: any slice
+    of its patient (the bank then behaves as at a new patient). ``volume``: only slices of
+    its own volume (the patient's other cardiac phase is eligible). ``auto``: ``case``,
+    except at a site whose training data is a single patient, where ``case`` would leave
+    every query without guides; there ``volume``."""
 
     def validate(self) -> None:
         if self.k < 1:

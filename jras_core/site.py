@@ -193,7 +193,9 @@ class Site:
     def bank(self) -> RetrievalBank:
         """The site's private bank over its training (or support) slices."""
         if self._bank is None:
-            self._bank = RetrievalBank(self.train_set, self.method.labels.num_classes, self.method.retrieval.index)
+            self._bank = RetrievalBank(
+                self.train_set, self.method.labels.num_classes, self.method.retrieval.index, self.method.retrieval.exclude
+            )
         return self._bank
 
     # ------------------------------------------------------------------ work

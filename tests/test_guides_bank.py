@@ -83,7 +83,7 @@ def test_search_matches_brute_force_and_excludes_own_case():
     bank.set_embeddings(emb)
     queries = torch.from_numpy(emb[:5])
     exclude = slices.case_ids[:5]
-    sims, idx = bank.search(queries, k=4, exclude_cases=exclude)
+    sims, idx = bank.search(queries, k=4, exclude=exclude)
     brute = queries @ torch.from_numpy(emb).T
     own = slices.case_ids.view(1, -1) == exclude.view(-1, 1)
     brute = brute.masked_fill(own, float("-inf"))
@@ -101,7 +101,7 @@ def test_search_pads_when_bank_is_too_small():
     bank = RetrievalBank(slices, num_classes=2)
     emb = np.eye(4, 8, dtype=np.float32)
     bank.set_embeddings(emb)
-    sims, idx = bank.search(torch.from_numpy(emb[:1]), k=3, exclude_cases=torch.tensor([0]))
+    sims, idx = bank.search(torch.from_numpy(emb[:1]), k=3, exclude=torch.tensor([0]))
     assert idx[0].tolist()[:2] != [-1, -1] and idx[0, 2] == -1
     assert sims[0, 2] == float("-inf")
     images, masks = bank.gather(idx)
@@ -112,7 +112,7 @@ def test_mask_search_ranks_by_aligned_mask_dice():
     slices = _slices()
     bank = RetrievalBank(slices, num_classes=2)
     query = slices.masks[:3].long()
-    sims, idx = bank.search_by_mask(query, k=3, exclude_cases=slices.case_ids[:3])
+    sims, idx = bank.search_by_mask(query, k=3, exclude=slices.case_ids[:3])
     full = bank.mask_similarity(query)
     own = slices.case_ids.view(1, -1) == slices.case_ids[:3].view(-1, 1)
     expected = full.masked_fill(own, float("-inf")).topk(3, dim=1).values

@@ -450,3 +450,65 @@ def test_guides_placed_in_a_larger_batch():
     assert torch.equal(out.images[3], sub.images[0]) and torch.equal(out.masks[0], sub.masks[1])
     assert torch.equal(out.idx[[1, 2, 4]], torch.full((3, 3), -1)) and not out.images[[1, 2, 4]].any()
     assert not out.masks[[1, 2, 4]].any() and not out.sims[[1, 2, 4]].any()
+
+
+def _one_patient(cfg: JRASConfig):
+    """One synthetic patient, both cardiac phases: a site with a single training case."""
+    return build_slice_set(generate_volumes("A", 1, seed=5, size=32), cfg.preprocess, cfg.labels.num_classes)
+
+
+def test_exclusion_unit_of_the_bank(slices, tmp_path):
+    cfg = JRASConfig().with_overrides(TINY)
+    one = _one_patient(cfg)
+    assert len(one.volumes) == 2 and len(set(one.case_ids.tolist())) == 1
+    assert RetrievalBank(one, 4, exclude="auto").exclude == "volume"
+    assert RetrievalBank(slices, 4, exclude="auto").exclude == "case"
+    with pytest.raises(ValueError, match="exclude"):
+        RetrievalBank(one, 4, exclude="patient")
+    rng = np.random.default_rng(0)
+    emb = _unit(rng, len(one), 8)
+    for unit, eligible in (("case", 0), ("volume", 1)):
+        bank = RetrievalBank(one, 4, exclude=unit)
+        bank.set_embeddings(emb)
+        owners = bank.owner_keys(one)
+        exclude = bank.owner_ids_of(owners, len(one))
+        _, idx = bank.search(torch.from_numpy(emb), 3, exclude)
+        found = idx >= 0
+        assert bool(found.any()) == bool(eligible)
+        # never a slice of the query's own volume; with "case", nothing at all
+        own_volume = one.volume_ids[idx.clamp_min(0)] == one.volume_ids.view(-1, 1)
+        assert not (own_volume & found).any()
+        if eligible:
+            assert found.all()  # the other phase holds more than 3 slices
+    # the unit in force survives a save and load
+    bank = RetrievalBank(one, 4, exclude="volume")
+    bank.set_embeddings(emb)
+    bank.save(tmp_path / "bank")
+    assert RetrievalBank.load(tmp_path / "bank").exclude == "volume"
+
+
+def test_single_patient_site_trains_with_guides_from_its_other_phase():
+    from jras_core.training.joint import JRASTrainer
+
+    cfg = JRASConfig().with_overrides({**TINY, "retrieval.guide_dropout": 0.0})
+    one = _one_patient(cfg)
+    counts = {}
+    for unit in ("case", "auto"):
+        trainer = JRASTrainer(build_model(cfg), cfg.with_overrides({"retrieval.exclude": unit}), one)
+        guided = []
+        find = trainer.finder.find
+        volume_of = [v.key for v in one.volumes]
+
+        def spy(images, owners=None, *a, _find=find, _guided=guided, **kw):
+            guides, probs = _find(images, owners, *a, **kw)
+            _guided.append((guides.idx >= 0).any(dim=1))
+            # a guide never comes from the query's own volume
+            for row, owner in zip(guides.idx.tolist(), owners):
+                assert all(volume_of[one.volume_ids[i]] != owner for i in row if i >= 0)
+            return guides, probs
+
+        trainer.finder.find = spy
+        trainer.phase_segmenter()
+        counts[unit] = int(torch.cat(guided).sum())
+    assert counts["case"] == 0
+    assert counts["auto"] == len(one)

@@ -30,23 +30,37 @@ class RetrievalBank:
         num_classes: classes including background.
         index: ``flat`` (exact inner product, FAISS ``IndexFlatIP``; default) or
             ``hnsw`` (approximate FAISS HNSW index, large banks).
+        exclude: what a query of the bank's own slices may not retrieve: ``case`` (any
+            slice of its patient), ``volume`` (any slice of its volume; other volumes of
+            the patient, such as the other cardiac phase, stay eligible) or ``auto``
+            (``case``, but ``volume`` when the bank holds a single case, which would
+            otherwise leave its queries no guide at all).
 
-    A query never retrieves a slice of its own case: :meth:`search` takes the
-    query's case names and drops bank entries of those cases.
+    A query never retrieves a slice of its own owner (case or volume):
+    :meth:`search` takes the queries' owner keys (:meth:`owner_keys`) and drops bank
+    entries of those owners.
     """
 
-    def __init__(self, slices: SliceSet, num_classes: int, index: str = "flat"):
+    def __init__(self, slices: SliceSet, num_classes: int, index: str = "flat", exclude: str = "case"):
         if len(slices) == 0:
             raise ValueError("a retrieval bank needs at least one slice")
+        if exclude not in ("case", "volume", "auto"):
+            raise ValueError(f"exclude must be 'case', 'volume' or 'auto', got {exclude!r}")
         self.slices = slices
         self.num_classes = num_classes
         self.index_kind = index
         self.embeddings: np.ndarray | None = None
         self.index: faiss.Index | None = None
         self._centred: torch.Tensor | None = None
-        counts = torch.bincount(slices.case_ids)
-        self.max_per_case = int(counts.max())
-        self._case_lookup = {name: i for i, name in enumerate(slices.cases)}
+        if exclude == "auto":
+            exclude = "volume" if len(set(slices.case_ids.tolist())) == 1 else "case"
+        self.exclude = exclude
+        """The exclusion unit in force: ``case`` or ``volume``."""
+        keys = self.owner_keys(slices)
+        self._owner_lookup = {name: i for i, name in enumerate(dict.fromkeys(keys))}
+        self.owner_ids = torch.tensor([self._owner_lookup[k] for k in keys], dtype=torch.long)
+        """``(N,)`` owner id of every entry (index into the bank's owners)."""
+        self.max_per_owner = int(torch.bincount(self.owner_ids).max())
 
     def __len__(self) -> int:
         return len(self.slices)
@@ -95,21 +109,31 @@ class RetrievalBank:
         return table[idx.clamp_min(0)]
 
     # ------------------------------------------------------------------ search
-    def case_ids_of(self, case_names: list[str] | None, n: int) -> torch.Tensor:
-        """Bank case id of each query's case (-1 when the case is not in the bank)."""
-        if case_names is None:
+    def owner_keys(self, slices: SliceSet) -> list[str]:
+        """The owner key of every slice of ``slices`` under this bank's exclusion unit:
+        its case name, or its volume key (``case_phase``)."""
+        if self.exclude == "volume":
+            keys = [v.key for v in slices.volumes]
+            return [keys[v] for v in slices.volume_ids.tolist()]
+        return [slices.cases[c] for c in slices.case_ids.tolist()]
+
+    def owner_ids_of(self, owners: list[str] | None, n: int) -> torch.Tensor:
+        """Bank owner id of each of ``n`` queries' owner keys (-1 when the bank holds no
+        slice of that owner, or ``owners`` is None)."""
+        if owners is None:
             return torch.full((n,), -1, dtype=torch.long)
-        return torch.tensor([self._case_lookup.get(c, -1) for c in case_names], dtype=torch.long)
+        return torch.tensor([self._owner_lookup.get(c, -1) for c in owners], dtype=torch.long)
 
     def search(
-        self, queries: torch.Tensor | np.ndarray, k: int, exclude_cases: torch.Tensor | None = None
+        self, queries: torch.Tensor | np.ndarray, k: int, exclude: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-``k`` entries by inner product, excluding each query's own case.
+        """Top-``k`` entries by inner product, excluding each query's own case or volume.
 
         Args:
             queries: ``(Q, d)`` L2-normalised embeddings.
             k: neighbours per query.
-            exclude_cases: ``(Q,)`` bank case id to exclude per query (-1: none).
+            exclude: ``(Q,)`` bank owner id to exclude per query (-1: none;
+                :meth:`owner_ids_of`).
 
         Returns:
             similarities ``(Q, k)`` float32 and indices ``(Q, k)`` int64, best first;
@@ -117,18 +141,18 @@ class RetrievalBank:
         """
         if self.index is None:
             raise RuntimeError("the bank has no embeddings yet: call refresh() first")
-        extra = self.max_per_case if exclude_cases is not None and bool((exclude_cases >= 0).any()) else 0
+        extra = self.max_per_owner if exclude is not None and bool((exclude >= 0).any()) else 0
         fetch = min(len(self), k + extra)
         sims, idx = faiss_search(self.index, torch.as_tensor(queries).detach().cpu().numpy(), fetch)
         sims_t, idx_t = torch.from_numpy(sims), torch.from_numpy(idx)
         valid = idx_t >= 0
         if extra:
-            own = self.slices.case_ids[idx_t.clamp_min(0)] == exclude_cases.view(-1, 1)
+            own = self.owner_ids[idx_t.clamp_min(0)] == exclude.view(-1, 1)
             valid &= ~own
         return _take_valid(sims_t, idx_t, valid, k)
 
     def search_by_mask(
-        self, query_maps: torch.Tensor, k: int, exclude_cases: torch.Tensor | None = None
+        self, query_maps: torch.Tensor, k: int, exclude: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Non-learned ranking: centroid-aligned mask Dice of each bank mask against
         a (predicted) query mask.
@@ -136,14 +160,14 @@ class RetrievalBank:
         Args:
             query_maps: ``(Q, H, W)`` labels or ``(Q, C_fg, H, W)`` soft foreground maps.
             k: neighbours per query.
-            exclude_cases: as in :meth:`search`.
+            exclude: as in :meth:`search`.
 
         Returns:
             Dice ``(Q, k)`` and indices ``(Q, k)``, best first.
         """
         scores = self.mask_similarity(query_maps)
-        if exclude_cases is not None:
-            own = self.slices.case_ids.view(1, -1) == exclude_cases.view(-1, 1)
+        if exclude is not None:
+            own = self.owner_ids.view(1, -1) == exclude.view(-1, 1)
             scores = scores.masked_fill(own, float("-inf"))
         kk = min(k, len(self))
         sims, idx = scores.topk(kk, dim=1)
@@ -196,6 +220,7 @@ class RetrievalBank:
         meta = {
             "num_classes": self.num_classes,
             "index": self.index_kind,
+            "exclude": self.exclude,
             "cases": self.slices.cases,
             "volumes": [vars(v) for v in self.slices.volumes],
         }
@@ -217,7 +242,7 @@ class RetrievalBank:
             cases=list(meta["cases"]),
             volumes=[VolumeInfo(**{**v, "spacing": tuple(v["spacing"])}) for v in meta["volumes"]],
         )
-        bank = cls(slices, int(meta["num_classes"]), index=meta.get("index", "flat"))
+        bank = cls(slices, int(meta["num_classes"]), index=meta.get("index", "flat"), exclude=meta.get("exclude", "case"))
         if "embeddings" in arrays:
             bank.set_embeddings(arrays["embeddings"])
         return bank

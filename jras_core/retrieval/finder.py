@@ -101,26 +101,27 @@ class GuideFinder:
         retr.train(was_training)
         return emb
 
-    def exclude(self, case_names: list[str] | None, n: int) -> torch.Tensor | None:
-        return None if case_names is None else self.bank.case_ids_of(case_names, n)
+    def exclude(self, owners: list[str] | None, n: int) -> torch.Tensor | None:
+        """``(n,)`` bank owner id each query may not retrieve from (None: no exclusion)."""
+        return None if owners is None else self.bank.owner_ids_of(owners, n)
 
     @torch.no_grad()
     def rank(
-        self, images: torch.Tensor, probs: torch.Tensor | None, k: int, case_names: list[str] | None
+        self, images: torch.Tensor, probs: torch.Tensor | None, k: int, owners: list[str] | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-``k`` bank entries per query, ``(sims, idx)`` each ``(B, k)``."""
-        exclude = self.exclude(case_names, images.shape[0])
+        exclude = self.exclude(owners, images.shape[0])
         if self.cfg.retriever.mode == "mask":
             return self.bank.search_by_mask(probs[:, 1:], k, exclude)
         return self.bank.search(self.embed_queries(images, probs), k, exclude)
 
     @torch.no_grad()
-    def random_indices(self, n: int, k: int, case_names: list[str] | None) -> torch.Tensor:
-        """``(n, k)`` random bank indices avoiding each query's own case."""
+    def random_indices(self, n: int, k: int, owners: list[str] | None) -> torch.Tensor:
+        """``(n, k)`` random bank indices avoiding each query's own case (or volume)."""
         scores = torch.rand(n, len(self.bank), generator=self.generator)
-        exclude = self.exclude(case_names, n)
+        exclude = self.exclude(owners, n)
         if exclude is not None:
-            own = self.bank.slices.case_ids.view(1, -1) == exclude.view(-1, 1)
+            own = self.bank.owner_ids.view(1, -1) == exclude.view(-1, 1)
             scores = scores.masked_fill(own, -1.0)
         kk = min(k, len(self.bank))
         idx = scores.topk(kk, dim=1).indices
@@ -149,7 +150,7 @@ class GuideFinder:
     def find(
         self,
         images: torch.Tensor,
-        case_names: list[str] | None = None,
+        owners: list[str] | None = None,
         source: str = "retrieved",
         true_masks: torch.Tensor | None = None,
         train_pool: int | None = None,
@@ -158,7 +159,8 @@ class GuideFinder:
         """Guides for ``images`` ``(B, 1, H, W)``.
 
         Args:
-            case_names: each query's case; its own case is never returned.
+            owners: each query's owner key (:meth:`RetrievalBank.owner_keys`): no slice
+                of its own case (or volume) is returned.
             source: ``retrieved`` (the configured retriever), ``oracle`` (top-K by
                 centroid-aligned Dice with the true masks: the ceiling of any retriever)
                 or ``random``.
@@ -173,15 +175,15 @@ class GuideFinder:
         if probs is None and self.needs_first_pass:
             probs = self.first_pass(images)
         if source == "retrieved":
-            sims, idx = self.rank(images, probs, train_pool or k, case_names)
+            sims, idx = self.rank(images, probs, train_pool or k, owners)
             if train_pool and train_pool > k:
                 sims, idx = self.sample_from_pool(sims, idx, k)
         elif source == "oracle":
             if true_masks is None:
                 raise ValueError("oracle guides need the true masks")
-            sims, idx = self.bank.search_by_mask(true_masks, k, self.exclude(case_names, images.shape[0]))
+            sims, idx = self.bank.search_by_mask(true_masks, k, self.exclude(owners, images.shape[0]))
         elif source == "random":
-            idx = self.random_indices(images.shape[0], k, case_names)
+            idx = self.random_indices(images.shape[0], k, owners)
             sims = torch.zeros(idx.shape)
         else:
             raise ValueError(f"unknown guide source {source!r}")

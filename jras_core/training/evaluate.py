@@ -41,8 +41,8 @@ def predict(
 
     Args:
         source: ``retrieved``, ``oracle``, ``random`` or ``none`` (no guides).
-        exclude_own_case: never use a guide from the query's own case (needed when
-            the bank contains the evaluated cases).
+        exclude_own_case: never use a guide from the query's own case (or volume, as
+            the bank's ``exclude`` says; needed when the bank contains the evaluated cases).
 
     Returns:
         predictions and, per batch, the guides used (empty list for ``none``).
@@ -52,14 +52,14 @@ def predict(
     if use_guides and bank is None:
         raise ValueError("a retrieval method needs a bank to evaluate")
     finder = GuideFinder(model, bank, cfg, torch.Generator().manual_seed(seed)) if use_guides else None
-    names_all = [slices.cases[c] for c in slices.case_ids.tolist()]
+    owners = bank.owner_keys(slices) if finder is not None and exclude_own_case else None
     preds, used = [], []
     for start in range(0, len(slices), batch_size):
         images = slices.images[start : start + batch_size]
         if finder is None:
             logits = model.seg(images, guide_present=torch.zeros(len(images), dtype=torch.bool))
         else:
-            names = names_all[start : start + batch_size] if exclude_own_case else None
+            names = owners[start : start + batch_size] if owners is not None else None
             truth = slices.masks[start : start + batch_size].long()
             guides, _ = finder.find(images, names, source=source, true_masks=truth)
             present = (guides.idx >= 0).any(dim=1)

@@ -3,7 +3,8 @@
 Per local epoch:
 
 * **Phase A (segmenter)**: retriever frozen; each (augmented) query gets K guides
-  drawn from its top ``train_pool`` bank entries (own case excluded), shifted to its
+  drawn from its top ``train_pool`` bank entries (own case excluded, or only its own
+  volume: ``retrieval.exclude``), shifted to its
   pass-1 centroid, augmented as ``augment.guides`` says, dropped with probability
   ``guide_dropout``; Dice + CE step.
 * **Phase B (retriever)**: segmenter frozen; each query gets M candidates (top M/2
@@ -97,7 +98,7 @@ class JRASTrainer:
         self.bank: RetrievalBank | None = None
         self.finder: GuideFinder | None = None
         if cfg.uses_retrieval:
-            self.bank = bank or RetrievalBank(train_set, cfg.labels.num_classes, cfg.retrieval.index)
+            self.bank = bank or RetrievalBank(train_set, cfg.labels.num_classes, cfg.retrieval.index, cfg.retrieval.exclude)
             self.bank.refresh(model.retr)
             self.finder = GuideFinder(model, self.bank, cfg, self.generator)
         self.memory: PredictionMemory | None = None
@@ -106,7 +107,7 @@ class JRASTrainer:
             self.memory = memory or PredictionMemory(len(train_set), cfg.labels.num_classes, size)
             if len(self.memory) != len(train_set):
                 raise ValueError(f"the prediction memory holds {len(self.memory)} slices, the training set {len(train_set)}")
-        self._train_case_names = [train_set.cases[c] for c in train_set.case_ids.tolist()]
+        self._owners = self.bank.owner_keys(train_set) if self.bank is not None else []
         # a retriever without dropout or running statistics computes the same in train and eval mode
         self._retriever_mode_free = not any(
             isinstance(m, torch.nn.modules.dropout._DropoutNd) or getattr(m, "track_running_stats", False)
@@ -119,8 +120,9 @@ class JRASTrainer:
         bs = self.cfg.train.batch_size
         return [perm[i : i + bs] for i in range(0, len(perm), bs)]
 
-    def _case_names(self, idx: torch.Tensor) -> list[str]:
-        return [self._train_case_names[i] for i in idx.tolist()]
+    def _owners_of(self, idx: torch.Tensor) -> list[str]:
+        """Owner keys (case or volume, as the bank excludes) of training slices ``idx``."""
+        return [self._owners[i] for i in idx.tolist()]
 
     def _proximal_term(self) -> torch.Tensor:
         mu = self.cfg.train.proximal_mu
@@ -158,7 +160,7 @@ class JRASTrainer:
         sub_idx = idx[rows]
         sub_images = images[rows]
         probs = self._first_pass(sub_idx, sub_images)
-        guides, _ = self.finder.find(sub_images, self._case_names(sub_idx),
+        guides, _ = self.finder.find(sub_images, self._owners_of(sub_idx),
                                      train_pool=self.cfg.retrieval.train_pool, probs=probs)
         return guides if len(rows) == len(idx) else guides.placed(rows, len(idx))
 
@@ -259,9 +261,9 @@ class JRASTrainer:
             else:
                 images = self.augment(self.train_set.images[idx])
             labels = self.train_set.masks[idx].long()
-            names = self._case_names(idx)
+            names = self._owners_of(idx)
             probs = self._first_pass(idx, images)
-            exclude = bank.case_ids_of(names, len(idx))
+            exclude = bank.owner_ids_of(names, len(idx))
             q_emb = model.retr(self.finder.query_input(images, probs))  # (B, d)
             # where train and eval mode agree, the search reuses this forward
             search_emb = q_emb.detach() if self._retriever_mode_free else self.finder.embed_queries(images, probs)
