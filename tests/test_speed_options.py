@@ -493,11 +493,11 @@ def test_single_patient_site_trains_with_guides_from_its_other_phase():
     cfg = JRASConfig().with_overrides({**TINY, "retrieval.guide_dropout": 0.0})
     one = _one_patient(cfg)
     counts = {}
+    volume_of = [v.key for v in one.volumes]
     for unit in ("case", "auto"):
         trainer = JRASTrainer(build_model(cfg), cfg.with_overrides({"retrieval.exclude": unit}), one)
         guided = []
         find = trainer.finder.find
-        volume_of = [v.key for v in one.volumes]
 
         def spy(images, owners=None, *a, _find=find, _guided=guided, **kw):
             guides, probs = _find(images, owners, *a, **kw)
