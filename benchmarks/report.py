@@ -243,14 +243,15 @@ def _overlay(ax: Any, image: np.ndarray, mask: np.ndarray | None, title: str, nu
 def save_gallery(path: Path, model: JRASModel, site: Site, title: str, n: int = 4) -> Path:
     """For ``n`` of ``site``'s evaluated slices (largest foreground spread over the set): the
     query, its K retrieved guides (mask overlaid, retrieval similarity in the title), the
-    prediction and the ground truth. ``site.bank`` must hold current embeddings."""
+    prediction (as evaluation makes it) and the ground truth. ``site.bank`` must hold
+    current embeddings."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import torch
 
-    from jras_core.retrieval.finder import GuideFinder
+    from jras_core.training.evaluate import predict
 
     cfg = site.method
     c = cfg.labels.num_classes
@@ -260,17 +261,8 @@ def save_gallery(path: Path, model: JRASModel, site: Site, title: str, n: int = 
     if len(candidates) == 0:
         candidates = torch.arange(len(val))
     pick = candidates[torch.linspace(0, len(candidates) - 1, min(n, len(candidates))).round().long()]
-    images = val.images[pick]
-    model.eval()
-    with torch.no_grad():
-        if cfg.uses_retrieval:
-            finder = GuideFinder(model, site.bank, cfg)
-            guides, _ = finder.find(images)
-            present = (guides.idx >= 0).any(dim=1)
-            pred = model.seg(images, guides.images, guides.masks, guides.sims, present).argmax(1)
-        else:
-            guides = None
-            pred = model.seg(images, guide_present=torch.zeros(len(images), dtype=torch.bool)).argmax(1)
+    pred, used = predict(model, val.subset(pick), cfg, site.bank if cfg.uses_retrieval else None, exclude_own_case=False)
+    guides = used[0] if used else None
     k = guides.idx.shape[1] if guides is not None else 0
     cols = 3 + k
     fig, axes = plt.subplots(len(pick), cols, figsize=(1.8 * cols, 1.9 * len(pick)), squeeze=False)

@@ -169,6 +169,11 @@ class RetrievalConfig:
     its own volume (the patient's other cardiac phase is eligible). ``auto``: ``case``,
     except at a site whose training data is a single patient, where ``case`` would leave
     every query without guides; there ``volume``."""
+    test_draws: int = 1
+    """Guide sets per query at inference. 1: the top K. n > 1: the segmenter's softmax is
+    averaged over the top K and n - 1 random draws of K from the top ``train_pool`` (drawn
+    as training draws them); n segmenter forwards per query instead of one. Training is
+    unchanged."""
 
     def validate(self) -> None:
         if self.k < 1:
@@ -177,6 +182,8 @@ class RetrievalConfig:
             raise ConfigError(f"retrieval.train_pool ({self.train_pool}) must be >= k ({self.k})")
         if not 0.0 <= self.guide_dropout < 1.0:
             raise ConfigError(f"retrieval.guide_dropout must be in [0, 1), got {self.guide_dropout}")
+        if self.test_draws < 1:
+            raise ConfigError(f"retrieval.test_draws must be >= 1, got {self.test_draws}")
 
 
 @dataclass

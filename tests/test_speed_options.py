@@ -512,3 +512,35 @@ def test_single_patient_site_trains_with_guides_from_its_other_phase():
         counts[unit] = int(torch.cat(guided).sum())
     assert counts["case"] == 0
     assert counts["auto"] == len(one)
+
+
+def test_test_draws_average_the_softmax_over_guide_sets(slices):
+    from jras_core.training.evaluate import predict
+
+    cfg = JRASConfig().with_overrides({**TINY, "postprocess.largest_component": False})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    bank = RetrievalBank(slices, cfg.labels.num_classes)
+    bank.refresh(model.retr)
+    queries = slices.subset(torch.arange(0, len(slices), 3))
+    one, used_one = predict(model, queries, cfg, bank, exclude_own_case=False, seed=4)
+    drawn_cfg = cfg.with_overrides({"retrieval.test_draws": 3})
+    three, used_three = predict(model, queries, drawn_cfg, bank, exclude_own_case=False, seed=4)
+    # the first set is the top K, as with one draw
+    assert torch.equal(torch.cat([g.idx for g in used_one]), torch.cat([g.idx for g in used_three]))
+    # the prediction is the argmax of the mean softmax over the top K and two draws from the pool
+    finder = GuideFinder(model, bank, drawn_cfg, torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        sets = finder.find_draws(queries.images, 3)
+        assert len(sets) == 3 and all(g.idx.shape == (len(queries), 3) for g in sets)
+        top_pool = finder.rank(queries.images, finder.first_pass(queries.images), 5, None)[1]
+        for g in sets[1:]:
+            assert all(set(row) <= set(pool) for row, pool in zip(g.idx.tolist(), top_pool.tolist()))
+        probs = torch.stack([
+            torch.softmax(model.seg(queries.images, g.images, g.masks, g.sims, (g.idx >= 0).any(1)), dim=1)
+            for g in sets
+        ]).mean(0)
+    assert torch.equal(three, probs.argmax(1))
+    assert not torch.equal(sets[1].idx, sets[0].idx) or not torch.equal(sets[2].idx, sets[0].idx)
+    with pytest.raises(ConfigError, match="test_draws"):
+        JRASConfig().with_overrides({"retrieval.test_draws": 0})

@@ -188,3 +188,20 @@ class GuideFinder:
         else:
             raise ValueError(f"unknown guide source {source!r}")
         return self.assemble(idx, sims, probs), probs
+
+    @torch.no_grad()
+    def find_draws(
+        self, images: torch.Tensor, draws: int, owners: list[str] | None = None, probs: torch.Tensor | None = None
+    ) -> list[Guides]:
+        """``draws`` retrieved guide sets for ``images`` ``(B, 1, H, W)``: the top K, then
+        ``draws - 1`` random draws of K from the top ``retrieval.train_pool`` (one ranking,
+        one pass 1; ``retrieval.test_draws``)."""
+        k, pool = self.cfg.retrieval.k, max(self.cfg.retrieval.train_pool, self.cfg.retrieval.k)
+        if probs is None and self.needs_first_pass:
+            probs = self.first_pass(images)
+        sims, idx = self.rank(images, probs, pool, owners)
+        sets = [self.assemble(idx[:, :k], sims[:, :k], probs)]
+        for _ in range(draws - 1):
+            d_sims, d_idx = self.sample_from_pool(sims, idx, k)
+            sets.append(self.assemble(d_idx, d_sims, probs))
+        return sets

@@ -40,33 +40,46 @@ def predict(
     """Predict labels ``(N, S, S)`` for every slice, post-processed as ``cfg.postprocess`` says.
 
     Args:
-        source: ``retrieved``, ``oracle``, ``random`` or ``none`` (no guides).
+        source: ``retrieved`` (averaged over ``retrieval.test_draws`` guide sets),
+            ``oracle``, ``random`` or ``none`` (no guides).
         exclude_own_case: never use a guide from the query's own case (or volume, as
             the bank's ``exclude`` says; needed when the bank contains the evaluated cases).
 
     Returns:
-        predictions and, per batch, the guides used (empty list for ``none``).
+        predictions and, per batch, the guides used (the top K where several sets are
+        drawn; empty list for ``none``).
     """
     model.eval()
     use_guides = cfg.uses_retrieval and source != "none"
     if use_guides and bank is None:
         raise ValueError("a retrieval method needs a bank to evaluate")
     finder = GuideFinder(model, bank, cfg, torch.Generator().manual_seed(seed)) if use_guides else None
+    draws = cfg.retrieval.test_draws
     owners = bank.owner_keys(slices) if finder is not None and exclude_own_case else None
     preds, used = [], []
     for start in range(0, len(slices), batch_size):
         images = slices.images[start : start + batch_size]
         if finder is None:
-            logits = model.seg(images, guide_present=torch.zeros(len(images), dtype=torch.bool))
+            scores = model.seg(images, guide_present=torch.zeros(len(images), dtype=torch.bool))
         else:
             names = owners[start : start + batch_size] if owners is not None else None
             truth = slices.masks[start : start + batch_size].long()
-            guides, _ = finder.find(images, names, source=source, true_masks=truth)
-            present = (guides.idx >= 0).any(dim=1)
-            logits = model.seg(images, guides.images, guides.masks, guides.sims, present)
+            if source == "retrieved" and draws > 1:
+                sets = finder.find_draws(images, draws, names)
+                scores = torch.stack([torch.softmax(_guided_logits(model, images, g), dim=1) for g in sets]).mean(0)
+                guides = sets[0]
+            else:
+                guides, _ = finder.find(images, names, source=source, true_masks=truth)
+                scores = _guided_logits(model, images, guides)
             used.append(guides)
-        preds.append(logits.argmax(dim=1))
+        preds.append(scores.argmax(dim=1))  # logits, or softmax averaged over guide sets
     return postprocess(torch.cat(preds), slices, cfg.postprocess, cfg.labels.num_classes), used
+
+
+def _guided_logits(model: JRASModel, images: torch.Tensor, guides: Guides) -> torch.Tensor:
+    """The segmenter's ``(B, C, H, W)`` output for ``images`` with ``guides``."""
+    present = (guides.idx >= 0).any(dim=1)
+    return model.seg(images, guides.images, guides.masks, guides.sims, present)
 
 
 def guide_quality(slices: SliceSet, guides: list[Guides], num_classes: int) -> float:
