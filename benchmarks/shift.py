@@ -265,10 +265,11 @@ class Settings:
         from jras_core.config import ConfigError
 
         try:
-            path = self.init.format(method=_dir_name(method.name), heldout=heldout, seed=seed)
+            path = self.init.format(method=_dir_name(method.name), base=_dir_name(method.name.partition("[")[0].strip()),
+                                    heldout=heldout, seed=seed)
         except (KeyError, IndexError, ValueError) as exc:
-            raise ConfigError(f"--init {self.init}: only {{method}}, {{heldout}} and {{seed}} can be filled in "
-                              f"({exc!r})") from None
+            raise ConfigError(f"--init {self.init}: only {{method}}, {{base}}, {{heldout}} and {{seed}} can be filled "
+                              f"in ({exc!r})") from None
         return Path(path).expanduser().resolve()
 
     def run_dir(self, method: Method, heldout: str, seed: int) -> Path:
@@ -738,7 +739,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ft-epochs", type=int, help="fine-tuning epochs of the +ft methods (default 5)")
     p.add_argument("--init", metavar="CHECKPOINT", help="start every federated run from this checkpoint's weights "
                    "(pretraining, e.g. on the synthetic vendors); {method}, {heldout} and {seed} in the path are "
-                   "replaced by the run's, e.g. runs/pretrain/runs/{method}/heldout-D-s0/checkpoint.pt")
+                   "replaced by the run's, {base} by its method name without [overrides] (a lever variant starting "
+                   "from its base method's weights), e.g. runs/pretrain/runs/{method}/heldout-D-s0/checkpoint.pt")
     p.add_argument("--data-seed", type=int, default=1, help="synthetic data seed (default 1; fixed across --seeds)")
     p.add_argument("--config", metavar="YAML", help="method config (default configs/default.yaml; "
                    "--quick: configs/demo.yaml)")

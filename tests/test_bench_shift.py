@@ -229,7 +229,9 @@ def test_bad_arguments_name_the_problem(tmp_path, capsys):
     # --init: a path per run, federated methods only, every checkpoint present before anything runs
     st = _settings(tmp_path, init=str(tmp_path / "pre" / "{method}" / "heldout-{heldout}-s{seed}.pt"))
     assert st.init_path(lever, "D", 2) == tmp_path / "pre" / "jras-fedavg_retriever.pool_grid=4_segmenter.channels=_8_16_" / "heldout-D-s2.pt"
-    with pytest.raises(ConfigError, match=r"only \{method\}, \{heldout\} and \{seed\}"):
+    based = _settings(tmp_path, init=str(tmp_path / "pre" / "{base}.pt"))
+    assert based.init_path(lever, "D", 2) == tmp_path / "pre" / "jras-fedavg.pt"
+    with pytest.raises(ConfigError, match=r"only \{method\}, \{base\}, \{heldout\} and \{seed\}"):
         _settings(tmp_path, init="x-{site}.pt").init_path(lever, "D", 0)
     assert jras_main(["bench", "shift", "--quick", "--methods", "local,fedavg", "--init", "x.pt", "--out", str(tmp_path)]) == 2
     assert "--init applies to federated methods only, not local" in capsys.readouterr().err
