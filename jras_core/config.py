@@ -174,6 +174,11 @@ class RetrievalConfig:
     averaged over the top K and n - 1 random draws of K from the top ``train_pool`` (drawn
     as training draws them); n segmenter forwards per query instead of one. Training is
     unchanged."""
+    test_passes: int = 1
+    """Retrieval rounds at inference. 1: retrieve (and align the guides) with the guide-free
+    pass-1 prediction. n > 1: retrieve again with the previous round's guided prediction, as
+    training does with its reused pass 1 (``first_pass: reuse``); n - 1 extra retrievals and
+    segmenter forwards per query."""
 
     def validate(self) -> None:
         if self.k < 1:
@@ -184,6 +189,8 @@ class RetrievalConfig:
             raise ConfigError(f"retrieval.guide_dropout must be in [0, 1), got {self.guide_dropout}")
         if self.test_draws < 1:
             raise ConfigError(f"retrieval.test_draws must be >= 1, got {self.test_draws}")
+        if self.test_passes < 1:
+            raise ConfigError(f"retrieval.test_passes must be >= 1, got {self.test_passes}")
 
 
 @dataclass

@@ -40,8 +40,8 @@ def predict(
     """Predict labels ``(N, S, S)`` for every slice, post-processed as ``cfg.postprocess`` says.
 
     Args:
-        source: ``retrieved`` (averaged over ``retrieval.test_draws`` guide sets),
-            ``oracle``, ``random`` or ``none`` (no guides).
+        source: ``retrieved`` (``retrieval.test_draws`` guide sets, ``retrieval.test_passes``
+            rounds), ``oracle``, ``random`` or ``none`` (no guides).
         exclude_own_case: never use a guide from the query's own case (or volume, as
             the bank's ``exclude`` says; needed when the bank contains the evaluated cases).
 
@@ -54,7 +54,6 @@ def predict(
     if use_guides and bank is None:
         raise ValueError("a retrieval method needs a bank to evaluate")
     finder = GuideFinder(model, bank, cfg, torch.Generator().manual_seed(seed)) if use_guides else None
-    draws = cfg.retrieval.test_draws
     owners = bank.owner_keys(slices) if finder is not None and exclude_own_case else None
     preds, used = [], []
     for start in range(0, len(slices), batch_size):
@@ -64,16 +63,35 @@ def predict(
         else:
             names = owners[start : start + batch_size] if owners is not None else None
             truth = slices.masks[start : start + batch_size].long()
-            if source == "retrieved" and draws > 1:
-                sets = finder.find_draws(images, draws, names)
-                scores = torch.stack([torch.softmax(_guided_logits(model, images, g), dim=1) for g in sets]).mean(0)
-                guides = sets[0]
+            if source == "retrieved":
+                scores, guides = _retrieved_scores(model, finder, images, names, cfg)
             else:
                 guides, _ = finder.find(images, names, source=source, true_masks=truth)
                 scores = _guided_logits(model, images, guides)
             used.append(guides)
         preds.append(scores.argmax(dim=1))  # logits, or softmax averaged over guide sets
     return postprocess(torch.cat(preds), slices, cfg.postprocess, cfg.labels.num_classes), used
+
+
+def _retrieved_scores(
+    model: JRASModel, finder: GuideFinder, images: torch.Tensor, owners: list[str] | None, cfg: JRASConfig
+) -> tuple[torch.Tensor, Guides]:
+    """Class scores ``(B, C, H, W)`` for ``images`` with retrieved guides, and the top-K guides
+    of the last round: ``retrieval.test_passes`` rounds of retrieval, each after the first
+    retrieving with the previous round's prediction; in each, the softmax averaged over
+    ``retrieval.test_draws`` guide sets (the logits themselves when there is one)."""
+    r = cfg.retrieval
+    probs = None
+    for _ in range(r.test_passes):
+        if r.test_draws > 1:
+            sets = finder.find_draws(images, r.test_draws, owners, probs=probs)
+            scores = torch.stack([torch.softmax(_guided_logits(model, images, g), dim=1) for g in sets]).mean(0)
+            guides, probs = sets[0], scores
+        else:
+            guides, _ = finder.find(images, owners, probs=probs)
+            scores = _guided_logits(model, images, guides)
+            probs = torch.softmax(scores, dim=1)
+    return scores, guides
 
 
 def _guided_logits(model: JRASModel, images: torch.Tensor, guides: Guides) -> torch.Tensor:
