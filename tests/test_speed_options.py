@@ -544,3 +544,35 @@ def test_test_draws_average_the_softmax_over_guide_sets(slices):
     assert not torch.equal(sets[1].idx, sets[0].idx) or not torch.equal(sets[2].idx, sets[0].idx)
     with pytest.raises(ConfigError, match="test_draws"):
         JRASConfig().with_overrides({"retrieval.test_draws": 0})
+
+
+def test_test_passes_retrieve_again_with_the_guided_prediction(slices, monkeypatch):
+    from jras_core.training.evaluate import predict
+
+    cfg = JRASConfig().with_overrides({**TINY, "postprocess.largest_component": False, "retrieval.test_passes": 2})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    bank = RetrievalBank(slices, cfg.labels.num_classes)
+    bank.refresh(model.retr)
+    queries = slices.subset(torch.arange(0, len(slices), 3))
+    calls = []
+    find = GuideFinder.find
+
+    def spy(self, images, owners=None, source="retrieved", true_masks=None, train_pool=None, probs=None):
+        guides, used = find(self, images, owners, source, true_masks, train_pool, probs)
+        calls.append((probs, used, guides))
+        return guides, used
+
+    monkeypatch.setattr(GuideFinder, "find", spy)
+    pred, used = predict(model, queries, cfg, bank, exclude_own_case=False)
+    assert len(calls) == 2 and calls[0][0] is None  # round 1: the guide-free pass 1
+    with torch.no_grad():
+        first = calls[0][2]
+        logits = model.seg(queries.images, first.images, first.masks, first.sims, (first.idx >= 0).any(1))
+        # round 2 retrieves and aligns with round 1's guided prediction
+        assert torch.allclose(calls[1][0], torch.softmax(logits, dim=1), atol=1e-6)
+        second = calls[1][2]
+        final = model.seg(queries.images, second.images, second.masks, second.sims, (second.idx >= 0).any(1))
+    assert torch.equal(pred, final.argmax(1)) and used[0] is second
+    with pytest.raises(ConfigError, match="test_passes"):
+        JRASConfig().with_overrides({"retrieval.test_passes": 0})
