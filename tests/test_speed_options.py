@@ -523,7 +523,7 @@ def test_test_draws_average_the_softmax_over_guide_sets(slices):
     bank = RetrievalBank(slices, cfg.labels.num_classes)
     bank.refresh(model.retr)
     queries = slices.subset(torch.arange(0, len(slices), 3))
-    one, used_one = predict(model, queries, cfg, bank, exclude_own_case=False, seed=4)
+    _, used_one = predict(model, queries, cfg, bank, exclude_own_case=False, seed=4)
     drawn_cfg = cfg.with_overrides({"retrieval.test_draws": 3})
     three, used_three = predict(model, queries, drawn_cfg, bank, exclude_own_case=False, seed=4)
     # the first set is the top K, as with one draw
