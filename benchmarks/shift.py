@@ -362,16 +362,30 @@ def finished_federation(run_dir: Path, rounds: int) -> bool:
 
 
 def federated_outcome(run_dir: Path, yamls: Sequence[Path], class_keys: Sequence[str], names: Sequence[str],
-                      wall_s: float) -> Trained:
+                      wall_s: float, sites: Sequence[Site] | None = None) -> Trained:
     """What a finished federation left in ``run_dir``: its final global model, the training
-    sites' last validation metrics, bytes per round and peak memory (``wall_s`` as given)."""
+    sites' validation metrics, bytes per round and peak memory (``wall_s`` as given).
+
+    With ``sites`` (the training sites, in ``names`` order, with the method configuration
+    of now) the validation metrics are measured anew with the final model, so that an
+    inference option changed since training applies to them as to the held-out site;
+    without, they are the federation's own last evaluation (FedBN's sites keep
+    normalisation statistics of their own that the global model does not hold)."""
     from jras_core.fedutil import arrays_to_state
+    from jras_core.models.jras import build_model
     from server.checkpoint import load_checkpoint
     from server.simulate import site_table
 
     ckpt = load_checkpoint(run_dir / "checkpoint.pt")
-    table = {r["site"]: r for r in site_table(run_dir, [str(p) for p in yamls])}
-    rows = [{"site": n, **_metrics_of(table.get(n, {}), class_keys)} for n in names]
+    if sites is None:
+        table = {r["site"]: r for r in site_table(run_dir, [str(p) for p in yamls])}
+        rows = [{"site": n, **_metrics_of(table.get(n, {}), class_keys)} for n in names]
+    else:
+        rows = []
+        for name, site in zip(names, sites):
+            model = build_model(site.method)
+            load_state(model, arrays_to_state(ckpt.arrays))
+            rows.append({"site": name, **_metrics_of(site.evaluate(model), class_keys)})
     records = [json.loads(x) for x in (run_dir / "tensorboard" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     per_round = [r["round_stats"]["bytes_total"] for r in records if "bytes_total" in r.get("round_stats", {})]
     rss = [float(m.get("peak-rss-mb", float("nan"))) for r in records for site in r.get("sites", {}).values()
@@ -640,8 +654,11 @@ def run(args: argparse.Namespace) -> int:
                              for v, n in zip(train_vds, names)]
                     if id(job) in reused:
                         wall_before = previous_wall.get((m.name, h, str(seed)))
+                        again = None if m.strategy == "fedbn" else [Site(site_config(v, n), cfg)
+                                                                    for v, n in zip(train_vds, names)]
                         trained = federated_outcome(run_dir, yamls, class_keys, names,
-                                                    float(wall_before) if wall_before not in (None, "") else float("nan"))
+                                                    float(wall_before) if wall_before not in (None, "") else float("nan"),
+                                                    again)
                     else:
                         trained = train_federated(m, yamls, st, seed, run_dir, class_keys, names,
                                                   st.init_path(m, h, seed))

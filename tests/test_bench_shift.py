@@ -30,7 +30,7 @@ def _rows(path: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_quick_benchmark_end_to_end(tmp_path, capsys):
+def test_quick_benchmark_end_to_end(tmp_path, capsys, monkeypatch):
     out = tmp_path / "bench"
     assert jras_main(["bench", "shift", "--quick", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -86,7 +86,11 @@ def test_quick_benchmark_end_to_end(tmp_path, capsys):
     assert "2 of 2 runs already in" in capsys.readouterr().out
     assert (out / "results.csv").read_bytes() == before
 
-    # --reevaluate with more held-out cases: the finished federations are evaluated again, not retrained
+    # --reevaluate with more held-out cases: the finished federations are evaluated again, not retrained;
+    # the training sites are evaluated anew as well, not read from the runs' records
+    import server.simulate
+
+    monkeypatch.setattr(server.simulate, "site_table", lambda *a, **k: pytest.fail("in-federation rows read back"))
     ckpt_path = out / "runs" / "jras-fedavg" / "heldout-D-s0" / "checkpoint.pt"
     stamp = ckpt_path.stat().st_mtime_ns
     assert jras_main(["bench", "shift", "--quick", "--out", str(out), "--reevaluate", "--heldout-cases", "9"]) == 0
@@ -101,6 +105,11 @@ def test_quick_benchmark_end_to_end(tmp_path, capsys):
     for method, r in new_held.items():
         assert r["wall_s"] == old_held[method]["wall_s"]  # the training's wall time is kept
     assert any(r["dice_mean"] != old_held[m]["dice_mean"] for m, r in new_held.items())  # other cases evaluated
+    # the same final models on the same validation cases: the in-federation Dice measured again agrees
+    old_train = {(r["method"], r["site"]): float(r["dice_mean"]) for r in rows if r["role"] == "train"}
+    new_train = {(r["method"], r["site"]): float(r["dice_mean"]) for r in again if r["role"] == "train"}
+    assert set(new_train) == set(old_train)
+    assert all(new_train[k] == pytest.approx(v, abs=0.02) for k, v in old_train.items())
     assert "annotated cases of 9" in (out / "report.md").read_text()
 
 
