@@ -60,6 +60,8 @@ class Method:
         finetune: fine-tune the final model on the held-out site's support cases
             before evaluating it there (an adaptation competitor to retrieval).
         description: one line for the report.
+        trains_as: the method whose training runs (folder) this one shares: set for a
+            variant whose overrides change inference only (:data:`INFERENCE_KEYS`).
     """
 
     name: str
@@ -68,15 +70,26 @@ class Method:
     strategy: str = "fedavg"
     overrides: Mapping[str, Any] = field(default_factory=dict)
     finetune: bool = False
+    trains_as: str | None = None
 
     @property
     def training_key(self) -> tuple:
-        """Methods with equal keys share one training run (e.g. with and without fine-tuning)."""
-        return self.kind, self.strategy, json.dumps(dict(self.overrides), sort_keys=True, default=str)
+        """Methods with equal keys share one training run (e.g. with and without fine-tuning,
+        or with another inference option)."""
+        training = {k: v for k, v in self.overrides.items() if not _inference_only(k)}
+        return self.kind, self.strategy, json.dumps(training, sort_keys=True, default=str)
 
     @property
     def uses_retrieval(self) -> bool:
         return self.overrides.get("segmenter.fusion", "concat") != "none"
+
+
+INFERENCE_KEYS = ("retrieval.test_passes", "retrieval.test_draws", "postprocess.")
+"""Method-config keys (or key prefixes) that change inference only, never training."""
+
+
+def _inference_only(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in INFERENCE_KEYS)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
@@ -132,8 +145,10 @@ def parse_methods(text: str) -> list[Method]:
             if not rest.endswith("]"):
                 raise ConfigError(f"--methods: {item!r}: overrides go in brackets, e.g. jras-fedavg[retrieval.k=5]")
             extra = parse_method_overrides(rest[:-1])
+            shares = method.kind == "federated" and all(_inference_only(k) for k in extra)
             method = dataclasses.replace(method, name=item, overrides={**method.overrides, **extra},
-                                         description=f"{method.description}; with {rest[:-1]}")
+                                         description=f"{method.description}; with {rest[:-1]}",
+                                         trains_as=base if shares else None)
         if any(m.name == method.name for m in out):
             raise ConfigError(f"--methods: {method.name!r} is listed twice")
         out.append(method)
@@ -273,7 +288,9 @@ class Settings:
         return Path(path).expanduser().resolve()
 
     def run_dir(self, method: Method, heldout: str, seed: int) -> Path:
-        return self.out / "runs" / _dir_name(method.name) / f"heldout-{heldout}-s{seed}"
+        """The training folder of ``method``'s run: a variant of inference options only
+        (``trains_as``) shares its base method's."""
+        return self.out / "runs" / _dir_name(method.trains_as or method.name) / f"heldout-{heldout}-s{seed}"
 
 
 def _dir_name(name: str) -> str:
@@ -620,7 +637,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"held-out vendors: {heldout_cases} cases, {args.support} of them the support bank, the rest evaluated")
 
     # decided once, before any training: a federation this call trains is evaluated as new
-    reused = {id(j) for j in todo if args.reevaluate and j.method.kind == "federated"
+    # (a variant of inference options only evaluates its base method's finished federation)
+    reused = {id(j) for j in todo if (args.reevaluate or j.method.trains_as) and j.method.kind == "federated"
               and finished_federation(st.run_dir(j.method, j.heldout, j.seed), st.rounds)}
     estimate: dict[int, float] = {}
     to_train = [j for j in todo if id(j) not in reused]

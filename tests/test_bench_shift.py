@@ -112,6 +112,15 @@ def test_quick_benchmark_end_to_end(tmp_path, capsys, monkeypatch):
     assert all(new_train[k] == pytest.approx(v, abs=0.02) for k, v in old_train.items())
     assert "annotated cases of 9" in (out / "report.md").read_text()
 
+    # an inference-option variant is evaluated on its base method's finished federation, not trained
+    assert jras_main(["bench", "shift", "--quick", "--out", str(out), "--heldout-cases", "9",
+                      "--methods", "jras-fedavg[retrieval.test_passes=1]"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 finished federations" in printed and "expected runtime" not in printed
+    assert ckpt_path.stat().st_mtime_ns == stamp and not (out / "runs" / "jras-fedavg_retrieval.test_passes=1_").exists()
+    variant = [r for r in _rows(out / "results.csv") if r["method"] == "jras-fedavg[retrieval.test_passes=1]"]
+    assert len(variant) == 4 and all(0.0 <= float(r["dice_mean"]) <= 1.0 for r in variant)
+
 
 def _settings(tmp_path: Path, **over) -> shift.Settings:
     kw = {"method_config": PROJECT / "configs" / "demo.yaml", "config_overrides": TINY,
@@ -235,6 +244,16 @@ def test_bad_arguments_name_the_problem(tmp_path, capsys):
     assert lever.name == "jras-fedavg[retriever.pool_grid=4; segmenter.channels=[8, 16]]"
     assert lever.overrides == {"augment.intensity": True, "retriever.pool_grid": 4, "segmenter.channels": [8, 16]}
     assert lever.training_key != shift.METHODS["jras-fedavg"].training_key and lever.uses_retrieval
+    # a variant of inference options only shares its base method's training and folder
+    base = shift.METHODS["jras-fedavg"]
+    one_round, clean, trained = shift.parse_methods(
+        "jras-fedavg[retrieval.test_passes=1],jras-fedavg[postprocess.largest_component=false; retrieval.test_draws=2],"
+        "jras-fedavg[retrieval.test_passes=1; retrieval.k=5]")
+    assert one_round.trains_as == clean.trains_as == "jras-fedavg" and trained.trains_as is None
+    assert one_round.training_key == clean.training_key == base.training_key != trained.training_key
+    st0 = _settings(tmp_path)
+    assert st0.run_dir(one_round, "D", 1) == st0.run_dir(base, "D", 1) != st0.run_dir(trained, "D", 1)
+    assert shift.parse_methods("local[retrieval.test_passes=1]")[0].trains_as is None
     # --init: a path per run, federated methods only, every checkpoint present before anything runs
     st = _settings(tmp_path, init=str(tmp_path / "pre" / "{method}" / "heldout-{heldout}-s{seed}.pt"))
     assert st.init_path(lever, "D", 2) == tmp_path / "pre" / "jras-fedavg_retriever.pool_grid=4_segmenter.channels=_8_16_" / "heldout-D-s2.pt"
