@@ -219,6 +219,36 @@ def step_times(cfg, slices, repeats: int) -> dict[str, float]:
     return out
 
 
+def inference_times(cfg, slices, repeats: int, queries: int = 64) -> dict[str, float]:
+    """Median process CPU seconds per slice of :func:`~jras_core.training.evaluate.predict`
+    (post-processing included) on ``queries`` of ``slices``: ``none`` (no retrieval), and
+    J-RAS retrieving from a bank of ``slices`` with one round (``passes_1``) and with
+    ``cfg.retrieval.test_passes`` rounds (``passes_n``), timed in turn in each repeat."""
+    import torch
+
+    from jras_core.models import build_model
+    from jras_core.retrieval.bank import RetrievalBank
+    from jras_core.training.evaluate import predict
+
+    subset = slices.subset(torch.arange(min(queries, len(slices))))
+    plain = cfg.with_overrides({"segmenter.fusion": "none"})
+    none_model, model = build_model(plain), build_model(cfg)
+    bank = RetrievalBank(slices, cfg.labels.num_classes, cfg.retrieval.index, cfg.retrieval.exclude)
+    bank.refresh(model.retr)
+    runs = {
+        "none": lambda: predict(none_model, subset, plain),
+        "passes_1": lambda: predict(model, subset, cfg.with_overrides({"retrieval.test_passes": 1}), bank),
+        "passes_n": lambda: predict(model, subset, cfg, bank),
+    }
+    for run in runs.values():
+        run()  # warm-up
+    timed: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            timed[name].append(_with_cpu_time(run)[1] / len(subset))
+    return {name: _median(values) for name, values in timed.items()}
+
+
 def augment_times(cfg, slices, repeats: int) -> dict[str, float]:
     """Median process CPU seconds of the intensity augmentation of one phase-A batch:
     ``single`` (B images, as for ``none`` and for queries whose guides are dropped) and
@@ -567,6 +597,16 @@ def run(args: argparse.Namespace) -> int:
             note_aug + " (none, and queries without guides)")
         add("step", f"intensity augmentation, {cfg.train.batch_size} stacks of 1 + {cfg.retrieval.k}, {size}px",
             aug["stacked"] * 1e3, "ms/batch", note_aug + " (query and guides, augment.guides shared)")
+        inf = inference_times(cfg, slices, repeats)
+        note_inf = "process CPU time per slice, batches of up to 64, post-processing included"
+        n = cfg.retrieval.test_passes
+        add("step", f"inference none, {size}px", inf["none"] * 1e3, "ms/slice", note_inf)
+        add("step", f"inference J-RAS, 1 retrieval round, {size}px", inf["passes_1"] * 1e3, "ms/slice",
+            note_inf + "; pass 1, retrieval, guided forward")
+        add("step", f"inference J-RAS, {n} retrieval round(s), {size}px", inf["passes_n"] * 1e3, "ms/slice",
+            note_inf + " (retrieval.test_passes)")
+        add("step", f"inference J-RAS ({n} round(s)) / none, {size}px", inf["passes_n"] / inf["none"], "x",
+            "process CPU time")
     show("step")
 
     # 2. refresh vs epoch ----------------------------------------------------

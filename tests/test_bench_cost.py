@@ -76,6 +76,9 @@ def test_quick_run_writes_every_section(tmp_path: Path, capsys):
     augment = {r["item"].split(",")[1].strip(): float(r["value"]) for r in rows
                if r["item"].startswith("intensity augmentation")}
     assert set(augment) == {"16 images", "16 stacks of 1 + 3"}
+    inference = {r["item"].rsplit(",", 1)[0] for r in rows if r["item"].startswith("inference")}
+    assert inference == {"inference none", "inference J-RAS, 1 retrieval round", "inference J-RAS, 2 retrieval round(s)",
+                         "inference J-RAS (2 round(s)) / none"}
     md = (tmp_path / "cost.md").read_text()
     assert "Flower round overhead" in md and "round 2 overhead" in md and "warm-up before round 1" in md
     assert "Training step time" in capsys.readouterr().out
