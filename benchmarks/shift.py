@@ -393,7 +393,7 @@ def federated_outcome(run_dir: Path, yamls: Sequence[Path], class_keys: Sequence
     from server.checkpoint import load_checkpoint
     from server.simulate import site_table
 
-    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+    state = arrays_to_state(load_checkpoint(run_dir / "checkpoint.pt").arrays)
     if sites is None:
         table = {r["site"]: r for r in site_table(run_dir, [str(p) for p in yamls])}
         rows = [{"site": n, **_metrics_of(table.get(n, {}), class_keys)} for n in names]
@@ -401,14 +401,14 @@ def federated_outcome(run_dir: Path, yamls: Sequence[Path], class_keys: Sequence
         rows = []
         for name, site in zip(names, sites):
             model = build_model(site.method)
-            load_state(model, arrays_to_state(ckpt.arrays))
+            load_state(model, state)
             rows.append({"site": name, **_metrics_of(site.evaluate(model), class_keys)})
     records = [json.loads(x) for x in (run_dir / "tensorboard" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     per_round = [r["round_stats"]["bytes_total"] for r in records if "bytes_total" in r.get("round_stats", {})]
     rss = [float(m.get("peak-rss-mb", float("nan"))) for r in records for site in r.get("sites", {}).values()
            for m in site.values() if isinstance(m, dict)]
     rss = [x for x in rss if math.isfinite(x)]
-    return Trained([arrays_to_state(ckpt.arrays)], rows, wall_s,
+    return Trained([state], rows, wall_s,
                    float(sum(per_round) / len(per_round)) if per_round else float("nan"),
                    max(rss) if rss else float("nan"))
 

@@ -514,15 +514,21 @@ def test_single_patient_site_trains_with_guides_from_its_other_phase():
     assert counts["auto"] == len(one)
 
 
-def test_test_draws_average_the_softmax_over_guide_sets(slices):
-    from jras_core.training.evaluate import predict
-
-    cfg = JRASConfig().with_overrides({**TINY, "postprocess.largest_component": False, "retrieval.test_passes": 1})
+def _inference_setup(slices, passes: int):
+    """A method config with ``passes`` retrieval rounds and no post-processing, an untrained
+    model, a bank of ``slices`` embedded by its retriever, and every third slice as queries."""
+    cfg = JRASConfig().with_overrides({**TINY, "postprocess.largest_component": False, "retrieval.test_passes": passes})
     torch.manual_seed(0)
     model = build_model(cfg)
     bank = RetrievalBank(slices, cfg.labels.num_classes)
     bank.refresh(model.retr)
-    queries = slices.subset(torch.arange(0, len(slices), 3))
+    return cfg, model, bank, slices.subset(torch.arange(0, len(slices), 3))
+
+
+def test_test_draws_average_the_softmax_over_guide_sets(slices):
+    from jras_core.training.evaluate import predict
+
+    cfg, model, bank, queries = _inference_setup(slices, passes=1)
     _, used_one = predict(model, queries, cfg, bank, exclude_own_case=False, seed=4)
     drawn_cfg = cfg.with_overrides({"retrieval.test_draws": 3})
     three, used_three = predict(model, queries, drawn_cfg, bank, exclude_own_case=False, seed=4)
@@ -549,12 +555,7 @@ def test_test_draws_average_the_softmax_over_guide_sets(slices):
 def test_test_passes_retrieve_again_with_the_guided_prediction(slices, monkeypatch):
     from jras_core.training.evaluate import predict
 
-    cfg = JRASConfig().with_overrides({**TINY, "postprocess.largest_component": False, "retrieval.test_passes": 2})
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    bank = RetrievalBank(slices, cfg.labels.num_classes)
-    bank.refresh(model.retr)
-    queries = slices.subset(torch.arange(0, len(slices), 3))
+    cfg, model, bank, queries = _inference_setup(slices, passes=2)
     calls = []
     find = GuideFinder.find
 
