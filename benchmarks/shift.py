@@ -378,6 +378,20 @@ def finished_federation(run_dir: Path, rounds: int) -> bool:
         return False
 
 
+def site_rows(state: Mapping[str, Any], sites: Sequence[Site], names: Sequence[str],
+              class_keys: Sequence[str]) -> list[dict[str, float | str]]:
+    """The validation metrics of ``sites`` (named ``names``) with the global model ``state``,
+    measured now with each site's method configuration."""
+    from jras_core.models.jras import build_model
+
+    rows = []
+    for name, site in zip(names, sites):
+        model = build_model(site.method)
+        load_state(model, state)
+        rows.append({"site": name, **_metrics_of(site.evaluate(model), class_keys)})
+    return rows
+
+
 def federated_outcome(run_dir: Path, yamls: Sequence[Path], class_keys: Sequence[str], names: Sequence[str],
                       wall_s: float, sites: Sequence[Site] | None = None) -> Trained:
     """What a finished federation left in ``run_dir``: its final global model, the training
@@ -389,7 +403,6 @@ def federated_outcome(run_dir: Path, yamls: Sequence[Path], class_keys: Sequence
     without, they are the federation's own last evaluation (FedBN's sites keep
     normalisation statistics of their own that the global model does not hold)."""
     from jras_core.fedutil import arrays_to_state
-    from jras_core.models.jras import build_model
     from server.checkpoint import load_checkpoint
     from server.simulate import site_table
 
@@ -398,11 +411,7 @@ def federated_outcome(run_dir: Path, yamls: Sequence[Path], class_keys: Sequence
         table = {r["site"]: r for r in site_table(run_dir, [str(p) for p in yamls])}
         rows = [{"site": n, **_metrics_of(table.get(n, {}), class_keys)} for n in names]
     else:
-        rows = []
-        for name, site in zip(names, sites):
-            model = build_model(site.method)
-            load_state(model, state)
-            rows.append({"site": name, **_metrics_of(site.evaluate(model), class_keys)})
+        rows = site_rows(state, sites, names, class_keys)
     records = [json.loads(x) for x in (run_dir / "tensorboard" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     per_round = [r["round_stats"]["bytes_total"] for r in records if "bytes_total" in r.get("round_stats", {})]
     rss = [float(m.get("peak-rss-mb", float("nan"))) for r in records for site in r.get("sites", {}).values()
@@ -687,6 +696,10 @@ def run(args: argparse.Namespace) -> int:
                     else:
                         trained = train_central(sites, st, run_dir, class_keys)
                 trained_cache = {key: trained}  # only the last run is kept (a +ft variant follows its base)
+            elif m.trains_as and m.strategy != "fedbn":
+                # its base's federation, the training sites evaluated with this variant's inference
+                sites = [Site(site_config(v, n), cfg) for v, n in zip(train_vds, names)]
+                trained = dataclasses.replace(trained, train_rows=site_rows(trained.states[0], sites, names, class_keys))
             t_eval = time.perf_counter()
             held = heldout_site(heldout_vds[h], cfg, st.support)
             metrics, model = evaluate_heldout(m, trained, held, st, class_keys)

@@ -112,14 +112,17 @@ def test_quick_benchmark_end_to_end(tmp_path, capsys, monkeypatch):
     assert all(new_train[k] == pytest.approx(v, abs=0.02) for k, v in old_train.items())
     assert "annotated cases of 9" in (out / "report.md").read_text()
 
-    # an inference-option variant is evaluated on its base method's finished federation, not trained
+    # inference-option variants are evaluated on their base method's finished federation, not trained
+    # (the first finds it in the base's folder, the second takes it from the first)
+    variants = ["jras-fedavg[retrieval.test_passes=1]", "jras-fedavg[retrieval.test_passes=3]"]
     assert jras_main(["bench", "shift", "--quick", "--out", str(out), "--heldout-cases", "9",
-                      "--methods", "jras-fedavg[retrieval.test_passes=1]"]) == 0
+                      "--methods", ",".join(variants)]) == 0
     printed = capsys.readouterr().out
-    assert "1 finished federations" in printed and "expected runtime" not in printed
+    assert "2 finished federations" in printed and "expected runtime" not in printed
     assert ckpt_path.stat().st_mtime_ns == stamp and not (out / "runs" / "jras-fedavg_retrieval.test_passes=1_").exists()
-    variant = [r for r in _rows(out / "results.csv") if r["method"] == "jras-fedavg[retrieval.test_passes=1]"]
-    assert len(variant) == 4 and all(0.0 <= float(r["dice_mean"]) <= 1.0 for r in variant)
+    for name in variants:
+        variant = [r for r in _rows(out / "results.csv") if r["method"] == name]
+        assert len(variant) == 4 and all(0.0 <= float(r["dice_mean"]) <= 1.0 for r in variant)
 
 
 def _settings(tmp_path: Path, **over) -> shift.Settings:
