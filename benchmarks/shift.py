@@ -75,8 +75,8 @@ class Method:
     @property
     def training_key(self) -> tuple:
         """Methods with equal keys share one training run (e.g. with and without fine-tuning,
-        or with another inference option)."""
-        training = {k: v for k, v in self.overrides.items() if not _inference_only(k)}
+        or, for a federation, with another inference option)."""
+        training = {k: v for k, v in self.overrides.items() if not (self.kind == "federated" and _inference_only(k))}
         return self.kind, self.strategy, json.dumps(training, sort_keys=True, default=str)
 
     @property
@@ -662,7 +662,7 @@ def run(args: argparse.Namespace) -> int:
               f"{calib['plain'] * 1e3:.1f} / {calib['retrieval'] * 1e3:.1f} ms per training slice without / with "
               f"retrieval; a rough figure)", flush=True)
 
-    trained_cache: dict[tuple, Trained] = {}
+    trained_cache: dict[tuple, tuple[Trained, Method]] = {}
     gallery_done: set[str] = set()
     t_start, spent_est = time.perf_counter(), 0.0
     try:
@@ -674,7 +674,7 @@ def run(args: argparse.Namespace) -> int:
             run_dir = st.run_dir(m, h, seed)
             print(f"[{i}/{len(todo)}] {m.name}, held-out {h}, seed {seed} ...", flush=True)
             key = (m.training_key, h, seed)
-            trained = trained_cache.get(key)
+            trained, trained_for = trained_cache.get(key, (None, None))
             if trained is None:
                 if m.kind == "federated":
                     yamls = [write_site_yaml(site_config(v, n), out / "sites" / args.dataset.replace("/", "_") / f"{n}.yaml")
@@ -695,9 +695,10 @@ def run(args: argparse.Namespace) -> int:
                         trained = train_local(sites, st, run_dir, class_keys)
                     else:
                         trained = train_central(sites, st, run_dir, class_keys)
-                trained_cache = {key: trained}  # only the last run is kept (a +ft variant follows its base)
-            elif m.trains_as and m.strategy != "fedbn":
-                # its base's federation, the training sites evaluated with this variant's inference
+                # only the last run is kept (a +ft or inference variant follows its base)
+                trained_cache = {key: (trained, m)}
+            elif dict(trained_for.overrides) != dict(m.overrides) and m.strategy != "fedbn":
+                # the same federation under other inference options: its training sites evaluated with this method's
                 sites = [Site(site_config(v, n), cfg) for v, n in zip(train_vds, names)]
                 trained = dataclasses.replace(trained, train_rows=site_rows(trained.states[0], sites, names, class_keys))
             t_eval = time.perf_counter()

@@ -256,7 +256,8 @@ def test_bad_arguments_name_the_problem(tmp_path, capsys):
     assert one_round.training_key == clean.training_key == base.training_key != trained.training_key
     st0 = _settings(tmp_path)
     assert st0.run_dir(one_round, "D", 1) == st0.run_dir(base, "D", 1) != st0.run_dir(trained, "D", 1)
-    assert shift.parse_methods("local[retrieval.test_passes=1]")[0].trains_as is None
+    local_variant = shift.parse_methods("local[retrieval.test_passes=1]")[0]
+    assert local_variant.trains_as is None and local_variant.training_key != shift.METHODS["local"].training_key
     # --init: a path per run, federated methods only, every checkpoint present before anything runs
     st = _settings(tmp_path, init=str(tmp_path / "pre" / "{method}" / "heldout-{heldout}-s{seed}.pt"))
     assert st.init_path(lever, "D", 2) == tmp_path / "pre" / "jras-fedavg_retriever.pool_grid=4_segmenter.channels=_8_16_" / "heldout-D-s2.pt"
