@@ -671,6 +671,7 @@ def run(args: argparse.Namespace) -> int:
             cfg = st.method_cfg(m, seed)
             train_vds = [v for v in vds if v.vendor != h]
             names = [f"site-{v.vendor}" for v in train_vds]
+            sites = [Site(site_config(v, n), cfg) for v, n in zip(train_vds, names)]  # data loaded on first use
             run_dir = st.run_dir(m, h, seed)
             print(f"[{i}/{len(todo)}] {m.name}, held-out {h}, seed {seed} ...", flush=True)
             key = (m.training_key, h, seed)
@@ -681,25 +682,20 @@ def run(args: argparse.Namespace) -> int:
                              for v, n in zip(train_vds, names)]
                     if id(job) in reused:
                         wall_before = previous_wall.get((m.name, h, str(seed)))
-                        again = None if m.strategy == "fedbn" else [Site(site_config(v, n), cfg)
-                                                                    for v, n in zip(train_vds, names)]
                         trained = federated_outcome(run_dir, yamls, class_keys, names,
                                                     float(wall_before) if wall_before not in (None, "") else float("nan"),
-                                                    again)
+                                                    None if m.strategy == "fedbn" else sites)
                     else:
                         trained = train_federated(m, yamls, st, seed, run_dir, class_keys, names,
                                                   st.init_path(m, h, seed))
+                elif m.kind == "local":
+                    trained = train_local(sites, st, run_dir, class_keys)
                 else:
-                    sites = [Site(site_config(v, n), cfg) for v, n in zip(train_vds, names)]
-                    if m.kind == "local":
-                        trained = train_local(sites, st, run_dir, class_keys)
-                    else:
-                        trained = train_central(sites, st, run_dir, class_keys)
+                    trained = train_central(sites, st, run_dir, class_keys)
                 # only the last run is kept (a +ft or inference variant follows its base)
                 trained_cache = {key: (trained, m)}
             elif dict(trained_for.overrides) != dict(m.overrides) and m.strategy != "fedbn":
                 # the same federation under other inference options: its training sites evaluated with this method's
-                sites = [Site(site_config(v, n), cfg) for v, n in zip(train_vds, names)]
                 trained = dataclasses.replace(trained, train_rows=site_rows(trained.states[0], sites, names, class_keys))
             t_eval = time.perf_counter()
             held = heldout_site(heldout_vds[h], cfg, st.support)
