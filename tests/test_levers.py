@@ -49,7 +49,8 @@ def test_zero_guide_init_starts_as_the_plain_segmenter(backbone):
     with torch.no_grad():
         with_guides = model.seg(x, *guides, None, torch.ones(2, dtype=torch.bool))
         without = model.seg(x, guide_present=torch.zeros(2, dtype=torch.bool))
-    assert torch.equal(with_guides, without)
+    # equal up to the float rounding of the 17- and 1-channel convolution kernels
+    assert torch.allclose(with_guides, without, rtol=0.0, atol=1e-6)
     # the guide weights are trainable: one step moves them off zero
     model.train()
     loss = model.seg(x, *guides, None, torch.ones(2, dtype=torch.bool)).square().mean()

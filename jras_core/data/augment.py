@@ -197,19 +197,14 @@ def gaussian_kernels(sigma: torch.Tensor, tail: int) -> torch.Tensor:
 
 def gaussian_smooth(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Separable per-sample Gaussian blur with zero padding; ``sigma`` ``(B, 2)`` along H and W
-    (MONAI's ``GaussianSmooth``)."""
+    (MONAI's ``GaussianSmooth``). Two depthwise convolutions over all ``B x C`` channels, each
+    channel with its sample's kernels."""
     tail = int(max(float(sigma.max()) * SMOOTH_TRUNCATED, 0.5) + 0.5)
-    h, w = x.shape[-2:]
-    out = x
-    for axis, (pad, length) in enumerate((((0, 0, tail, tail), h), ((tail, tail), w))):
-        kernel = gaussian_kernels(sigma[:, axis], tail).to(x.dtype)
-        padded = torch.nn.functional.pad(out, pad)
-        acc = torch.zeros_like(out)
-        for k in range(2 * tail + 1):
-            window = padded[:, :, k:k + length, :] if axis == 0 else padded[..., k:k + length]
-            acc.addcmul_(window, kernel[:, k].view(-1, 1, 1, 1))
-        out = acc
-    return out
+    b, c, h, w = x.shape
+    ky, kx = (gaussian_kernels(sigma[:, axis], tail).to(x.dtype).repeat_interleave(c, dim=0) for axis in (0, 1))
+    y = torch.nn.functional.conv2d(x.reshape(1, b * c, h, w), ky.view(b * c, 1, -1, 1), padding=(tail, 0), groups=b * c)
+    y = torch.nn.functional.conv2d(y, kx.view(b * c, 1, 1, -1), padding=(0, tail), groups=b * c)
+    return y.view(b, c, h, w)
 
 
 def apply_intensity_changes(x: torch.Tensor, draw: IntensityDraw, generator: torch.Generator) -> torch.Tensor:
@@ -224,14 +219,22 @@ def apply_intensity_changes(x: torch.Tensor, draw: IntensityDraw, generator: tor
         elif len(rows):
             x[rows] = change(x[rows], rows)
 
+    def neutral_off(values: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+        """Per-sample parameters, zero (no change) for the samples that do not receive it."""
+        return values * on.view(-1, *([1] * (values.dim() - 1))).to(values.dtype)
+
+    # changes that leave a sample as it is at a zero parameter run on the whole batch (exactly
+    # the identity there: x * exp(0), x * (1 + 0), x + 0); the others only on their samples
     on_rows(draw.curve_on, lambda v, r: non_monotone_curve(v, draw.curve_values[r]))
-    on_rows(draw.bias_on, lambda v, r: v * bias_field(draw.bias_coeff[r], h, w).exp().to(v.dtype).unsqueeze(1))
+    if bool(draw.bias_on.any()):
+        x.mul_(bias_field(neutral_off(draw.bias_coeff, draw.bias_on), h, w).exp_().to(x.dtype).unsqueeze(1))
     on_rows(draw.gamma_on, lambda v, r: adjust_contrast(v, draw.gamma[r]))
     on_rows(draw.histogram_on, lambda v, r: histogram_shift(v, draw.histogram_points[r], draw.histogram_floating[r]))
-    on_rows(draw.scale_on, lambda v, r: v * (1.0 + _col(draw.scale[r], v)))
-    on_rows(draw.shift_on, lambda v, r: v + _col(draw.shift[r], v))
+    x.mul_(1.0 + _col(neutral_off(draw.scale, draw.scale_on), x))
+    x.add_(_col(neutral_off(draw.shift, draw.shift_on), x))
     on_rows(draw.smooth_on, lambda v, r: gaussian_smooth(v, draw.sigma[r]))
-    on_rows(draw.noise_on, lambda v, r: torch.randn(v.shape, generator=generator).mul_(_col(draw.noise_std[r], v)).add_(v))
+    if bool(draw.noise_on.any()):
+        x.add_(torch.randn(x.shape, generator=generator).mul_(_col(neutral_off(draw.noise_std, draw.noise_on), x)))
     return x
 
 
