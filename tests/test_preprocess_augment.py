@@ -117,6 +117,23 @@ def test_each_change_is_the_monai_transform_with_that_draw():
     assert torch.equal(shifted[3], x[3]) and not torch.allclose(shifted[0], x[0])
 
 
+def test_a_sample_is_changed_only_by_the_changes_its_draw_turns_on():
+    from jras_core.data.augment import apply_intensity_changes
+
+    torch.manual_seed(0)
+    x = torch.rand(4, 2, 16, 16) + 0.5
+    d = _draw(4, prob=0.8, seed=3)
+    for name in ("curve_on", "bias_on", "gamma_on", "histogram_on", "scale_on", "shift_on", "smooth_on", "noise_on"):
+        on = getattr(d, name)
+        on[:] = True
+        on[0] = on[1] = False  # sample 0: nothing at all; sample 1: only a scale
+    d.scale_on[1] = True
+    out = apply_intensity_changes(x, d, torch.Generator().manual_seed(0))
+    assert torch.equal(out[0], x[0])
+    assert torch.equal(out[1], x[1] * (1.0 + d.scale[1].float()))
+    assert not torch.allclose(out[2:], x[2:], atol=1e-2)
+
+
 def test_channels_of_a_sample_share_their_change():
     x = torch.rand(6, 1, 32, 32).repeat(1, 3, 1, 1)  # each sample: one image three times
     out = BatchIntensityAugment(AugmentConfig(prob=1.0, noise_std=0.0), seed=1)(x)
