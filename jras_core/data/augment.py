@@ -264,7 +264,7 @@ class BatchIntensityAugment:
         if x.shape[0] == 0:
             return x.clone()
         draw = draw_intensity_changes(self.cfg, x.shape[0], self.generator)
-        y = apply_intensity_changes(x, draw, self.generator)
+        y = apply_intensity_changes(x, draw, self.generator)  # a new tensor: re-scaled in place
         lo = y.amin(dim=(2, 3), keepdim=True)
         hi = y.amax(dim=(2, 3), keepdim=True)
-        return ((y - lo) / (hi - lo).clamp_min(1e-6)).contiguous()
+        return y.sub_(lo).div_((hi - lo).clamp_min_(1e-6)).contiguous()
