@@ -567,7 +567,8 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(format_table([r for r in rows if r["section"] == section])), flush=True)
 
     header = (f"threads {args.threads}, torch {torch.__version__}, faiss {faiss.__version__}, "
-              f"{os.cpu_count()} CPUs visible{', --quick' if quick else ''}"
+              f"{os.cpu_count()} CPUs visible, OPENBLAS_CORETYPE {os.environ.get('OPENBLAS_CORETYPE', 'unset')}"
+              f"{', --quick' if quick else ''}"
               + "".join(f", --set {item}" for item in args.set))
     print(f"# J-RAS cost benchmark ({header})", flush=True)
 

@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +82,9 @@ def test_quick_run_writes_every_section(tmp_path: Path, capsys):
                          "inference J-RAS (2 round(s)) / none"}
     md = (tmp_path / "cost.md").read_text()
     assert "Flower round overhead" in md and "round 2 overhead" in md and "warm-up before round 1" in md
-    assert "Training step time" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Training step time" in out
+    assert f"OPENBLAS_CORETYPE {os.environ.get('OPENBLAS_CORETYPE', 'unset')}" in out  # the kernels FAISS ran
 
 
 def test_faiss_and_brute_force_agree_and_a_mismatch_is_caught():
