@@ -540,6 +540,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from jras_core.cli import parse_overrides
+    from jras_core.models.batching import inference_batch_size
 
     logging.getLogger("jras_core").setLevel(logging.WARNING)
     method = parse_overrides(args.set)
@@ -599,7 +600,8 @@ def run(args: argparse.Namespace) -> int:
         add("step", f"intensity augmentation, {cfg.train.batch_size} stacks of 1 + {cfg.retrieval.k}, {size}px",
             aug["stacked"] * 1e3, "ms/batch", note_aug + " (query and guides, augment.guides shared)")
         inf = inference_times(cfg, slices, repeats)
-        note_inf = "process CPU time per slice, batches of up to 64, post-processing included"
+        note_inf = (f"process CPU time per slice, batches of up to {inference_batch_size(size)}, "
+                    "post-processing included")
         n = cfg.retrieval.test_passes
         add("step", f"inference none, {size}px", inf["none"] * 1e3, "ms/slice", note_inf)
         add("step", f"inference J-RAS, 1 retrieval round, {size}px", inf["passes_1"] * 1e3, "ms/slice",

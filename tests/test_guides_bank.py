@@ -132,11 +132,53 @@ def test_mask_similarity_at_candidates_equals_the_gathered_full_matrix():
     assert torch.allclose(centred_one_hot(slices.masks, 2, chunk=7), centred_one_hot(slices.masks, 2), atol=1e-6)
 
 
-def test_one_hot_fg_matches_torch_one_hot():
-    masks = torch.randint(0, 4, (2, 3, 8, 8), dtype=torch.uint8)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.long])
+def test_one_hot_fg_matches_torch_one_hot(dtype):
+    masks = torch.randint(0, 4, (2, 3, 8, 8)).to(dtype)
     expected = torch.nn.functional.one_hot(masks.long(), 4).movedim(-1, -3)[..., 1:, :, :].float()
     out = one_hot_fg(masks, 4)
     assert out.dtype == torch.float32 and torch.equal(out, expected)
+    assert torch.equal(one_hot_fg(masks[0, 0], 4), expected[0, 0])  # (H, W) -> (C_fg, H, W)
+
+
+def test_translation_grid_is_affine_grid_of_a_translation():
+    from jras_core.retrieval.guides import translation_grid
+
+    offsets = torch.tensor([[0.3, -0.2], [0.0, 0.0], [-1.1, 0.7]])
+    theta = torch.zeros(3, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, :, 2] = -offsets
+    expected = torch.nn.functional.affine_grid(theta, (3, 1, 5, 7), align_corners=True)
+    torch.testing.assert_close(translation_grid(offsets, 5, 7), expected, atol=1e-6, rtol=0)
+
+
+def test_bank_centroids_equal_those_of_the_gathered_masks():
+    slices = _slices()
+    bank = RetrievalBank(slices, num_classes=2)
+    idx = torch.tensor([[0, 5, -1], [7, 7, 23]])
+    cent, valid = bank.centroids_at(idx)
+    _, masks = bank.gather(idx)
+    assert masks.dtype == torch.uint8
+    expected, expected_valid = centroids((masks > 0).flatten(0, 1).float())
+    assert torch.equal(valid.flatten(), expected_valid) and not valid[0, 2]
+    torch.testing.assert_close(cent.flatten(0, 1)[expected_valid], expected[expected_valid])
+    # aligning with the stored centroids moves the guides exactly as computing them afresh
+    images = bank.gather(idx)[0]
+    target, target_valid = torch.tensor([[0.1, -0.2], [0.0, 0.3]]), torch.tensor([True, True])
+    fresh = align_guides(images, masks, target, target_valid)
+    stored = align_guides(images, masks, target, target_valid, (cent, valid))
+    assert torch.equal(fresh[1], stored[1]) and fresh[1].dtype == torch.uint8
+    torch.testing.assert_close(fresh[0], stored[0])
+
+
+def test_refresh_embeddings_do_not_depend_on_the_batch_size():
+    slices = _slices()
+    bank = RetrievalBank(slices, num_classes=2)
+    retr = Retriever(in_channels=2, embed_dim=8, channels=(4, 8))
+    bank.refresh(retr)
+    default = bank.embeddings.copy()
+    bank.refresh(retr, batch_size=5)
+    np.testing.assert_allclose(bank.embeddings, default, atol=1e-6)
 
 
 def test_exact_search_agrees_with_faiss_flat():

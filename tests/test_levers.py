@@ -172,6 +172,27 @@ def test_appearance_prior_fits_the_class_statistics_of_all_guides():
         assert prior[b, 3].max() == 0
 
 
+def test_concat_guide_channels_hold_guides_one_hot_masks_and_prior_in_order():
+    from jras_core.models.segmenter import appearance_prior
+    from jras_core.retrieval.guides import one_hot_fg
+
+    cfg = JRASConfig().with_overrides({**BASE, "segmenter.appearance": True})
+    seg = build_model(cfg).seg
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 16, 16, generator=gen)
+    images = torch.rand(2, 3, 1, 16, 16, generator=gen)
+    masks = torch.randint(0, 4, (2, 3, 16, 16), generator=gen, dtype=torch.uint8)
+    extra = seg.guide_channels(x, images, masks)
+    assert extra.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(extra[:, :3], images.flatten(1, 2))
+    assert torch.equal(extra[:, 3:12], one_hot_fg(masks, 4).flatten(1, 2))
+    torch.testing.assert_close(extra[:, 12:], appearance_prior(x, images, masks, 4))
+    # written into a given tensor: the same channels
+    out = torch.full((2, seg.in_channels - 1, 16, 16), float("nan"))
+    assert seg.guide_channels(x, images, masks, out=out) is out
+    assert torch.equal(out, extra)
+
+
 def test_appearance_channels_are_part_of_the_guides():
     cfg = JRASConfig().with_overrides({**BASE, "segmenter.appearance": True})
     model = build_model(cfg).eval()

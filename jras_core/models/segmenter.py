@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 from monai.networks.blocks import Convolution
 from torch import nn
+from torch.func import functional_call
 
 from jras_core.models.backbones import build_backbone
 from jras_core.retrieval.guides import one_hot_fg
@@ -18,7 +18,7 @@ FUSIONS = ("concat", "prior", "feature", "none")
 
 def appearance_prior(
     image: torch.Tensor, guide_images: torch.Tensor, guide_masks: torch.Tensor, num_classes: int,
-    min_std: float = 0.05,
+    min_std: float = 0.05, guide_fg: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-pixel class probabilities of the query under its guides' intensity model.
 
@@ -31,27 +31,34 @@ def appearance_prior(
         image: query ``(B, 1, H, W)``; guide_images ``(B, K, 1, H, W)``; guide_masks
             ``(B, K, H, W)`` labels in ``[0, num_classes)``.
         min_std: floor of each class's standard deviation (intensities in about ``[0, 1]``).
+        guide_fg: the masks' foreground one-hot maps ``(B, K, C - 1, H, W)`` when already
+            at hand (:func:`~jras_core.retrieval.guides.one_hot_fg`; made here otherwise).
 
     Returns:
         ``(B, C, H, W)`` probabilities; classes absent from every guide get probability 0
         (uniform over all classes when no class is present).
     """
-    b = guide_masks.shape[0]
-    # per-class sums over all guide pixels, by scatter-add into (B, C) (no one-hot maps)
-    labels = guide_masks.long().clamp(0, num_classes - 1).reshape(b, -1)
-    values = guide_images.reshape(b, -1).to(image.dtype)
-    zeros = image.new_zeros(b, num_classes)
-    count = zeros.scatter_add(1, labels, torch.ones_like(values))
-    s1 = zeros.scatter_add(1, labels, values)
-    s2 = zeros.scatter_add(1, labels, values.square())
-    mean = s1 / count.clamp_min(1.0)
-    var = (s2 / count.clamp_min(1.0) - mean.square()).clamp_min(0.0) + min_std**2
+    b, k = guide_masks.shape[:2]
+    fg = one_hot_fg(guide_masks, num_classes) if guide_fg is None else guide_fg
+    # per-class pixel count, intensity sum and sum of squares over all K guides: the
+    # foreground classes' by one matrix product per guide, (C_fg, P) x (P, 2); the
+    # background's as what the whole guide holds beyond them
+    values = guide_images.reshape(b * k, 1, -1).to(image.dtype)
+    moments = torch.cat([values, values.square()], dim=1)  # (B*K, 2, P)
+    fg_flat = fg.reshape(b * k, num_classes - 1, -1).to(image.dtype)
+    fg_sums = torch.bmm(fg_flat, moments.transpose(1, 2)).view(b, k, num_classes - 1, 2).sum(1)  # (B, C_fg, 2)
+    fg_count = fg_flat.sum(2).view(b, k, num_classes - 1).sum(1)  # (B, C_fg)
+    all_sums = moments.view(b, k, 2, -1).sum(dim=(1, 3))  # (B, 2)
+    count = torch.cat([(values.shape[2] * k - fg_count.sum(1)).unsqueeze(1), fg_count], dim=1)  # (B, C)
+    sums = torch.cat([(all_sums - fg_sums.sum(1)).unsqueeze(1), fg_sums], dim=1)  # (B, C, 2)
+    mean = sums[..., 0] / count.clamp_min(1.0)
+    var = (sums[..., 1] / count.clamp_min(1.0) - mean.square()).clamp_min(0.0) + min_std**2
     # log-likelihood up to a constant, a x^2 + b x + c per class: one (C, 3) x (3, H*W) product
     # per sample instead of several full-size (B, C, H, W) temporaries
     inv = 1.0 / var
     coef = torch.stack([-0.5 * inv, mean * inv, -0.5 * mean.square() * inv - 0.5 * var.log()], dim=2)
     absent = coef.new_tensor([0.0, 0.0, -1e4])  # classes no guide shows: a constant, very low score
-    coef = torch.where((count == 0).unsqueeze(2), absent, coef)
+    coef = torch.where((count < 0.5).unsqueeze(2), absent, coef)
     x = image.reshape(b, 1, -1)
     powers = torch.cat([x.square(), x, torch.ones_like(x)], dim=1)  # (B, 3, H*W)
     loglik = torch.bmm(coef, powers).view(b, num_classes, *image.shape[-2:])
@@ -253,23 +260,32 @@ class GuidedSegmenter(nn.Module):
         guide_images: torch.Tensor,
         guide_masks: torch.Tensor,
         guide_sims: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The extra input channels ``(B, in_channels - 1, H, W)`` built from the guides."""
-        b = image.shape[0]
+        """The extra input channels ``(B, in_channels - 1, H, W)`` built from the guides,
+        written into ``out`` when given (a view of the backbone input: no concatenation)."""
+        b, k = guide_masks.shape[:2]
+        if out is None:
+            out = torch.empty(b, self.in_channels - 1, *image.shape[-2:], dtype=image.dtype, device=image.device,
+                              memory_format=self.memory_format)
         fg = one_hot_fg(guide_masks, self.num_classes)  # (B, K, C_fg, H, W)
         if self.fusion == "concat":
-            fused = torch.cat([guide_images.flatten(1, 2), fg.flatten(1, 2)], dim=1)
+            out[:, :k] = guide_images.flatten(1, 2)
+            out[:, k : k * (1 + self.num_fg)] = fg.flatten(1, 2)
+            used = k * (1 + self.num_fg)
         elif self.fusion == "prior":
             if guide_sims is None:
-                weights = image.new_full((b, fg.shape[1]), 1.0 / fg.shape[1])
+                weights = image.new_full((b, k), 1.0 / k)
             else:
                 weights = torch.softmax(guide_sims / self.prior_tau, dim=1)
-            fused = (weights[:, :, None, None, None] * fg).sum(1)
+            out[:, : self.num_fg] = (weights[:, :, None, None, None] * fg).sum(1)
+            used = self.num_fg
         else:
-            fused = self.guide_attention(image, guide_images, fg)
+            out[:, : self.guide_attention.width] = self.guide_attention(image, guide_images, fg)
+            used = self.guide_attention.width
         if self.appearance:
-            fused = torch.cat([fused, appearance_prior(image, guide_images, guide_masks, self.num_classes)], dim=1)
-        return fused
+            out[:, used:] = appearance_prior(image, guide_images, guide_masks, self.num_classes, guide_fg=fg)
+        return out
 
     def forward(
         self,
@@ -288,7 +304,7 @@ class GuidedSegmenter(nn.Module):
                         memory_format=self.memory_format)
         x[:, :1] = image
         if guide_present is None or bool(guide_present.all()):
-            x[:, 1:] = self.guide_channels(image, guide_images, guide_masks, guide_sims)
+            self.guide_channels(image, guide_images, guide_masks, guide_sims, out=x[:, 1:])
         else:  # guide channels only for the samples that keep their guides; the others get zeros
             rows, dropped = guide_present.nonzero().squeeze(1), (~guide_present).nonzero().squeeze(1)
             sims = None if guide_sims is None else guide_sims[rows]

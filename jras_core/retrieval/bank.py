@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from jras_core.data.slices import SliceSet, VolumeInfo
+from jras_core.models.batching import inference_batch_size
 from jras_core.models.retriever import Retriever
-from jras_core.retrieval.guides import centred_dice, centred_dice_pairs, centred_one_hot, one_hot_fg
+from jras_core.retrieval.guides import centred_dice, centred_dice_pairs, centred_one_hot, centroids, one_hot_fg
 from jras_core.retrieval.store import BankStore
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class RetrievalBank:
         self.embeddings: np.ndarray | None = None
         self.index: faiss.Index | None = None
         self._centred: torch.Tensor | None = None
+        self._centroids: tuple[torch.Tensor, torch.Tensor] | None = None
         if exclude == "auto":
             exclude = "volume" if len(set(slices.case_ids.tolist())) == 1 else "case"
         self.exclude = exclude
@@ -77,8 +79,14 @@ class RetrievalBank:
         return torch.cat([images, masks], dim=1)
 
     @torch.no_grad()
-    def refresh(self, retriever: Retriever, batch_size: int = 128) -> None:
-        """Re-embed every entry with ``retriever`` and rebuild the index."""
+    def refresh(self, retriever: Retriever, batch_size: int | None = None) -> None:
+        """Re-embed every entry with ``retriever`` and rebuild the index.
+
+        Args:
+            batch_size: entries embedded at a time (default:
+                :func:`~jras_core.models.batching.inference_batch_size` of the slice size).
+        """
+        batch_size = batch_size or inference_batch_size(int(self.slices.images.shape[-1]))
         was_training = retriever.training
         retriever.eval()
         chunks = []
@@ -190,14 +198,27 @@ class RetrievalBank:
         cand = self.centred_masks()[idx.clamp_min(0)]  # (Q, M, C_fg, s, s)
         return centred_dice_pairs(centred_one_hot(query_maps, self.num_classes), cand)
 
+    def centroids_at(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Foreground centroids of the bank masks at ``idx`` (any shape): ``(*idx.shape, 2)``
+        in normalised coordinates, and ``idx.shape`` bool, False where a mask has no
+        foreground or the index is -1 (:func:`~jras_core.retrieval.guides.centroids`,
+        computed once per bank)."""
+        if self._centroids is None:
+            parts = [centroids((m > 0).float()) for m in self.slices.masks.split(256)]
+            self._centroids = torch.cat([c for c, _ in parts]), torch.cat([v for _, v in parts])
+        cent, valid = self._centroids
+        safe = idx.clamp_min(0)
+        return cent[safe], valid[safe] & (idx >= 0)
+
     def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Guide pairs at ``idx`` ``(Q, K)``: images ``(Q, K, 1, S, S)``, masks ``(Q, K, S, S)``.
+        """Guide pairs at ``idx`` ``(Q, K)``: images ``(Q, K, 1, S, S)``, masks ``(Q, K, S, S)``
+        uint8 labels.
 
         Entries with index -1 come back as zeros.
         """
         safe = idx.clamp_min(0)
         images = self.slices.images[safe]
-        masks = self.slices.masks[safe].long()
+        masks = self.slices.masks[safe].to(torch.uint8)
         missing = idx < 0
         if missing.any():
             images = images.masked_fill(missing[..., None, None, None], 0.0)

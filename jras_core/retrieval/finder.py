@@ -21,7 +21,7 @@ class Guides:
     """K guide pairs per query.
 
     Attributes:
-        images: ``(B, K, 1, H, W)``; masks: ``(B, K, H, W)`` labels;
+        images: ``(B, K, 1, H, W)``; masks: ``(B, K, H, W)`` uint8 labels;
         sims: ``(B, K)`` retrieval scores; idx: ``(B, K)`` bank indices (-1: none).
     """
 
@@ -34,7 +34,7 @@ class Guides:
     def none(cls, batch: int, k: int, size: tuple[int, int]) -> Guides:
         """No guides for any of ``batch`` queries (blank images and masks, index -1)."""
         h, w = size
-        return cls(torch.zeros(batch, k, 1, h, w), torch.zeros(batch, k, h, w, dtype=torch.long),
+        return cls(torch.zeros(batch, k, 1, h, w), torch.zeros(batch, k, h, w, dtype=torch.uint8),
                    torch.zeros(batch, k), torch.full((batch, k), -1, dtype=torch.long))
 
     def placed(self, rows: torch.Tensor, batch: int) -> Guides:
@@ -42,6 +42,7 @@ class Guides:
         ``batch`` queries in which the other rows have none."""
         k, size = self.idx.shape[1], tuple(self.masks.shape[-2:])
         out = Guides.none(batch, k, size)
+        out.masks = out.masks.to(self.masks.dtype)
         out.images[rows], out.masks[rows], out.sims[rows], out.idx[rows] = self.images, self.masks, self.sims, self.idx
         return out
 
@@ -143,7 +144,7 @@ class GuideFinder:
         images, masks = self.bank.gather(idx)
         if self.cfg.retrieval.align_centroid and probs is not None:
             cent, valid = centroids(1.0 - probs[:, 0])
-            images, masks = align_guides(images, masks, cent, valid)
+            images, masks = align_guides(images, masks, cent, valid, self.bank.centroids_at(idx))
         return Guides(images, masks, sims.nan_to_num(neginf=0.0), idx)
 
     @torch.no_grad()

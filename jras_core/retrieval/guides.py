@@ -13,13 +13,15 @@ def one_hot_fg(masks: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Foreground one-hot maps.
 
     Args:
-        masks: ``(..., H, W)`` integer labels ``0..num_classes-1``.
+        masks: ``(..., H, W)`` integer labels ``0..num_classes-1`` (fastest as uint8).
 
     Returns:
         ``(..., num_classes-1, H, W)`` float32 (background channel dropped).
     """
-    classes = torch.arange(1, num_classes, device=masks.device).view(-1, 1, 1)
-    return (masks.unsqueeze(-3) == classes).float()
+    out = torch.empty(*masks.shape[:-2], num_classes - 1, *masks.shape[-2:], device=masks.device)
+    for c in range(1, num_classes):  # one comparison with a scalar per class, written in place
+        torch.eq(masks, c, out=out[..., c - 1, :, :])
+    return out
 
 
 def centroids(fg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,8 +55,12 @@ def translation_grid(offsets: torch.Tensor, h: int, w: int, dtype: torch.dtype =
     """
     xs = torch.linspace(-1.0, 1.0, w, dtype=dtype, device=offsets.device)
     ys = torch.linspace(-1.0, 1.0, h, dtype=dtype, device=offsets.device)
-    base = torch.stack(torch.broadcast_tensors(xs.view(1, w), ys.view(h, 1)), dim=-1)  # (h, w, 2)
-    return base.unsqueeze(0) - offsets.to(dtype).view(-1, 1, 1, 2)
+    off = offsets.to(dtype)
+    grid = torch.empty(off.shape[0], h, w, 2, dtype=dtype, device=offsets.device)
+    # x and y written one at a time (twice as fast as one broadcast over the last axis of 2)
+    grid[..., 0] = xs.view(1, 1, w) - off[:, 0].view(-1, 1, 1)
+    grid[..., 1] = ys.view(1, h, 1) - off[:, 1].view(-1, 1, 1)
+    return grid
 
 
 def translate(images: torch.Tensor, offsets: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
@@ -74,27 +80,34 @@ def align_guides(
     guide_masks: torch.Tensor,
     target_centroid: torch.Tensor,
     target_valid: torch.Tensor,
+    guide_centroids: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Shift every guide so that its foreground centroid lands on the query's centroid.
 
     Args:
         guide_images: ``(B, K, 1, H, W)``.
         guide_masks: ``(B, K, H, W)`` integer labels.
+        guide_centroids: the guides' own foreground centroids ``(B, K, 2)`` and which
+            guides have foreground ``(B, K)``, when known (:meth:`RetrievalBank.centroids_at`);
+            computed from ``guide_masks`` otherwise.
         target_centroid: ``(B, 2)`` the query's (predicted) centroid.
         target_valid: ``(B,)`` bool; guides of queries without a centroid are left in place.
 
     Returns:
-        shifted guide images and masks, same shapes.
+        shifted guide images and masks (``guide_masks``' dtype), same shapes.
     """
     b, k, _, h, w = guide_images.shape
-    g_cent, g_valid = centroids((guide_masks > 0).flatten(0, 1).float())
+    if guide_centroids is None:
+        g_cent, g_valid = centroids((guide_masks > 0).flatten(0, 1).float())
+    else:
+        g_cent, g_valid = guide_centroids[0].reshape(b * k, 2), guide_centroids[1].reshape(b * k)
     offsets = target_centroid.repeat_interleave(k, dim=0) - g_cent
     ok = (g_valid & target_valid.repeat_interleave(k)).unsqueeze(1)
     offsets = torch.where(ok, offsets, torch.zeros_like(offsets))
     grid = translation_grid(offsets, h, w, guide_images.dtype)  # one grid for images and masks
     images = F.grid_sample(guide_images.reshape(b * k, 1, h, w), grid, align_corners=True)
     masks = F.grid_sample(guide_masks.reshape(b * k, 1, h, w).to(grid.dtype), grid, mode="nearest", align_corners=True)
-    return images.reshape(b, k, 1, h, w), masks.reshape(b, k, h, w).round().long()
+    return images.reshape(b, k, 1, h, w), masks.reshape(b, k, h, w).round().to(guide_masks.dtype)
 
 
 def centred_one_hot(masks: torch.Tensor, num_classes: int, size: int = 32, chunk: int = 256) -> torch.Tensor:

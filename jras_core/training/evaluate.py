@@ -18,6 +18,7 @@ import torch
 from jras_core.config import JRASConfig
 from jras_core.data.slices import SliceSet
 from jras_core.metrics import dice_per_class, summarise, volume_metrics
+from jras_core.models.batching import inference_batch_size
 from jras_core.models.jras import JRASModel
 from jras_core.postprocess import postprocess
 from jras_core.retrieval.bank import RetrievalBank
@@ -34,7 +35,7 @@ def predict(
     bank: RetrievalBank | None = None,
     source: str = "retrieved",
     exclude_own_case: bool = True,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     seed: int = 0,
 ) -> tuple[torch.Tensor, list[Guides]]:
     """Predict labels ``(N, S, S)`` for every slice, post-processed as ``cfg.postprocess`` says.
@@ -44,6 +45,8 @@ def predict(
             rounds), ``oracle``, ``random`` or ``none`` (no guides).
         exclude_own_case: never use a guide from the query's own case (or volume, as
             the bank's ``exclude`` says; needed when the bank contains the evaluated cases).
+        batch_size: slices per forward (default:
+            :func:`~jras_core.models.batching.inference_batch_size` of the slice size).
 
     Returns:
         predictions and, per batch, the guides used (the top K where several sets are
@@ -56,6 +59,7 @@ def predict(
     finder = GuideFinder(model, bank, cfg, torch.Generator().manual_seed(seed)) if use_guides else None
     owners = bank.owner_keys(slices) if finder is not None and exclude_own_case else None
     preds, used = [], []
+    batch_size = batch_size or inference_batch_size(int(slices.images.shape[-1]))
     for start in range(0, len(slices), batch_size):
         images = slices.images[start : start + batch_size]
         if finder is None:
