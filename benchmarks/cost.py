@@ -88,6 +88,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="index sizes for the search timing (default 1000,10000,100000)")
     p.add_argument("--threads", type=int, default=2, help="torch / FAISS threads (default 2)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 7; 3 with --quick)")
+    p.add_argument("--step-repeats", type=int, default=None,
+                   help="timed pairs of training steps (default 40; 6 with --quick): a J-RAS step's cost "
+                        "varies with the guides each call keeps and the changes it draws")
     p.add_argument("--quick", action="store_true",
                    help="tiny run (size 32, bank 200, index 1000,10000, few repeats; < 1 min)")
     p.add_argument("--out", default="runs/cost", metavar="DIR", help="output folder (default runs/cost)")
@@ -551,6 +554,7 @@ def run(args: argparse.Namespace) -> int:
     bank_sizes = [200] if quick else args.bank_sizes
     index_sizes = [1000, 10000] if quick else args.index_sizes
     repeats = args.repeats or (3 if quick else 7)
+    step_repeats = args.step_repeats or (6 if quick else 40)
     site_cases = 4 if quick else 15  # ~14 slices per case: ~56 / ~200 slices
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -579,13 +583,13 @@ def run(args: argparse.Namespace) -> int:
         cfg = base_config(size, method)
         slices = site_slices(cfg, site_cases)
         site_by_size[size] = slices
-        st = step_times(cfg, slices, repeats)
+        st = step_times(cfg, slices, step_repeats)
         note = f"batch {cfg.train.batch_size}, {cfg.segmenter.backbone} {cfg.segmenter.channels}"
         add("step", f"phase A none, {size}px", st["phase_a_none"] * 1e3, "ms/step", note)
         add("step", f"phase A J-RAS K={cfg.retrieval.k}, {size}px", st["phase_a_jras"] * 1e3, "ms/step", note)
         add("step", f"phase A J-RAS / none, {size}px", st["phase_a_jras"] / st["phase_a_none"], "x", "wall time")
         add("step", f"phase A J-RAS / none, {size}px, CPU time", st["ratio_phase_a"], "x",
-            f"process CPU time (robust to other load); median over {repeats} repeats of the ratio of "
+            f"process CPU time (robust to other load); median over {step_repeats} repeats of the ratio of "
             "two steps timed next to each other")
         if "phase_b_jras" in st:
             note_b = (f"{cfg.contrastive.candidates} candidates, relevance {cfg.contrastive.relevance}, "

@@ -132,6 +132,16 @@ def test_mask_similarity_at_candidates_equals_the_gathered_full_matrix():
     assert torch.allclose(centred_one_hot(slices.masks, 2, chunk=7), centred_one_hot(slices.masks, 2), atol=1e-6)
 
 
+def test_entry_mask_similarity_equals_that_of_the_entries_masks():
+    slices = _slices()
+    bank = RetrievalBank(slices, num_classes=2)
+    entries = torch.tensor([0, 3, 17])
+    idx = torch.tensor([[1, 2, -1], [3, 9, 20], [16, 17, 0]])
+    expected = bank.mask_similarity_at(slices.masks[entries], idx)
+    torch.testing.assert_close(bank.entry_mask_similarity_at(entries, idx), expected, atol=1e-6, rtol=0)
+    assert bank.entry_mask_similarity_at(entries, idx)[1, 0] == pytest.approx(1.0)  # an entry with itself
+
+
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.long])
 def test_one_hot_fg_matches_torch_one_hot(dtype):
     masks = torch.randint(0, 4, (2, 3, 8, 8)).to(dtype)

@@ -210,6 +210,13 @@ class RetrievalBank:
         safe = idx.clamp_min(0)
         return cent[safe], valid[safe] & (idx >= 0)
 
+    def entry_mask_similarity_at(self, entries: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``(Q, M)`` centroid-aligned Dice of the bank's own entries ``entries`` ``(Q,)``
+        with the entries at ``idx`` ``(Q, M)``: :meth:`mask_similarity_at` of the entries'
+        masks, read from the centred maps computed once instead of centring them anew."""
+        centred = self.centred_masks()
+        return centred_dice_pairs(centred[entries], centred[idx.clamp_min(0)])
+
     def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Guide pairs at ``idx`` ``(Q, K)``: images ``(Q, K, 1, S, S)``, masks ``(Q, K, S, S)``
         uint8 labels.

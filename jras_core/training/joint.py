@@ -108,6 +108,9 @@ class JRASTrainer:
             if len(self.memory) != len(train_set):
                 raise ValueError(f"the prediction memory holds {len(self.memory)} slices, the training set {len(train_set)}")
         self._owners = self.bank.owner_keys(train_set) if self.bank is not None else []
+        # the bank holds the training slices themselves (the default, and a site's bank):
+        # a query's centred mask is then the bank's, computed once
+        self._bank_is_train_set = self.bank is not None and self.bank.slices is train_set
         # a retriever without dropout or running statistics computes the same in train and eval mode
         self._retriever_mode_free = not any(
             isinstance(m, torch.nn.modules.dropout._DropoutNd) or getattr(m, "track_running_stats", False)
@@ -223,10 +226,12 @@ class JRASTrainer:
             n += len(idx)
         return {"seg_loss": total / max(n, 1), "seg_time_s": time.perf_counter() - t0}
 
-    def _relevance(self, images, labels, cand_idx, probs) -> torch.Tensor:
-        """``(B, M)`` relevance of each candidate to its query."""
+    def _relevance(self, idx, images, labels, cand_idx, probs) -> torch.Tensor:
+        """``(B, M)`` relevance of each candidate to its query (training slices ``idx``)."""
         bank = self.bank
         if self.cfg.contrastive.relevance == "mask":
+            if self._bank_is_train_set:
+                return bank.entry_mask_similarity_at(idx, cand_idx)
             return bank.mask_similarity_at(labels, cand_idx)
         # utility: loss drop of the frozen segmenter with the candidate as its guide(s)
         seg = self.model.seg
@@ -272,7 +277,7 @@ class JRASTrainer:
                 rand_idx = self.finder.random_indices(len(idx), c.candidates - m_top, names)
             cand = torch.cat([top_idx, rand_idx], dim=1)  # (B, M)
             valid = cand >= 0
-            relevance = self._relevance(images, labels, cand, probs)
+            relevance = self._relevance(idx, images, labels, cand, probs)
             if c.keys == "stored":
                 c_emb = bank.embeddings_at(cand)  # (B, M, d), no gradient
             else:
