@@ -17,7 +17,13 @@ import torch
 from jras_core.data.slices import SliceSet, VolumeInfo
 from jras_core.models.batching import inference_batch_size
 from jras_core.models.retriever import Retriever
-from jras_core.retrieval.guides import centred_dice, centred_dice_pairs, centred_one_hot, centroids, one_hot_fg
+from jras_core.retrieval.guides import (
+    centred_dice,
+    centred_dice_pairs,
+    centred_one_hot,
+    centroids,
+    one_hot_fg,
+)
 from jras_core.retrieval.store import BankStore
 
 log = logging.getLogger(__name__)
