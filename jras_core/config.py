@@ -8,6 +8,7 @@ method's defaults. Unknown keys, wrong types and out-of-range values raise
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -205,15 +206,28 @@ class ContrastiveConfig:
     lr: float = 1e-3
     steps_per_epoch: int | None = None
     """Batches of phase B per local epoch (None: one pass over the data)."""
+    batch_fraction: float = 1.0
+    """Fraction of a local epoch's batches that phase B trains on (the first ``ceil(f n)``
+    of the epoch's shuffled batches; at most ``steps_per_epoch`` when that is set). Scales
+    with the site's size, unlike ``steps_per_epoch``."""
     keys: Literal["encoded", "stored"] = "stored"
     """The candidates' side of each similarity. ``encoded``: candidates are embedded anew
     with gradients, so both sides are trained. ``stored``: their embeddings are read from
     the bank (as of its last refresh) and only the queries' side is trained; phase B then
     embeds the batch's queries only."""
 
+    def phase_b_steps(self, batches: int) -> int:
+        """How many of an epoch's ``batches`` phase B trains on."""
+        steps = max(1, math.ceil(self.batch_fraction * batches - 1e-9))
+        return min(steps, self.steps_per_epoch) if self.steps_per_epoch is not None else steps
+
     def validate(self) -> None:
         if self.candidates < 2:
             raise ConfigError(f"contrastive.candidates must be >= 2, got {self.candidates}")
+        if not 0.0 < self.batch_fraction <= 1.0:
+            raise ConfigError(f"contrastive.batch_fraction must be in (0, 1], got {self.batch_fraction}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ConfigError(f"contrastive.steps_per_epoch must be >= 1 or null, got {self.steps_per_epoch}")
         if self.tau <= 0 or self.tau_relevance <= 0:
             raise ConfigError("contrastive.tau and contrastive.tau_relevance must be positive")
 

@@ -109,6 +109,33 @@ def test_joint_training_raises_validation_dice(tiny_data):
     assert 0.0 <= after["guide_dice"] <= 1.0
 
 
+def test_phase_b_trains_on_the_configured_share_of_the_batches():
+    from jras_core.config import ConfigError, ContrastiveConfig
+
+    assert ContrastiveConfig().phase_b_steps(6) == 6
+    assert ContrastiveConfig(batch_fraction=0.5).phase_b_steps(6) == 3
+    assert ContrastiveConfig(batch_fraction=0.5).phase_b_steps(7) == 4
+    assert ContrastiveConfig(batch_fraction=0.01).phase_b_steps(6) == 1
+    assert ContrastiveConfig(batch_fraction=0.5, steps_per_epoch=2).phase_b_steps(6) == 2
+    assert ContrastiveConfig(steps_per_epoch=10).phase_b_steps(6) == 6
+    for bad in ({"contrastive.batch_fraction": 0.0}, {"contrastive.batch_fraction": 1.5},
+                {"contrastive.steps_per_epoch": 0}):
+        with pytest.raises(ConfigError, match="contrastive"):
+            JRASConfig().with_overrides(bad)
+
+
+def test_phase_b_with_a_batch_fraction_takes_that_many_optimiser_steps(tiny_data):
+    train, _ = tiny_data
+    cfg = JRASConfig().with_overrides({**TINY, "train.batch_size": 8, "contrastive.batch_fraction": 0.5})
+    trainer = JRASTrainer(build_model(cfg), cfg, train)
+    steps = []
+    step = trainer.retr_opt.step
+    trainer.retr_opt.step = lambda *a, **k: (steps.append(1), step(*a, **k))[1]
+    trainer.phase_retriever()
+    batches = -(-len(train) // 8)
+    assert batches >= 4 and len(steps) == -(-batches // 2)
+
+
 def test_phase_b_changes_only_the_retriever(tiny_data):
     train, _ = tiny_data
     cfg = JRASConfig().with_overrides({**TINY, "contrastive.steps_per_epoch": 1, "contrastive.relevance": "utility"})

@@ -257,8 +257,7 @@ class JRASTrainer:
         model.retr.train()
         total, n, t0 = 0.0, 0, time.perf_counter()
         batches = self._batches()
-        if c.steps_per_epoch is not None:
-            batches = batches[: c.steps_per_epoch]
+        batches = batches[: c.phase_b_steps(len(batches))]
         m_top = c.candidates // 2
         for idx in self._bar(batches, f"epoch {self.epoch} retr"):
             if self.memory is not None and bool(self.memory.known[idx].all()):
