@@ -20,8 +20,8 @@ Sections (one table each; all rows also in ``cost.csv`` and ``cost.md``):
    and brute force must return the same indices (checked; a mismatch raises).
 4. ``flower``: Flower round overhead from a simulation's ``metrics.jsonl``
    (``--flower-metrics``): each round's wall time against the shortest round its
-   sites' compute (``client-time-s`` of training + evaluation) allows on this
-   machine's CPUs, and the server's warm-up before round 1 (``startup.json``) on its
+   sites' compute (``client-cpu-s``, else ``client-time-s``, of training + evaluation)
+   allows on this machine's CPUs, and the server's warm-up before round 1 (``startup.json``) on its
    own row; without the option only a note.
 5. ``memory``: peak resident memory (``VmHWM``; ``ru_maxrss`` off Linux) of a
    separate process that builds a 2k-slice bank and runs one J-RAS epoch with it
@@ -60,8 +60,9 @@ SECTION_TITLES = {
 }
 FLOWER_NOTE = (
     "Flower round overhead: pass a simulation's `tensorboard/metrics.jsonl` with "
-    "`--flower-metrics`; the overhead is 1 - ideal / wall, the ideal round being the slower of "
-    "its slowest site and its sites' total `client-time-s` (training + evaluation) spread over the CPUs. "
+    "`--flower-metrics`; the overhead is 1 - ideal / wall, the ideal round being, phase by phase (training, "
+    "evaluation), the slower of its slowest site and its sites' total compute (`client-cpu-s`, else "
+    "`client-time-s`) spread over the CPUs. "
     "The server's warm-up before round 1 (`startup.json`) is reported on its own row."
 )
 
@@ -422,14 +423,18 @@ def check_same_topk(f_sims, f_idx, t_sims, t_idx, x, q, tol: float = 1e-4) -> fl
 
 
 def flower_overhead(path: str | Path, cpus: int | None = None) -> list[dict[str, float]]:
-    """Per round of a simulation's ``metrics.jsonl``: wall time, the sites' compute
-    (``client-time-s`` of train + evaluate), and the overhead fraction ``1 - ideal / wall``
-    where ``ideal`` is the shortest round the sites' compute allows: the slowest site of
-    each phase (sites run in parallel), or the summed compute spread over ``cpus`` cores
-    (default: this machine's), whichever is longer.
+    """Per round of a simulation's ``metrics.jsonl``: wall time, the sites' compute, and
+    the overhead fraction ``1 - ideal / wall``.
+
+    A site's compute in a phase (train, evaluate) is its ``client-cpu-s`` (the process's CPU
+    time, which stays the compute when sites share a core), else its ``client-time-s``
+    (wall). ``ideal`` is the shortest round that compute allows: phase by phase, the
+    slower of the phase's slowest site and its total compute spread over ``cpus`` cores
+    (default: this machine's), summed over the phases (a phase waits for all its sites).
 
     Raises ``ValueError`` when no round has both a wall time and per-site client times.
     """
+    cores = cpus or os.cpu_count() or 1
     rounds = []
     for line in Path(path).read_text().splitlines():
         if not line.strip():
@@ -437,17 +442,23 @@ def flower_overhead(path: str | Path, cpus: int | None = None) -> list[dict[str,
         rec = json.loads(line)
         wall = (rec.get("round_stats") or {}).get("wall_time_s")
         per_phase: dict[str, list[float]] = {}
+        measures = set()
         for site in (rec.get("sites") or {}).values():
             for phase, values in site.items():
-                if isinstance(values, dict) and "client-time-s" in values:
-                    per_phase.setdefault(phase, []).append(float(values["client-time-s"]))
+                if not isinstance(values, dict):
+                    continue
+                key = "client-cpu-s" if "client-cpu-s" in values else "client-time-s"
+                if key in values:
+                    per_phase.setdefault(phase, []).append(float(values[key]))
+                    measures.add("cpu" if key == "client-cpu-s" else "wall")
         compute = sum(sum(v) for v in per_phase.values())
         if wall and compute > 0:
             critical = sum(max(v) for v in per_phase.values())
-            ideal = max(critical, compute / (cpus or os.cpu_count() or 1))
+            ideal = sum(max(max(v), sum(v) / cores) for v in per_phase.values())
             rounds.append({"round": int(rec.get("round", len(rounds) + 1)), "wall_s": float(wall),
                            "compute_s": compute, "critical_s": critical, "ideal_s": ideal,
-                           "sites": len(rec["sites"]), "overhead": max(0.0, 1.0 - ideal / float(wall))})
+                           "sites": len(rec["sites"]), "overhead": max(0.0, 1.0 - ideal / float(wall)),
+                           "measure": "cpu" if measures == {"cpu"} else "wall"})
     if not rounds:
         raise ValueError(f"{path}: no round with a wall time and per-site client-time-s")
     return rounds
@@ -677,11 +688,12 @@ def run(args: argparse.Namespace) -> int:
                 f"{startup.get('sites_ready', 0)} of {startup.get('sites', 0)} sites ready; worker start, imports, "
                 f"site data and bank (slowest site {max(site_times, default=0.0):.1f} s); not part of any round")
         for r in flower_overhead(args.flower_metrics):
-            note = (f"{r['sites']} sites; client-time-s: sum {r['compute_s']:.1f} s, "
+            what = "client-cpu-s" if r["measure"] == "cpu" else "client-time-s"
+            note = (f"{r['sites']} sites; {what}: sum {r['compute_s']:.1f} s, "
                     f"slowest site per phase {r['critical_s']:.1f} s")
             add("flower", f"round {r['round']} wall time", r["wall_s"], "s", note)
             add("flower", f"round {r['round']} overhead", max(100.0 * r["overhead"], 1e-3), "%",
-                f"1 - ideal {r['ideal_s']:.1f} s / wall (slowest sites, or compute / {os.cpu_count()} CPUs)")
+                f"1 - ideal {r['ideal_s']:.1f} s / wall (per phase: slowest site, or compute / {os.cpu_count()} CPUs)")
         show("flower")
 
     # 5. memory ------------------------------------------------------------------

@@ -259,7 +259,8 @@ class Settings:
     support: int
     ft_epochs: int
     out: Path
-    cpus_per_client: float = 1.0
+    cpus_per_client: int | None = None
+    """CPUs Ray reserves per simulated site (None: the sites share the cores, :func:`server.simulate.ray_cpus`)."""
     client_threads: int = 1
     timeout: float | None = None
     init: str | None = None
@@ -542,7 +543,11 @@ def estimate_job_s(job: Job, calib: Mapping[str, float], st: Settings, n_train_s
     slices = calib["train_slices"] * n_train_sites
     evals = calib["val_slices"] * (n_train_sites + 1) * per * (4 if job.method.uses_retrieval else 1) * 0.3
     if job.method.kind == "federated":
-        parallel = max(1, min(cores, n_train_sites))
+        from server.simulate import ray_cpus
+
+        total, per = (None, st.cpus_per_client) if st.cpus_per_client else ray_cpus(n_train_sites, st.client_threads, cores)
+        workers = max(1, (total or cores) // per)  # Ray's pool; sites queue for its workers
+        parallel = max(1.0, min(cores, n_train_sites / math.ceil(n_train_sites / workers)))
         return FLOWER_START_S + epochs * slices * per / parallel + evals * st.rounds / parallel + evals
     return epochs * slices * per + evals
 
@@ -801,7 +806,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report-only", action="store_true", help="run nothing: rewrite report.md and the bar chart "
                    "from OUT/results.csv for the given methods (e.g. after runs made by several invocations)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of in-process training (default 2)")
-    p.add_argument("--cpus-per-client", type=float, default=1.0, help="CPUs Ray reserves per simulated site (default 1)")
+    p.add_argument("--cpus-per-client", type=int, default=None,
+                   help="CPUs Ray reserves per simulated site (default: the sites share the CPUs, one worker per "
+                   "site up to two per free CPU; 1 on a 2-core machine runs 3 sites two at a time)")
     p.add_argument("--client-threads", type=int, default=1, help="torch threads per simulated site (default 1)")
     p.add_argument("--timeout", type=float, default=0, metavar="S", help="stop a federation after S seconds (default: none)")
 

@@ -248,7 +248,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     try:
         run_dir = run_simulation(
-            PROJECT_ROOT, [str(p) for p in sites], run_config, cpus_per_client=1,
+            PROJECT_ROOT, [str(p) for p in sites], run_config,
             out_dir=out.parent, run_name=out.name, stream=not args.quiet, timeout=args.timeout or None, fresh=True,
         )
     except SimulationError as exc:

@@ -313,9 +313,11 @@ class SiteRunner:
 
         Returns:
             ``(shared_out, local_out, metrics)``: the entries to send, those to keep,
-            and scalar metrics including ``num-examples``.
+            and scalar metrics including ``num-examples``, ``client-time-s`` (wall) and
+            ``client-cpu-s`` (this process's CPU time: the compute, also when the site
+            shares a core with others).
         """
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         keep = self._load(shared, local, policy)
         reference = None
         if policy.proximal_mu > 0:
@@ -331,17 +333,20 @@ class SiteRunner:
         out_shared = transfer_cast(out_shared, policy.transfer_dtype)
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["client-time-s"] = time.perf_counter() - t0
+        metrics["client-cpu-s"] = time.process_time() - c0
         metrics["peak-rss-mb"] = peak_rss_mb()
         return out_shared, out_local, metrics
 
     def evaluate(
         self, shared: Mapping[str, np.ndarray], local: Mapping[str, np.ndarray] | None, policy: RoundPolicy
     ) -> dict[str, float]:
-        """Validation metrics of the global model (with the site's local entries)."""
-        t0 = time.perf_counter()
+        """Validation metrics of the global model (with the site's local entries), with
+        ``client-time-s`` and ``client-cpu-s`` as in :meth:`train`."""
+        t0, c0 = time.perf_counter(), time.process_time()
         self._load(shared, local, policy)
         metrics = {k: float(v) for k, v in self.site.evaluate(self.model).items()}
         metrics["client-time-s"] = time.perf_counter() - t0
+        metrics["client-cpu-s"] = time.process_time() - c0
         metrics["peak-rss-mb"] = peak_rss_mb()
         return metrics
 

@@ -278,6 +278,7 @@ def test_client_train_and_evaluate(tmp_path, site_dir, task_identity):
     metrics = next(iter(reply.content.metric_records.values()))
     assert set(arrays) == set(build_model(method).state_dict())
     assert metrics["num-examples"] > 0 and "seg_loss" in metrics and "retr_loss" in metrics
+    assert metrics["client-time-s"] > 0 and metrics["client-cpu-s"] > 0
     trained = {k: v.numpy() for k, v in arrays.items()}
     sent = {k: v.numpy() for k, v in msg.content["arrays"].items()}
     assert any(not np.array_equal(trained[k], sent[k]) for k in sent)
@@ -289,6 +290,7 @@ def test_client_train_and_evaluate(tmp_path, site_dir, task_identity):
     assert len(reply.content.array_records) == 0 and len(reply.content.metric_records) == 1
     metrics = next(iter(reply.content.metric_records.values()))
     assert {"dice_mean", "dice_lv", "dice_myo", "dice_rv", "hd95_mean", "num-examples"} <= set(metrics)
+    assert metrics["client-cpu-s"] > 0
 
     # the site (data + bank) is cached per process: a second round does not reload it
     runner = fedutil.get_runner(site_dir / "site-B.yaml", method)

@@ -21,11 +21,31 @@ from server.simulate import (
     OFFLINE_ENV,
     SimulationError,
     format_site_table,
+    ray_cpus,
     run_simulation,
     site_table,
 )
 
 PROJECT = Path(__file__).resolve().parents[1]
+
+
+def test_ray_cpus_start_one_worker_per_site_up_to_two_per_core():
+    # as many slots as sites: Ray counts the cores, each site reserves its threads
+    assert ray_cpus(2, cores=2) == (None, 1) and ray_cpus(3, cores=8) == (None, 1)
+    assert ray_cpus(2, client_threads=2, cores=4) == (None, 2)
+    # more sites than slots: Ray's pool (Ray CPUs // CPUs per site) holds one worker per
+    # site, at most two per slot
+    for cores in range(1, 17):
+        for threads in (1, 2, 3):
+            for sites in range(1, 40):
+                total, per = ray_cpus(sites, client_threads=threads, cores=cores)
+                slots = max(1, cores // threads)
+                workers = (total or cores) // per
+                assert per == threads
+                assert workers == (slots if sites <= slots else min(sites, 2 * slots)), (cores, threads, sites)
+    assert ray_cpus(3, cores=2) == (3, 1) and ray_cpus(9, cores=2) == (4, 1)
+    with pytest.raises(ValueError):
+        ray_cpus(0, cores=2)
 
 
 @pytest.mark.slow
