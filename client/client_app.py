@@ -106,6 +106,7 @@ def _policy(config: Mapping[str, Any]) -> RoundPolicy:
         keep_retriever_local=bool(config.get("keep-retriever-local", False)),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         transfer_dtype=str(config.get("transfer-dtype", "float32")),
+        diagnostics=bool(config.get("diagnostics", True)),
     )
 
 

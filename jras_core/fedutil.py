@@ -258,6 +258,8 @@ class RoundPolicy:
         epochs: local epochs (None: the method config's ``train.epochs``).
         transfer_dtype: wire format of the model entries the site sends back
             (``float32`` or ``float16``).
+        diagnostics: the evaluation adds the retrieval diagnostics (oracle, random and
+            no guides; :func:`jras_core.training.evaluate.evaluate`).
     """
 
     server_round: int = 0
@@ -266,6 +268,7 @@ class RoundPolicy:
     proximal_mu: float = 0.0
     epochs: int | None = None
     transfer_dtype: str = "float32"
+    diagnostics: bool = True
 
 
 @dataclass
@@ -344,7 +347,7 @@ class SiteRunner:
         ``client-time-s`` and ``client-cpu-s`` as in :meth:`train`."""
         t0, c0 = time.perf_counter(), time.process_time()
         self._load(shared, local, policy)
-        metrics = {k: float(v) for k, v in self.site.evaluate(self.model).items()}
+        metrics = {k: float(v) for k, v in self.site.evaluate(self.model, diagnostics=policy.diagnostics).items()}
         metrics["client-time-s"] = time.perf_counter() - t0
         metrics["client-cpu-s"] = time.process_time() - c0
         metrics["peak-rss-mb"] = peak_rss_mb()

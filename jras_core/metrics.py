@@ -60,14 +60,16 @@ def hd95_per_class(
     return torch.where(in_pred | in_target, hd, torch.full_like(hd, float("nan")))
 
 
-def volume_metrics(pred: torch.Tensor, slices: SliceSet, num_classes: int) -> dict[str, np.ndarray]:
+def volume_metrics(pred: torch.Tensor, slices: SliceSet, num_classes: int, hd95: bool = True) -> dict[str, np.ndarray]:
     """Dice and HD95 of every volume, slices stacked back in their order.
 
     Args:
         pred: ``(N, S, S)`` predicted labels for the ``N`` slices of ``slices``.
+        hd95: also the HD95 (the costlier of the two); off: Dice only.
 
     Returns:
-        ``{"dice": (V, C-1), "hd95": (V, C-1)}`` over the volumes present, in mm.
+        ``{"dice": (V, C-1), "hd95": (V, C-1)}`` over the volumes present, in mm
+        (``"dice"`` only when ``hd95`` is off).
     """
     dices, hds = [], []
     for v, idx in slices.volume_rows():
@@ -75,8 +77,12 @@ def volume_metrics(pred: torch.Tensor, slices: SliceSet, num_classes: int) -> di
         t = slices.masks[idx].long().permute(1, 2, 0).unsqueeze(0)
         spacing = slices.volumes[v].spacing
         dices.append(dice_per_class(p, t, num_classes)[0])
-        hds.append(hd95_per_class(p, t, num_classes, spacing=tuple(spacing))[0])
-    return {"dice": torch.stack(dices).numpy(), "hd95": torch.stack(hds).numpy()}
+        if hd95:
+            hds.append(hd95_per_class(p, t, num_classes, spacing=tuple(spacing))[0])
+    out = {"dice": torch.stack(dices).numpy()}
+    if hd95:
+        out["hd95"] = torch.stack(hds).numpy()
+    return out
 
 
 def summarise(values: np.ndarray, class_names: list[str], prefix: str) -> dict[str, float]:

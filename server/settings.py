@@ -48,6 +48,11 @@ class ServerSettings:
             [``dp-num-sampled-clients``].
         transfer_dtype: wire format of model entries in both directions, ``float32`` or
             ``float16`` (half the bytes; the server aggregates in float32) [``transfer-dtype``].
+        diagnostics_every: the sites' evaluation adds the retrieval diagnostics
+            (``guide_dice``, ``dice_oracle``, ``dice_random``, ``dice_noguide``: three more
+            predictions of the validation slices, about twice the evaluation's time) in every
+            N-th round and in the run's last round; 0: the last round only
+            [``diagnostics-every``].
         warm_up: before round 1, have every connected site load its data, bank and model
             and its process pay its first-use costs (:func:`server.server_app.warm_up`), so
             that round 1 measures a round [``warm-up``]; ``run_simulation`` turns it on.
@@ -77,6 +82,7 @@ class ServerSettings:
     dp_clipping_norm: float = 1.0
     dp_num_sampled_clients: int = 0
     transfer_dtype: str = "float32"
+    diagnostics_every: int = 5
     warm_up: bool = False
 
     KEYS: ClassVar[dict[str, tuple[str, type]]] = {
@@ -104,6 +110,7 @@ class ServerSettings:
         "dp-clipping-norm": ("dp_clipping_norm", float),
         "dp-num-sampled-clients": ("dp_num_sampled_clients", int),
         "transfer-dtype": ("transfer_dtype", str),
+        "diagnostics-every": ("diagnostics_every", int),
         "warm-up": ("warm_up", bool),
     }
 
@@ -173,6 +180,8 @@ class ServerSettings:
             raise ConfigError(f"run config: dp-clipping-norm must be positive, got {self.dp_clipping_norm}")
         if self.transfer_dtype not in ("float32", "float16"):
             raise ConfigError(f"run config: transfer-dtype must be float32 or float16, got {self.transfer_dtype!r}")
+        if self.diagnostics_every < 0:
+            raise ConfigError(f"run config: diagnostics-every must be >= 0 (0: last round only), got {self.diagnostics_every}")
         if self.dp_num_sampled_clients < 0:
             raise ConfigError(f"run config: dp-num-sampled-clients must be >= 0 (0: min-nodes), got {self.dp_num_sampled_clients}")
 

@@ -117,6 +117,8 @@ class JRASStrategyMixin:
     max_update_norm: float = 0.0
     round_timeout: float | None = None
     transfer_dtype: str = "float32"
+    diagnostics_every: int = 1
+    last_round: int = 0
     _global: Arrays | None = None
     _outbox: dict[str, list[Message]] | None = None
     _screened: bool = False
@@ -130,6 +132,8 @@ class JRASStrategyMixin:
         buffer_keys: Iterable[str] = (),
         round_timeout: float | None = None,
         transfer_dtype: str = "float32",
+        diagnostics_every: int = 1,
+        last_round: int = 0,
     ) -> None:
         self.local_keys = frozenset(local_keys)
         self.buffer_keys = frozenset(buffer_keys)
@@ -138,7 +142,16 @@ class JRASStrategyMixin:
         self.max_update_norm = float(max_update_norm)
         self.round_timeout = round_timeout
         self.transfer_dtype = transfer_dtype
+        self.diagnostics_every = int(diagnostics_every)
+        self.last_round = int(last_round)
         self._outbox = {}
+
+    def wants_diagnostics(self, rnd: int) -> bool:
+        """Whether round ``rnd``'s evaluation adds the retrieval diagnostics: every
+        ``diagnostics_every``-th round and the last one (every round when the last is unknown)."""
+        if self.last_round <= 0 or rnd >= self.last_round:
+            return True
+        return self.diagnostics_every > 0 and rnd % self.diagnostics_every == 0
 
     # ------------------------------------------------------------------ helpers
     def _shared(self, arrays: ArrayRecord) -> ArrayRecord:
@@ -309,6 +322,7 @@ class JRASStrategyMixin:
         rnd = server_round + self.round_offset
         if self.recorder is not None:
             self.recorder.start_round(rnd)
+        config = ConfigRecord({**dict(config), "diagnostics": self.wants_diagnostics(rnd)})
         messages = self._to_wire(list(super().configure_evaluate(rnd, self._shared(arrays), config, grid)))  # type: ignore[misc]
         self._sent(messages)
         self._outbox = {**(self._outbox or {}), "evaluate": messages}
@@ -439,7 +453,7 @@ def build_strategy(
     else:
         raise ValueError(f"unknown strategy {name!r}")
     strategy.setup_jras(local_keys, round_offset, recorder, settings.max_update_norm, buffer_keys, settings.round_timeout,
-                        settings.transfer_dtype)
+                        settings.transfer_dtype, settings.diagnostics_every, round_offset + settings.num_rounds)
     return strategy
 
 

@@ -144,6 +144,22 @@ def test_server_settings():
         with pytest.raises(ConfigError):
             ServerSettings.from_run_config(bad)
     assert s.run_dir(7, Path("/x")) == Path("/x/runs/federation/run-7")
+    with pytest.raises(ConfigError, match="diagnostics-every"):
+        ServerSettings.from_run_config({"diagnostics-every": -1})
+
+
+def test_diagnostics_every_nth_and_last_round():
+    from server.settings import ServerSettings
+    from server.strategies import build_strategy
+
+    def rounds_with(settings: dict, offset: int = 0) -> list[int]:
+        strategy = build_strategy(ServerSettings.from_run_config(settings), round_offset=offset)
+        return [r for r in range(offset + 1, offset + settings["num-server-rounds"] + 1) if strategy.wants_diagnostics(r)]
+
+    assert rounds_with({"num-server-rounds": 12}) == [5, 10, 12]
+    assert rounds_with({"num-server-rounds": 12, "diagnostics-every": 1}) == list(range(1, 13))
+    assert rounds_with({"num-server-rounds": 12, "diagnostics-every": 0}) == [12]
+    assert rounds_with({"num-server-rounds": 4, "diagnostics-every": 3}, offset=8) == [9, 12]
 
 
 def test_checkpoint_roundtrip_and_atomic(tmp_path, monkeypatch):
@@ -290,7 +306,14 @@ def test_client_train_and_evaluate(tmp_path, site_dir, task_identity):
     assert len(reply.content.array_records) == 0 and len(reply.content.metric_records) == 1
     metrics = next(iter(reply.content.metric_records.values()))
     assert {"dice_mean", "dice_lv", "dice_myo", "dice_rv", "hd95_mean", "num-examples"} <= set(metrics)
+    assert {"guide_dice", "dice_oracle", "dice_random", "dice_noguide"} <= set(metrics)  # no flag: all
     assert metrics["client-cpu-s"] > 0
+    ev_plain = Message(content=RecordDict({"arrays": ArrayRecord(dict(arrays)),
+                                           "config": ConfigRecord({"server-round": 1, "diagnostics": False})}),
+                       dst_node_id=5, message_type=MessageType.EVALUATE)
+    plain = next(iter(client_app(ev_plain, ctx).content.metric_records.values()))
+    assert "dice_oracle" not in plain and "guide_dice" not in plain
+    assert plain["dice_mean"] == pytest.approx(metrics["dice_mean"])
 
     # the site (data + bank) is cached per process: a second round does not reload it
     runner = fedutil.get_runner(site_dir / "site-B.yaml", method)
@@ -348,6 +371,8 @@ def _received_train(grid):
 
 
 def test_fedavg_checkpoints_logs_and_resume(tmp_path, site_dir, in_process_grid):
+    from flwr.app import MessageType
+
     from server.checkpoint import load_checkpoint
     from server.tracking import METRICS_FILE
 
@@ -388,6 +413,10 @@ def test_fedavg_checkpoints_logs_and_resume(tmp_path, site_dir, in_process_grid)
         assert set(r["sites"]) == {"node-100", "node-101"}
         assert "dice_mean" in r["global"]["evaluate"] and "seg_loss" in r["global"]["train"]
         assert "dice_lv" in r["sites"]["node-100"]["evaluate"]
+    # retrieval diagnostics: every 5th round (default) and the last one only
+    assert [("dice_oracle" in r["sites"]["node-100"]["evaluate"]) for r in lines] == [False, True]
+    evaluate_sent = [m for m in grid.sent if m.metadata.message_type == MessageType.EVALUATE]
+    assert [m.content["config"]["diagnostics"] for m in evaluate_sent] == [False, False, True, True]
     # bytes: train sends the model to 2 sites and gets 2 back, evaluate sends it to 2 sites
     model_bytes = sum(m.content["arrays"].count_bytes() for m in grid.sent[:1])
     assert lines[0]["round_stats"]["bytes_total"] == pytest.approx(6 * model_bytes, rel=0.01)

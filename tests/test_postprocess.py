@@ -1,3 +1,4 @@
+import numpy as np
 import torch
 
 from jras_core.config import JRASConfig, PostprocessConfig
@@ -66,6 +67,8 @@ def test_postprocess_config_switches_it_off_and_lowers_hd95_of_islands():
     before = volume_metrics(pred, slices, 4)["hd95"][0, 0]
     after = volume_metrics(cleaned, slices, 4)["hd95"][0, 0]
     assert after == 0.0 < before
+    dice_only = volume_metrics(pred, slices, 4, hd95=False)
+    assert set(dice_only) == {"dice"} and np.array_equal(dice_only["dice"], volume_metrics(pred, slices, 4)["dice"], equal_nan=True)
 
 
 def test_predict_applies_the_configured_postprocessing():

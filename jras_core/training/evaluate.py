@@ -150,5 +150,5 @@ def evaluate(
         for source in ("oracle", "random", "none"):
             p, _ = predict(model, slices, cfg, bank, source, exclude_own_case, seed=seed)
             key = "dice_noguide" if source == "none" else f"dice_{source}"
-            out[key] = summarise(volume_metrics(p, slices, c)["dice"], names, "d")["d_mean"]
+            out[key] = summarise(volume_metrics(p, slices, c, hd95=False)["dice"], names, "d")["d_mean"]
     return out
