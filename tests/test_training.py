@@ -112,12 +112,14 @@ def test_joint_training_raises_validation_dice(tiny_data):
 def test_phase_b_trains_on_the_configured_share_of_the_batches():
     from jras_core.config import ConfigError, ContrastiveConfig
 
-    assert ContrastiveConfig().phase_b_steps(6) == 6
+    assert ContrastiveConfig(batch_fraction=1.0).phase_b_steps(6) == 6
+    # the default, 0.4, is 3 of the synthetic sites' 6 or 7 batches
+    assert ContrastiveConfig().phase_b_steps(6) == ContrastiveConfig().phase_b_steps(7) == 3
     assert ContrastiveConfig(batch_fraction=0.5).phase_b_steps(6) == 3
     assert ContrastiveConfig(batch_fraction=0.5).phase_b_steps(7) == 4
     assert ContrastiveConfig(batch_fraction=0.01).phase_b_steps(6) == 1
     assert ContrastiveConfig(batch_fraction=0.5, steps_per_epoch=2).phase_b_steps(6) == 2
-    assert ContrastiveConfig(steps_per_epoch=10).phase_b_steps(6) == 6
+    assert ContrastiveConfig(batch_fraction=1.0, steps_per_epoch=10).phase_b_steps(6) == 6
     for bad in ({"contrastive.batch_fraction": 0.0}, {"contrastive.batch_fraction": 1.5},
                 {"contrastive.steps_per_epoch": 0}):
         with pytest.raises(ConfigError, match="contrastive"):
