@@ -153,19 +153,32 @@ OVERSUBSCRIBE = 2
 """At most this many simulated sites run at once per free CPU slot (see :func:`ray_cpus`)."""
 
 
+def phase_units(num_sites: int, workers: int, slots: int) -> float:
+    """Length of a phase of ``num_sites`` equal sites, in one site's time, when Ray's pool
+    holds ``workers`` workers and the machine ``slots`` free slots: the sites go in waves of
+    ``workers``, and a wave of ``m`` sites shares the slots (``max(1, m / slots)``)."""
+    units, left = 0.0, num_sites
+    while left > 0:
+        wave = min(left, workers)
+        units += max(1.0, wave / slots)
+        left -= wave
+    return units
+
+
 def ray_cpus(num_sites: int, client_threads: int = 1, cores: int | None = None) -> tuple[int | None, int]:
     """How many CPUs to give Ray, and how many each simulated ClientApp reserves, so that
-    the sites of a round share the machine's cores.
+    a round's sites keep the machine's cores busy.
 
-    Ray's actor pool holds ``Ray CPUs // CPUs per ClientApp`` workers, and a round's
-    messages queue for them. With more sites than ``cores // client_threads`` slots, the
-    real core count leaves cores idle at the end of each phase (3 sites on 2 cores: the
-    third site trains alone, so a phase takes twice one site's time instead of 1.5 times).
-    Giving Ray more logical CPUs than cores starts one worker per site, up to
-    :data:`OVERSUBSCRIBE` per slot, and the operating system shares the cores among them:
-    a phase then lasts about the sites' total compute over the cores. (Flower's
-    ``client-resources-num-cpus`` is a whole number, so the pool is sized through Ray's
-    ``init-args-num-cpus`` instead.)
+    Ray's actor pool holds ``Ray CPUs // CPUs per ClientApp`` workers and a round's
+    messages queue for them. When the sites do not divide evenly into the free slots
+    (``cores // client_threads``), Ray's count of the real cores leaves cores idle at the
+    end of each phase: 3 sites on 2 cores train two at a time and then the third alone, 2
+    site-times for 1.5 site-times of work. Giving Ray more logical CPUs than cores starts
+    more workers, up to :data:`OVERSUBSCRIBE` per slot, and the operating system shares
+    the cores among them. Sites that share a core compete for its caches, so this is done
+    only where it shortens a phase (:func:`phase_units`), with the fewest workers that do:
+    4 sites on 2 cores keep 2 workers. (Flower's ``client-resources-num-cpus`` is a whole
+    number, so the pool is sized through Ray's ``init-args-num-cpus``.)
 
     Args:
         num_sites: simulated SuperNodes.
@@ -173,18 +186,19 @@ def ray_cpus(num_sites: int, client_threads: int = 1, cores: int | None = None) 
         cores: CPUs of this machine (default: those this process may use).
 
     Returns:
-        ``(ray_cpus, cpus_per_client)``: ``(None, client_threads)`` (Ray counts the
-        cores itself) when every site has its own slot, else ``(workers * client_threads,
-        client_threads)``.
+        ``(ray_cpus, cpus_per_client)``: ``(None, client_threads)`` when Ray's own count
+        of the cores is best, else ``(workers * client_threads, client_threads)``.
     """
     if num_sites < 1 or client_threads < 1:
         raise ValueError(f"ray_cpus needs num_sites >= 1 and client_threads >= 1, got {num_sites}, {client_threads}")
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     slots = max(1, cores // client_threads)
-    if num_sites <= slots and client_threads <= cores:
+    native = cores // client_threads  # Ray's own pool (0 when a site wants more threads than there are cores)
+    candidates = range(max(1, native), max(max(1, native), min(num_sites, OVERSUBSCRIBE * slots)) + 1)
+    workers = min(candidates, key=lambda w: (phase_units(num_sites, w, slots), w))
+    if workers == native:
         return None, client_threads
-    workers = min(num_sites, OVERSUBSCRIBE * slots)
     return workers * client_threads, client_threads
 
 

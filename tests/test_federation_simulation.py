@@ -21,6 +21,7 @@ from server.simulate import (
     OFFLINE_ENV,
     SimulationError,
     format_site_table,
+    phase_units,
     ray_cpus,
     run_simulation,
     site_table,
@@ -29,21 +30,24 @@ from server.simulate import (
 PROJECT = Path(__file__).resolve().parents[1]
 
 
-def test_ray_cpus_start_one_worker_per_site_up_to_two_per_core():
-    # as many slots as sites: Ray counts the cores, each site reserves its threads
-    assert ray_cpus(2, cores=2) == (None, 1) and ray_cpus(3, cores=8) == (None, 1)
-    assert ray_cpus(2, client_threads=2, cores=4) == (None, 2)
-    # more sites than slots: Ray's pool (Ray CPUs // CPUs per site) holds one worker per
-    # site, at most two per slot
+def test_ray_cpus_add_workers_only_where_they_shorten_a_phase():
+    # sites that divide evenly into the cores: Ray counts the cores itself
+    assert ray_cpus(2, cores=2) == (None, 1) and ray_cpus(4, cores=2) == (None, 1)
+    assert ray_cpus(3, cores=8) == (None, 1) and ray_cpus(2, client_threads=2, cores=4) == (None, 2)
+    # 3 sites on 2 cores: 3 workers share them (1.5 site-times a phase instead of 2)
+    assert phase_units(3, 2, 2) == 2.0 and phase_units(3, 3, 2) == 1.5
+    assert ray_cpus(3, cores=2) == (3, 1) and ray_cpus(5, cores=2) == (3, 1)
+    assert ray_cpus(3, client_threads=2, cores=4) == (6, 2)
     for cores in range(1, 17):
         for threads in (1, 2, 3):
+            slots = max(1, cores // threads)
             for sites in range(1, 40):
                 total, per = ray_cpus(sites, client_threads=threads, cores=cores)
-                slots = max(1, cores // threads)
                 workers = (total or cores) // per
-                assert per == threads
-                assert workers == (slots if sites <= slots else min(sites, 2 * slots)), (cores, threads, sites)
-    assert ray_cpus(3, cores=2) == (3, 1) and ray_cpus(9, cores=2) == (4, 1)
+                assert per == threads and 1 <= workers <= max(slots, min(sites, 2 * slots)), (cores, threads, sites)
+                # never a longer phase than Ray's own pool, nor than any pool of up to two per slot
+                best = min(phase_units(sites, w, slots) for w in range(1, max(slots, min(sites, 2 * slots)) + 1))
+                assert phase_units(sites, workers, slots) == best, (cores, threads, sites)
     with pytest.raises(ValueError):
         ray_cpus(0, cores=2)
 
