@@ -207,7 +207,8 @@ def run_simulation(
     sites: Sequence[str | Path],
     run_config: Mapping[str, Any] | None = None,
     num_supernodes: int | None = None,
-    cpus_per_client: int | None = None,
+    cpus_per_client: int = 1,
+    share_cores: bool = False,
     out_dir: str | Path = "runs/federation",
     run_name: str = "sim",
     flwr_home: str | Path | None = None,
@@ -227,9 +228,13 @@ def run_simulation(
             and ``run-name`` are set from the arguments; ``min-nodes`` defaults to
             the number of SuperNodes, so that every site takes part in every round.
         num_supernodes: simulated SuperNodes (default: one per site; at most one per site).
-        cpus_per_client: CPUs Ray reserves per ClientApp, out of the machine's (default:
-            the sites share the cores, :func:`ray_cpus` of the number of SuperNodes and the
-            run config's ``client-threads``).
+        cpus_per_client: CPUs Ray reserves per ClientApp, out of the machine's cores (a
+            whole number: Flower's ``client-resources-num-cpus``).
+        share_cores: size Ray's pool by :func:`ray_cpus` instead (the run config's
+            ``client-threads`` per site; more workers than cores where that shortens a
+            phase). Measured on 2 cores with 3 sites at 128 px: the rounds' idle tails go,
+            but sites that share a core use 25-30% more CPU time, and rounds were not
+            reliably shorter (``docs/results/cost.md``).
         out_dir: folder of run folders.
         run_name: this run's folder under ``out_dir``.
         flwr_home: Flower's home for this run (default: a temporary folder, removed after).
@@ -265,7 +270,7 @@ def run_simulation(
     if not 1 <= n <= len(site_paths):
         raise ValueError(f"num_supernodes must be between 1 and the number of sites ({len(site_paths)}), got {n}")
     ray_total: int | None = None
-    if cpus_per_client is None:
+    if share_cores:
         ray_total, cpus_per_client = ray_cpus(n, int((run_config or {}).get("client-threads", 1)))
     elif int(cpus_per_client) != cpus_per_client or cpus_per_client < 1:
         raise ValueError(f"cpus_per_client must be a whole number >= 1 (Flower's client-resources-num-cpus), "
