@@ -285,7 +285,7 @@ def test_reused_first_pass_runs_pass_one_only_for_unseen_slices(slices):
     from jras_core.training.joint import JRASTrainer
 
     n = len(slices)
-    fresh_cfg = JRASConfig().with_overrides({**TINY, "retrieval.first_pass": "fresh"})
+    fresh_cfg = JRASConfig().with_overrides({**TINY, "retrieval.first_pass": "fresh", "contrastive.batch_fraction": 1.0})
     fresh = JRASTrainer(build_model(fresh_cfg), fresh_cfg, slices)
     fresh_count = _PassOneCounter(fresh.finder)
     fresh.phase_segmenter()  # pass 1 only for the queries whose guides are not dropped
@@ -383,7 +383,7 @@ def test_a_round_of_local_training_does_not_depend_on_the_previous_one():
 def test_stored_keys_embed_only_the_queries_in_phase_b(slices):
     from jras_core.training.joint import JRASTrainer
 
-    cfg = JRASConfig().with_overrides({**TINY, "contrastive.keys": "stored"})
+    cfg = JRASConfig().with_overrides({**TINY, "contrastive.keys": "stored", "contrastive.batch_fraction": 1.0})
     model = build_model(cfg)
     trainer = JRASTrainer(model, cfg, slices)
     embedded = []
