@@ -431,6 +431,7 @@ def flower_overhead(path: str | Path, cpus: int | None = None) -> list[dict[str,
     (wall). ``ideal`` is the shortest round that compute allows: phase by phase, the
     slower of the phase's slowest site and its total compute spread over ``cpus`` cores
     (default: this machine's), summed over the phases (a phase waits for all its sites).
+    ``server_s``: the round's ``server_time_s`` (the server's own work; NaN when not logged).
 
     Raises ``ValueError`` when no round has both a wall time and per-site client times.
     """
@@ -441,6 +442,7 @@ def flower_overhead(path: str | Path, cpus: int | None = None) -> list[dict[str,
             continue
         rec = json.loads(line)
         wall = (rec.get("round_stats") or {}).get("wall_time_s")
+        server = (rec.get("round_stats") or {}).get("server_time_s")
         per_phase: dict[str, list[float]] = {}
         measures = set()
         for site in (rec.get("sites") or {}).values():
@@ -458,7 +460,8 @@ def flower_overhead(path: str | Path, cpus: int | None = None) -> list[dict[str,
             rounds.append({"round": int(rec.get("round", len(rounds) + 1)), "wall_s": float(wall),
                            "compute_s": compute, "critical_s": critical, "ideal_s": ideal,
                            "sites": len(rec["sites"]), "overhead": max(0.0, 1.0 - ideal / float(wall)),
-                           "measure": "cpu" if measures == {"cpu"} else "wall"})
+                           "measure": "cpu" if measures == {"cpu"} else "wall",
+                           "server_s": float(server) if server is not None else float("nan")})
     if not rounds:
         raise ValueError(f"{path}: no round with a wall time and per-site client-time-s")
     return rounds
@@ -692,8 +695,10 @@ def run(args: argparse.Namespace) -> int:
             note = (f"{r['sites']} sites; {what}: sum {r['compute_s']:.1f} s, "
                     f"slowest site per phase {r['critical_s']:.1f} s")
             add("flower", f"round {r['round']} wall time", r["wall_s"], "s", note)
+            server = f"; server-side work {r['server_s']:.2f} s" if math.isfinite(r["server_s"]) else ""
             add("flower", f"round {r['round']} overhead", max(100.0 * r["overhead"], 1e-3), "%",
-                f"1 - ideal {r['ideal_s']:.1f} s / wall (per phase: slowest site, or compute / {os.cpu_count()} CPUs)")
+                f"1 - ideal {r['ideal_s']:.1f} s / wall (per phase: slowest site, or compute / {os.cpu_count()} CPUs)"
+                + server)
         show("flower")
 
     # 5. memory ------------------------------------------------------------------

@@ -73,6 +73,7 @@ def make_round_end_fn(
         rnd = server_round + strategy.round_offset
         if server_round == 0:
             return None
+        t0 = time.perf_counter()
         save_checkpoint(
             run_dir,
             Checkpoint(
@@ -83,6 +84,7 @@ def make_round_end_fn(
                 strategy_state=strategy.state_arrays(),
             ),
         )
+        recorder.add_server_time(time.perf_counter() - t0)
         summary = recorder.end_round(rnd)
         return MetricRecord({k: float(v) for k, v in summary.items()})
 

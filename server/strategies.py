@@ -27,9 +27,11 @@ aggregation (FedMedian, FedTrimmedAvg, Krum) from :class:`~server.settings.Serve
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -154,6 +156,16 @@ class JRASStrategyMixin:
         return self.diagnostics_every > 0 and rnd % self.diagnostics_every == 0
 
     # ------------------------------------------------------------------ helpers
+    @contextlib.contextmanager
+    def _server_work(self) -> Iterator[None]:
+        """Time the enclosed server-side work into the round's ``server_time_s``."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.recorder is not None:
+                self.recorder.add_server_time(time.perf_counter() - t0)
+
     def _shared(self, arrays: ArrayRecord) -> ArrayRecord:
         if not self.local_keys:
             return arrays
@@ -288,54 +300,58 @@ class JRASStrategyMixin:
 
     # ------------------------------------------------------------------ Strategy API
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        rnd = server_round + self.round_offset
-        if self.recorder is not None:
-            self.recorder.start_round(rnd)
-        self._global = record_to_arrays(arrays)
-        messages = self._to_wire(list(super().configure_train(rnd, self._shared(arrays), config, grid)))  # type: ignore[misc]
-        self._sent(messages)
-        self._outbox = {**(self._outbox or {}), "train": messages}
-        return messages
+        with self._server_work():
+            rnd = server_round + self.round_offset
+            if self.recorder is not None:
+                self.recorder.start_round(rnd)
+            self._global = record_to_arrays(arrays)
+            messages = self._to_wire(list(super().configure_train(rnd, self._shared(arrays), config, grid)))  # type: ignore[misc]
+            self._sent(messages)
+            self._outbox = {**(self._outbox or {}), "train": messages}
+            return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        rnd = server_round + self.round_offset
-        replies = list(replies)
-        if self._screened:  # already screened by a wrapper (DP) before clipping
-            self._screened = False
-        else:
-            screened = self.screen_train_replies(rnd, replies)
-            if screened is None:
-                return None, None
-            replies = screened
-        aggregated, metrics = super().aggregate_train(rnd, replies)  # type: ignore[misc]
-        metrics = _drop_per_site(metrics)
-        if metrics is not None and self.recorder is not None:
-            self.recorder.add_global_metrics("train", metrics)
-        if aggregated is None:
-            return None, metrics
-        shared = self.postprocess_aggregate(record_to_arrays(aggregated), [m for m in replies if not m.has_error()])
-        merged = dict(self._global or {})
-        merged.update(shared)
-        return arrays_to_record(cast_like(merged, self._global or {})), metrics
+        with self._server_work():
+            rnd = server_round + self.round_offset
+            replies = list(replies)
+            if self._screened:  # already screened by a wrapper (DP) before clipping
+                self._screened = False
+            else:
+                screened = self.screen_train_replies(rnd, replies)
+                if screened is None:
+                    return None, None
+                replies = screened
+            aggregated, metrics = super().aggregate_train(rnd, replies)  # type: ignore[misc]
+            metrics = _drop_per_site(metrics)
+            if metrics is not None and self.recorder is not None:
+                self.recorder.add_global_metrics("train", metrics)
+            if aggregated is None:
+                return None, metrics
+            shared = self.postprocess_aggregate(record_to_arrays(aggregated), [m for m in replies if not m.has_error()])
+            merged = dict(self._global or {})
+            merged.update(shared)
+            return arrays_to_record(cast_like(merged, self._global or {})), metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        rnd = server_round + self.round_offset
-        if self.recorder is not None:
-            self.recorder.start_round(rnd)
-        config = ConfigRecord({**dict(config), "diagnostics": self.wants_diagnostics(rnd)})
-        messages = self._to_wire(list(super().configure_evaluate(rnd, self._shared(arrays), config, grid)))  # type: ignore[misc]
-        self._sent(messages)
-        self._outbox = {**(self._outbox or {}), "evaluate": messages}
-        return messages
+        with self._server_work():
+            rnd = server_round + self.round_offset
+            if self.recorder is not None:
+                self.recorder.start_round(rnd)
+            config = ConfigRecord({**dict(config), "diagnostics": self.wants_diagnostics(rnd)})
+            messages = self._to_wire(list(super().configure_evaluate(rnd, self._shared(arrays), config, grid)))  # type: ignore[misc]
+            self._sent(messages)
+            self._outbox = {**(self._outbox or {}), "evaluate": messages}
+            return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        rnd = server_round + self.round_offset
-        replies = list(replies)
-        self._record("evaluate", replies, rnd)
-        metrics = _drop_per_site(super().aggregate_evaluate(rnd, replies))  # type: ignore[misc]
-        if metrics is not None and self.recorder is not None:
-            self.recorder.add_global_metrics("evaluate", metrics)
-        return metrics
+        with self._server_work():
+            rnd = server_round + self.round_offset
+            replies = list(replies)
+            self._record("evaluate", replies, rnd)
+            metrics = _drop_per_site(super().aggregate_evaluate(rnd, replies))  # type: ignore[misc]
+            if metrics is not None and self.recorder is not None:
+                self.recorder.add_global_metrics("evaluate", metrics)
+            return metrics
 
     # ------------------------------------------------------------------ checkpoints
     def state_arrays(self) -> Arrays:

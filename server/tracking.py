@@ -50,6 +50,7 @@ class RoundRecorder:
         self._t0: float | None = None
         self._sent = 0
         self._received = 0
+        self._server_s = 0.0
         self._failures: dict[str, int] = defaultdict(int)
         self._errors: dict[str, dict[str, str]] = defaultdict(dict)
         self._stats: dict[str, float] = {}
@@ -75,6 +76,11 @@ class RoundRecorder:
         """Why ``site`` gave no usable reply in ``phase`` (its error text, or a timeout)."""
         self._errors[site][phase] = str(text)
 
+    def add_server_time(self, seconds: float) -> None:
+        """Seconds the server spent on the round itself (preparing messages, screening and
+        aggregating replies, the checkpoint): ``server_time_s`` of the round's stats."""
+        self._server_s += float(seconds)
+
     def set_round_stat(self, name: str, value: float) -> None:
         """A scalar of the round itself (rejected replies, DP parameters), logged with the round's stats."""
         self._stats[name] = float(value)
@@ -93,6 +99,7 @@ class RoundRecorder:
         wall = time.perf_counter() - self._t0 if self._t0 is not None and rnd == self._round else float("nan")
         summary = {
             "wall_time_s": wall,
+            "server_time_s": self._server_s,
             "bytes_sent": float(self._sent),
             "bytes_received": float(self._received),
             "bytes_total": float(self._sent + self._received),

@@ -54,9 +54,10 @@ def test_flower_overhead_prefers_cpu_time(tmp_path: Path):
     """Sites that share cores wait for the CPU: their wall time is not their compute."""
     sites = {f"node-{i}": {"train": {"client-time-s": 6.0, "client-cpu-s": 4.0}} for i in range(3)}
     path = tmp_path / "metrics.jsonl"
-    path.write_text(json.dumps({"round": 1, "round_stats": {"wall_time_s": 7.5}, "sites": sites}) + "\n")
+    path.write_text(json.dumps({"round": 1, "round_stats": {"wall_time_s": 7.5, "server_time_s": 0.25},
+                                "sites": sites}) + "\n")
     (r,) = flower_overhead(path, cpus=2)
-    assert r["measure"] == "cpu" and r["compute_s"] == pytest.approx(12.0)
+    assert r["measure"] == "cpu" and r["compute_s"] == pytest.approx(12.0) and r["server_s"] == 0.25
     # three sites of 4 s on two cores: 6 s at best
     assert r["ideal_s"] == pytest.approx(6.0) and r["overhead"] == pytest.approx(1 - 6.0 / 7.5)
     # phases are barriers: each phase's slowest site counts on its own

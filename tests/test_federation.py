@@ -410,6 +410,7 @@ def test_fedavg_checkpoints_logs_and_resume(tmp_path, site_dir, in_process_grid)
     for r in lines:
         stats = r["round_stats"]
         assert stats["bytes_sent"] > 0 and stats["bytes_received"] > 0 and stats["wall_time_s"] > 0
+        assert 0 < stats["server_time_s"] < stats["wall_time_s"]  # messages, aggregation, checkpoint
         assert set(r["sites"]) == {"node-100", "node-101"}
         assert "dice_mean" in r["global"]["evaluate"] and "seg_loss" in r["global"]["train"]
         assert "dice_lv" in r["sites"]["node-100"]["evaluate"]
