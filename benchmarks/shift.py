@@ -547,8 +547,8 @@ def estimate_job_s(job: Job, calib: Mapping[str, float], st: Settings, n_train_s
     if job.method.kind == "federated":
         from server.simulate import ray_cpus
 
-        total, per = ray_cpus(n_train_sites, st.client_threads, cores) if st.share_cores else (None, st.cpus_per_client)
-        workers = max(1, (total or cores) // per)  # Ray's pool; sites queue for its workers
+        total, cpus = ray_cpus(n_train_sites, st.client_threads, cores) if st.share_cores else (None, st.cpus_per_client)
+        workers = max(1, (total or cores) // cpus)  # Ray's pool; sites queue for its workers
         parallel = max(1.0, min(cores, n_train_sites / math.ceil(n_train_sites / workers)))
         return FLOWER_START_S + epochs * slices * per / parallel + evals * st.rounds / parallel + evals
     return epochs * slices * per + evals

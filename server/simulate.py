@@ -193,9 +193,9 @@ def ray_cpus(num_sites: int, client_threads: int = 1, cores: int | None = None) 
         raise ValueError(f"ray_cpus needs num_sites >= 1 and client_threads >= 1, got {num_sites}, {client_threads}")
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    slots = max(1, cores // client_threads)
     native = cores // client_threads  # Ray's own pool (0 when a site wants more threads than there are cores)
-    candidates = range(max(1, native), max(max(1, native), min(num_sites, OVERSUBSCRIBE * slots)) + 1)
+    slots = max(1, native)
+    candidates = range(slots, max(slots, min(num_sites, OVERSUBSCRIBE * slots)) + 1)
     workers = min(candidates, key=lambda w: (phase_units(num_sites, w, slots), w))
     if workers == native:
         return None, client_threads

@@ -13,7 +13,13 @@ import pytest
 import torch
 
 from benchmarks import shift
-from benchmarks.report import heldout_by_seed_mean, mean_se, mean_std, paired_differences, write_report
+from benchmarks.report import (
+    heldout_by_seed_mean,
+    mean_se,
+    mean_std,
+    paired_differences,
+    write_report,
+)
 from jras_core.cli import main as jras_main
 from jras_core.config import ConfigError
 from server.processes import pids_with_args
@@ -286,3 +292,16 @@ def test_mnms_sample_vendors():
     vds = shift.vendor_sites("mnms-sample", 0, 64, 0)
     assert [v.vendor for v in vds] == ["A", "B", "C"]
     assert all(v.source.kind == "manifest" and v.val_fraction == 0.5 for v in vds)
+
+
+def test_runtime_estimate_follows_the_calibration_and_the_worker_pool(tmp_path: Path):
+    calib = {"plain": 0.01, "retrieval": 0.02, "train_slices": 90, "val_slices": 0}  # training time only
+    job = shift.Job(shift.METHODS["jras-fedavg"], "D", 0)
+    st = _settings(tmp_path)
+    base = shift.estimate_job_s(job, calib, st, 3, 2)
+    # twice the per-slice cost: about twice the time beyond the fixed Flower start
+    slower = shift.estimate_job_s(job, {**calib, "retrieval": 0.04}, st, 3, 2)
+    assert slower - shift.FLOWER_START_S == pytest.approx(2 * (base - shift.FLOWER_START_S))
+    # 3 sites on 2 cores: Ray's 2 workers take two waves, sharing the cores takes one
+    shared = shift.estimate_job_s(job, calib, _settings(tmp_path, share_cores=True), 3, 2)
+    assert shared - shift.FLOWER_START_S == pytest.approx((base - shift.FLOWER_START_S) * 1.5 / 2)
