@@ -233,7 +233,7 @@ def run_simulation(
         share_cores: size Ray's pool by :func:`ray_cpus` instead (the run config's
             ``client-threads`` per site; more workers than cores where that shortens a
             phase). Measured on 2 cores with 3 sites at 128 px: the rounds' idle tails go,
-            but sites that share a core use 25-30% more CPU time, and rounds were not
+            but sites that share a core use 15-27% more CPU time, and rounds were not
             reliably shorter (``docs/results/cost.md``).
         out_dir: folder of run folders.
         run_name: this run's folder under ``out_dir``.
