@@ -27,12 +27,12 @@ aggregation (FedMedian, FedTrimmedAvg, Krum) from :class:`~server.settings.Serve
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import logging
 import re
 import time
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -105,6 +105,25 @@ def _metrics_of(msg: Message) -> dict[str, float]:
     return out
 
 
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _server_work(method: _Method) -> _Method:
+    """Time a strategy step (preparing messages, screening and aggregating replies) into
+    the round's ``server_time_s``."""
+
+    @functools.wraps(method)
+    def timed(self: JRASStrategyMixin, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            if self.recorder is not None:
+                self.recorder.add_server_time(time.perf_counter() - t0)
+
+    return timed  # type: ignore[return-value]
+
+
 class JRASStrategyMixin:
     """Local entries, dtype restoration, round offset, update validation and bookkeeping
     for a FedAvg-family strategy.
@@ -156,16 +175,6 @@ class JRASStrategyMixin:
         return self.diagnostics_every > 0 and rnd % self.diagnostics_every == 0
 
     # ------------------------------------------------------------------ helpers
-    @contextlib.contextmanager
-    def _server_work(self) -> Iterator[None]:
-        """Time the enclosed server-side work into the round's ``server_time_s``."""
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.recorder is not None:
-                self.recorder.add_server_time(time.perf_counter() - t0)
-
     def _shared(self, arrays: ArrayRecord) -> ArrayRecord:
         if not self.local_keys:
             return arrays
@@ -299,59 +308,59 @@ class JRASStrategyMixin:
         return kept
 
     # ------------------------------------------------------------------ Strategy API
+    @_server_work
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        with self._server_work():
-            rnd = server_round + self.round_offset
-            if self.recorder is not None:
-                self.recorder.start_round(rnd)
-            self._global = record_to_arrays(arrays)
-            messages = self._to_wire(list(super().configure_train(rnd, self._shared(arrays), config, grid)))  # type: ignore[misc]
-            self._sent(messages)
-            self._outbox = {**(self._outbox or {}), "train": messages}
-            return messages
+        rnd = server_round + self.round_offset
+        if self.recorder is not None:
+            self.recorder.start_round(rnd)
+        self._global = record_to_arrays(arrays)
+        messages = self._to_wire(list(super().configure_train(rnd, self._shared(arrays), config, grid)))  # type: ignore[misc]
+        self._sent(messages)
+        self._outbox = {**(self._outbox or {}), "train": messages}
+        return messages
 
+    @_server_work
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        with self._server_work():
-            rnd = server_round + self.round_offset
-            replies = list(replies)
-            if self._screened:  # already screened by a wrapper (DP) before clipping
-                self._screened = False
-            else:
-                screened = self.screen_train_replies(rnd, replies)
-                if screened is None:
-                    return None, None
-                replies = screened
-            aggregated, metrics = super().aggregate_train(rnd, replies)  # type: ignore[misc]
-            metrics = _drop_per_site(metrics)
-            if metrics is not None and self.recorder is not None:
-                self.recorder.add_global_metrics("train", metrics)
-            if aggregated is None:
-                return None, metrics
-            shared = self.postprocess_aggregate(record_to_arrays(aggregated), [m for m in replies if not m.has_error()])
-            merged = dict(self._global or {})
-            merged.update(shared)
-            return arrays_to_record(cast_like(merged, self._global or {})), metrics
+        rnd = server_round + self.round_offset
+        replies = list(replies)
+        if self._screened:  # already screened by a wrapper (DP) before clipping
+            self._screened = False
+        else:
+            screened = self.screen_train_replies(rnd, replies)
+            if screened is None:
+                return None, None
+            replies = screened
+        aggregated, metrics = super().aggregate_train(rnd, replies)  # type: ignore[misc]
+        metrics = _drop_per_site(metrics)
+        if metrics is not None and self.recorder is not None:
+            self.recorder.add_global_metrics("train", metrics)
+        if aggregated is None:
+            return None, metrics
+        shared = self.postprocess_aggregate(record_to_arrays(aggregated), [m for m in replies if not m.has_error()])
+        merged = dict(self._global or {})
+        merged.update(shared)
+        return arrays_to_record(cast_like(merged, self._global or {})), metrics
 
+    @_server_work
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        with self._server_work():
-            rnd = server_round + self.round_offset
-            if self.recorder is not None:
-                self.recorder.start_round(rnd)
-            config = ConfigRecord({**dict(config), "diagnostics": self.wants_diagnostics(rnd)})
-            messages = self._to_wire(list(super().configure_evaluate(rnd, self._shared(arrays), config, grid)))  # type: ignore[misc]
-            self._sent(messages)
-            self._outbox = {**(self._outbox or {}), "evaluate": messages}
-            return messages
+        rnd = server_round + self.round_offset
+        if self.recorder is not None:
+            self.recorder.start_round(rnd)
+        config = ConfigRecord({**dict(config), "diagnostics": self.wants_diagnostics(rnd)})
+        messages = self._to_wire(list(super().configure_evaluate(rnd, self._shared(arrays), config, grid)))  # type: ignore[misc]
+        self._sent(messages)
+        self._outbox = {**(self._outbox or {}), "evaluate": messages}
+        return messages
 
+    @_server_work
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        with self._server_work():
-            rnd = server_round + self.round_offset
-            replies = list(replies)
-            self._record("evaluate", replies, rnd)
-            metrics = _drop_per_site(super().aggregate_evaluate(rnd, replies))  # type: ignore[misc]
-            if metrics is not None and self.recorder is not None:
-                self.recorder.add_global_metrics("evaluate", metrics)
-            return metrics
+        rnd = server_round + self.round_offset
+        replies = list(replies)
+        self._record("evaluate", replies, rnd)
+        metrics = _drop_per_site(super().aggregate_evaluate(rnd, replies))  # type: ignore[misc]
+        if metrics is not None and self.recorder is not None:
+            self.recorder.add_global_metrics("evaluate", metrics)
+        return metrics
 
     # ------------------------------------------------------------------ checkpoints
     def state_arrays(self) -> Arrays:
