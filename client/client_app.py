@@ -3,7 +3,9 @@
 On ``train``: load the global weights (plus the site's own local entries kept in
 ``context.state``), run the local epochs of the alternating optimisation, reply
 with the model entries that are aggregated (one ``ArrayRecord``) and scalar
-metrics (one ``MetricRecord`` with ``num-examples``). On ``evaluate``: reply with
+metrics (one ``MetricRecord`` with ``num-examples``); when the server asks
+(``evaluate-first``), first evaluate the received model and add its metrics (the
+``evaluate`` MetricRecord). On ``evaluate``: reply with
 the validation metrics only. On ``query`` (the server's warm-up before the first
 round): get ready, i.e. read the site's YAML and data, build its bank and model and
 pay the process's first-use costs, and reply with the seconds it took. Images,
@@ -31,12 +33,24 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from jras_core.config import ConfigError
 from jras_core.data.volume import DataError
 from jras_core.fedutil import (
+    EVALUATE_FIRST,
+    EVALUATION,
+    EVALUATION_ERROR,
     PROJECT_ROOT,
     Arrays,
     RoundPolicy,
@@ -147,15 +161,38 @@ def reports_input_errors(handler: Callable[[Message, Context], Message]) -> Call
     return wrapped
 
 
+def _evaluate_first(runner: SiteRunner, arrays: Arrays, local: Arrays | None, policy: RoundPolicy, context: Context) -> tuple[RecordDict, dict[str, float]]:
+    """The evaluation a train message asks for before training (``evaluate-first``): the
+    records to add to the reply (an ``evaluate`` MetricRecord, or an ``evaluate-error``
+    ConfigRecord naming what failed, so that the update still goes back) and the seconds
+    it took (``client-time-s``, ``client-cpu-s``), which the train reply's figures include."""
+    try:
+        metrics = runner.evaluate(arrays, local, policy)
+    except (ConfigError, DataError) as exc:
+        text = f"{type(exc).__name__}: {exc}"
+        log.error("evaluation before training refused: %s", text)
+        return RecordDict({EVALUATION_ERROR: ConfigRecord({"error": text})}), {}
+    spent = {key: metrics.pop(key) for key in ("client-time-s", "client-cpu-s")}
+    return RecordDict({EVALUATION: MetricRecord(_identify(metrics, context))}), spent
+
+
 @app.train()
 @reports_input_errors
 def train(msg: Message, context: Context) -> Message:
-    """Local training from the global model; reply with the shared entries and metrics."""
+    """Local training from the global model; reply with the shared entries and metrics
+    (first evaluating the received model when the server asks: ``evaluate-first``)."""
     runner = runner_for(context)
-    shared, local, metrics = runner.train(_arrays(msg), _local_state(context), _policy(_config(msg)))
+    config, arrays, local = _config(msg), _arrays(msg), _local_state(context)
+    policy = _policy(config)
+    extra, spent = RecordDict(), {}
+    if bool(config.get(EVALUATE_FIRST, False)):
+        extra, spent = _evaluate_first(runner, arrays, local, policy, context)
+    shared, local, metrics = runner.train(arrays, local, policy)
+    for key, seconds in spent.items():
+        metrics[key] += seconds
     if local:
         context.state[LOCAL_STATE_KEY] = _record(local)
-    content = RecordDict({"arrays": _record(shared), "metrics": MetricRecord(_identify(metrics, context))})
+    content = RecordDict({"arrays": _record(shared), "metrics": MetricRecord(_identify(metrics, context)), **extra})
     return Message(content=content, reply_to=msg)
 
 

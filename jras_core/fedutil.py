@@ -31,6 +31,14 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 """The folder holding ``jras_core``, ``client``, ``server``, ``sites`` and ``configs``
 (the repository, or the installed Flower App Bundle)."""
 
+EVALUATE_FIRST = "evaluate-first"
+"""Train config flag: evaluate the received model before training and reply with the
+metrics too (the server then needs no evaluation phase for that model)."""
+EVALUATION = "evaluate"
+"""Name of the train reply's MetricRecord holding that evaluation."""
+EVALUATION_ERROR = "evaluate-error"
+"""Name of the train reply's ConfigRecord saying why that evaluation failed (key ``error``)."""
+
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,  # BatchNorm*, InstanceNorm*, SyncBatchNorm
     nn.LayerNorm,

@@ -63,7 +63,9 @@ def make_round_end_fn(
     method: JRASConfig,
     run_config: dict[str, Any],
 ) -> Callable[[int, ArrayRecord], MetricRecord | None]:
-    """The ``evaluate_fn`` called after every round: global checkpoint, then the round's logs.
+    """The ``evaluate_fn`` called after every round: global checkpoint, then the round's logs
+    (held until the next round's replies bring the evaluation of this round's model, when
+    the sites evaluate it at the start of their training).
 
     Flower calls it with its own round counter (starting at 0 before the first round);
     the strategy's round offset turns that into the global round.
@@ -85,7 +87,7 @@ def make_round_end_fn(
             ),
         )
         recorder.add_server_time(time.perf_counter() - t0)
-        summary = recorder.end_round(rnd)
+        summary = recorder.end_round(rnd, defer=strategy.evaluation_deferred(rnd))
         return MetricRecord({k: float(v) for k, v in summary.items()})
 
     return round_end

@@ -53,6 +53,12 @@ class ServerSettings:
             predictions of the validation slices, about twice the evaluation's time) in every
             N-th round and in the run's last round; 0: the last round only
             [``diagnostics-every``].
+        evaluate_in_train: the sites evaluate the model they receive (the previous round's
+            aggregate) at the start of each train message and send the metrics with their
+            update; the separate evaluation phase then runs in the run's last round only, so
+            a round is one exchange with the sites instead of two. The evaluation sample is
+            then the train sample (``fraction-evaluate`` sizes the last round's; 0 still
+            turns evaluation off) [``evaluate-in-train``].
         warm_up: before round 1, have every connected site load its data, bank and model
             and its process pay its first-use costs (:func:`server.server_app.warm_up`), so
             that round 1 measures a round [``warm-up``]; ``run_simulation`` turns it on.
@@ -83,6 +89,7 @@ class ServerSettings:
     dp_num_sampled_clients: int = 0
     transfer_dtype: str = "float32"
     diagnostics_every: int = 5
+    evaluate_in_train: bool = True
     warm_up: bool = False
 
     KEYS: ClassVar[dict[str, tuple[str, type]]] = {
@@ -111,6 +118,7 @@ class ServerSettings:
         "dp-num-sampled-clients": ("dp_num_sampled_clients", int),
         "transfer-dtype": ("transfer_dtype", str),
         "diagnostics-every": ("diagnostics_every", int),
+        "evaluate-in-train": ("evaluate_in_train", bool),
         "warm-up": ("warm_up", bool),
     }
 

@@ -16,6 +16,11 @@ All strategies share :class:`JRASStrategyMixin`, which adds to Flower's own:
   the round timeout are logged as timed out; the round goes on with the others
   while at least ``min_train_nodes`` valid replies remain, else the aggregate is
   skipped and the global model stays as it is;
+* **evaluation in the train exchange** (``evaluate_in_train``): each round's train
+  messages also ask the sites to evaluate the model they carry (the previous round's
+  aggregate) before training; the metrics come back in the train reply (an ``evaluate``
+  MetricRecord, removed before aggregation) and are logged as that round's evaluation.
+  Only the last round has an evaluation phase of its own: a round is one exchange;
 * **bookkeeping**: per-site and aggregated metrics, failures (with their error
   text), timeouts, rejected replies and bytes of arrays sent and received go to a
   :class:`~server.tracking.RoundRecorder`.
@@ -35,7 +40,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
@@ -49,7 +54,15 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.differential_privacy import compute_stdv
 
-from jras_core.fedutil import Arrays, cast_like, transfer_cast, weighted_average
+from jras_core.fedutil import (
+    EVALUATE_FIRST,
+    EVALUATION,
+    EVALUATION_ERROR,
+    Arrays,
+    cast_like,
+    transfer_cast,
+    weighted_average,
+)
 from server.settings import ServerSettings
 from server.tracking import RoundRecorder
 from server.validation import validate_update, validate_weight
@@ -140,6 +153,7 @@ class JRASStrategyMixin:
     transfer_dtype: str = "float32"
     diagnostics_every: int = 1
     last_round: int = 0
+    evaluate_in_train: bool = False
     _global: Arrays | None = None
     _outbox: dict[str, list[Message]] | None = None
     _screened: bool = False
@@ -155,6 +169,7 @@ class JRASStrategyMixin:
         transfer_dtype: str = "float32",
         diagnostics_every: int = 1,
         last_round: int = 0,
+        evaluate_in_train: bool = False,
     ) -> None:
         self.local_keys = frozenset(local_keys)
         self.buffer_keys = frozenset(buffer_keys)
@@ -165,6 +180,7 @@ class JRASStrategyMixin:
         self.transfer_dtype = transfer_dtype
         self.diagnostics_every = int(diagnostics_every)
         self.last_round = int(last_round)
+        self.evaluate_in_train = bool(evaluate_in_train)
         self._outbox = {}
 
     def wants_diagnostics(self, rnd: int) -> bool:
@@ -173,6 +189,21 @@ class JRASStrategyMixin:
         if self.last_round <= 0 or rnd >= self.last_round:
             return True
         return self.diagnostics_every > 0 and rnd % self.diagnostics_every == 0
+
+    def evaluation_deferred(self, rnd: int) -> bool:
+        """Whether round ``rnd``'s model is evaluated at the start of the next round's
+        training instead of in an evaluation phase of its own (every round but the last,
+        with ``evaluate_in_train``)."""
+        folds = self.evaluate_in_train and float(getattr(self, "fraction_evaluate", 1.0)) > 0
+        return folds and 0 < self.last_round and rnd < self.last_round
+
+    def _evaluates_first(self, rnd: int, server_round: int) -> bool:
+        """Whether round ``rnd``'s train messages also ask for the evaluation of the model
+        they carry: round ``rnd - 1``'s, if this run made it (or a resumed run finds its
+        record still waiting in the log)."""
+        if not self.evaluation_deferred(rnd - 1) or rnd < 2:
+            return False
+        return server_round > 1 or (self.recorder is not None and self.recorder.pending_round == rnd - 1)
 
     # ------------------------------------------------------------------ helpers
     def _shared(self, arrays: ArrayRecord) -> ArrayRecord:
@@ -216,6 +247,37 @@ class JRASStrategyMixin:
                 received += record.count_bytes()
             self.recorder.add_site_metrics(phase, site_label(msg), _metrics_of(msg))
         self.recorder.add_traffic(received=received)
+
+    def _take_evaluations(self, rnd: int, replies: list[Message]) -> None:
+        """Remove the evaluation of round ``rnd``'s model from train replies (the
+        ``evaluate`` MetricRecord, or the ``evaluate-error`` ConfigRecord of a site whose
+        evaluation failed), aggregate it as an evaluation phase would, and hand it to the
+        recorder."""
+        sites: dict[str, dict[str, float]] = {}
+        errors: dict[str, str] = {}
+        contents: list[RecordDict] = []
+        for msg in replies:
+            if msg.has_error():
+                continue
+            content = msg.content
+            if EVALUATION_ERROR in content.config_records:
+                errors[site_label(msg)] = str(content.config_records[EVALUATION_ERROR].get("error", "failed"))
+                del content[EVALUATION_ERROR]
+            if EVALUATION in content.metric_records:
+                record = content.metric_records[EVALUATION]
+                del content[EVALUATION]
+                sites[site_label(msg)] = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+                contents.append(RecordDict({"metrics": record}))
+        if not sites and not errors:
+            return
+        for site, text in errors.items():
+            log.warning("round %d: evaluation failed at %s: %s", rnd, site, text)
+        aggregate = getattr(self, "evaluate_metrics_aggr_fn", None)
+        metrics = None
+        if contents and aggregate is not None:
+            metrics = _drop_per_site(aggregate(contents, getattr(self, "weighted_by_key", "num-examples")))
+        if self.recorder is not None:
+            self.recorder.add_evaluation(rnd, sites, metrics, errors)
 
     def _to_wire(self, messages: list[Message]) -> list[Message]:
         """Cast the outgoing model entries to the transfer dtype (in place; one cast for all)."""
@@ -278,6 +340,7 @@ class JRASStrategyMixin:
         and rejected sites): then the round's aggregate is skipped and the global model
         stays as it is.
         """
+        self._take_evaluations(rnd - 1, replies)
         self._record("train", replies, rnd)
         self._from_wire(replies)
         reference = None
@@ -314,6 +377,8 @@ class JRASStrategyMixin:
         if self.recorder is not None:
             self.recorder.start_round(rnd)
         self._global = record_to_arrays(arrays)
+        if self._evaluates_first(rnd, server_round):
+            config = ConfigRecord({**dict(config), EVALUATE_FIRST: True, "diagnostics": self.wants_diagnostics(rnd - 1)})
         messages = self._to_wire(list(super().configure_train(rnd, self._shared(arrays), config, grid)))  # type: ignore[misc]
         self._sent(messages)
         self._outbox = {**(self._outbox or {}), "train": messages}
@@ -346,6 +411,8 @@ class JRASStrategyMixin:
         rnd = server_round + self.round_offset
         if self.recorder is not None:
             self.recorder.start_round(rnd)
+        if self.evaluation_deferred(rnd):
+            return []
         config = ConfigRecord({**dict(config), "diagnostics": self.wants_diagnostics(rnd)})
         messages = self._to_wire(list(super().configure_evaluate(rnd, self._shared(arrays), config, grid)))  # type: ignore[misc]
         self._sent(messages)
@@ -478,7 +545,8 @@ def build_strategy(
     else:
         raise ValueError(f"unknown strategy {name!r}")
     strategy.setup_jras(local_keys, round_offset, recorder, settings.max_update_norm, buffer_keys, settings.round_timeout,
-                        settings.transfer_dtype, settings.diagnostics_every, round_offset + settings.num_rounds)
+                        settings.transfer_dtype, settings.diagnostics_every, round_offset + settings.num_rounds,
+                        settings.evaluate_in_train)
     return strategy
 
 

@@ -3,6 +3,8 @@
 Per round it records the aggregated (global) and per-site train and evaluation
 metrics, the number of failed and rejected replies, each failed site's error text, the
 round's wall time and the bytes of model arrays sent to and received from the sites.
+When the sites evaluate a round's model at the start of the next round's training, that
+round's record waits for the evaluation (:meth:`RoundRecorder.end_round` with ``defer``).
 No Flower import here.
 """
 
@@ -22,6 +24,8 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 STARTUP_FILE = "startup.json"
 """The warm-up before the first round (wall time, sites ready, each site's ``client-time-s``)."""
+PENDING_FILE = "pending-round.json"
+"""A finished round's record waiting for the evaluation of its model (see :meth:`RoundRecorder.end_round`)."""
 
 
 class RoundRecorder:
@@ -36,8 +40,10 @@ class RoundRecorder:
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.history: list[dict[str, Any]] = []
         self._writer = None
+        self._pending: dict[str, Any] | None = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
+            self._pending = _read_pending(self.log_dir / PENDING_FILE)
             if writer_factory is None:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -59,7 +65,10 @@ class RoundRecorder:
 
     # ------------------------------------------------------------------ collecting
     def start_round(self, rnd: int) -> None:
-        """Mark the start of global round ``rnd`` (idempotent within a round)."""
+        """Mark the start of global round ``rnd`` (idempotent within a round). A held
+        record of a round other than the previous one is written as it is."""
+        if self._pending is not None and int(self._pending["round"]) != rnd - 1:
+            self.flush_pending()
         if rnd != self._round or self._t0 is None:
             self._reset(rnd)
             self._t0 = time.perf_counter()
@@ -94,8 +103,14 @@ class RoundRecorder:
         self._global[phase] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
     # ------------------------------------------------------------------ writing
-    def end_round(self, rnd: int) -> dict[str, float]:
-        """Write the round's scalars; returns the round summary (wall time, bytes)."""
+    def end_round(self, rnd: int, defer: bool = False) -> dict[str, float]:
+        """End round ``rnd``: its record is written now, or, with ``defer``, held until
+        :meth:`add_evaluation` brings the evaluation of its model (sent with the next
+        round's updates). A held record is also kept in ``pending-round.json``, so that
+        a crash loses nothing and a resumed run can still evaluate that model.
+
+        Returns the round summary (wall time, server time, bytes, sites).
+        """
         wall = time.perf_counter() - self._t0 if self._t0 is not None and rnd == self._round else float("nan")
         summary = {
             "wall_time_s": wall,
@@ -109,39 +124,102 @@ class RoundRecorder:
         for phase, n in self._failures.items():
             summary[f"failures_{phase}"] = float(n)
         summary.update(self._stats)
-        for phase in ("train", "evaluate"):
-            n = [s[phase].get("num-examples") for s in self._sites.values() if phase in s]
-            if n and all(v is not None for v in n):
-                self._global.setdefault(phase, {})["num-examples"] = float(sum(n))
         record = {
             "round": rnd,
             "round_stats": summary,
             "global": self._global,
             "sites": {name: dict(phases) for name, phases in self._sites.items()},
             "errors": {name: dict(phases) for name, phases in self._errors.items()},
-            "time": time.time(),
         }
-        self.history.append(record)
-        if self.log_dir is not None:
-            _append_line(self.log_dir / METRICS_FILE, json.dumps(_json_safe(record)))
-        if self._writer is not None:
-            w = self._writer
-            for key, value in summary.items():
-                w.add_scalar(f"round/{key}", value, rnd)
-            for phase, metrics in self._global.items():
-                for key, value in metrics.items():
-                    w.add_scalar(f"global/{phase}/{key}", value, rnd)
-            for site, phases in self._sites.items():
-                for phase, metrics in phases.items():
-                    for key, value in metrics.items():
-                        w.add_scalar(f"site/{site}/{phase}/{key}", value, rnd)
-            w.flush()
         log.info(
             "round %d: %.1f s, %.2f MB sent, %.2f MB received",
             rnd, wall, self._sent / 2**20, self._received / 2**20,
         )
+        self.flush_pending()
+        if defer:
+            self._hold(record)
+        else:
+            self._write(record)
         self._reset(rnd)
         return summary
+
+    @property
+    def pending_round(self) -> int | None:
+        """The round whose record waits for the evaluation of its model, or None."""
+        return None if self._pending is None else int(self._pending["round"])
+
+    def add_evaluation(
+        self,
+        rnd: int,
+        sites: Mapping[str, Mapping[str, float]],
+        global_metrics: Mapping[str, float] | None,
+        errors: Mapping[str, str] | None = None,
+    ) -> None:
+        """The evaluation of round ``rnd``'s model, made by the sites at the start of a
+        later round's training: completes and writes round ``rnd``'s held record (a
+        record of its own when none is held for that round).
+
+        Args:
+            sites: each evaluating site's metrics.
+            global_metrics: their aggregate (None when no site evaluated).
+            errors: why a site's evaluation failed, by site.
+        """
+        if self._pending is not None and int(self._pending["round"]) == rnd:
+            record, self._pending = self._pending, None
+        else:
+            self.flush_pending()
+            record = {"round": rnd, "round_stats": {}, "global": {}, "sites": {}, "errors": {}}
+        stats = record["round_stats"]
+        for site, metrics in sites.items():
+            record["sites"].setdefault(site, {})["evaluate"] = {
+                k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))
+            }
+        if global_metrics is not None:
+            record["global"]["evaluate"] = {k: float(v) for k, v in global_metrics.items() if isinstance(v, (int, float))}
+        for site, text in (errors or {}).items():
+            record["errors"].setdefault(site, {})["evaluate"] = str(text)
+        stats["num_sites_evaluate"] = float(len(sites))
+        stats["failures_evaluate"] = float(len(errors or {}))
+        self._write(record)
+
+    def flush_pending(self) -> None:
+        """Write a held record as it is (its evaluation never came)."""
+        if self._pending is not None:
+            record, self._pending = self._pending, None
+            self._write(record)
+
+    def _hold(self, record: dict[str, Any]) -> None:
+        self._pending = record
+        if self.log_dir is not None:
+            tmp = self.log_dir / (PENDING_FILE + ".tmp")
+            tmp.write_text(json.dumps(_json_safe(record)))
+            tmp.replace(self.log_dir / PENDING_FILE)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        """Append a round's record to ``metrics.jsonl`` and its scalars to TensorBoard."""
+        rnd = int(record["round"])
+        record = {**record, "time": time.time()}
+        for phase in ("train", "evaluate"):
+            n = [s[phase].get("num-examples") for s in record["sites"].values() if phase in s]
+            if n and all(v is not None for v in n):
+                record["global"].setdefault(phase, {})["num-examples"] = float(sum(n))
+        self.history.append(record)
+        if self.log_dir is not None:
+            _append_line(self.log_dir / METRICS_FILE, json.dumps(_json_safe(record)))
+            (self.log_dir / PENDING_FILE).unlink(missing_ok=True)
+        if self._writer is not None:
+            w = self._writer
+            for key, value in record["round_stats"].items():
+                if value is not None:
+                    w.add_scalar(f"round/{key}", value, rnd)
+            for phase, metrics in record["global"].items():
+                for key, value in metrics.items():
+                    w.add_scalar(f"global/{phase}/{key}", value, rnd)
+            for site, phases in record["sites"].items():
+                for phase, metrics in phases.items():
+                    for key, value in metrics.items():
+                        w.add_scalar(f"site/{site}/{phase}/{key}", value, rnd)
+            w.flush()
 
     def record_startup(self, startup: Mapping[str, Any]) -> None:
         """Write the warm-up before the first round to ``startup.json`` (not a round: it is
@@ -158,6 +236,21 @@ class RoundRecorder:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def _read_pending(path: Path) -> dict[str, Any] | None:
+    """A held round record left by an earlier run in this folder, or None (also when unreadable)."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        int(record["round"])
+        for key in ("round_stats", "global", "sites", "errors"):
+            record[key] = dict(record.get(key) or {})
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("%s: unreadable (%s), ignored", path, exc)
+        return None
+    return record
 
 
 def _append_line(path: Path, line: str) -> None:

@@ -214,6 +214,49 @@ def test_round_recorder(tmp_path):
     assert list(tmp_path.glob("events.out.tfevents.*"))
 
 
+def test_round_recorder_holds_a_round_for_its_evaluation(tmp_path):
+    from server.tracking import METRICS_FILE, PENDING_FILE, RoundRecorder
+
+    def rounds() -> list[dict]:
+        return [json.loads(x) for x in (tmp_path / METRICS_FILE).read_text().splitlines()]
+
+    rec = RoundRecorder(tmp_path)
+    rec.start_round(1)
+    rec.add_site_metrics("train", "node-1", {"seg_loss": 1.0, "num-examples": 10})
+    rec.end_round(1, defer=True)
+    assert not (tmp_path / METRICS_FILE).exists() and rec.pending_round == 1
+    assert json.loads((tmp_path / PENDING_FILE).read_text())["round"] == 1
+    rec.start_round(2)  # the previous round's record keeps waiting
+    rec.add_evaluation(1, {"node-1": {"dice_mean": 0.5, "num-examples": 4}}, {"dice_mean": 0.5},
+                       errors={"node-2": "ConfigError: no validation slices"})
+    [one] = rounds()
+    assert one["round"] == 1 and one["global"]["evaluate"] == {"dice_mean": 0.5, "num-examples": 4.0}
+    assert one["sites"]["node-1"]["train"]["seg_loss"] == 1.0 and one["sites"]["node-1"]["evaluate"]["dice_mean"] == 0.5
+    assert one["errors"]["node-2"]["evaluate"].startswith("ConfigError")
+    assert one["round_stats"]["failures_evaluate"] == 1 and one["round_stats"]["num_sites_evaluate"] == 1
+    assert not (tmp_path / PENDING_FILE).exists() and rec.pending_round is None
+
+    # a crash after round 2 ended: its record survives in the pending file and a new recorder
+    # (the resumed run) picks it up and completes it
+    rec.add_site_metrics("train", "node-1", {"seg_loss": 0.8, "num-examples": 10})
+    rec.end_round(2, defer=True)
+    rec.close()
+    resumed = RoundRecorder(tmp_path)
+    assert resumed.pending_round == 2
+    resumed.start_round(3)
+    resumed.add_evaluation(2, {"node-1": {"dice_mean": 0.6, "num-examples": 4}}, {"dice_mean": 0.6})
+    assert [r["round"] for r in rounds()] == [1, 2]
+    assert rounds()[1]["sites"]["node-1"]["train"]["seg_loss"] == 0.8
+    # a held record whose evaluation cannot come any more (a fresh run in the same folder
+    # starting at round 1) is written as it is
+    resumed.end_round(3, defer=True)
+    resumed.close()
+    fresh = RoundRecorder(tmp_path)
+    fresh.start_round(1)
+    assert [r["round"] for r in rounds()] == [1, 2, 3] and "evaluate" not in rounds()[2]["global"]
+    fresh.close()
+
+
 def test_pki(tmp_path):
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -414,13 +457,17 @@ def test_fedavg_checkpoints_logs_and_resume(tmp_path, site_dir, in_process_grid)
         assert set(r["sites"]) == {"node-100", "node-101"}
         assert "dice_mean" in r["global"]["evaluate"] and "seg_loss" in r["global"]["train"]
         assert "dice_lv" in r["sites"]["node-100"]["evaluate"]
-    # retrieval diagnostics: every 5th round (default) and the last one only
+    # retrieval diagnostics: every 5th round (default) and the last one only. Round 1's model
+    # is evaluated at the start of round 2's training, round 2's (the last) in an evaluation phase
     assert [("dice_oracle" in r["sites"]["node-100"]["evaluate"]) for r in lines] == [False, True]
+    train_sent = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    assert [bool(m.content["config"].get("evaluate-first")) for m in train_sent] == [False, False, True, True]
+    assert [m.content["config"]["diagnostics"] for m in train_sent[2:]] == [False, False]
     evaluate_sent = [m for m in grid.sent if m.metadata.message_type == MessageType.EVALUATE]
-    assert [m.content["config"]["diagnostics"] for m in evaluate_sent] == [False, False, True, True]
-    # bytes: train sends the model to 2 sites and gets 2 back, evaluate sends it to 2 sites
+    assert [m.content["config"]["diagnostics"] for m in evaluate_sent] == [True, True]
+    # bytes: round 1 sends the model to 2 sites and gets 2 back (its evaluation comes as metrics)
     model_bytes = sum(m.content["arrays"].count_bytes() for m in grid.sent[:1])
-    assert lines[0]["round_stats"]["bytes_total"] == pytest.approx(6 * model_bytes, rel=0.01)
+    assert lines[0]["round_stats"]["bytes_total"] == pytest.approx(4 * model_bytes, rel=0.01)
 
     # resume: continue numbering from the checkpoint, starting from its weights
     rc2 = dict(rc, **{"resume": str(folder), "run-name": "resumed", "num-server-rounds": 1})
@@ -435,6 +482,95 @@ def test_fedavg_checkpoints_logs_and_resume(tmp_path, site_dir, in_process_grid)
                        "run-name": "bad"})
     with pytest.raises(ConfigError, match="do not match|shape"):
         run_server(in_process_grid, bad)
+
+
+def test_evaluation_in_train_matches_an_evaluation_phase(tmp_path, site_dir, in_process_grid):
+    """With ``evaluate-in-train`` (the default) each round is one exchange with the sites; the
+    metrics logged for every round's model and the trained weights are those of a run with an
+    evaluation phase in every round."""
+    from flwr.app import MessageType
+
+    from server.checkpoint import load_checkpoint
+    from server.tracking import METRICS_FILE
+
+    sites = write_sites(tmp_path, "AB", cases=4)
+    runs = {}
+    for folded in (True, False):
+        rc = base_run_config(tmp_path, sites, **{"num-server-rounds": 3, "evaluate-in-train": folded,
+                                                 "run-name": f"folded-{folded}", "diagnostics-every": 2})
+        grid = run_server(in_process_grid, rc)
+        lines = [json.loads(x) for x in (run_dir(rc) / "tensorboard" / METRICS_FILE).read_text().splitlines()]
+        kinds = [m.metadata.message_type for m in grid.sent]
+        runs[folded] = (lines, kinds, load_checkpoint(run_dir(rc)).arrays)
+    (folded, kinds, arrays), (separate, kinds_sep, arrays_sep) = runs[True], runs[False]
+    assert kinds.count(MessageType.EVALUATE) == 2 and kinds_sep.count(MessageType.EVALUATE) == 6
+    assert kinds.count(MessageType.TRAIN) == kinds_sep.count(MessageType.TRAIN) == 6
+    assert [r["round"] for r in folded] == [r["round"] for r in separate] == [1, 2, 3]
+    for a, b in zip(folded, separate):
+        for site in ("node-100", "node-101"):
+            ea, eb = a["sites"][site]["evaluate"], b["sites"][site]["evaluate"]
+            assert {k for k in eb if not k.startswith("client-")} == {k for k in ea if not k.startswith("client-")}
+            assert ea["dice_mean"] == pytest.approx(eb["dice_mean"], abs=1e-6)
+            assert ("dice_oracle" in ea) == ("dice_oracle" in eb) == (a["round"] in (2, 3))
+            assert a["sites"][site]["train"]["seg_loss"] == pytest.approx(b["sites"][site]["train"]["seg_loss"], abs=1e-6)
+        assert a["global"]["evaluate"]["dice_mean"] == pytest.approx(b["global"]["evaluate"]["dice_mean"], abs=1e-6)
+    assert set(arrays) == set(arrays_sep) and all(np.allclose(arrays[k], arrays_sep[k], atol=1e-6) for k in arrays)
+    # the evaluation's time counts in the train reply's (it ran there), not twice
+    assert all("client-time-s" not in r["sites"]["node-100"]["evaluate"] for r in folded[:2])
+    assert folded[1]["sites"]["node-100"]["train"]["client-time-s"] > 0
+
+
+def test_resume_completes_the_round_waiting_for_its_evaluation(tmp_path, site_dir, in_process_grid, monkeypatch):
+    """The coordinator stops after round 2's checkpoint, before round 3's train messages went
+    out: round 2's log line waits in ``pending-round.json``; the resumed run asks the sites to
+    evaluate the checkpoint's model in its first train messages and writes the line."""
+    from flwr.app import MessageType
+
+    from server.strategies import JRASStrategyMixin
+    from server.tracking import METRICS_FILE, PENDING_FILE
+
+    sites = write_sites(tmp_path, "AB", cases=4)
+    rc = base_run_config(tmp_path, sites, **{"num-server-rounds": 3})
+    original = JRASStrategyMixin._evaluates_first
+
+    def stop_at_round_3(self, rnd, server_round):
+        if rnd == 3:
+            raise KeyboardInterrupt
+        return original(self, rnd, server_round)
+
+    monkeypatch.setattr(JRASStrategyMixin, "_evaluates_first", stop_at_round_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_server(in_process_grid, rc)
+    monkeypatch.undo()
+    logs = run_dir(rc) / "tensorboard"
+    assert [json.loads(x)["round"] for x in (logs / METRICS_FILE).read_text().splitlines()] == [1]
+    assert json.loads((logs / PENDING_FILE).read_text())["round"] == 2
+
+    grid = run_server(in_process_grid, dict(rc, **{"resume": str(run_dir(rc)), "num-server-rounds": 1}))
+    train = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    assert [m.content["config"]["server-round"] for m in train] == [3, 3]
+    assert all(m.content["config"].get("evaluate-first") for m in train)
+    lines = [json.loads(x) for x in (logs / METRICS_FILE).read_text().splitlines()]
+    assert [r["round"] for r in lines] == [1, 2, 3] and not (logs / PENDING_FILE).exists()
+    assert "train" in lines[1]["global"] and "dice_mean" in lines[1]["global"]["evaluate"]
+
+
+def test_evaluation_in_train_failure_keeps_the_update(tmp_path, site_dir, in_process_grid):
+    """A site whose evaluation fails (no validation slices) still trains; the failure is
+    logged as that round's evaluation error."""
+    from server.tracking import METRICS_FILE
+
+    sites = write_sites(tmp_path, "AB", cases=4)
+    broken = yaml.safe_load(Path(sites[1]).read_text())
+    broken["val_fraction"] = 0.0
+    Path(sites[1]).write_text(yaml.safe_dump(broken))
+    rc = base_run_config(tmp_path, sites, **{"num-server-rounds": 2})
+    run_server(in_process_grid, rc)
+    lines = [json.loads(x) for x in (run_dir(rc) / "tensorboard" / METRICS_FILE).read_text().splitlines()]
+    first = lines[0]
+    assert "validation" in first["errors"]["node-101"]["evaluate"]
+    assert set(first["sites"]) == {"node-100", "node-101"} and "evaluate" in first["sites"]["node-100"]
+    assert lines[1]["round_stats"]["num_sites_train"] == 2  # both updates of round 2 arrived
 
 
 def test_fedbn_keeps_norm_local(tmp_path, site_dir, in_process_grid):
