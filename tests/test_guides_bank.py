@@ -186,9 +186,30 @@ def test_refresh_embeddings_do_not_depend_on_the_batch_size():
     bank = RetrievalBank(slices, num_classes=2)
     retr = Retriever(in_channels=2, embed_dim=8, channels=(4, 8))
     bank.refresh(retr)
-    default = bank.embeddings.copy()
-    bank.refresh(retr, batch_size=5)
-    np.testing.assert_allclose(bank.embeddings, default, atol=1e-6)
+    other = RetrievalBank(slices, num_classes=2)
+    other.refresh(retr, batch_size=5)
+    np.testing.assert_allclose(other.embeddings, bank.embeddings, atol=1e-6)
+
+
+def test_refresh_with_the_same_weights_embeds_nothing():
+    bank = RetrievalBank(_slices(), num_classes=2)
+    retr = Retriever(in_channels=2, embed_dim=8, channels=(4, 8))
+    calls = []
+    retr.register_forward_hook(lambda *_: calls.append(1))
+    bank.refresh(retr)
+    first, n = bank.embeddings, len(calls)
+    assert n > 0
+    bank.refresh(retr)  # same weights: nothing recomputed
+    assert len(calls) == n and bank.embeddings is first
+    with torch.no_grad():
+        next(retr.parameters()).add_(0.1)
+    bank.refresh(retr)  # a changed weight: re-embedded
+    assert len(calls) == 2 * n and not np.allclose(bank.embeddings, first)
+    bank.set_embeddings(first)  # embeddings from elsewhere: the next refresh embeds again
+    bank.refresh(retr)
+    assert len(calls) == 3 * n
+    bank.refresh(retr, force=True)
+    assert len(calls) == 4 * n
 
 
 def test_exact_search_agrees_with_faiss_flat():

@@ -29,6 +29,10 @@ from jras_core.retrieval.store import BankStore
 log = logging.getLogger(__name__)
 
 
+def _same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 class RetrievalBank:
     """Image-mask pairs of one site with L2-normalised embeddings and a search index.
 
@@ -60,6 +64,8 @@ class RetrievalBank:
         self.index: faiss.Index | None = None
         self._centred: torch.Tensor | None = None
         self._centroids: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._embedded_with: dict[str, torch.Tensor] | None = None
+        """The retriever state of the last :meth:`refresh` (None: embeddings from elsewhere)."""
         if exclude == "auto":
             exclude = "volume" if len(set(slices.case_ids.tolist())) == 1 else "case"
         self.exclude = exclude
@@ -85,13 +91,20 @@ class RetrievalBank:
         return torch.cat([images, masks], dim=1)
 
     @torch.no_grad()
-    def refresh(self, retriever: Retriever, batch_size: int | None = None) -> None:
+    def refresh(self, retriever: Retriever, batch_size: int | None = None, force: bool = False) -> None:
         """Re-embed every entry with ``retriever`` and rebuild the index.
+
+        Nothing is recomputed when ``retriever`` holds exactly the weights of the last
+        refresh (as when a site evaluates the global model and then trains from it).
 
         Args:
             batch_size: entries embedded at a time (default:
                 :func:`~jras_core.models.batching.inference_batch_size` of the slice size).
+            force: re-embed even then.
         """
+        state = retriever.state_dict()
+        if not force and self._embedded_with is not None and _same_state(self._embedded_with, state):
+            return
         batch_size = batch_size or inference_batch_size(int(self.slices.images.shape[-1]))
         was_training = retriever.training
         retriever.eval()
@@ -100,6 +113,7 @@ class RetrievalBank:
             chunks.append(retriever(self.retriever_input(slice(start, start + batch_size), retriever.in_channels)))
         retriever.train(was_training)
         self.set_embeddings(torch.cat(chunks).numpy())
+        self._embedded_with = {k: v.detach().clone() for k, v in state.items()}
 
     def set_embeddings(self, embeddings: np.ndarray) -> None:
         """Install ``(N, d)`` float32 embeddings and build the search index over them."""
@@ -114,6 +128,7 @@ class RetrievalBank:
         index.add(emb)
         self.index = index
         self.embeddings = emb
+        self._embedded_with = None
 
     def embeddings_at(self, idx: torch.Tensor) -> torch.Tensor:
         """The stored embeddings at ``idx`` (any shape; -1 reads entry 0): ``(*idx.shape, d)``."""
