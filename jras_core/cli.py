@@ -2,7 +2,7 @@
 
 Subcommands: ``data synth``, ``train``, ``eval``, ``bank build``, ``site init``, ``demo`` (a simulated
 federation), ``pki ca`` / ``pki server-cert`` / ``pki node-key`` (deployment keys), ``bench cost``
-(cost benchmark).
+(cost benchmark), ``bench rounds`` (round time through Flower).
 Run ``jras <command> --help`` for the options of each.
 """
 
@@ -278,6 +278,12 @@ def cmd_bench_cost(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_bench_rounds(args: argparse.Namespace) -> int:
+    from benchmarks.rounds import run
+
+    return run(args)
+
+
 def cmd_bench_shift(args: argparse.Namespace) -> int:
     from benchmarks.shift import run
 
@@ -321,6 +327,12 @@ def cmd_pki_node_key(args: argparse.Namespace) -> int:
 def _add_cost_arguments(p: argparse.ArgumentParser) -> None:
     # benchmarks.cost imports nothing heavy at module level, so --help stays instant
     from benchmarks.cost import add_arguments
+
+    add_arguments(p)
+
+
+def _add_rounds_arguments(p: argparse.ArgumentParser) -> None:
+    from benchmarks.rounds import add_arguments
 
     add_arguments(p)
 
@@ -426,6 +438,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_shift_arguments(shift)
     shift.set_defaults(func=cmd_bench_shift)
+    rounds = bench.add_parser(
+        "rounds",
+        help="round time through Flower: evaluation in the train exchange vs an evaluation phase",
+        description="Runs one small federation (synthetic vendors, 64 px) with run config evaluate-in-train true "
+        "and false, in turn, through Flower's Simulation Engine and/or a real SuperLink and SuperNodes on this "
+        "machine; prints the round times (and, in simulation, Flower's overhead) and writes rounds.csv and "
+        "rounds.md to --out.",
+    )
+    _add_rounds_arguments(rounds)
+    rounds.set_defaults(func=cmd_bench_rounds)
 
     pki = sub.add_parser("pki", help="keys and certificates of a TLS + node-authenticated deployment")
     pki_sub = pki.add_subparsers(dest="pki_command", required=True)

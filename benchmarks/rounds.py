@@ -1,0 +1,199 @@
+"""Round time of a federation through Flower: evaluation in the train exchange or in a phase of its own.
+
+The same small federation (synthetic vendors A, B, ..., 64 px, ``configs/demo.yaml``, one
+local epoch per round) runs with run config ``evaluate-in-train`` true and false, in turn,
+``--repeats`` times each:
+
+- ``simulation``: Flower's Simulation Engine (:func:`server.simulate.run_simulation`);
+  each round's Flower overhead is ``1 - ideal / wall`` (:func:`benchmarks.cost.flower_overhead`);
+- ``deployment``: a real SuperLink and SuperNodes on this machine
+  (:class:`server.localhost.LocalDeployment`), where every message starts a ClientApp
+  process of its own.
+
+Both settings do the same work: every round's model is evaluated once, and the weights
+are those of the same training. Prints a table and writes ``rounds.csv`` and
+``rounds.md`` to ``--out``.
+
+    python -m benchmarks.rounds --out runs/rounds             # or: jras bench rounds --out runs/rounds
+    jras bench rounds --modes simulation --rounds 3 --repeats 1 --sites 2 --out /tmp/rounds   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import statistics
+import sys
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+MODES = ("simulation", "deployment")
+VENDORS = "ABCD"
+COLUMNS = ["mode", "evaluate_in_train", "repeat", "round", "wall_s", "ideal_s", "overhead", "dice_mean"]
+
+
+def _modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if not modes or bad:
+        raise argparse.ArgumentTypeError(f"modes must be a comma-separated subset of {', '.join(MODES)}, got {text!r}")
+    return modes
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The benchmark's options (shared by ``python -m benchmarks.rounds`` and ``jras bench rounds``)."""
+    p.add_argument("--modes", type=_modes, default=list(MODES),
+                   help="simulation, deployment or both (default simulation,deployment)")
+    p.add_argument("--rounds", type=int, default=6, help="rounds per federation (default 6)")
+    p.add_argument("--repeats", type=int, default=2, help="federations per setting and mode, run in turn (default 2)")
+    p.add_argument("--sites", type=int, default=4, help="synthetic vendor sites, 2-4 (default 4; deployment: 2)")
+    p.add_argument("--cases", type=int, default=8, help="cases per site (default 8)")
+    p.add_argument("--out", default="runs/rounds", metavar="DIR", help="output folder (default runs/rounds)")
+    p.add_argument("--timeout", type=float, default=1800.0, metavar="S", help="give up a federation after S seconds")
+
+
+def site_files(folder: Path, vendors: str, cases: int) -> list[Path]:
+    """Site YAMLs of the synthetic ``vendors`` (64 px, ``cases`` cases each), each with a
+    slice cache under ``folder`` as a deployed site would have."""
+    import yaml
+
+    from jras_core.cli import demo_sites
+
+    paths = demo_sites(folder, cases, 64)[: len(vendors)]
+    for path in paths:
+        data = yaml.safe_load(path.read_text())
+        data["cache_dir"] = str(folder / f"cache-{data['vendor']}")
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return paths
+
+
+def round_rows(metrics: Path, mode: str, folded: bool, repeat: int, cpus: int | None = None) -> list[dict]:
+    """One row per round of a run's ``metrics.jsonl``: wall time, and in simulation the
+    ideal round and the overhead (NaN in deployment, where the sites' processes are not
+    the work alone)."""
+    from benchmarks.cost import flower_overhead
+
+    records = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    ideal = {r["round"]: r for r in flower_overhead(metrics, cpus=cpus)} if mode == "simulation" else {}
+    rows = []
+    for rec in records:
+        rnd = int(rec["round"])
+        over = ideal.get(rnd, {})
+        rows.append({
+            "mode": mode, "evaluate_in_train": folded, "repeat": repeat, "round": rnd,
+            "wall_s": float(rec["round_stats"]["wall_time_s"]),
+            "ideal_s": float(over.get("ideal_s", float("nan"))),
+            "overhead": float(over.get("overhead", float("nan"))),
+            "dice_mean": float((rec.get("global", {}).get("evaluate") or {}).get("dice_mean", float("nan"))),
+        })
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per mode and setting: the median round (all rounds but the last, which also
+    evaluates in a phase of its own), the sum of all rounds per federation, and in
+    simulation the median overhead."""
+    out = []
+    for mode in MODES:
+        for folded in (True, False):
+            sel = [r for r in rows if r["mode"] == mode and r["evaluate_in_train"] == folded]
+            if not sel:
+                continue
+            last = max(r["round"] for r in sel)
+            inner = [r for r in sel if r["round"] < last] or sel
+            sums = [sum(r["wall_s"] for r in sel if r["repeat"] == k) for k in sorted({r["repeat"] for r in sel})]
+            overheads = [r["overhead"] for r in inner if r["overhead"] == r["overhead"]]
+            out.append({
+                "mode": mode,
+                "evaluation": "in the train exchange" if folded else "a phase of its own",
+                "round_median_s": statistics.median(r["wall_s"] for r in inner),
+                "round_range_s": (min(r["wall_s"] for r in inner), max(r["wall_s"] for r in inner)),
+                "federation_s": sums,
+                "overhead_median": statistics.median(overheads) if overheads else float("nan"),
+                "overhead_range": (min(overheads), max(overheads)) if overheads else None,
+            })
+    return out
+
+
+def format_summary(summary: list[dict], rounds: int) -> list[str]:
+    lines = [
+        f"| mode | evaluation | round (median, rounds 1-{rounds - 1}) | range | federation of {rounds} rounds | Flower overhead (median, range) |",
+        "|---|---|---:|---|---|---|",
+    ]
+    for s in summary:
+        lo, hi = s["round_range_s"]
+        over = "-"
+        if s["overhead_range"] is not None:
+            olo, ohi = s["overhead_range"]
+            over = f"{s['overhead_median']:.0%} ({olo:.0%}-{ohi:.0%})"
+        feds = ", ".join(f"{x:.1f}" for x in s["federation_s"])
+        lines.append(f"| {s['mode']} | {s['evaluation']} | {s['round_median_s']:.2f} s | {lo:.2f}-{hi:.2f} s | {feds} s | {over} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    from jras_core.config import ConfigError
+    from server.localhost import LocalDeployment
+    from server.simulate import run_simulation
+
+    if args.rounds < 2 or args.repeats < 1 or not 2 <= args.sites <= len(VENDORS) or args.cases < 4:
+        raise ConfigError("bench rounds: needs --rounds >= 2, --repeats >= 1, --sites 2-4 and --cases >= 4")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    out = Path(args.out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    base = {"num-server-rounds": args.rounds, "strategy": "fedavg", "local-epochs": 1, "image-size": 64,
+            "client-threads": 1, "method-config": str(PROJECT_ROOT / "configs" / "demo.yaml")}
+    rows: list[dict] = []
+    for mode in args.modes:
+        vendors = VENDORS[: args.sites if mode == "simulation" else 2]
+        sites = site_files(out / "sites", vendors, args.cases)
+        deployment = LocalDeployment(sites, work_dir=out / "deployment") if mode == "deployment" else None
+        try:
+            if deployment is not None:
+                deployment.start()
+            for repeat in range(args.repeats):
+                for folded in (True, False):
+                    name = f"{mode}-{'folded' if folded else 'separate'}-{repeat}"
+                    rc = dict(base, **{"evaluate-in-train": folded})
+                    print(f"{name}: {args.rounds} rounds, {len(sites)} sites ...", flush=True)
+                    if deployment is None:
+                        run_dir = run_simulation(PROJECT_ROOT, [str(s) for s in sites], rc, out_dir=out / "runs",
+                                                 run_name=name, stream=False, timeout=args.timeout, fresh=True)
+                    else:
+                        run_dir = deployment.run(PROJECT_ROOT, rc, out / "runs" / name, timeout=args.timeout)
+                    got = round_rows(run_dir / "tensorboard" / "metrics.jsonl", mode, folded, repeat)
+                    rows += got
+                    print("    rounds " + " ".join(f"{r['wall_s']:.1f}" for r in got) + " s", flush=True)
+        finally:
+            if deployment is not None:
+                deployment.close()
+    with open(out / "rounds.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    table = format_summary(summarise(rows), args.rounds)
+    md = [
+        "# Round time: evaluation in the train exchange or in a phase of its own", "",
+        (f"{args.rounds} rounds, 64 px, one local epoch, `configs/demo.yaml`; modes {', '.join(args.modes)}; "
+         f"{args.repeats} federation(s) per setting, run in turn. Rounds 1-{args.rounds - 1}: the last round also "
+         "has an evaluation phase in both settings. Overhead (simulation): 1 - ideal / wall, the ideal being the "
+         "sites' compute packed onto this machine's cores phase by phase."), "",
+        *table, "",
+        (f"Reproduce: `jras bench rounds --modes {','.join(args.modes)} --rounds {args.rounds} "
+         f"--repeats {args.repeats} --sites {args.sites} --cases {args.cases}`"),
+    ]
+    (out / "rounds.md").write_text("\n".join(md) + "\n")
+    print("\n".join(["", *table, "", f"wrote {out / 'rounds.csv'} and {out / 'rounds.md'}"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

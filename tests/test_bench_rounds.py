@@ -1,0 +1,77 @@
+"""``jras bench rounds`` and the local deployment it runs on."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from test_federation import TINY
+
+from benchmarks.rounds import format_summary, round_rows, site_files, summarise
+from server.processes import is_alive
+
+
+def _metrics(path: Path, walls: list[float], evaluate: bool = True) -> Path:
+    lines = []
+    for rnd, wall in enumerate(walls, start=1):
+        sites = {f"node-{i}": {"train": {"client-cpu-s": 0.4, "num-examples": 10.0}} for i in range(2)}
+        rec = {"round": rnd, "round_stats": {"wall_time_s": wall}, "sites": sites,
+               "global": {"evaluate": {"dice_mean": 0.1 * rnd}} if evaluate else {}}
+        lines.append(json.dumps(rec))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_round_rows_and_summary(tmp_path):
+    folded = round_rows(_metrics(tmp_path / "a.jsonl", [1.0, 1.0, 3.0]), "simulation", True, 0, cpus=2)
+    separate = round_rows(_metrics(tmp_path / "b.jsonl", [2.0, 2.0, 2.0]), "simulation", False, 0, cpus=2)
+    deployed = round_rows(_metrics(tmp_path / "c.jsonl", [20.0, 30.0, 40.0], evaluate=False), "deployment", True, 0)
+    assert [r["round"] for r in folded] == [1, 2, 3] and folded[1]["dice_mean"] == pytest.approx(0.2)
+    # 2 sites x 0.4 s on 2 cores: the ideal round is 0.4 s
+    assert folded[0]["ideal_s"] == pytest.approx(0.4) and folded[0]["overhead"] == pytest.approx(0.6)
+    assert math.isnan(deployed[0]["overhead"]) and math.isnan(deployed[0]["dice_mean"])
+    summary = {(s["mode"], s["evaluation"]): s for s in summarise(folded + separate + deployed)}
+    inner = summary[("simulation", "in the train exchange")]
+    assert inner["round_median_s"] == 1.0  # the last round (its own evaluation phase) is left out
+    assert inner["federation_s"] == [5.0] and inner["overhead_median"] == pytest.approx(0.6)
+    assert summary[("deployment", "in the train exchange")]["overhead_range"] is None
+    table = format_summary(list(summary.values()), 3)
+    assert len(table) == 2 + 3 and "| deployment | in the train exchange | 25.00 s |" in table[-1]
+
+
+def test_bench_rounds_rejects_bad_arguments(tmp_path, capsys):
+    from jras_core.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", "rounds", "--modes", "simulation,cloud", "--out", str(tmp_path)])
+    assert "subset of simulation, deployment" in capsys.readouterr().err
+    assert main(["bench", "rounds", "--sites", "5", "--out", str(tmp_path)]) == 2
+    assert "--sites 2-4" in capsys.readouterr().err
+
+
+def test_local_deployment_evaluates_in_the_train_exchange(tmp_path):
+    """A real SuperLink and two SuperNodes on this machine, two rounds: round 1's model is
+    evaluated in round 2's train messages (through the SuperLink, as metrics of the train
+    reply), round 2's in the evaluation phase; every process is stopped on close."""
+    from server.localhost import LocalDeployment
+
+    sites = site_files(tmp_path / "sites", "AB", cases=4)
+    rc = {"num-server-rounds": 2, "local-epochs": 1, "image-size": 32, "method-overrides": TINY,
+          "method-config": "configs/demo.yaml", "round-timeout": 300}
+    with LocalDeployment(sites, work_dir=tmp_path / "deploy") as deployment:
+        pids = [p.pid for p in deployment._procs]
+        assert len(pids) == 3 and all(is_alive(p) for p in pids)
+        run_dir = deployment.run(Path(__file__).resolve().parents[1], rc, tmp_path / "runs" / "folded", timeout=600)
+    assert not any(is_alive(p) for p in pids)
+    lines = [json.loads(x) for x in (run_dir / "tensorboard" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in lines] == [1, 2]
+    for r in lines:
+        assert len(r["sites"]) == 2 and r["errors"] == {}
+        assert all("dice_mean" in s["evaluate"] and "seg_loss" in s["train"] for s in r["sites"].values())
+    assert "timeouts_evaluate" not in lines[0]["round_stats"]  # no evaluation phase in round 1
+    assert lines[1]["round_stats"]["timeouts_evaluate"] == 0
+    assert (tmp_path / "sites" / "cache-A").is_dir()  # the sites' slice caches
+    with pytest.raises(FileNotFoundError, match="site YAML not found"):
+        LocalDeployment([tmp_path / "missing.yaml"])
