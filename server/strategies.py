@@ -89,6 +89,18 @@ PER_SITE_ONLY = ("partition-id",)
 """Reply metrics that identify a site and mean nothing averaged: dropped from aggregates."""
 
 
+def aggregation_order(msg: Message) -> tuple[int, int]:
+    """Sort key of a train reply: replies are aggregated in this order, not in the order they
+    arrived, so that the float sums (and a seeded federation's weights) do not depend on which
+    site finished first. Simulated sites by ``partition-id``, others by node id, errors last."""
+    if msg.has_error():
+        return (2, int(msg.metadata.src_node_id))
+    metrics = _metrics_of(msg)
+    if "partition-id" in metrics:
+        return (0, int(metrics["partition-id"]))
+    return (1, int(msg.metadata.src_node_id))
+
+
 def _drop_per_site(metrics: MetricRecord | None) -> MetricRecord | None:
     if metrics is None or not any(k in metrics for k in PER_SITE_ONLY):
         return metrics
@@ -335,7 +347,8 @@ class JRASStrategyMixin:
     def screen_train_replies(self, rnd: int, replies: list[Message]) -> list[Message] | None:
         """Record the round's train replies and drop those failing :meth:`check_reply`.
 
-        Returns the replies to aggregate (error replies are kept for Flower to count), or
+        Returns the replies to aggregate, in :func:`aggregation_order` (error replies are
+        kept for Flower to count), or
         None when fewer than ``min_train_nodes`` valid ones remain (after failed, timed-out
         and rejected sites): then the round's aggregate is skipped and the global model
         stays as it is.
@@ -357,6 +370,7 @@ class JRASStrategyMixin:
                 log.warning("round %d: rejected the update of %s: %s", rnd, site_label(msg), reason)
         if self.recorder is not None:
             self.recorder.set_round_stat("rejected_replies", rejected)
+        kept.sort(key=aggregation_order)
         valid = sum(1 for m in kept if not m.has_error())
         needed = int(getattr(self, "min_train_nodes", 1))
         if valid < needed:

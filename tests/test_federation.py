@@ -555,6 +555,25 @@ def test_resume_completes_the_round_waiting_for_its_evaluation(tmp_path, site_di
     assert "train" in lines[1]["global"] and "dice_mean" in lines[1]["global"]["evaluate"]
 
 
+def test_aggregate_does_not_depend_on_the_order_replies_arrive(tmp_path, site_dir, in_process_grid):
+    """The same seeded federation with its replies arriving in reverse order ends with the
+    same weights, bit for bit (replies are summed in partition order)."""
+    from server.checkpoint import load_checkpoint
+
+    class ReversedGrid(in_process_grid):
+        def send_and_receive(self, messages, *, timeout=None):
+            return list(reversed(list(super().send_and_receive(messages, timeout=timeout))))
+
+    sites = write_sites(tmp_path, "ABC", cases=4)
+    weights = []
+    for name, grid in (("in-order", in_process_grid), ("reversed", ReversedGrid)):
+        rc = base_run_config(tmp_path, sites, **{"run-name": name, "diagnostics-every": 0})
+        run_server(grid, rc)
+        weights.append(load_checkpoint(run_dir(rc)).arrays)
+    assert weights[0].keys() == weights[1].keys()
+    assert all(np.array_equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_evaluation_in_train_failure_keeps_the_update(tmp_path, site_dir, in_process_grid):
     """A site whose evaluation fails (no validation slices) still trains; the failure is
     logged as that round's evaluation error."""
