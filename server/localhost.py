@@ -11,11 +11,9 @@ any Flower deployment, so this measures what a deployment costs, not a simulatio
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -23,7 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from server.processes import free_port, stop_pid
-from server.simulate import OFFLINE_ENV, RUN_CONFIG_FILE, SimulationError, _tool, _write_run_config
+from server.simulate import RUN_CONFIG_FILE, SimulationError, _tool, _write_run_config, flower_env
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +76,7 @@ class LocalDeployment:
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
         )
-        self.env = dict(os.environ)
-        self.env.update(OFFLINE_ENV)
-        self.env.update({
-            "FLWR_HOME": str(home),
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{self.env.get('PATH', '')}",
-            "PYTHONUNBUFFERED": "1",
-        })
+        self.env = flower_env(home)
         link = self._spawn("superlink", [_tool("flower-superlink"), "--insecure", "--host", "127.0.0.1",
                                          "--port", str(self.port)])
         self._wait_for_port(link)

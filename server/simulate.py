@@ -90,6 +90,20 @@ def _tool(name: str) -> str:
     return found
 
 
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """The environment of the Flower processes started here: this one's, offline
+    (:data:`OFFLINE_ENV`), with ``FLWR_HOME``, this environment's executables first on
+    ``PATH`` and unbuffered Python output."""
+    env = dict(os.environ)
+    env.update(OFFLINE_ENV)
+    env.update({
+        "FLWR_HOME": str(flwr_home),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
 def _write_connection(flwr_home: Path) -> None:
     """Make sure ``$FLWR_HOME/config.toml`` has the ``:local:`` connection :data:`CONNECTION`."""
     flwr_home.mkdir(parents=True, exist_ok=True)
@@ -299,14 +313,10 @@ def run_simulation(
     run_dir.mkdir(parents=True, exist_ok=True)
     toml_path = _write_run_config(run_dir / RUN_CONFIG_FILE, rc)
     control_port, http_port = free_port(), free_port()
-    env = dict(os.environ)
-    env.update(OFFLINE_ENV)
+    env = flower_env(home)
     env.update({
-        "FLWR_HOME": str(home),
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
         "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        "PYTHONUNBUFFERED": "1",
     })
     env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU only: silences Ray's FutureWarning
     flwr = _tool("flwr")

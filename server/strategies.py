@@ -278,7 +278,7 @@ class JRASStrategyMixin:
             if EVALUATION in content.metric_records:
                 record = content.metric_records[EVALUATION]
                 del content[EVALUATION]
-                sites[site_label(msg)] = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+                sites[site_label(msg)] = dict(record)
                 contents.append(RecordDict({"metrics": record}))
         if not sites and not errors:
             return

@@ -96,11 +96,11 @@ class RoundRecorder:
 
     def add_site_metrics(self, phase: str, site: str, metrics: Mapping[str, float]) -> None:
         """Scalar metrics of one site's reply (``phase``: ``train`` or ``evaluate``)."""
-        self._sites[site][phase] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        self._sites[site][phase] = _scalars(metrics)
 
     def add_global_metrics(self, phase: str, metrics: Mapping[str, float]) -> None:
         """Aggregated metrics of a phase."""
-        self._global[phase] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        self._global[phase] = _scalars(metrics)
 
     # ------------------------------------------------------------------ writing
     def end_round(self, rnd: int, defer: bool = False) -> dict[str, float]:
@@ -171,11 +171,9 @@ class RoundRecorder:
             record = {"round": rnd, "round_stats": {}, "global": {}, "sites": {}, "errors": {}}
         stats = record["round_stats"]
         for site, metrics in sites.items():
-            record["sites"].setdefault(site, {})["evaluate"] = {
-                k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))
-            }
+            record["sites"].setdefault(site, {})["evaluate"] = _scalars(metrics)
         if global_metrics is not None:
-            record["global"]["evaluate"] = {k: float(v) for k, v in global_metrics.items() if isinstance(v, (int, float))}
+            record["global"]["evaluate"] = _scalars(global_metrics)
         for site, text in (errors or {}).items():
             record["errors"].setdefault(site, {})["evaluate"] = str(text)
         stats["num_sites_evaluate"] = float(len(sites))
@@ -236,6 +234,11 @@ class RoundRecorder:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric entries of a metrics mapping, as floats."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 def _read_pending(path: Path) -> dict[str, Any] | None:
