@@ -1,7 +1,8 @@
 """Round time of a federation through Flower: evaluation in the train exchange or in a phase of its own.
 
-The same small federation (synthetic vendors A, B, ..., 64 px, ``configs/demo.yaml``, one
-local epoch per round) runs with run config ``evaluate-in-train`` true and false, in turn,
+The same federation (synthetic vendors A, B, ..., ``configs/demo.yaml``; by default 64 px and
+one local epoch per round, ``--size`` and ``--local-epochs`` for rounds of realistic work)
+runs with run config ``evaluate-in-train`` true and false (``--evaluation``), in turn,
 ``--repeats`` times each:
 
 - ``simulation``: Flower's Simulation Engine (:func:`server.simulate.run_simulation`);
@@ -16,6 +17,7 @@ are those of the same training. Prints a table and writes ``rounds.csv`` and
 
     python -m benchmarks.rounds --out runs/rounds             # or: jras bench rounds --out runs/rounds
     jras bench rounds --modes simulation --rounds 3 --repeats 1 --sites 2 --out /tmp/rounds   # quick
+    jras bench rounds --modes simulation --evaluation in-train --size 128 --local-epochs 3   # realistic rounds
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODES = ("simulation", "deployment")
+EVALUATIONS = {"in-train": True, "separate": False}
+"""``--evaluation`` names and their run config ``evaluate-in-train``."""
 VENDORS = "ABCD"
 COLUMNS = ["mode", "evaluate_in_train", "repeat", "round", "wall_s", "ideal_s", "overhead", "dice_mean"]
 
@@ -42,6 +46,15 @@ def _modes(text: str) -> list[str]:
     return modes
 
 
+def _evaluations(text: str) -> list[bool]:
+    names = [e.strip() for e in text.split(",") if e.strip()]
+    bad = [e for e in names if e not in EVALUATIONS]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(
+            f"evaluation must be a comma-separated subset of {', '.join(EVALUATIONS)}, got {text!r}")
+    return [EVALUATIONS[e] for e in names]
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The benchmark's options (shared by ``python -m benchmarks.rounds`` and ``jras bench rounds``)."""
     p.add_argument("--modes", type=_modes, default=list(MODES),
@@ -50,18 +63,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=2, help="federations per setting and mode, run in turn (default 2)")
     p.add_argument("--sites", type=int, default=4, help="synthetic vendor sites, 2-4 (default 4; deployment: 2)")
     p.add_argument("--cases", type=int, default=8, help="cases per site (default 8)")
+    p.add_argument("--evaluation", type=_evaluations, default=[True, False],
+                   help="in-train (evaluation in the train exchange, the default run config), separate (a phase "
+                        "of its own) or both (default in-train,separate)")
+    p.add_argument("--size", type=int, default=64, help="image size in pixels (default 64)")
+    p.add_argument("--local-epochs", type=int, default=1, help="local epochs per round (default 1)")
     p.add_argument("--out", default="runs/rounds", metavar="DIR", help="output folder (default runs/rounds)")
     p.add_argument("--timeout", type=float, default=1800.0, metavar="S", help="give up a federation after S seconds")
 
 
-def site_files(folder: Path, vendors: str, cases: int) -> list[Path]:
-    """Site YAMLs of the synthetic ``vendors`` (64 px, ``cases`` cases each), each with a
+def site_files(folder: Path, vendors: str, cases: int, size: int = 64) -> list[Path]:
+    """Site YAMLs of the synthetic ``vendors`` (``size`` px, ``cases`` cases each), each with a
     slice cache under ``folder`` as a deployed site would have."""
     import yaml
 
     from jras_core.cli import demo_sites
 
-    paths = demo_sites(folder, cases, 64)[: len(vendors)]
+    paths = demo_sites(folder, cases, size)[: len(vendors)]
     for path in paths:
         data = yaml.safe_load(path.read_text())
         data["cache_dir"] = str(folder / f"cache-{data['vendor']}")
@@ -146,21 +164,24 @@ def run(args: argparse.Namespace) -> int:
 
     if args.rounds < 2 or args.repeats < 1 or not 2 <= args.sites <= len(VENDORS) or args.cases < 4:
         raise ConfigError("bench rounds: needs --rounds >= 2, --repeats >= 1, --sites 2-4 and --cases >= 4")
+    if args.size < 32 or args.size % 16 or args.local_epochs < 1:
+        raise ConfigError("bench rounds: needs --size a multiple of 16 and >= 32, and --local-epochs >= 1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    base = {"num-server-rounds": args.rounds, "strategy": "fedavg", "local-epochs": 1, "image-size": 64,
+    base = {"num-server-rounds": args.rounds, "strategy": "fedavg", "local-epochs": args.local_epochs,
+            "image-size": args.size,
             "client-threads": 1, "method-config": str(PROJECT_ROOT / "configs" / "demo.yaml")}
     rows: list[dict] = []
     for mode in args.modes:
         vendors = VENDORS[: args.sites if mode == "simulation" else 2]
-        sites = site_files(out / "sites", vendors, args.cases)
+        sites = site_files(out / "sites", vendors, args.cases, args.size)
         deployment = LocalDeployment(sites, work_dir=out / "deployment") if mode == "deployment" else None
         try:
             if deployment is not None:
                 deployment.start()
             for repeat in range(args.repeats):
-                for folded in (True, False):
+                for folded in args.evaluation:
                     name = f"{mode}-{'folded' if folded else 'separate'}-{repeat}"
                     rc = dict(base, **{"evaluate-in-train": folded})
                     print(f"{name}: {args.rounds} rounds, {len(sites)} sites ...", flush=True)
@@ -182,13 +203,16 @@ def run(args: argparse.Namespace) -> int:
     table = format_summary(summarise(rows), args.rounds)
     md = [
         "# Round time: evaluation in the train exchange or in a phase of its own", "",
-        (f"{args.rounds} rounds, 64 px, one local epoch, `configs/demo.yaml`; modes {', '.join(args.modes)}; "
+        (f"{args.rounds} rounds, {args.size} px, {args.local_epochs} local epoch(s) per round, `configs/demo.yaml`; "
+         f"modes {', '.join(args.modes)}; "
          f"{args.repeats} federation(s) per setting, run in turn. Rounds 1-{args.rounds - 1}: the last round also "
          "has an evaluation phase in both settings. Overhead (simulation): 1 - ideal / wall, the ideal being the "
          "sites' compute packed onto this machine's cores phase by phase."), "",
         *table, "",
         (f"Reproduce: `jras bench rounds --modes {','.join(args.modes)} --rounds {args.rounds} "
-         f"--repeats {args.repeats} --sites {args.sites} --cases {args.cases}`"),
+         f"--repeats {args.repeats} --sites {args.sites} --cases {args.cases} --size {args.size} "
+         f"--local-epochs {args.local_epochs} --evaluation "
+         f"{','.join(n for n, v in EVALUATIONS.items() if v in args.evaluation)}`"),
     ]
     (out / "rounds.md").write_text("\n".join(md) + "\n")
     print("\n".join(["", *table, "", f"wrote {out / 'rounds.csv'} and {out / 'rounds.md'}"]))

@@ -441,10 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     rounds = bench.add_parser(
         "rounds",
         help="round time through Flower: evaluation in the train exchange vs an evaluation phase",
-        description="Runs one small federation (synthetic vendors, 64 px) with run config evaluate-in-train true "
-        "and false, in turn, through Flower's Simulation Engine and/or a real SuperLink and SuperNodes on this "
-        "machine; prints the round times (and, in simulation, Flower's overhead) and writes rounds.csv and "
-        "rounds.md to --out.",
+        description="Runs one federation of the synthetic vendors (64 px and one local epoch by default; --size "
+        "and --local-epochs for rounds of realistic work) with run config evaluate-in-train true and false, in "
+        "turn, through Flower's Simulation Engine and/or a real SuperLink and SuperNodes on this machine; prints "
+        "the round times (and, in simulation, Flower's overhead) and writes rounds.csv and rounds.md to --out.",
     )
     _add_rounds_arguments(rounds)
     rounds.set_defaults(func=cmd_bench_rounds)

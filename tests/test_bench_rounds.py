@@ -49,6 +49,22 @@ def test_bench_rounds_rejects_bad_arguments(tmp_path, capsys):
     assert "subset of simulation, deployment" in capsys.readouterr().err
     assert main(["bench", "rounds", "--sites", "5", "--out", str(tmp_path)]) == 2
     assert "--sites 2-4" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "rounds", "--evaluation", "in-train,never", "--out", str(tmp_path)])
+    assert "subset of in-train, separate" in capsys.readouterr().err
+    assert main(["bench", "rounds", "--size", "100", "--out", str(tmp_path)]) == 2
+    assert "multiple of 16" in capsys.readouterr().err
+
+
+def test_site_files_take_the_size(tmp_path):
+    import yaml
+
+    sites = site_files(tmp_path / "sites", "ABC", cases=4, size=128)
+    assert [yaml.safe_load(p.read_text())["vendor"] for p in sites] == ["A", "B", "C"]
+    for p in sites:
+        data = yaml.safe_load(p.read_text())
+        assert data["data"]["size"] == 128 and data["data"]["cases"] == 4
+        assert data["cache_dir"] == str(tmp_path / "sites" / f"cache-{data['vendor']}")
 
 
 def test_local_deployment_evaluates_in_the_train_exchange(tmp_path):
