@@ -84,12 +84,19 @@ class Method:
         return self.overrides.get("segmenter.fusion", "concat") != "none"
 
 
-INFERENCE_KEYS = ("retrieval.test_passes", "retrieval.test_draws", "postprocess.")
+INFERENCE_KEYS = ("retrieval.test_passes", "retrieval.test_draws", "postprocess.", "adapt.")
 """Method-config keys (or key prefixes) that change inference only, never training."""
 
 
 def _inference_only(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in INFERENCE_KEYS)
+
+
+def _changes_training_sites(before: Mapping[str, Any], after: Mapping[str, Any]) -> bool:
+    """Whether two methods' overrides evaluate the training sites differently (``adapt.*``
+    applies to held-out sites only)."""
+    keys = {k for k in {*before, *after} if before.get(k) != after.get(k)}
+    return any(not k.startswith("adapt.") for k in keys)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
@@ -449,9 +456,9 @@ def load_state(model: JRASModel, state: Mapping[str, Any]) -> None:
 
 def evaluate_heldout(method: Method, trained: Trained, site: Site, st: Settings,
                      class_keys: Sequence[str]) -> tuple[dict[str, float], JRASModel]:
-    """The held-out site's metrics with the trained model(s): AdaBN under FedBN, fine-tuning
-    for ``+ft`` methods, then evaluation retrieving from its support bank. Local-only
-    reports the mean over the local models."""
+    """The held-out site's metrics with the trained model(s): AdaBN under FedBN or with
+    ``adapt.norm_stats``, fine-tuning for ``+ft`` methods, then evaluation retrieving from its
+    support bank. Local-only reports the mean over the local models."""
     import numpy as np
 
     from jras_core.models.jras import build_model
@@ -461,7 +468,7 @@ def evaluate_heldout(method: Method, trained: Trained, site: Site, st: Settings,
     for state in trained.states:
         model = build_model(site.method)
         load_state(model, state)
-        if method.strategy == "fedbn" and method.kind == "federated":
+        if (method.strategy == "fedbn" and method.kind == "federated") or site.method.adapt.norm_stats:
             recalibrate_norm(model, site.train_set, site.method, site.bank if site.method.uses_retrieval else None)
         if method.finetune:
             site.train(model, epochs=st.ft_epochs)
@@ -702,7 +709,7 @@ def run(args: argparse.Namespace) -> int:
                     trained = train_central(sites, st, run_dir, class_keys)
                 # only the last run is kept (a +ft or inference variant follows its base)
                 trained_cache = {key: (trained, m)}
-            elif dict(trained_for.overrides) != dict(m.overrides) and m.strategy != "fedbn":
+            elif _changes_training_sites(trained_for.overrides, m.overrides) and m.strategy != "fedbn":
                 # the same federation under other inference options: its training sites evaluated with this method's
                 trained = dataclasses.replace(trained, train_rows=site_rows(trained.states[0], sites, names, class_keys))
             t_eval = time.perf_counter()

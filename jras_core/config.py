@@ -266,6 +266,21 @@ class PostprocessConfig:
 
 
 @dataclass
+class AdaptConfig:
+    """What a site that never trained (a held-out site, evaluated with its support bank) does
+    to the global model before it evaluates; training is unchanged."""
+
+    norm_stats: bool = False
+    """Re-estimate every batch-norm layer's running statistics from the site's own support
+    images (AdaBN, :func:`jras_core.training.adapt.recalibrate_norm`) instead of keeping the
+    federation's. Synthetic vendors, 128 px: the augmented baseline gains +0.033 on held-out D
+    with it (2 seeds) and J-RAS -0.002 (5 seeds; -0.003 over all four vendors)."""
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass
 class JRASConfig:
     """The whole method configuration."""
 
@@ -278,6 +293,7 @@ class JRASConfig:
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
 
     @property
     def uses_retrieval(self) -> bool:

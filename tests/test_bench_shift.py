@@ -201,6 +201,41 @@ def test_adabn_recalibrates_statistics_only(tmp_path):
     assert torch.isfinite(first.running_mean).all() and first.momentum == 0.1
 
 
+def test_adapt_norm_stats_evaluates_a_held_out_site_with_its_own_statistics(tmp_path):
+    """``adapt.norm_stats``: a held-out site evaluates a recalibrated copy of the model (the
+    given model is untouched); training sites and the default keep the federation's statistics."""
+    from jras_core.models.jras import build_model
+    from jras_core.site import Site
+    from jras_core.training.adapt import adapt_to_site
+    from jras_core.training.centralised import evaluate_sites
+
+    st = _settings(tmp_path)
+    cfg = st.method_cfg(shift.parse_methods("jras-fedavg[adapt.norm_stats=true]")[0], 0)
+    assert cfg.adapt.norm_stats and not st.method_cfg(shift.METHODS["jras-fedavg"], 0).adapt.norm_stats
+    vd = shift.vendor_sites("synthetic", cases=3, size=32, data_seed=3)[3]
+    held = Site(shift.site_config(vd, "held", support=1), cfg)
+    model = build_model(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    adapted = adapt_to_site(model, held.train_set, cfg, held.bank)
+    assert adapted is not model and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    means = [k for k in before if k.endswith("running_mean")]
+    assert all(not torch.equal(adapted.state_dict()[k], before[k]) for k in means)
+    off = cfg.with_overrides({"adapt.norm_stats": False})
+    assert adapt_to_site(model, held.train_set, off, held.bank) is model
+    # evaluate_sites: the held-out site's result is the adapted model's, the other the plain one's
+    trained = Site(shift.site_config(shift.vendor_sites("synthetic", cases=3, size=32, data_seed=3)[0], "train"), cfg)
+    with_adapt = evaluate_sites(model, [held, trained], cfg, diagnostics=False)
+    without = evaluate_sites(model, [held, trained], off, diagnostics=False)
+    assert with_adapt["train"]["dice_mean"] == pytest.approx(without["train"]["dice_mean"])
+    assert with_adapt["held"]["dice_mean"] != pytest.approx(without["held"]["dice_mean"], abs=1e-9)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # an adapt-only variant shares its base's training and does not re-evaluate the training sites
+    variant = shift.parse_methods("jras-fedavg[adapt.norm_stats=true]")[0]
+    assert variant.trains_as == "jras-fedavg" and variant.training_key == shift.METHODS["jras-fedavg"].training_key
+    assert not shift._changes_training_sites(shift.METHODS["jras-fedavg"].overrides, variant.overrides)
+    assert shift._changes_training_sites(variant.overrides, {**variant.overrides, "retrieval.test_passes": 1})
+
+
 def test_report_arithmetic(tmp_path):
     rows = []
     for seed, (a, b) in enumerate([(0.5, 0.7), (0.7, 0.9)]):

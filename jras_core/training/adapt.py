@@ -10,6 +10,7 @@ guides retrieved from the site's bank. Only statistics change; no weight is trai
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -97,4 +98,15 @@ def recalibrate_norm(
     return len(seg_layers) + len(retr_layers)
 
 
-__all__ = ["recalibrate_norm"]
+def adapt_to_site(model: JRASModel, slices: SliceSet, cfg: JRASConfig, bank: RetrievalBank | None = None) -> JRASModel:
+    """The model a site that never trained evaluates with, as ``cfg.adapt`` says: ``model``
+    itself, or (``adapt.norm_stats``) a copy with batch-norm statistics re-estimated on the
+    site's ``slices`` (:func:`recalibrate_norm`; ``bank`` is refreshed with the copy's retriever)."""
+    if not cfg.adapt.norm_stats:
+        return model
+    adapted = copy.deepcopy(model)
+    recalibrate_norm(adapted, slices, cfg, bank)
+    return adapted
+
+
+__all__ = ["adapt_to_site", "recalibrate_norm"]

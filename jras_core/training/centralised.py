@@ -16,6 +16,7 @@ from jras_core.data.slices import SliceSet
 from jras_core.models.jras import JRASModel, build_model
 from jras_core.retrieval.bank import RetrievalBank
 from jras_core.site import Site
+from jras_core.training.adapt import adapt_to_site
 from jras_core.training.evaluate import evaluate
 from jras_core.training.joint import JRASTrainer
 
@@ -27,15 +28,19 @@ def evaluate_sites(model: JRASModel, sites: Sequence[Site], cfg: JRASConfig,
     """Evaluate every site's validation split.
 
     Training sites retrieve from ``pooled_bank`` (own case excluded); a site with
-    ``support_cases`` (never trained on) retrieves from its own support bank.
+    ``support_cases`` (never trained on) retrieves from its own support bank, with the
+    model adapted to it as ``cfg.adapt`` says (:func:`~jras_core.training.adapt.adapt_to_site`).
     """
     results = {}
     for site in sites:
+        held_out = site.config.support_cases is not None
         bank = None
         if cfg.uses_retrieval:
-            bank = site.bank if site.config.support_cases is not None or pooled_bank is None else pooled_bank
-            bank.refresh(model.retr)
-        results[site.name] = evaluate(model, site.val_set, cfg, bank, diagnostics=diagnostics)
+            bank = site.bank if held_out or pooled_bank is None else pooled_bank
+        site_model = adapt_to_site(model, site.train_set, cfg, bank) if held_out else model
+        if bank is not None:
+            bank.refresh(site_model.retr)
+        results[site.name] = evaluate(site_model, site.val_set, cfg, bank, diagnostics=diagnostics)
     return results
 
 
