@@ -226,8 +226,8 @@ def demo_sites(folder: Path, cases: int, size: int) -> list[Path]:
 def cmd_demo(args: argparse.Namespace) -> int:
     from server.simulate import SimulationError, format_site_table, run_simulation, site_table
 
-    if args.rounds < 1 or args.cases < 4:
-        raise ConfigError("jras demo: --rounds must be >= 1 and --cases >= 4")
+    if args.rounds < 1 or args.cases < 4 or args.local_epochs < 1:
+        raise ConfigError("jras demo: --rounds and --local-epochs must be >= 1 and --cases >= 4")
     out = Path(args.out).expanduser().resolve()
     size = 64
     sites = demo_sites(out / "sites", args.cases, size)
@@ -235,14 +235,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "num-server-rounds": int(args.rounds),
         "strategy": "fedavg",
         "method-config": str(PROJECT_ROOT / "configs" / "demo.yaml"),
-        "local-epochs": 1,
+        "local-epochs": int(args.local_epochs),
         "image-size": size,
         "client-threads": 1,
     }
     print(
         f"J-RAS demo: a simulated federation of {len(sites)} synthetic scanner vendors "
         f"({', '.join(p.stem for p in sites)}; {args.cases} cases each, {size} px), "
-        f"FedAvg, {args.rounds} rounds of 1 local epoch, through Flower's Simulation Engine.\n"
+        f"FedAvg, {args.rounds} rounds of {args.local_epochs} local epoch(s), through Flower's Simulation Engine.\n"
         f"Run folder: {out}\n",
         flush=True,
     )
@@ -413,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--rounds", type=int, default=5, metavar="N", help="federated rounds (default 5)")
     demo.add_argument("--out", default="runs/demo", metavar="DIR", help="run folder (default runs/demo; replaced)")
+    demo.add_argument("--local-epochs", type=int, default=3, metavar="N", help="local epochs per round (default 3)")
     demo.add_argument("--cases", type=int, default=8, help="synthetic cases per vendor (default 8)")
     demo.add_argument("--timeout", type=float, default=0, metavar="S", help="stop the run after S seconds (default: none)")
     demo.add_argument("--quiet", action="store_true", help="do not stream Flower's log")

@@ -22,6 +22,12 @@ def test_help_lists_commands():
         assert cmd in out.stdout
 
 
+def test_demo_rejects_bad_arguments_before_starting_flower(tmp_path: Path, capsys):
+    assert main(["demo", "--local-epochs", "0", "--out", str(tmp_path / "demo")]) == 2
+    assert "--local-epochs must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+
+
 def test_data_synth_writes_a_manifest_the_real_loader_reads(tmp_path: Path):
     assert main(["data", "synth", "--vendor", "A,D", "--cases", "2", "--size", "32", "--out", str(tmp_path)]) == 0
     vols = load_manifest(tmp_path / "manifest.csv", num_classes=4)
