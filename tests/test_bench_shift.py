@@ -141,6 +141,7 @@ def _settings(tmp_path: Path, **over) -> shift.Settings:
 def test_local_central_finetune_in_process(tmp_path):
     from jras_core.models.jras import build_model
     from jras_core.site import Site
+    from jras_core.training.adapt import adapt_to_site
 
     torch.set_num_threads(2)
     st = _settings(tmp_path)
@@ -160,7 +161,8 @@ def test_local_central_finetune_in_process(tmp_path):
     for state in trained.states:
         model = build_model(held.method)
         shift.load_state(model, state)
-        per_model.append(held.evaluate(model)["dice_mean"])
+        # as the held-out site evaluates: with its own normalisation statistics (adapt.norm_stats)
+        per_model.append(held.evaluate(adapt_to_site(model, held.train_set, held.method))["dice_mean"])
     assert metrics["dice_mean"] == pytest.approx(float(np.mean(per_model)), abs=1e-6)  # mean of the local models
 
     central = shift.METHODS["central"]
@@ -210,8 +212,9 @@ def test_adapt_norm_stats_evaluates_a_held_out_site_with_its_own_statistics(tmp_
     from jras_core.training.centralised import evaluate_sites
 
     st = _settings(tmp_path)
-    cfg = st.method_cfg(shift.parse_methods("jras-fedavg[adapt.norm_stats=true]")[0], 0)
-    assert cfg.adapt.norm_stats and not st.method_cfg(shift.METHODS["jras-fedavg"], 0).adapt.norm_stats
+    cfg = st.method_cfg(shift.METHODS["jras-fedavg"], 0)
+    assert cfg.adapt.norm_stats  # the default
+    assert not st.method_cfg(shift.parse_methods("jras-fedavg[adapt.norm_stats=false]")[0], 0).adapt.norm_stats
     vd = shift.vendor_sites("synthetic", cases=3, size=32, data_seed=3)[3]
     held = Site(shift.site_config(vd, "held", support=1), cfg)
     model = build_model(cfg)
@@ -230,7 +233,7 @@ def test_adapt_norm_stats_evaluates_a_held_out_site_with_its_own_statistics(tmp_
     assert with_adapt["held"]["dice_mean"] != pytest.approx(without["held"]["dice_mean"], abs=1e-9)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     # an adapt-only variant shares its base's training and does not re-evaluate the training sites
-    variant = shift.parse_methods("jras-fedavg[adapt.norm_stats=true]")[0]
+    variant = shift.parse_methods("jras-fedavg[adapt.norm_stats=false]")[0]
     assert variant.trains_as == "jras-fedavg" and variant.training_key == shift.METHODS["jras-fedavg"].training_key
     assert not shift._changes_training_sites(shift.METHODS["jras-fedavg"].overrides, variant.overrides)
     assert shift._changes_training_sites(variant.overrides, {**variant.overrides, "retrieval.test_passes": 1})
