@@ -462,14 +462,17 @@ def evaluate_heldout(method: Method, trained: Trained, site: Site, st: Settings,
     import numpy as np
 
     from jras_core.models.jras import build_model
-    from jras_core.training.adapt import recalibrate_norm
+    from jras_core.training.adapt import adapt_to_site, recalibrate_norm
 
     results, model = [], None
     for state in trained.states:
         model = build_model(site.method)
         load_state(model, state)
-        if (method.strategy == "fedbn" and method.kind == "federated") or site.method.adapt.norm_stats:
-            recalibrate_norm(model, site.train_set, site.method, site.bank if site.method.uses_retrieval else None)
+        bank = site.bank if site.method.uses_retrieval else None
+        if method.strategy == "fedbn" and method.kind == "federated":
+            recalibrate_norm(model, site.train_set, site.method, bank)
+        else:
+            model = adapt_to_site(model, site.train_set, site.method, bank)
         if method.finetune:
             site.train(model, epochs=st.ft_epochs)
         results.append(_metrics_of(site.evaluate(model), class_keys))
