@@ -84,7 +84,7 @@ class Method:
         return self.overrides.get("segmenter.fusion", "concat") != "none"
 
 
-INFERENCE_KEYS = ("retrieval.test_passes", "retrieval.test_draws", "postprocess.", "adapt.")
+INFERENCE_KEYS = ("retrieval.test_passes", "retrieval.test_draws", "augment.test_views", "postprocess.", "adapt.")
 """Method-config keys (or key prefixes) that change inference only, never training."""
 
 

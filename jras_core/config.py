@@ -89,6 +89,12 @@ class AugmentConfig:
     appearance prior does. ``none``: the query is augmented before retrieval and its guides
     keep their bank appearance (cheaper: no augmentation of guide images).
     ``independent``: the query as in ``none``, each guide its own random change."""
+    test_views: int = 0
+    """Test-time augmentation: the prediction averages the class probabilities of the
+    unchanged query and of this many randomly changed views of it, drawn as in training (under
+    ``guides: shared`` a query and its guides share each change). Inference only; each view
+    costs one more guided forward. Synthetic vendors, 128 px, held-out D, five seeds, 8 views:
+    the augmented baseline +0.014 (every seed), J-RAS -0.004. 0: no extra views."""
 
     def validate(self) -> None:
         if not 0.0 <= self.prob <= 1.0:
@@ -97,6 +103,10 @@ class AugmentConfig:
             raise ConfigError(f"augment.non_monotone must be in [0, 1], got {self.non_monotone}")
         if self.gamma[0] <= 0 or self.gamma[0] > self.gamma[1]:
             raise ConfigError(f"augment.gamma must be a range of positive numbers, got {self.gamma}")
+        if self.test_views < 0:
+            raise ConfigError(f"augment.test_views must be >= 0, got {self.test_views}")
+        if self.test_views and not self.intensity:
+            raise ConfigError("augment.test_views draws intensity changes: it needs augment.intensity: true")
 
 
 @dataclass

@@ -578,3 +578,68 @@ def test_test_passes_retrieve_again_with_the_guided_prediction(slices, monkeypat
     assert torch.equal(pred, final.argmax(1)) and used[0] is second
     with pytest.raises(ConfigError, match="test_passes"):
         JRASConfig().with_overrides({"retrieval.test_passes": 0})
+
+
+def test_test_views_average_shared_intensity_changes_of_query_and_guides(slices, monkeypatch):
+    from jras_core.data.augment import BatchIntensityAugment
+    from jras_core.models.segmenter import GuidedSegmenter
+    from jras_core.training.evaluate import _with_views, predict
+
+    cfg, model, bank, queries = _inference_setup(slices, passes=1)
+    # noiseless changes, on every view: a guide equal to its query must stay equal to it
+    viewed = cfg.with_overrides({"augment.test_views": 3, "augment.prob": 1.0, "augment.noise_std": 0.0})
+    plain_pred, used = predict(model, queries, cfg, bank, exclude_own_case=False)
+    seen = []
+    forward = GuidedSegmenter.forward
+
+    def spy(self, image, guide_images=None, guide_masks=None, guide_sims=None, guide_present=None):
+        seen.append((image.clone(), None if guide_images is None else guide_images.clone()))
+        return forward(self, image, guide_images, guide_masks, guide_sims, guide_present)
+
+    monkeypatch.setattr(GuidedSegmenter, "forward", spy)
+    pred, _ = predict(model, queries, viewed, bank, exclude_own_case=False, seed=2)
+    views = seen[-3:]  # after pass 1 and the guided forward: the three changed views
+    guides = used[0]
+    for image, guide_images in views:
+        assert not torch.allclose(image, queries.images)  # the query was changed
+        # every present guide received a change, and missing ones stay blank
+        present = guides.idx >= 0
+        assert not torch.allclose(guide_images[present], guides.images[present])
+        assert torch.all(guide_images[~present] == 0)
+    # the same draw for a query and its guides: with the guides replaced by the query itself,
+    # each changed guide equals its changed query
+    same = guides.with_images(queries.images.unsqueeze(1).expand_as(guides.images).clone())
+    seen.clear()
+    with torch.no_grad():
+        probs = torch.softmax(model.seg(queries.images, same.images, same.masks, same.sims, same.idx.ge(0).any(1)), 1)
+        averaged = _with_views(model, queries.images, same, probs, BatchIntensityAugment(viewed.augment, seed=5), 3,
+                               viewed)
+    assert averaged.shape == probs.shape and torch.allclose(averaged.sum(1), torch.ones_like(averaged[:, 0]))
+    for image, guide_images in seen[1:]:
+        for k in range(guide_images.shape[1]):
+            rows = same.idx[:, k] >= 0
+            assert torch.allclose(guide_images[rows, k], image[rows], atol=1e-5)
+    # an unchanged prediction without views, a different one with them, and the same again for the same seed
+    assert torch.equal(plain_pred, predict(model, queries, cfg, bank, exclude_own_case=False)[0])
+    again, _ = predict(model, queries, viewed, bank, exclude_own_case=False, seed=2)
+    assert torch.equal(pred, again)
+
+
+def test_test_views_for_a_model_without_retrieval_and_validation(slices):
+    from jras_core.training.evaluate import predict
+
+    cfg = JRASConfig().with_overrides({**TINY, "segmenter.fusion": "none", "postprocess.largest_component": False})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    queries = slices.subset(torch.arange(0, len(slices), 3))
+    viewed = cfg.with_overrides({"augment.test_views": 2})
+    with torch.no_grad():
+        base = torch.softmax(model.seg(queries.images), dim=1)
+    pred, used = predict(model, queries, viewed, seed=1)
+    assert used == []
+    # the averaged probabilities differ from the unchanged query's: some pixel's label moves
+    assert pred.shape == base.argmax(1).shape and not torch.equal(pred, base.argmax(1))
+    with pytest.raises(ConfigError, match="test_views"):
+        JRASConfig().with_overrides({"augment.test_views": -1})
+    with pytest.raises(ConfigError, match="augment.intensity"):
+        JRASConfig().with_overrides({"augment.test_views": 2, "augment.intensity": False})

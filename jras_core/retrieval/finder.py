@@ -37,6 +37,12 @@ class Guides:
         return cls(torch.zeros(batch, k, 1, h, w), torch.zeros(batch, k, h, w, dtype=torch.uint8),
                    torch.zeros(batch, k), torch.full((batch, k), -1, dtype=torch.long))
 
+    def with_images(self, images: torch.Tensor) -> Guides:
+        """These guides with other images ``(B, K, 1, H, W)`` (e.g. intensity-changed ones);
+        missing guides (index -1) stay blank."""
+        present = (self.idx >= 0).to(images.dtype)[:, :, None, None, None]
+        return Guides(images * present, self.masks, self.sims, self.idx)
+
     def placed(self, rows: torch.Tensor, batch: int) -> Guides:
         """These guides, one row per entry of ``rows`` ``(R,)``, as rows of a batch of
         ``batch`` queries in which the other rows have none."""

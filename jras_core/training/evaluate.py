@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from jras_core.config import JRASConfig
+from jras_core.data.augment import BatchIntensityAugment
 from jras_core.data.slices import SliceSet
 from jras_core.metrics import dice_per_class, summarise, volume_metrics
 from jras_core.models.batching import inference_batch_size
@@ -42,7 +43,8 @@ def predict(
 
     Args:
         source: ``retrieved`` (``retrieval.test_draws`` guide sets, ``retrieval.test_passes``
-            rounds), ``oracle``, ``random`` or ``none`` (no guides).
+            rounds, ``augment.test_views`` extra views; for a model without retrieval, its
+            prediction with those views), ``oracle``, ``random`` or ``none`` (no guides).
         exclude_own_case: never use a guide from the query's own case (or volume, as
             the bank's ``exclude`` says; needed when the bank contains the evaluated cases).
         batch_size: slices per forward (default:
@@ -58,44 +60,70 @@ def predict(
         raise ValueError("a retrieval method needs a bank to evaluate")
     finder = GuideFinder(model, bank, cfg, torch.Generator().manual_seed(seed)) if use_guides else None
     owners = bank.owner_keys(slices) if finder is not None and exclude_own_case else None
+    views = cfg.augment.test_views if source == "retrieved" else 0
+    augment = BatchIntensityAugment(cfg.augment, seed=seed) if views else None
     preds, used = [], []
     batch_size = batch_size or inference_batch_size(int(slices.images.shape[-1]))
     for start in range(0, len(slices), batch_size):
         images = slices.images[start : start + batch_size]
+        guides = None
         if finder is None:
             scores = model.seg(images, guide_present=torch.zeros(len(images), dtype=torch.bool))
         else:
             names = owners[start : start + batch_size] if owners is not None else None
             truth = slices.masks[start : start + batch_size].long()
             if source == "retrieved":
-                scores, guides = _retrieved_scores(model, finder, images, names, cfg)
+                scores, guides = _retrieved_probs(model, finder, images, names, cfg)
             else:
                 guides, _ = finder.find(images, names, source=source, true_masks=truth)
                 scores = _guided_logits(model, images, guides)
             used.append(guides)
-        preds.append(scores.argmax(dim=1))  # logits, or softmax averaged over guide sets
+        if augment is not None:  # the primary prediction: retrieved guides, or a plain model's logits
+            probs = scores if finder is not None else torch.softmax(scores, dim=1)
+            scores = _with_views(model, images, guides, probs, augment, views, cfg)
+        preds.append(scores.argmax(dim=1))  # logits or probabilities
     return postprocess(torch.cat(preds), slices, cfg.postprocess, cfg.labels.num_classes), used
 
 
-def _retrieved_scores(
+def _retrieved_probs(
     model: JRASModel, finder: GuideFinder, images: torch.Tensor, owners: list[str] | None, cfg: JRASConfig
 ) -> tuple[torch.Tensor, Guides]:
-    """Class scores ``(B, C, H, W)`` for ``images`` with retrieved guides, and the top-K guides
-    of the last round: ``retrieval.test_passes`` rounds of retrieval, each after the first
-    retrieving with the previous round's prediction; in each, the softmax averaged over
-    ``retrieval.test_draws`` guide sets (the logits themselves when there is one)."""
+    """Class probabilities ``(B, C, H, W)`` for ``images`` with retrieved guides, and the top-K
+    guides of the last round: ``retrieval.test_passes`` rounds of retrieval, each after the
+    first retrieving with the previous round's prediction; in each, the softmax averaged over
+    ``retrieval.test_draws`` guide sets."""
     r = cfg.retrieval
     probs = None
     for _ in range(r.test_passes):
         if r.test_draws > 1:
             sets = finder.find_draws(images, r.test_draws, owners, probs=probs)
-            scores = torch.stack([torch.softmax(_guided_logits(model, images, g), dim=1) for g in sets]).mean(0)
-            guides, probs = sets[0], scores
+            probs = torch.stack([torch.softmax(_guided_logits(model, images, g), dim=1) for g in sets]).mean(0)
+            guides = sets[0]
         else:
             guides, _ = finder.find(images, owners, probs=probs)
-            scores = _guided_logits(model, images, guides)
-            probs = torch.softmax(scores, dim=1)
-    return scores, guides
+            probs = torch.softmax(_guided_logits(model, images, guides), dim=1)
+    return probs, guides
+
+
+def _with_views(
+    model: JRASModel, images: torch.Tensor, guides: Guides | None, probs: torch.Tensor,
+    augment: BatchIntensityAugment, views: int, cfg: JRASConfig,
+) -> torch.Tensor:
+    """Class probabilities ``(B, C, H, W)`` averaged over the unchanged queries (``probs``) and
+    ``views`` intensity-changed views of them (``augment.test_views``). Under
+    ``augment.guides: shared`` each query and its guides share one change, as in phase A;
+    otherwise the guides keep their bank appearance."""
+    total = probs.clone()
+    for _ in range(views):
+        if guides is None:
+            logits = model.seg(augment(images), guide_present=torch.zeros(len(images), dtype=torch.bool))
+        elif cfg.augment.guides == "shared":
+            changed = augment(torch.cat([images, guides.images.flatten(1, 2)], dim=1))  # (B, 1 + K, H, W)
+            logits = _guided_logits(model, changed[:, :1], guides.with_images(changed[:, 1:].unsqueeze(2)))
+        else:
+            logits = _guided_logits(model, augment(images), guides)
+        total += torch.softmax(logits, dim=1)
+    return total / (views + 1)
 
 
 def _guided_logits(model: JRASModel, images: torch.Tensor, guides: Guides) -> torch.Tensor:

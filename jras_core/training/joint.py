@@ -46,11 +46,6 @@ from jras_core.training.memory import PredictionMemory
 log = logging.getLogger(__name__)
 
 
-def _blank_missing(guide_images: torch.Tensor, guide_idx: torch.Tensor) -> torch.Tensor:
-    """Guide images ``(B, K, 1, H, W)`` with the missing guides (index -1, ``(B, K)``) zeroed."""
-    return guide_images * (guide_idx >= 0).to(guide_images.dtype)[:, :, None, None, None]
-
-
 class JRASTrainer:
     """Trains a :class:`JRASModel` on one site's slices with its own bank.
 
@@ -177,7 +172,7 @@ class JRASTrainer:
             guides = self._find_kept(idx, images, keep)
             if cfg.augment.guides == "independent" and self.augment.enabled:
                 changed = self.augment(guides.images.flatten(0, 1))  # (B*K, 1, H, W)
-                guides.images = _blank_missing(changed.view_as(guides.images), guides.idx)
+                guides = guides.with_images(changed.view_as(guides.images))
             return images, guides
         guides = self._find_kept(idx, raw, keep)
         # each query with its K guides stacked (B1, 1 + K, H, W): one change for the stack;
@@ -191,7 +186,7 @@ class JRASTrainer:
         images[alone] = self.augment(raw[alone])
         guide_images = torch.zeros_like(guides.images)
         guide_images[with_guides] = changed[:, 1:].unsqueeze(2)
-        guides.images = _blank_missing(guide_images, guides.idx)
+        guides = guides.with_images(guide_images)
         return images, guides
 
     # ------------------------------------------------------------------ phases
