@@ -162,6 +162,10 @@ class RetrievalConfig:
     guide_dropout: float = 0.3
     align_centroid: bool = True
     """Shift guides onto the query's pass-1 centroid before fusion."""
+    align_scale: float = 1.0
+    """Also magnify each guide about that centroid so that its foreground area matches the
+    query's predicted one, by a factor between ``1 / align_scale`` and ``align_scale``.
+    1.0: no scaling. Needs ``align_centroid``."""
     index: Literal["flat", "hnsw"] = "flat"
     first_pass: Literal["fresh", "reuse", "warmup"] = "reuse"
     """Where training takes each query's pass-1 prediction from. ``fresh``: a guide-free
@@ -204,6 +208,12 @@ class RetrievalConfig:
             raise ConfigError(f"retrieval.test_draws must be >= 1, got {self.test_draws}")
         if self.test_passes < 1:
             raise ConfigError(f"retrieval.test_passes must be >= 1, got {self.test_passes}")
+        if self.align_scale < 1.0:
+            raise ConfigError(f"retrieval.align_scale is the largest magnification, >= 1 (1: none), "
+                              f"got {self.align_scale}")
+        if self.align_scale > 1.0 and not self.align_centroid:
+            raise ConfigError("retrieval.align_scale magnifies guides about the query's centroid: "
+                              "it needs retrieval.align_centroid: true")
 
 
 @dataclass

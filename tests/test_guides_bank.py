@@ -258,3 +258,50 @@ def test_hnsw_index_finds_nearest():
     bank.set_embeddings(emb)
     _, idx = bank.search(torch.from_numpy(emb[:4]), k=1)
     assert torch.equal(idx[:, 0], torch.arange(4))
+
+
+def test_similarity_grid_is_a_translation_at_scale_one_and_magnifies_about_the_target():
+    from jras_core.retrieval.guides import similarity_grid, translation_grid
+
+    target, source = torch.tensor([[0.2, -0.1], [-0.5, 0.4]]), torch.tensor([[-0.3, 0.0], [0.1, 0.1]])
+    torch.testing.assert_close(similarity_grid(target, source, torch.ones(2), 9, 11),
+                               translation_grid(target - source, 9, 11), atol=1e-6, rtol=0)
+    # a disc of radius 4 around (8, 8), doubled about the target (16, 16): radius 8 around the target
+    size = 32
+    guide = _disc(8, 8, 4).float()[None, None]
+    to_norm = lambda p: -1 + 2 * p / (size - 1)  # noqa: E731
+    grid = similarity_grid(torch.tensor([[to_norm(16), to_norm(16)]]), torch.tensor([[to_norm(8), to_norm(8)]]),
+                           torch.tensor([2.0]), size, size)
+    out = torch.nn.functional.grid_sample(guide, grid, mode="nearest", align_corners=True)[0, 0]
+    assert abs(int(out.sum()) - int(_disc(16, 16, 8).sum())) <= 8
+    expected = _disc(16, 16, 8).float()
+    assert float(2 * (out * expected).sum() / (out.sum() + expected.sum())) > 0.9
+
+
+def test_align_guides_scales_guides_to_the_given_magnification():
+    guide_masks = torch.stack([_disc(8, 8, 3), _disc(24, 20, 6), _disc(20, 10, 4)]).unsqueeze(0)  # (1, 3, H, W)
+    guide_images = guide_masks.float().unsqueeze(2)
+    target = centroids(_disc(16, 16, 3).float().unsqueeze(0))[0]
+    scales = torch.tensor([[2.0, 0.5, 1.0]])
+    imgs, masks = align_guides(guide_images, guide_masks, target, torch.tensor([True]), scales=scales)
+    areas = (masks[0] > 0).flatten(1).sum(1).float()
+    before = (guide_masks[0] > 0).flatten(1).sum(1).float()
+    torch.testing.assert_close(areas / before, scales[0] ** 2, atol=0.0, rtol=0.2)
+    new_cent, _ = centroids((masks[0] > 0).float())
+    assert torch.allclose(new_cent, target.expand(3, 2), atol=0.05)
+    # scale 1 is the translation alone
+    shifted = align_guides(guide_images, guide_masks, target, torch.tensor([True]))
+    assert torch.equal(masks[0, 2], shifted[1][0, 2])
+    # a query without a centroid leaves its guides in place, scaled or not
+    still = align_guides(guide_images, guide_masks, target, torch.tensor([False]), scales=scales)
+    assert torch.equal(still[1], guide_masks)
+
+
+def test_bank_areas_are_the_foreground_pixel_counts():
+    slices = _slices()
+    bank = RetrievalBank(slices, num_classes=2)
+    idx = torch.tensor([[0, 5, -1], [7, 7, 23]])
+    areas = bank.areas_at(idx)
+    expected = (slices.masks[idx.clamp_min(0)] > 0).flatten(2).sum(2).float()
+    assert areas.shape == idx.shape and areas[0, 2] == 0
+    assert torch.equal(areas[idx >= 0], expected[idx >= 0])

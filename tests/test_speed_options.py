@@ -643,3 +643,31 @@ def test_test_views_for_a_model_without_retrieval_and_validation(slices):
         JRASConfig().with_overrides({"augment.test_views": -1})
     with pytest.raises(ConfigError, match="augment.intensity"):
         JRASConfig().with_overrides({"augment.test_views": 2, "augment.intensity": False})
+
+
+def test_align_scale_matches_the_guides_foreground_area_to_the_predicted_one(slices):
+    cfg, model, bank, queries = _inference_setup(slices, passes=1)
+    scaled_cfg = cfg.with_overrides({"retrieval.align_scale": 1.5})
+    idx = torch.arange(6).view(2, 3)
+    guide_area = bank.areas_at(idx)
+    # a predicted foreground of a known area for each query: a square at the image centre
+    size = slices.size
+    probs = torch.zeros(2, cfg.labels.num_classes, size, size)
+    probs[:, 0] = 1.0
+    sides = [10, 14]
+    for row, side in enumerate(sides):
+        lo = (size - side) // 2
+        probs[row, 0, lo:lo + side, lo:lo + side] = 0.0
+        probs[row, 1, lo:lo + side, lo:lo + side] = 1.0
+    plain = GuideFinder(model, bank, cfg).assemble(idx, torch.zeros(2, 3), probs)
+    scaled = GuideFinder(model, bank, scaled_cfg).assemble(idx, torch.zeros(2, 3), probs)
+    plain_area = (plain.masks > 0).flatten(2).sum(2).float()
+    scaled_area = (scaled.masks > 0).flatten(2).sum(2).float()
+    target = torch.tensor(sides, dtype=torch.float32).square().view(2, 1).expand(2, 3)
+    wanted = target.clamp(guide_area / 1.5**2, guide_area * 1.5**2)  # within the largest magnification
+    assert torch.all((scaled_area - wanted).abs() <= (plain_area - wanted).abs())
+    torch.testing.assert_close(scaled_area, wanted, atol=0.0, rtol=0.25)
+    with pytest.raises(ConfigError, match="align_scale"):
+        JRASConfig().with_overrides({"retrieval.align_scale": 0.5})
+    with pytest.raises(ConfigError, match="align_centroid"):
+        JRASConfig().with_overrides({"retrieval.align_scale": 1.5, "retrieval.align_centroid": False})

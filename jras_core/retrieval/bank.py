@@ -64,6 +64,7 @@ class RetrievalBank:
         self.index: faiss.Index | None = None
         self._centred: torch.Tensor | None = None
         self._centroids: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._areas: torch.Tensor | None = None
         self._embedded_with: dict[str, torch.Tensor] | None = None
         """The retriever state of the last :meth:`refresh` (None: embeddings from elsewhere)."""
         if exclude == "auto":
@@ -230,6 +231,13 @@ class RetrievalBank:
         cent, valid = self._centroids
         safe = idx.clamp_min(0)
         return cent[safe], valid[safe] & (idx >= 0)
+
+    def areas_at(self, idx: torch.Tensor) -> torch.Tensor:
+        """Foreground pixel count of the bank masks at ``idx`` (any shape; 0 where the index
+        is -1), computed once per bank."""
+        if self._areas is None:
+            self._areas = torch.cat([(m > 0).sum(dim=(1, 2)) for m in self.slices.masks.split(256)]).float()
+        return torch.where(idx >= 0, self._areas[idx.clamp_min(0)], torch.zeros(idx.shape))
 
     def entry_mask_similarity_at(self, entries: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """``(Q, M)`` centroid-aligned Dice of the bank's own entries ``entries`` ``(Q,)``

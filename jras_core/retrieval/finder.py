@@ -146,11 +146,18 @@ class GuideFinder:
         return torch.gather(sims, 1, pick), torch.gather(idx, 1, pick)
 
     def assemble(self, idx: torch.Tensor, sims: torch.Tensor, probs: torch.Tensor | None) -> Guides:
-        """Gather guide pairs and shift them onto the query's predicted centroid."""
+        """Gather guide pairs and shift them onto the query's predicted centroid (and scale them
+        to its predicted foreground area, ``retrieval.align_scale``)."""
         images, masks = self.bank.gather(idx)
-        if self.cfg.retrieval.align_centroid and probs is not None:
-            cent, valid = centroids(1.0 - probs[:, 0])
-            images, masks = align_guides(images, masks, cent, valid, self.bank.centroids_at(idx))
+        r = self.cfg.retrieval
+        if r.align_centroid and probs is not None:
+            fg = 1.0 - probs[:, 0]
+            cent, valid = centroids(fg)
+            scales = None
+            if r.align_scale > 1.0:  # guide foreground area onto the query's predicted area
+                area = fg.sum(dim=(1, 2)).unsqueeze(1)
+                scales = (area / self.bank.areas_at(idx).clamp_min(1.0)).sqrt().clamp(1.0 / r.align_scale, r.align_scale)
+            images, masks = align_guides(images, masks, cent, valid, self.bank.centroids_at(idx), scales)
         return Guides(images, masks, sims.nan_to_num(neginf=0.0), idx)
 
     @torch.no_grad()

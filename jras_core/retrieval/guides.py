@@ -63,6 +63,29 @@ def translation_grid(offsets: torch.Tensor, h: int, w: int, dtype: torch.dtype =
     return grid
 
 
+def similarity_grid(
+    target: torch.Tensor, source: torch.Tensor, scale: torch.Tensor, h: int, w: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Sampling grid that moves point ``source`` to ``target`` and magnifies about it by ``scale``
+    (``align_corners=True`` convention): output position ``p`` samples ``(p - target) / scale +
+    source``. With ``scale`` 1 it is :func:`translation_grid` of ``target - source``.
+
+    Args:
+        target, source: ``(B, 2)`` points ``(x, y)`` in normalised units.
+        scale: ``(B,)`` magnification (above 1 enlarges the content).
+
+    Returns:
+        ``(B, h, w, 2)`` grid of ``(x, y)`` sampling positions for ``F.grid_sample``.
+    """
+    xs = torch.linspace(-1.0, 1.0, w, dtype=dtype, device=target.device)
+    ys = torch.linspace(-1.0, 1.0, h, dtype=dtype, device=target.device)
+    t, src, inv = target.to(dtype), source.to(dtype), 1.0 / scale.to(dtype)
+    grid = torch.empty(t.shape[0], h, w, 2, dtype=dtype, device=target.device)
+    grid[..., 0] = (xs.view(1, 1, w) - t[:, 0].view(-1, 1, 1)) * inv.view(-1, 1, 1) + src[:, 0].view(-1, 1, 1)
+    grid[..., 1] = (ys.view(1, h, 1) - t[:, 1].view(-1, 1, 1)) * inv.view(-1, 1, 1) + src[:, 1].view(-1, 1, 1)
+    return grid
+
+
 def translate(images: torch.Tensor, offsets: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
     """Shift each image by ``offsets`` (normalised units; +x moves content right).
 
@@ -81,8 +104,10 @@ def align_guides(
     target_centroid: torch.Tensor,
     target_valid: torch.Tensor,
     guide_centroids: tuple[torch.Tensor, torch.Tensor] | None = None,
+    scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shift every guide so that its foreground centroid lands on the query's centroid.
+    """Shift every guide so that its foreground centroid lands on the query's centroid (and,
+    with ``scales``, magnify it about that centroid).
 
     Args:
         guide_images: ``(B, K, 1, H, W)``.
@@ -92,6 +117,8 @@ def align_guides(
             computed from ``guide_masks`` otherwise.
         target_centroid: ``(B, 2)`` the query's (predicted) centroid.
         target_valid: ``(B,)`` bool; guides of queries without a centroid are left in place.
+        scales: ``(B, K)`` magnification of each guide about the query's centroid (1: none);
+            ignored for guides left in place.
 
     Returns:
         shifted guide images and masks (``guide_masks``' dtype), same shapes.
@@ -101,10 +128,14 @@ def align_guides(
         g_cent, g_valid = centroids((guide_masks > 0).flatten(0, 1).float())
     else:
         g_cent, g_valid = guide_centroids[0].reshape(b * k, 2), guide_centroids[1].reshape(b * k)
-    offsets = target_centroid.repeat_interleave(k, dim=0) - g_cent
+    target = target_centroid.repeat_interleave(k, dim=0)
     ok = (g_valid & target_valid.repeat_interleave(k)).unsqueeze(1)
-    offsets = torch.where(ok, offsets, torch.zeros_like(offsets))
-    grid = translation_grid(offsets, h, w, guide_images.dtype)  # one grid for images and masks
+    if scales is None:
+        offsets = torch.where(ok, target - g_cent, torch.zeros_like(target))
+        grid = translation_grid(offsets, h, w, guide_images.dtype)  # one grid for images and masks
+    else:
+        scale = torch.where(ok.squeeze(1), scales.reshape(b * k), torch.ones_like(scales.reshape(b * k)))
+        grid = similarity_grid(torch.where(ok, target, g_cent), g_cent, scale, h, w, guide_images.dtype)
     images = F.grid_sample(guide_images.reshape(b * k, 1, h, w), grid, align_corners=True)
     masks = F.grid_sample(guide_masks.reshape(b * k, 1, h, w).to(grid.dtype), grid, mode="nearest", align_corners=True)
     return images.reshape(b, k, 1, h, w), masks.reshape(b, k, h, w).round().to(guide_masks.dtype)
