@@ -269,8 +269,7 @@ def test_similarity_grid_is_a_translation_at_scale_one_and_magnifies_about_the_t
     # a disc of radius 4 around (8, 8), doubled about the target (16, 16): radius 8 around the target
     size = 32
     guide = _disc(8, 8, 4).float()[None, None]
-    to_norm = lambda p: -1 + 2 * p / (size - 1)  # noqa: E731
-    grid = similarity_grid(torch.tensor([[to_norm(16), to_norm(16)]]), torch.tensor([[to_norm(8), to_norm(8)]]),
+    grid = similarity_grid(torch.full((1, 2), -1 + 32 / (size - 1)), torch.full((1, 2), -1 + 16 / (size - 1)),
                            torch.tensor([2.0]), size, size)
     out = torch.nn.functional.grid_sample(guide, grid, mode="nearest", align_corners=True)[0, 0]
     assert abs(int(out.sum()) - int(_disc(16, 16, 8).sum())) <= 8
@@ -283,7 +282,7 @@ def test_align_guides_scales_guides_to_the_given_magnification():
     guide_images = guide_masks.float().unsqueeze(2)
     target = centroids(_disc(16, 16, 3).float().unsqueeze(0))[0]
     scales = torch.tensor([[2.0, 0.5, 1.0]])
-    imgs, masks = align_guides(guide_images, guide_masks, target, torch.tensor([True]), scales=scales)
+    _, masks = align_guides(guide_images, guide_masks, target, torch.tensor([True]), scales=scales)
     areas = (masks[0] > 0).flatten(1).sum(1).float()
     before = (guide_masks[0] > 0).flatten(1).sum(1).float()
     torch.testing.assert_close(areas / before, scales[0] ** 2, atol=0.0, rtol=0.2)

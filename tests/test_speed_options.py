@@ -646,7 +646,7 @@ def test_test_views_for_a_model_without_retrieval_and_validation(slices):
 
 
 def test_align_scale_matches_the_guides_foreground_area_to_the_predicted_one(slices):
-    cfg, model, bank, queries = _inference_setup(slices, passes=1)
+    cfg, model, bank, _ = _inference_setup(slices, passes=1)
     scaled_cfg = cfg.with_overrides({"retrieval.align_scale": 1.5})
     idx = torch.arange(6).view(2, 3)
     guide_area = bank.areas_at(idx)
