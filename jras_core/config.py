@@ -94,7 +94,7 @@ class AugmentConfig:
     unchanged query and of this many randomly changed views of it, drawn as in training (under
     ``guides: shared`` a query and its guides share each change). Inference only; each view
     costs one more guided forward. Synthetic vendors, 128 px, held-out D, five seeds, 8 views:
-    the augmented baseline +0.014 (every seed), J-RAS -0.004. 0: no extra views."""
+    the augmented baseline +0.013 (every seed), J-RAS -0.005. 0: no extra views."""
 
     def validate(self) -> None:
         if not 0.0 <= self.prob <= 1.0:
@@ -165,7 +165,8 @@ class RetrievalConfig:
     align_scale: float = 1.0
     """Also magnify each guide about that centroid so that its foreground area matches the
     query's predicted one, by a factor between ``1 / align_scale`` and ``align_scale``.
-    1.0: no scaling. Needs ``align_centroid``."""
+    1.0: no scaling. Needs ``align_centroid``. ``1.5``, synthetic held-out D, three seeds:
+    retrieval quality +0.022, held-out Dice -0.001 ± 0.013, in-federation -0.008."""
     index: Literal["flat", "hnsw"] = "flat"
     first_pass: Literal["fresh", "reuse", "warmup"] = "reuse"
     """Where training takes each query's pass-1 prediction from. ``fresh``: a guide-free
