@@ -98,6 +98,8 @@ def runner_for(context: Context) -> SiteRunner:
     """The cached site runner of this node (data and bank are loaded once per process)."""
     torch.set_num_threads(max(1, int(context.run_config.get("client-threads", 1))))
     method = method_from_run_config(context.run_config, roots=[PROJECT_ROOT, Path.cwd()])
+    if str(context.node_config.get("device", "") or ""):  # the site's own machine decides its device
+        method = method.with_overrides({"train.device": str(context.node_config["device"])})
     return get_runner(site_config_path(context), method)
 
 

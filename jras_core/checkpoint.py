@@ -46,7 +46,11 @@ def load_model(path: str | Path, cfg: JRASConfig | None = None) -> tuple[JRASMod
     ``cfg`` is given), the config and the remaining stored entries."""
     path = Path(path)
     data = read_checkpoint(path)
-    cfg = cfg or JRASConfig.from_dict(data["config"], source=str(path))
+    if cfg is None:
+        stored = JRASConfig.from_dict(data["config"], source=str(path))
+        # where a checkpoint was trained says nothing about this machine: it loads on any
+        # device (the caller places the model, as train.device says here)
+        cfg = stored.with_overrides({"train.device": "auto"}) if stored.train.device != "auto" else stored
     model = build_model(cfg)
     try:
         model.load_state_dict(data["state"])

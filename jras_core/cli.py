@@ -43,9 +43,34 @@ def parse_overrides(items: Sequence[str]) -> dict[str, object]:
     return out
 
 
+def method_sets(args: argparse.Namespace) -> list[str]:
+    """The command's ``--set`` items, with ``--device`` and ``--precision`` as the
+    ``train.device`` / ``train.precision`` items they stand for (they win over ``--set``)."""
+    items = list(getattr(args, "set", None) or [])
+    if getattr(args, "device", None):
+        items.append(f"train.device={args.device}")
+    if getattr(args, "precision", None):
+        items.append(f"train.precision={args.precision}")
+    return items
+
+
 def load_method(path: str | None, overrides: Sequence[str]) -> JRASConfig:
     cfg = JRASConfig.from_yaml(path) if path else JRASConfig()
     return cfg.with_overrides(parse_overrides(overrides)) if overrides else cfg
+
+
+def checkpoint_model(args: argparse.Namespace):
+    """The model and method config of ``--checkpoint`` with the command's overrides, the model
+    placed on ``train.device`` (a checkpoint loads on any device)."""
+    from jras_core.checkpoint import load_model
+    from jras_core.device import place
+
+    model, cfg, _ = load_model(args.checkpoint)
+    sets = method_sets(args)
+    if sets:
+        cfg = cfg.with_overrides(parse_overrides(sets))
+    place(model, cfg.train.device)
+    return model, cfg
 
 
 def synthetic_site(vendor: str, cases: int, seed: int, size: int, support: int | None = None) -> SiteConfig:
@@ -103,6 +128,14 @@ def add_method_args(p: argparse.ArgumentParser, config_help: str = "method confi
     p.add_argument("--config", metavar="YAML", help=config_help)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method config value, e.g. --set train.epochs=5 (repeatable)")
+    add_device_args(p)
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", metavar="DEV", help="where the models compute: auto (a CUDA GPU when present; the "
+                   "default), cpu, cuda or cuda:N (train.device)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                   help="arithmetic of the models (train.precision; default fp32; fp16 needs CUDA)")
 
 
 # --------------------------------------------------------------------------- commands
@@ -119,7 +152,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from jras_core.training.centralised import train_centralised
 
-    cfg = load_method(args.config, args.set)
+    cfg = load_method(args.config, method_sets(args))
     if args.threads:
         import torch
 
@@ -133,12 +166,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from jras_core.checkpoint import load_model
     from jras_core.training.centralised import evaluate_sites
 
-    model, cfg, _ = load_model(args.checkpoint)
-    if args.set:
-        cfg = cfg.with_overrides(parse_overrides(args.set))
+    model, cfg = checkpoint_model(args)
     sites = collect_sites(args, cfg)
     results = evaluate_sites(model, sites, cfg)
     print_table(results, cfg.labels.names)
@@ -148,9 +178,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bank_build(args: argparse.Namespace) -> int:
-    from jras_core.checkpoint import load_model
-
-    model, cfg, _ = load_model(args.checkpoint)
+    model, cfg = checkpoint_model(args)
     sites = collect_sites(args, cfg)
     for site in sites:
         if args.out:
@@ -173,13 +201,9 @@ def cmd_site_init(args: argparse.Namespace) -> int:
 
     model = None
     if args.checkpoint:
-        from jras_core.checkpoint import load_model
-
-        model, cfg, _ = load_model(args.checkpoint)
-        if args.set:
-            cfg = cfg.with_overrides(parse_overrides(args.set))
+        model, cfg = checkpoint_model(args)
     else:
-        cfg = load_method(args.config, args.set)
+        cfg = load_method(args.config, method_sets(args))
     site = Site(SiteConfig.from_yaml(args.site), cfg, Path(args.site).parent)
     if args.out is None and site.bank_path is None:
         raise ConfigError(f"{args.site}: no bank directory: set bank_dir in the site YAML or pass --out DIR")
@@ -224,7 +248,7 @@ def demo_sites(folder: Path, cases: int, size: int) -> list[Path]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from server.simulate import SimulationError, format_site_table, run_simulation, site_table
+    from server.simulate import SimulationError, format_site_table, gpu_share, run_simulation, site_table
 
     if args.rounds < 1 or args.cases < 4 or args.local_epochs < 1:
         raise ConfigError("jras demo: --rounds and --local-epochs must be >= 1 and --cases >= 4")
@@ -239,6 +263,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "image-size": size,
         "client-threads": 1,
     }
+    for key in ("device", "precision"):
+        if getattr(args, key, None):
+            run_config[key] = getattr(args, key)
+    gpus = args.gpus_per_site if args.gpus_per_site is not None else gpu_share(len(sites), args.device or "auto")
     print(
         f"J-RAS demo: a simulated federation of {len(sites)} synthetic scanner vendors "
         f"({', '.join(p.stem for p in sites)}; {args.cases} cases each, {size} px), "
@@ -250,6 +278,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         run_dir = run_simulation(
             PROJECT_ROOT, [str(p) for p in sites], run_config,
             out_dir=out.parent, run_name=out.name, stream=not args.quiet, timeout=args.timeout or None, fresh=True,
+            gpus_per_client=gpus,
         )
     except SimulationError as exc:
         print(f"jras demo: the federation failed: {exc}", file=sys.stderr)
@@ -417,6 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cases", type=int, default=8, help="synthetic cases per vendor (default 8)")
     demo.add_argument("--timeout", type=float, default=0, metavar="S", help="stop the run after S seconds (default: none)")
     demo.add_argument("--quiet", action="store_true", help="do not stream Flower's log")
+    add_device_args(demo)
+    demo.add_argument("--gpus-per-site", type=float, metavar="F",
+                      help="share of a GPU each simulated site reserves (default: the sites share the machine's "
+                      "GPUs evenly when there are any and --device is not cpu; 0: CPU only)")
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -21,6 +22,10 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or invalid."""
+
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+"""Accepted values of ``train.device`` (and of every ``--device``)."""
 
 
 # --------------------------------------------------------------------------- sections
@@ -79,8 +84,16 @@ class AugmentConfig:
     non_monotone: float = 0.0
     """Probability of a non-monotone intensity remap (tissue order may change between vendors)."""
     flip: bool = False
+    """Random flips: each sample is flipped along H with probability 0.5 and along W with
+    probability 0.5, independently (of each other and of ``prob``). See
+    :mod:`jras_core.data.spatial`, which applies ``flip``, ``rotate_deg`` and ``scale``."""
     rotate_deg: float = 0.0
+    """Random in-plane rotation about the slice centre: with probability ``prob`` a sample is
+    rotated by an angle uniform in ``[-rotate_deg, rotate_deg]`` degrees, in [0, 180]
+    (sources can differ by ~90 degrees in orientation). 0: no rotation."""
     scale: float = 0.0
+    """Random isotropic zoom: with probability ``prob`` (with the rotation) a sample is zoomed
+    by a factor uniform in ``[1 - scale, 1 + scale]``, in [0, 1). 0: no zoom."""
     guides: Literal["none", "shared", "independent"] = "shared"
     """How phase A's guide images are augmented. ``shared`` (default): guides are retrieved
     for the unaugmented query, then the query and its K guides receive one intensity change
@@ -103,6 +116,10 @@ class AugmentConfig:
             raise ConfigError(f"augment.non_monotone must be in [0, 1], got {self.non_monotone}")
         if self.gamma[0] <= 0 or self.gamma[0] > self.gamma[1]:
             raise ConfigError(f"augment.gamma must be a range of positive numbers, got {self.gamma}")
+        if not 0.0 <= self.rotate_deg <= 180.0:
+            raise ConfigError(f"augment.rotate_deg must be in [0, 180], got {self.rotate_deg}")
+        if not 0.0 <= self.scale < 1.0:
+            raise ConfigError(f"augment.scale must be in [0, 1), got {self.scale}")
         if self.test_views < 0:
             raise ConfigError(f"augment.test_views must be >= 0, got {self.test_views}")
         if self.test_views and not self.intensity:
@@ -264,8 +281,18 @@ class TrainConfig:
     num_threads: int | None = None
     """torch intra-op threads (None: leave torch's default)."""
     proximal_mu: float = 0.0
+    device: str = "auto"
+    """Where the models compute: ``auto`` (a CUDA device when one is present, else the CPU),
+    ``cpu``, ``cuda`` or ``cuda:N``. Slices, banks and the FAISS index stay on the CPU; each
+    batch crosses to the device once. Asking for CUDA where there is none is an error."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Arithmetic of the models' forwards and backwards (``torch.autocast``): ``fp32``, ``bf16``
+    (CUDA or CPU) or ``fp16`` (CUDA only, with a gradient scaler). Training, inference and
+    AdaBN alike; weights stay fp32."""
 
     def validate(self) -> None:
+        if not DEVICE_PATTERN.match(self.device.strip().lower()):
+            raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.epochs < 0:
             raise ConfigError(f"train.epochs must be >= 0, got {self.epochs}")
         if self.batch_size < 1:

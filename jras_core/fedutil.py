@@ -21,6 +21,7 @@ import yaml
 from torch import nn
 
 from jras_core.config import ConfigError, JRASConfig
+from jras_core.device import place
 from jras_core.models.jras import RETR_PREFIX, JRASModel, build_model
 from jras_core.site import Site, SiteConfig
 from jras_core.sysinfo import peak_rss_mb
@@ -190,6 +191,8 @@ RUN_CONFIG_OVERRIDES: dict[str, tuple[str, Any]] = {
     "fusion": ("segmenter.fusion", ""),
     "retriever-mode": ("retriever.mode", ""),
     "seed": ("train.seed", -1),
+    "device": ("train.device", ""),
+    "precision": ("train.precision", ""),
 }
 """Run-config key -> (method config key, value meaning "keep the method config's value")."""
 
@@ -368,7 +371,8 @@ _MODELS: dict[str, tuple[JRASModel, Arrays]] = {}
 
 def get_runner(site_config: str | Path, method: JRASConfig) -> SiteRunner:
     """The process-wide cached :class:`SiteRunner` of a site YAML and method config
-    (data and bank are built once per process, not once per round)."""
+    (data and bank are built once per process, not once per round). The model is placed
+    on ``train.device`` (``auto``: the machine's GPU when it has one)."""
     path = Path(site_config).resolve()
     mkey = method_key(method)
     key = (str(path), mkey)
@@ -376,7 +380,9 @@ def get_runner(site_config: str | Path, method: JRASConfig) -> SiteRunner:
     if runner is None:
         if mkey not in _MODELS:
             model = build_model(method)
-            _MODELS[mkey] = (model, state_to_arrays(model.state_dict()))
+            initial = state_to_arrays(model.state_dict())
+            place(model, method.train.device)
+            _MODELS[mkey] = (model, initial)
         model, initial = _MODELS[mkey]
         site = Site(SiteConfig.from_yaml(path), method, root=path.parent)
         runner = SiteRunner(site, model, initial)

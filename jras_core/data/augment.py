@@ -116,8 +116,8 @@ def draw_intensity_changes(cfg: AugmentConfig, batch: int, generator: torch.Gene
 
 
 def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` -> ``(B, 1, 1, 1)`` in ``like``'s dtype."""
-    return v.to(like.dtype).view(-1, 1, 1, 1)
+    """``(B,)`` -> ``(B, 1, 1, 1)`` in ``like``'s dtype, on its device."""
+    return v.to(device=like.device, dtype=like.dtype).view(-1, 1, 1, 1)
 
 
 def _image_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,10 +131,10 @@ def non_monotone_curve(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     curves with ``values`` ``(B, P)`` at ``P`` equally spaced knots: tissue contrast order can
     change, as between vendors, which no monotone transform produces."""
     b, n = values.shape
-    knots = torch.linspace(0.0, 1.0, n, dtype=x.dtype)
+    knots = torch.linspace(0.0, 1.0, n, dtype=x.dtype, device=x.device)
     xc = x.clamp(0.0, 1.0).reshape(b, -1)
     pos = torch.bucketize(xc, knots[1:-1])
-    vals = values.to(x.dtype)
+    vals = values.to(device=x.device, dtype=x.dtype)
     y0, y1 = vals.gather(1, pos), vals.gather(1, pos + 1)
     x0 = knots[pos]
     return (y0 + (xc - x0) * (n - 1) * (y1 - y0)).view_as(x)
@@ -172,8 +172,8 @@ def histogram_shift(x: torch.Tensor, points: torch.Tensor, floating: torch.Tenso
     b = x.shape[0]
     lo, hi = _image_range(x)
     span = (hi - lo).view(b, 1)
-    last = (points - 1).view(b, 1).to(x.dtype)
-    fp = floating.to(x.dtype)
+    last = (points - 1).view(b, 1).to(device=x.device, dtype=x.dtype)
+    fp = floating.to(device=x.device, dtype=x.dtype)
     # position on the equally spaced reference points: segment and fraction within it
     t = (x.reshape(b, -1) - lo.view(b, 1)) / span.clamp_min(torch.finfo(x.dtype).tiny) * last
     seg = t.floor().clamp_(min=0).minimum(last - 1)
@@ -201,23 +201,26 @@ def gaussian_smooth(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     channel with its sample's kernels."""
     tail = int(max(float(sigma.max()) * SMOOTH_TRUNCATED, 0.5) + 0.5)
     b, c, h, w = x.shape
-    ky, kx = (gaussian_kernels(sigma[:, axis], tail).to(x.dtype).repeat_interleave(c, dim=0) for axis in (0, 1))
+    ky, kx = (gaussian_kernels(sigma[:, axis], tail).to(device=x.device, dtype=x.dtype).repeat_interleave(c, dim=0)
+              for axis in (0, 1))
     y = torch.nn.functional.conv2d(x.reshape(1, b * c, h, w), ky.view(b * c, 1, -1, 1), padding=(tail, 0), groups=b * c)
     y = torch.nn.functional.conv2d(y, kx.view(b * c, 1, 1, -1), padding=(0, tail), groups=b * c)
     return y.view(b, c, h, w)
 
 
 def apply_intensity_changes(x: torch.Tensor, draw: IntensityDraw, generator: torch.Generator) -> torch.Tensor:
-    """Apply ``draw`` to ``x`` ``(B, C, H, W)`` float32; ``generator`` draws the noise."""
+    """Apply ``draw`` (on the CPU) to ``x`` ``(B, C, H, W)`` float32 on any device; ``generator``
+    draws the noise (on its own device; the noise is moved to ``x``'s)."""
     h, w = x.shape[-2:]
     x = x.clone()
 
     def on_rows(mask: torch.Tensor, change) -> None:
-        rows = mask.nonzero().squeeze(1)
+        rows = mask.nonzero().squeeze(1)  # indexes the draw (CPU)
         if len(rows) == len(mask):  # every sample: no gathering
             x.copy_(change(x, rows))
         elif len(rows):
-            x[rows] = change(x[rows], rows)
+            at = rows.to(x.device)
+            x[at] = change(x[at], rows)
 
     def neutral_off(values: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
         """Per-sample parameters, zero (no change) for the samples that do not receive it."""
@@ -227,14 +230,16 @@ def apply_intensity_changes(x: torch.Tensor, draw: IntensityDraw, generator: tor
     # the identity there: x * exp(0), x * (1 + 0), x + 0); the others only on their samples
     on_rows(draw.curve_on, lambda v, r: non_monotone_curve(v, draw.curve_values[r]))
     if bool(draw.bias_on.any()):
-        x.mul_(bias_field(neutral_off(draw.bias_coeff, draw.bias_on), h, w).exp_().to(x.dtype).unsqueeze(1))
+        field = bias_field(neutral_off(draw.bias_coeff, draw.bias_on), h, w).exp_()
+        x.mul_(field.to(device=x.device, dtype=x.dtype).unsqueeze(1))
     on_rows(draw.gamma_on, lambda v, r: adjust_contrast(v, draw.gamma[r]))
     on_rows(draw.histogram_on, lambda v, r: histogram_shift(v, draw.histogram_points[r], draw.histogram_floating[r]))
     x.mul_(1.0 + _col(neutral_off(draw.scale, draw.scale_on), x))
     x.add_(_col(neutral_off(draw.shift, draw.shift_on), x))
     on_rows(draw.smooth_on, lambda v, r: gaussian_smooth(v, draw.sigma[r]))
     if bool(draw.noise_on.any()):
-        x.add_(torch.randn(x.shape, generator=generator).mul_(_col(neutral_off(draw.noise_std, draw.noise_on), x)))
+        noise = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
+        x.add_(noise.mul_(_col(neutral_off(draw.noise_std, draw.noise_on), noise)))
     return x
 
 
@@ -249,7 +254,19 @@ class BatchIntensityAugment:
     def __init__(self, cfg: AugmentConfig, seed: int = 0) -> None:
         self.cfg = cfg
         self.enabled = cfg.intensity
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
+        self._noise: dict[torch.device, torch.Generator] = {}
+
+    def noise_generator(self, device: torch.device) -> torch.Generator:
+        """The generator of the noise for images on ``device``: the parameters' own CPU
+        generator for CPU images (as before any device existed), one on the device otherwise,
+        so that the noise never crosses from the CPU."""
+        if device.type == "cpu":
+            return self.generator
+        if device not in self._noise:
+            self._noise[device] = torch.Generator(device=device).manual_seed(self.seed + 1)
+        return self._noise[device]
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` -> ``(B, C, H, W)`` float32, each channel re-scaled to ``[0, 1]``.
@@ -264,7 +281,7 @@ class BatchIntensityAugment:
         if x.shape[0] == 0:
             return x.clone()
         draw = draw_intensity_changes(self.cfg, x.shape[0], self.generator)
-        y = apply_intensity_changes(x, draw, self.generator)  # a new tensor: re-scaled in place
+        y = apply_intensity_changes(x, draw, self.noise_generator(x.device))  # a new tensor: re-scaled in place
         lo = y.amin(dim=(2, 3), keepdim=True)
         hi = y.amax(dim=(2, 3), keepdim=True)
         return y.sub_(lo).div_((hi - lo).clamp_min_(1e-6)).contiguous()

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from jras_core.data.slices import SliceSet, VolumeInfo
+from jras_core.device import module_device
 from jras_core.models.batching import inference_batch_size
 from jras_core.models.retriever import Retriever
 from jras_core.retrieval.guides import (
@@ -109,9 +110,11 @@ class RetrievalBank:
         batch_size = batch_size or inference_batch_size(int(self.slices.images.shape[-1]))
         was_training = retriever.training
         retriever.eval()
+        device = module_device(retriever)
         chunks = []
         for start in range(0, len(self), batch_size):
-            chunks.append(retriever(self.retriever_input(slice(start, start + batch_size), retriever.in_channels)))
+            entries = self.retriever_input(slice(start, start + batch_size), retriever.in_channels)
+            chunks.append(retriever(entries.to(device)).float().cpu())
         retriever.train(was_training)
         self.set_embeddings(torch.cat(chunks).numpy())
         self._embedded_with = {k: v.detach().clone() for k, v in state.items()}

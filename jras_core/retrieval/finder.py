@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from jras_core.config import JRASConfig
+from jras_core.device import autocast, module_device
 from jras_core.models.jras import JRASModel
 from jras_core.retrieval.bank import RetrievalBank
 from jras_core.retrieval.guides import align_guides, centroids
@@ -37,10 +38,23 @@ class Guides:
         return cls(torch.zeros(batch, k, 1, h, w), torch.zeros(batch, k, h, w, dtype=torch.uint8),
                    torch.zeros(batch, k), torch.full((batch, k), -1, dtype=torch.long))
 
+    def to(self, device: torch.device | str) -> Guides:
+        """These guides on ``device`` (the same object where they already are there)."""
+        device = torch.device(device)
+        if self.images.device == device:
+            return self
+        return Guides(self.images.to(device, non_blocking=True), self.masks.to(device, non_blocking=True),
+                      self.sims.to(device), self.idx.to(device))
+
+    @property
+    def present(self) -> torch.Tensor:
+        """``(B,)`` bool on the guides' device: whether a query has at least one guide."""
+        return (self.idx >= 0).any(dim=1)
+
     def with_images(self, images: torch.Tensor) -> Guides:
         """These guides with other images ``(B, K, 1, H, W)`` (e.g. intensity-changed ones);
         missing guides (index -1) stay blank."""
-        present = (self.idx >= 0).to(images.dtype)[:, :, None, None, None]
+        present = (self.idx >= 0).to(device=images.device, dtype=images.dtype)[:, :, None, None, None]
         return Guides(images * present, self.masks, self.sims, self.idx)
 
     def placed(self, rows: torch.Tensor, batch: int) -> Guides:
@@ -77,19 +91,26 @@ class GuideFinder:
         self.generator = generator or torch.Generator().manual_seed(cfg.train.seed)
 
     @property
+    def device(self) -> torch.device:
+        """Where the models compute (``train.device``, as the model was placed)."""
+        return module_device(self.model.seg)
+
+    @property
     def needs_first_pass(self) -> bool:
         r = self.cfg.retriever
         return r.mode == "mask" or r.input == "image+pred" or self.cfg.retrieval.align_centroid
 
     @torch.no_grad()
     def first_pass(self, images: torch.Tensor) -> torch.Tensor:
-        """Pass 1 without guides: softmax ``(B, C, H, W)`` (segmenter in eval mode)."""
-        seg = self.model.seg
+        """Pass 1 without guides: softmax ``(B, C, H, W)`` float32 on the CPU (segmenter in eval
+        mode, on its device and in ``train.precision``; ``images`` on any device)."""
+        seg, device = self.model.seg, self.device
         was_training = seg.training
         seg.eval()
-        probs = torch.softmax(seg(images, guide_present=torch.zeros(images.shape[0], dtype=torch.bool)), dim=1)
+        with autocast(device, self.cfg.train.precision):
+            logits = seg(images.to(device), guide_present=torch.zeros(images.shape[0], dtype=torch.bool, device=device))
         seg.train(was_training)
-        return probs
+        return torch.softmax(logits.float(), dim=1).cpu()
 
     def query_input(self, images: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
         """The retriever's input for queries: the image, plus the pass-1 foreground probabilities."""
@@ -97,16 +118,18 @@ class GuideFinder:
             return images
         if probs is None:
             raise ValueError("the retriever takes the pass-1 prediction but none was given")
-        return torch.cat([images, probs[:, 1:]], dim=1)
+        return torch.cat([images, probs[:, 1:].to(device=images.device, dtype=images.dtype)], dim=1)
 
     @torch.no_grad()
     def embed_queries(self, images: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
-        retr = self.model.retr
+        """``(B, d)`` float32 query embeddings (retriever in eval mode, on its device)."""
+        retr, device = self.model.retr, self.device
         was_training = retr.training
         retr.eval()
-        emb = retr(self.query_input(images, probs))
+        with autocast(device, self.cfg.train.precision):
+            emb = retr(self.query_input(images.to(device), probs))
         retr.train(was_training)
-        return emb
+        return emb.float()
 
     def exclude(self, owners: list[str] | None, n: int) -> torch.Tensor | None:
         """``(n,)`` bank owner id each query may not retrieve from (None: no exclusion)."""

@@ -18,6 +18,7 @@ from torch import nn
 
 from jras_core.config import JRASConfig
 from jras_core.data.slices import SliceSet
+from jras_core.device import autocast, module_device
 from jras_core.models.jras import JRASModel
 from jras_core.retrieval.bank import RetrievalBank
 from jras_core.retrieval.finder import GuideFinder
@@ -67,29 +68,34 @@ def recalibrate_norm(
     for m in momentum:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over every batch seen
-    batches = [slices.images[i : i + batch_size] for i in range(0, len(slices), batch_size)]
+    device = module_device(model.seg)
+    precision = cfg.train.precision
+    batches = [slices.images[i : i + batch_size].to(device) for i in range(0, len(slices), batch_size)]
     # pass 1: segmenter without guides
     _collect(model.seg, seg_layers)
-    for images in batches:
-        model.seg(images, guide_present=torch.zeros(images.shape[0], dtype=torch.bool))
+    with autocast(device, precision):
+        for images in batches:
+            model.seg(images, guide_present=torch.zeros(images.shape[0], dtype=torch.bool, device=device))
     model.seg.eval()
     if cfg.uses_retrieval and bank is not None:
         finder = GuideFinder(model, bank, cfg)
         # the retriever on what it sees at inference: bank entries and queries
         _collect(model.retr, retr_layers)
-        for start in range(0, len(bank), batch_size):
-            model.retr(bank.retriever_input(slice(start, start + batch_size), model.retr.in_channels))
-        for images in batches:
-            probs = finder.first_pass(images) if finder.needs_first_pass else None
-            model.retr(finder.query_input(images, probs))
+        with autocast(device, precision):
+            for start in range(0, len(bank), batch_size):
+                model.retr(bank.retriever_input(slice(start, start + batch_size), model.retr.in_channels).to(device))
+            for images in batches:
+                probs = finder.first_pass(images) if finder.needs_first_pass else None
+                model.retr(finder.query_input(images, probs))
         model.retr.eval()
         bank.refresh(model.retr)
         # pass 2: segmenter with the guides retrieved by the recalibrated model
         for images in batches:
             guides, _ = finder.find(images)
-            present = (guides.idx >= 0).any(dim=1)
+            g = guides.to(device)
             _collect(model.seg, seg_layers)
-            model.seg(images, guides.images, guides.masks, guides.sims, present)
+            with autocast(device, precision):
+                model.seg(images, g.images, g.masks, g.sims, g.present)
             model.seg.eval()
     model.eval()
     for m, value in momentum.items():

@@ -18,6 +18,7 @@ import torch
 from jras_core.config import JRASConfig
 from jras_core.data.augment import BatchIntensityAugment
 from jras_core.data.slices import SliceSet
+from jras_core.device import autocast, module_device
 from jras_core.metrics import dice_per_class, summarise, volume_metrics
 from jras_core.models.batching import inference_batch_size
 from jras_core.models.jras import JRASModel
@@ -52,7 +53,8 @@ def predict(
 
     Returns:
         predictions and, per batch, the guides used (the top K where several sets are
-        drawn; empty list for ``none``).
+        drawn; empty list for ``none``), on the CPU. The model computes on its own device
+        (where it was placed) in ``train.precision``.
     """
     model.eval()
     use_guides = cfg.uses_retrieval and source != "none"
@@ -68,7 +70,7 @@ def predict(
         images = slices.images[start : start + batch_size]
         guides = None
         if finder is None:
-            scores = model.seg(images, guide_present=torch.zeros(len(images), dtype=torch.bool))
+            scores = _plain_logits(model, images, cfg)
         else:
             names = owners[start : start + batch_size] if owners is not None else None
             truth = slices.masks[start : start + batch_size].long()
@@ -76,7 +78,7 @@ def predict(
                 scores, guides = _retrieved_probs(model, finder, images, names, cfg)
             else:
                 guides, _ = finder.find(images, names, source=source, true_masks=truth)
-                scores = _guided_logits(model, images, guides)
+                scores = _guided_logits(model, images, guides, cfg)
             used.append(guides)
         if augment is not None:  # the primary prediction: retrieved guides, or a plain model's logits
             probs = scores if finder is not None else torch.softmax(scores, dim=1)
@@ -97,11 +99,11 @@ def _retrieved_probs(
     for _ in range(r.test_passes):
         if r.test_draws > 1:
             sets = finder.find_draws(images, r.test_draws, owners, probs=probs)
-            probs = torch.stack([torch.softmax(_guided_logits(model, images, g), dim=1) for g in sets]).mean(0)
+            probs = torch.stack([torch.softmax(_guided_logits(model, images, g, cfg), dim=1) for g in sets]).mean(0)
             guides = sets[0]
         else:
             guides, _ = finder.find(images, owners, probs=probs)
-            probs = torch.softmax(_guided_logits(model, images, guides), dim=1)
+            probs = torch.softmax(_guided_logits(model, images, guides, cfg), dim=1)
     return probs, guides
 
 
@@ -116,20 +118,32 @@ def _with_views(
     total = probs.clone()
     for _ in range(views):
         if guides is None:
-            logits = model.seg(augment(images), guide_present=torch.zeros(len(images), dtype=torch.bool))
+            logits = _plain_logits(model, augment(images), cfg)
         elif cfg.augment.guides == "shared":
             changed = augment(torch.cat([images, guides.images.flatten(1, 2)], dim=1))  # (B, 1 + K, H, W)
-            logits = _guided_logits(model, changed[:, :1], guides.with_images(changed[:, 1:].unsqueeze(2)))
+            logits = _guided_logits(model, changed[:, :1], guides.with_images(changed[:, 1:].unsqueeze(2)), cfg)
         else:
-            logits = _guided_logits(model, augment(images), guides)
+            logits = _guided_logits(model, augment(images), guides, cfg)
         total += torch.softmax(logits, dim=1)
     return total / (views + 1)
 
 
-def _guided_logits(model: JRASModel, images: torch.Tensor, guides: Guides) -> torch.Tensor:
-    """The segmenter's ``(B, C, H, W)`` output for ``images`` with ``guides``."""
-    present = (guides.idx >= 0).any(dim=1)
-    return model.seg(images, guides.images, guides.masks, guides.sims, present)
+def _plain_logits(model: JRASModel, images: torch.Tensor, cfg: JRASConfig) -> torch.Tensor:
+    """The segmenter's ``(B, C, H, W)`` float32 CPU output for ``images`` without guides."""
+    device = module_device(model.seg)
+    with autocast(device, cfg.train.precision):
+        logits = model.seg(images.to(device), guide_present=torch.zeros(len(images), dtype=torch.bool, device=device))
+    return logits.float().cpu()
+
+
+def _guided_logits(model: JRASModel, images: torch.Tensor, guides: Guides, cfg: JRASConfig) -> torch.Tensor:
+    """The segmenter's ``(B, C, H, W)`` float32 CPU output for ``images`` with ``guides``
+    (computed on the model's device in ``train.precision``)."""
+    device = module_device(model.seg)
+    g = guides.to(device)
+    with autocast(device, cfg.train.precision):
+        logits = model.seg(images.to(device), g.images, g.masks, g.sims, g.present)
+    return logits.float().cpu()
 
 
 def guide_quality(slices: SliceSet, guides: list[Guides], num_classes: int) -> float:

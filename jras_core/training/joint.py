@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from jras_core.config import JRASConfig
 from jras_core.data.augment import BatchIntensityAugment
 from jras_core.data.slices import SliceSet
+from jras_core.device import autocast, check_precision, grad_scaler, resolve_device
 from jras_core.models.jras import JRASModel
 from jras_core.retrieval.bank import RetrievalBank
 from jras_core.retrieval.finder import GuideFinder, Guides
@@ -49,8 +50,11 @@ log = logging.getLogger(__name__)
 class JRASTrainer:
     """Trains a :class:`JRASModel` on one site's slices with its own bank.
 
+    The model is moved to ``train.device`` and computes in ``train.precision``; the slices,
+    the bank and the prediction memory stay on the CPU, and each batch crosses once.
+
     Args:
-        model: segmenter + retriever (updated in place).
+        model: segmenter + retriever (updated in place, and moved to ``cfg.train.device``).
         cfg: method configuration.
         train_set: the site's training slices; also the bank, unless ``bank`` is given.
         bank: retrieval bank (default: built from ``train_set`` and embedded now).
@@ -75,6 +79,10 @@ class JRASTrainer:
     ):
         if len(train_set) == 0:
             raise ValueError("the training set is empty")
+        self.device = resolve_device(cfg.train.device)
+        self.precision = cfg.train.precision
+        check_precision(self.device, self.precision)
+        model.to(self.device)
         self.model = model
         self.cfg = cfg
         self.train_set = train_set
@@ -87,9 +95,11 @@ class JRASTrainer:
         self.seg_loss = segmentation_loss()
         self.seg_opt = torch.optim.AdamW(model.seg.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.retr_opt = torch.optim.AdamW(model.retr.parameters(), lr=cfg.contrastive.lr, weight_decay=cfg.train.weight_decay)
+        self.seg_scaler = grad_scaler(self.device, self.precision)
+        self.retr_scaler = grad_scaler(self.device, self.precision)
         self.proximal = None
         if proximal_reference is not None and cfg.train.proximal_mu > 0:
-            self.proximal = {k: v.detach().clone() for k, v in proximal_reference.items()}
+            self.proximal = {k: v.detach().to(self.device, copy=True) for k, v in proximal_reference.items()}
         self.bank: RetrievalBank | None = None
         self.finder: GuideFinder | None = None
         if cfg.uses_retrieval:
@@ -124,12 +134,24 @@ class JRASTrainer:
 
     def _proximal_term(self) -> torch.Tensor:
         mu = self.cfg.train.proximal_mu
-        total = torch.zeros(())
+        total = torch.zeros((), device=self.device)
         for name, p in self.model.named_parameters():
             ref = self.proximal.get(name)
             if ref is not None and p.requires_grad:
                 total = total + (p - ref).pow(2).sum()
         return 0.5 * mu * total
+
+    def _step(self, loss: torch.Tensor, optimiser: torch.optim.Optimizer,
+              scaler: torch.amp.GradScaler | None) -> None:
+        """One optimiser step on ``loss`` (through the gradient scaler under fp16)."""
+        optimiser.zero_grad(set_to_none=True)
+        if scaler is None:
+            loss.backward()
+            optimiser.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimiser)
+            scaler.update()
 
     def _bar(self, items, desc: str):
         return tqdm(items, desc=desc, leave=False, disable=not self.progress)
@@ -163,18 +185,18 @@ class JRASTrainer:
         return guides if len(rows) == len(idx) else guides.placed(rows, len(idx))
 
     def _guided_batch(self, idx: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, Guides]:
-        """Phase A's augmented queries ``(B, 1, H, W)`` and their guides (``augment.guides``);
-        queries whose guides are dropped (``keep`` false) get none."""
+        """Phase A's augmented queries ``(B, 1, H, W)`` and their guides (``augment.guides``),
+        both on the training device; queries whose guides are dropped (``keep`` false) get none."""
         cfg = self.cfg
-        raw = self.train_set.images[idx]
+        raw = self.train_set.images[idx].to(self.device, non_blocking=True)
         if cfg.augment.guides != "shared" or not self.augment.enabled:
             images = self.augment(raw)
-            guides = self._find_kept(idx, images, keep)
+            guides = self._find_kept(idx, images, keep).to(self.device)
             if cfg.augment.guides == "independent" and self.augment.enabled:
                 changed = self.augment(guides.images.flatten(0, 1))  # (B*K, 1, H, W)
                 guides = guides.with_images(changed.view_as(guides.images))
             return images, guides
-        guides = self._find_kept(idx, raw, keep)
+        guides = self._find_kept(idx, raw, keep).to(self.device)
         # each query with its K guides stacked (B1, 1 + K, H, W): one change for the stack;
         # a query without guides changed alone
         has = (guides.idx >= 0).any(dim=1)
@@ -199,48 +221,52 @@ class JRASTrainer:
         model.seg.train()
         model.retr.eval()
         total, n, t0 = 0.0, 0, time.perf_counter()
+        device = self.device
         for idx in self._bar(self._batches(), f"epoch {self.epoch} seg"):
-            labels = self.train_set.masks[idx].long()
+            labels = self.train_set.masks[idx].to(device, non_blocking=True).long()
             if self.finder is not None and guided:
                 present = torch.rand(len(idx), generator=self.generator) >= cfg.retrieval.guide_dropout
                 images, guides = self._guided_batch(idx, present)
-                present &= (guides.idx >= 0).any(dim=1)
-                logits = model.seg(images, guides.images, guides.masks, guides.sims, present)
+                present = present.to(device) & guides.present
+                with autocast(device, self.precision):
+                    logits = model.seg(images, guides.images, guides.masks, guides.sims, present)
             else:
-                images = self.augment(self.train_set.images[idx])
-                logits = model.seg(images)
+                images = self.augment(self.train_set.images[idx].to(device, non_blocking=True))
+                with autocast(device, self.precision):
+                    logits = model.seg(images)
+            logits = logits.float()
             if self.memory is not None:
                 self.memory.store(idx, torch.softmax(logits.detach(), dim=1), images)
             loss = self.seg_loss(logits, labels.unsqueeze(1))
             if self.proximal is not None:
                 loss = loss + self._proximal_term()
-            self.seg_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.seg_opt.step()
+            self._step(loss, self.seg_opt, self.seg_scaler)
             total += float(loss.detach()) * len(idx)
             n += len(idx)
         return {"seg_loss": total / max(n, 1), "seg_time_s": time.perf_counter() - t0}
 
     def _relevance(self, idx, images, labels, cand_idx, probs) -> torch.Tensor:
-        """``(B, M)`` relevance of each candidate to its query (training slices ``idx``)."""
-        bank = self.bank
+        """``(B, M)`` relevance of each candidate to its query (training slices ``idx``), on the
+        training device; ``images`` and ``labels`` are there, ``cand_idx`` and ``probs`` on the CPU."""
+        bank, device = self.bank, self.device
         if self.cfg.contrastive.relevance == "mask":
             if self._bank_is_train_set:
-                return bank.entry_mask_similarity_at(idx, cand_idx)
-            return bank.mask_similarity_at(labels, cand_idx)
+                return bank.entry_mask_similarity_at(idx, cand_idx).to(device)
+            return bank.mask_similarity_at(labels.cpu(), cand_idx).to(device)
         # utility: loss drop of the frozen segmenter with the candidate as its guide(s)
         seg = self.model.seg
         b, m = cand_idx.shape
         k = self.cfg.retrieval.k
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, self.precision):
             seg.eval()
-            base = per_sample_dice_ce(seg(images, guide_present=torch.zeros(b, dtype=torch.bool)), labels)
+            none = torch.zeros(b, dtype=torch.bool, device=device)
+            base = per_sample_dice_ce(seg(images, guide_present=none).float(), labels)
             flat = cand_idx.reshape(-1, 1).clamp_min(0).expand(-1, k)
             rep_probs = probs.repeat_interleave(m, dim=0) if probs is not None else None
-            guides = self.finder.assemble(flat, torch.zeros(flat.shape), rep_probs)
+            guides = self.finder.assemble(flat, torch.zeros(flat.shape), rep_probs).to(device)
             rep_images = images.repeat_interleave(m, dim=0)
-            logits = seg(rep_images, guides.images, guides.masks, None, torch.ones(b * m, dtype=torch.bool))
-            loss = per_sample_dice_ce(logits, labels.repeat_interleave(m, dim=0)).view(b, m)
+            logits = seg(rep_images, guides.images, guides.masks, None, torch.ones(b * m, dtype=torch.bool, device=device))
+            loss = per_sample_dice_ce(logits.float(), labels.repeat_interleave(m, dim=0)).view(b, m)
             seg.train()
         return base.unsqueeze(1) - loss
 
@@ -254,38 +280,39 @@ class JRASTrainer:
         batches = self._batches()
         batches = batches[: c.phase_b_steps(len(batches))]
         m_top = c.candidates // 2
+        device = self.device
         for idx in self._bar(batches, f"epoch {self.epoch} retr"):
             if self.memory is not None and bool(self.memory.known[idx].all()):
-                images = self.memory.views(idx)  # the views phase A trained on, with their predictions
+                images = self.memory.views(idx).to(device)  # the views phase A trained on, with their predictions
             else:
-                images = self.augment(self.train_set.images[idx])
-            labels = self.train_set.masks[idx].long()
+                images = self.augment(self.train_set.images[idx].to(device))
+            labels = self.train_set.masks[idx].to(device).long()
             names = self._owners_of(idx)
             probs = self._first_pass(idx, images)
             exclude = bank.owner_ids_of(names, len(idx))
-            q_emb = model.retr(self.finder.query_input(images, probs))  # (B, d)
+            with autocast(device, self.precision):
+                q_emb = model.retr(self.finder.query_input(images, probs)).float()  # (B, d)
             # where train and eval mode agree, the search reuses this forward
             search_emb = q_emb.detach() if self._retriever_mode_free else self.finder.embed_queries(images, probs)
             with torch.no_grad():
                 _, top_idx = bank.search(search_emb, m_top, exclude)
                 rand_idx = self.finder.random_indices(len(idx), c.candidates - m_top, names)
             cand = torch.cat([top_idx, rand_idx], dim=1)  # (B, M)
-            valid = cand >= 0
+            valid = (cand >= 0).to(device)
             relevance = self._relevance(idx, images, labels, cand, probs)
             if c.keys == "stored":
-                c_emb = bank.embeddings_at(cand)  # (B, M, d), no gradient
+                c_emb = bank.embeddings_at(cand).to(device)  # (B, M, d), no gradient
             else:
                 # each distinct candidate is embedded once; duplicates share it (and its gradient)
                 unique, inverse = torch.unique(cand.clamp_min(0), return_inverse=True)
-                u_emb = model.retr(bank.retriever_input(unique, model.retr.in_channels))
-                c_emb = u_emb[inverse]  # (B, M, d)
+                with autocast(device, self.precision):
+                    u_emb = model.retr(bank.retriever_input(unique, model.retr.in_channels).to(device)).float()
+                c_emb = u_emb[inverse.to(device)]  # (B, M, d)
             sims = (c_emb * q_emb.unsqueeze(1)).sum(-1)
             loss = soft_info_nce(sims, relevance, c.tau, c.tau_relevance, valid)
             if self.proximal is not None:
                 loss = loss + self._proximal_term()
-            self.retr_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.retr_opt.step()
+            self._step(loss, self.retr_opt, self.retr_scaler)
             total += float(loss.detach()) * len(idx)
             n += len(idx)
         t_refresh = time.perf_counter()

@@ -31,15 +31,15 @@ class PredictionMemory:
 
     def store(self, idx: torch.Tensor, probs: torch.Tensor, views: torch.Tensor) -> None:
         """Keep ``probs`` ``(B, C, S, S)`` (a softmax), predicted on ``views`` ``(B, 1, S, S)``,
-        for slices ``idx`` ``(B,)``."""
+        for slices ``idx`` ``(B,)`` (kept on the CPU, from any device)."""
         b = idx.shape[0]
         if probs.shape != (b, self.num_classes, self.size, self.size) or views.shape != (b, 1, self.size, self.size):
             raise ValueError(
                 f"expected probabilities ({b}, {self.num_classes}, {self.size}, {self.size}) and views "
                 f"({b}, 1, {self.size}, {self.size}), got {tuple(probs.shape)} and {tuple(views.shape)}"
             )
-        self._fg[idx] = (probs[:, 1:].detach() * 255.0).round_().to(torch.uint8)
-        self._views[idx] = views.detach().to(torch.float16)
+        self._fg[idx] = (probs[:, 1:].detach() * 255.0).round_().to(device="cpu", dtype=torch.uint8)
+        self._views[idx] = views.detach().to(device="cpu", dtype=torch.float16)
         self.known[idx] = True
 
     def recall(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
