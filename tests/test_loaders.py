@@ -265,6 +265,102 @@ def test_missing_manifest(tmp_path):
         load_manifest(tmp_path / "absent.csv", num_classes=4)
 
 
+GROUP_HEADER = "case,phase,vendor,centre,group,image,mask\n"
+
+
+def group_manifest(folder: Path) -> Path:
+    """Manifest of four one-volume cases: c1, c2 group X (vendor A), c3 group Y (vendor A),
+    c4 group Y (vendor B); an extra ``group`` column."""
+    image, mask = toy_pair()
+    lines = [GROUP_HEADER]
+    for case, group, vendor in [("c1", "X", "A"), ("c2", "X", "A"), ("c3", "Y", "A"), ("c4", "Y", "B")]:
+        _, img, msk = write_case(folder, case, image, mask)
+        lines.append(f"{case},ED,{vendor},1,{group},{img},{msk}\n")
+    path = folder / "group_manifest.csv"
+    path.write_text("".join(lines))
+    return path
+
+
+@pytest.mark.parametrize(
+    "where,exclude,vendors,cases",
+    [
+        ({"group": "X"}, None, None, ["c1", "c2"]),
+        ({"group": ["Y"]}, None, None, ["c3", "c4"]),
+        ({"Group": ["X", "Y"]}, {"case": ["c2", "c3"]}, None, ["c1", "c4"]),
+        (None, {"case": "c1"}, None, ["c2", "c3", "c4"]),
+        ({"group": "Y"}, None, ["A"], ["c3"]),
+        ({"case": ["c4", "c1"], "vendor": "B"}, None, None, ["c4"]),
+        ({"centre": 1}, {"group": "X", "vendor": "B"}, None, ["c3"]),
+    ],
+)
+def test_manifest_row_filters(tmp_path, where, exclude, vendors, cases):
+    vols = load_manifest(
+        group_manifest(tmp_path), num_classes=4, vendors=vendors, where=where, exclude=exclude
+    )
+    assert [v.case for v in vols] == cases
+
+
+def test_manifest_extra_columns_are_kept_as_meta(tmp_path):
+    vols = load_manifest(group_manifest(tmp_path), num_classes=4)
+    assert [v.meta for v in vols] == [{"group": g} for g in "XXYY"]
+    assert vols[0].centre == "1"
+    path = write_manifest(tmp_path, [write_case(tmp_path, "plain", *toy_pair())])
+    assert load_manifest(path, num_classes=4)[0].meta == {}
+
+
+@pytest.mark.parametrize(
+    "kwargs,problem",
+    [
+        ({"where": {"grp": "X"}}, r"where: unknown column 'grp'.*'group'"),
+        ({"exclude": {"site": "c1"}}, "exclude: unknown column 'site'"),
+        ({"where": {"group": ["X", "Z"]}}, r"where: group value\(s\) \['Z'\] appear in no row"),
+        ({"exclude": {"case": "c9"}}, r"exclude: case value\(s\) \['c9'\] appear in no row"),
+        ({"where": {"group": "X"}, "vendors": ["B"]}, "keep no row"),
+        ({"where": {"group": "X"}, "exclude": {"case": ["c1", "c2"]}}, "keep no row"),
+        ({"where": {"group": []}}, "keep no row"),
+    ],
+    ids=["where-column", "exclude-column", "where-value", "exclude-value", "vendor-and-where",
+         "where-minus-exclude", "empty-list"],
+)
+def test_manifest_filter_errors_name_the_file(tmp_path, kwargs, problem):
+    path = group_manifest(tmp_path)
+    with pytest.raises(DataError, match=problem) as info:
+        load_manifest(path, num_classes=4, **kwargs)
+    assert str(path) in str(info.value)
+
+
+def test_site_yaml_filter_errors_name_yaml_and_manifest(tmp_path):
+    from jras_core.site import SiteConfig
+
+    manifest = group_manifest(tmp_path)
+    site = tmp_path / "site.yaml"
+    body = "name: s\ndata:\n  kind: manifest\n  path: group_manifest.csv\n  {}\n"
+    site.write_text(body.format("where: {grp: X}"))
+    with pytest.raises(ConfigError, match="unknown column 'grp'") as info:
+        SiteConfig.from_yaml(site)
+    assert str(site) in str(info.value) and str(manifest) in str(info.value)
+    site.write_text(body.format("where: {group: X}\n  exclude: {case: [c1, c2]}"))
+    with pytest.raises(ConfigError, match="keep no row") as info:
+        SiteConfig.from_yaml(site)
+    assert str(site) in str(info.value) and str(manifest) in str(info.value)
+    site.write_text(body.format("where: {group: NO}"))
+    with pytest.raises(ConfigError, match="YAML boolean"):
+        SiteConfig.from_yaml(site)
+    site.write_text(body.format("where: {group: Y}\n  vendor: A"))
+    cfg = SiteConfig.from_yaml(site)
+    assert [v.case for v in load_volumes(cfg.data, 4, tmp_path)] == ["c3"]
+
+
+def test_row_filters_are_for_manifests_only(tmp_path):
+    with pytest.raises(ConfigError, match="where.*kind 'synthetic'"):
+        DataSourceConfig.from_dict({"kind": "synthetic", "vendor": "A", "where": {"case": "x"}})
+    with pytest.raises(ConfigError, match="exclude.*kind 'folder'"):
+        DataSourceConfig.from_dict({"kind": "folder", "path": str(tmp_path), "exclude": {"case": "x"}})
+    for bad in ({}, ["group"], {"group": None}, {"group": [["X"]]}):
+        with pytest.raises(ConfigError, match="where"):
+            DataSourceConfig.from_dict({"kind": "manifest", "path": "x.csv", "where": bad})
+
+
 def test_skip_bad_warns_and_keeps_good(tmp_path, caplog):
     image, mask = toy_pair()
     good = write_case(tmp_path, "good", image, mask)

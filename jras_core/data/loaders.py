@@ -20,7 +20,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -36,6 +36,9 @@ ACDC_TO_MNMS: dict[int, int] = {0: 0, 1: 3, 2: 2, 3: 1}
 
 MANIFEST_COLUMNS: tuple[str, ...] = ("case", "phase", "vendor", "image", "mask")
 """Columns a manifest CSV must have (``centre`` is optional)."""
+
+MANIFEST_FIELDS: tuple[str, ...] = ("case", "phase", "vendor", "centre", "image", "mask")
+"""Manifest columns read into :class:`Volume` fields; any other column goes to ``Volume.meta``."""
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 """File types read by :func:`load_image_folder`."""
@@ -174,7 +177,7 @@ def _make_volume(
     mask_path: Path,
     num_classes: int,
     label_map: Mapping[int, int] | None,
-    **meta: str,
+    **meta: Any,
 ) -> Volume:
     """Check one image/mask pair and wrap it as a :class:`Volume`.
 
@@ -185,7 +188,7 @@ def _make_volume(
         image_path, mask_path: files the arrays came from (for messages).
         num_classes: number of classes including background.
         label_map: optional ``{old: new}`` applied to the mask before the label check.
-        **meta: ``case``, ``phase``, ``vendor``, ``centre``.
+        **meta: ``case``, ``phase``, ``vendor``, ``centre`` and optionally ``meta`` (a dict).
     """
     if image.shape != mask.shape:
         raise DataError(
@@ -207,7 +210,7 @@ def _read_nifti_pair(
     mask_path: Path,
     num_classes: int,
     label_map: Mapping[int, int] | None,
-    **meta: str,
+    **meta: Any,
 ) -> Volume:
     """Read a 3-D NIfTI image and its mask (2-D becomes Z=1, a singleton 4th axis is dropped)."""
     image, zooms = _read_nifti(image_path)
@@ -248,29 +251,57 @@ def _resolve(base: Path, value: str) -> Path:
 # --------------------------------------------------------------------------- manifest
 
 
-def load_manifest(
-    path: str | Path,
-    num_classes: int,
-    label_map: Mapping[int, int] | None = None,
-    skip_bad: bool = False,
-    vendors: Sequence[str] | None = None,
-) -> list[Volume]:
-    """Read the volumes listed in a manifest CSV.
+RowFilter = Mapping[str, Any]
+"""A manifest row filter: ``{column: value or list of values}``."""
 
-    The CSV has a header with at least ``case, phase, vendor, image, mask``
-    (``centre`` optional, other columns ignored). ``image``/``mask`` are NIfTI
-    paths, relative to the CSV's folder or absolute.
+
+def _filter_values(value: Any) -> set[str]:
+    """The values of one filter entry as strings (a scalar is a one-value list)."""
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return {str(v).strip() for v in value}
+    return {str(value).strip()}
+
+
+def _describe_filters(
+    vendors: Sequence[str] | None, where: RowFilter | None, exclude: RowFilter | None
+) -> str:
+    parts = []
+    if vendors is not None:
+        parts.append(f"vendor in {sorted(str(v) for v in vendors)}")
+    for name, spec, op in (("where", where, "in"), ("exclude", exclude, "not in")):
+        for column, value in (spec or {}).items():
+            parts.append(f"{name}: {column} {op} {sorted(_filter_values(value))}")
+    return "; ".join(parts) or "no filter"
+
+
+def select_manifest_rows(
+    path: str | Path,
+    vendors: Sequence[str] | None = None,
+    where: RowFilter | None = None,
+    exclude: RowFilter | None = None,
+) -> list[tuple[int, dict[str, str]]]:
+    """The rows of a manifest CSV that its filters keep, without reading any image.
+
+    Filters combine with AND: ``vendors`` keeps rows whose ``vendor`` is listed;
+    every ``where`` entry ``{column: values}`` keeps rows whose value in that column
+    is one of ``values`` (a scalar is a one-value list); every ``exclude`` entry
+    drops the rows whose value is one of its values. Column names are
+    case-insensitive, values are compared as strings, exactly.
 
     Args:
         path: the manifest CSV.
-        num_classes: number of classes including background.
-        label_map: optional ``{old: new}`` label remap applied to every mask.
-        skip_bad: skip bad rows/cases with a warning instead of raising.
-        vendors: keep only rows whose ``vendor`` is listed.
+        vendors: vendor filter (``None``: every vendor).
+        where: ``{column: value or [values]}`` rows to keep.
+        exclude: ``{column: value or [values]}`` rows to drop.
 
     Returns:
-        One :class:`Volume` per row, image ``(H, W, Z)`` float32, mask ``(H, W, Z)`` int64,
-        spacing from the image header.
+        ``(line number in the CSV, row)`` pairs; a row maps lower-cased column names
+        to stripped values.
+
+    Raises:
+        DataError: naming the file, for a missing required column, an empty manifest,
+            a filter on a column the manifest does not have, a filter value that no
+            row holds, or filters that keep no row.
     """
     path = Path(path)
     header, rows = _read_csv(path)
@@ -287,6 +318,60 @@ def load_manifest(
         numbered = [(n, r) for n, r in numbered if r["vendor"] in wanted]
         if not numbered:
             raise DataError(f"{path}: no row has a vendor in {sorted(wanted)}")
+    columns = [h for h in header if h]
+    for name, spec, keep in (("where", where, True), ("exclude", exclude, False)):
+        for column, value in (spec or {}).items():
+            col = str(column).strip().lower()
+            if col not in columns:
+                raise DataError(
+                    f"{path}: {name}: unknown column {str(column)!r}; the manifest has {columns}"
+                )
+            values = _filter_values(value)
+            absent = sorted(values - {r[col] for r in rows})
+            if absent:
+                raise DataError(
+                    f"{path}: {name}: {col} value(s) {absent} appear in no row of the manifest"
+                )
+            numbered = [(n, r) for n, r in numbered if (r[col] in values) == keep]
+    if not numbered:
+        raise DataError(
+            f"{path}: the filters keep no row ({_describe_filters(vendors, where, exclude)})"
+        )
+    return numbered
+
+
+def load_manifest(
+    path: str | Path,
+    num_classes: int,
+    label_map: Mapping[int, int] | None = None,
+    skip_bad: bool = False,
+    vendors: Sequence[str] | None = None,
+    where: RowFilter | None = None,
+    exclude: RowFilter | None = None,
+) -> list[Volume]:
+    """Read the volumes listed in a manifest CSV.
+
+    The CSV has a header with at least ``case, phase, vendor, image, mask``
+    (``centre`` optional). ``image``/``mask`` are NIfTI paths, relative to the
+    CSV's folder or absolute. Any other column (e.g. ACDC's ``group``) is kept in
+    each volume's ``meta`` and can be filtered on.
+
+    Args:
+        path: the manifest CSV.
+        num_classes: number of classes including background.
+        label_map: optional ``{old: new}`` label remap applied to every mask.
+        skip_bad: skip bad rows/cases with a warning instead of raising.
+        vendors: keep only rows whose ``vendor`` is listed.
+        where: ``{column: value or [values]}``: keep only rows whose value is listed
+            (see :func:`select_manifest_rows`).
+        exclude: ``{column: value or [values]}``: drop the rows whose value is listed.
+
+    Returns:
+        One :class:`Volume` per kept row, image ``(H, W, Z)`` float32, mask ``(H, W, Z)``
+        int64, spacing from the image header.
+    """
+    path = Path(path)
+    numbered = select_manifest_rows(path, vendors=vendors, where=where, exclude=exclude)
 
     def read(item: tuple[int, dict[str, str]]) -> list[Volume]:
         line, row = item
@@ -306,6 +391,7 @@ def load_manifest(
             phase=row["phase"],
             vendor=row["vendor"],
             centre=row.get("centre", ""),
+            meta={k: v for k, v in row.items() if k not in MANIFEST_FIELDS},
         )
         return [vol]
 

@@ -31,6 +31,13 @@ class DataSourceConfig:
         info_csv: M&Ms info CSV with vendor, centre and ED/ES frames (``mnms``).
         vendor: synthetic vendor name; vendor filter for ``manifest``/``mnms``;
             vendor label for ``acdc``/``folder``.
+        where: row filter of a ``manifest``: ``{column: value or [values]}`` keeps the
+            rows whose value in each named column is listed, e.g. ``{group: [DCM]}`` or
+            ``{case: [patient001, patient002]}``.
+        exclude: row filter of a ``manifest``: ``{column: value or [values]}`` drops the
+            rows whose value is listed, e.g. ``{case: [patient017, patient018]}``.
+            ``vendor``, ``where`` and ``exclude`` combine with AND; a column the
+            manifest lacks, a value no row holds, or filters that keep no row are errors.
         vendor_spec: custom synthetic vendor parameters (``synthetic``).
         cases: number of synthetic cases.
         seed: synthetic generator seed.
@@ -44,6 +51,8 @@ class DataSourceConfig:
     path: str | None = None
     info_csv: str | None = None
     vendor: str | None = None
+    where: dict | None = None
+    exclude: dict | None = None
     vendor_spec: dict | None = None
     cases: int = 20
     seed: int = 0
@@ -78,6 +87,13 @@ class DataSourceConfig:
                 ) from None
         return out
 
+    def row_filters(self) -> tuple[dict[str, list[str]] | None, dict[str, list[str]] | None]:
+        """``where`` and ``exclude`` checked and normalised to ``{column: [values as strings]}``."""
+        return (
+            _row_filter(self.where, "where") if self.where is not None else None,
+            _row_filter(self.exclude, "exclude") if self.exclude is not None else None,
+        )
+
     def resolve(self, value: str, root: Path | None) -> Path:
         """A configured path, made absolute against ``root`` when relative."""
         path = Path(value).expanduser()
@@ -101,6 +117,11 @@ class DataSourceConfig:
                 f"data source vendor_spec must be a mapping, got {self.vendor_spec!r}"
             )
         self.label_mapping()
+        where, exclude = self.row_filters()
+        if (where is not None or exclude is not None) and self.kind != "manifest":
+            raise ConfigError(
+                f"data source 'where'/'exclude' filter manifest rows; kind {self.kind!r} has none"
+            )
         if self.kind == "synthetic":
             if not self.vendor and not self.vendor_spec:
                 raise ConfigError(
@@ -114,6 +135,13 @@ class DataSourceConfig:
         if self.kind == "manifest":
             if not path.is_file():
                 raise ConfigError(f"{self.kind} data source: manifest file {path} does not exist")
+            if where is not None or exclude is not None:
+                try:
+                    loaders.select_manifest_rows(
+                        path, [self.vendor] if self.vendor else None, where, exclude
+                    )
+                except DataError as exc:
+                    raise ConfigError(str(exc)) from None
         elif not path.is_dir():
             raise ConfigError(f"{self.kind} data source: folder {path} does not exist")
         if self.kind == "mnms":
@@ -124,6 +152,32 @@ class DataSourceConfig:
             info = self.resolve(self.info_csv, root)
             if not info.is_file():
                 raise ConfigError(f"mnms data source: info CSV {info} does not exist")
+
+
+def _row_filter(spec: Any, name: str) -> dict[str, list[str]]:
+    """A ``where``/``exclude`` mapping as ``{column: [values]}``; bad shapes raise ConfigError."""
+    if not isinstance(spec, Mapping) or not spec:
+        raise ConfigError(
+            f"data source {name} must be a non-empty mapping {{column: value or [values]}}, "
+            f"got {spec!r}"
+        )
+    out: dict[str, list[str]] = {}
+    for column, value in spec.items():
+        if not isinstance(column, str) or not column.strip():
+            raise ConfigError(f"data source {name}: column names must be text, got {column!r}")
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, bool):
+                raise ConfigError(
+                    f"data source {name}.{column}: {v!r} was read as a YAML boolean; "
+                    "quote the value (e.g. 'NO')"
+                )
+            if v is None or isinstance(v, (Mapping, list, tuple)):
+                raise ConfigError(
+                    f"data source {name}.{column}: values must be text or numbers, got {v!r}"
+                )
+        out[column] = [str(v).strip() for v in values]
+    return out
 
 
 def _as_label(value: Any) -> int:
@@ -161,8 +215,15 @@ def load_volumes(src: DataSourceConfig, num_classes: int, root: Path | None = No
     path = src.resolve(src.path, root)
     vendors = [src.vendor] if src.vendor else None
     if src.kind == "manifest":
+        where, exclude = src.row_filters()
         return loaders.load_manifest(
-            path, num_classes, label_map, skip_bad=src.skip_bad, vendors=vendors
+            path,
+            num_classes,
+            label_map,
+            skip_bad=src.skip_bad,
+            vendors=vendors,
+            where=where,
+            exclude=exclude,
         )
     if src.kind == "mnms":
         return loaders.load_mnms(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -25,6 +25,8 @@ class Volume:
         vendor: scanner vendor (``A``..``D``) or ``""``.
         centre: acquiring centre or ``""``.
         source: the file the volume came from (for error messages).
+        meta: further descriptors of the case from its source, e.g. a manifest's extra
+            columns (``{"group": "DCM", "frame": "1"}``); empty when the source has none.
     """
 
     image: np.ndarray
@@ -35,6 +37,7 @@ class Volume:
     vendor: str = ""
     centre: str = ""
     source: str = ""
+    meta: dict[str, str] = field(default_factory=dict)
 
     @property
     def key(self) -> str:

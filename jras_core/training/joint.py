@@ -6,7 +6,8 @@ Per local epoch:
   drawn from its top ``train_pool`` bank entries (own case excluded, or only its own
   volume: ``retrieval.exclude``), shifted to its
   pass-1 centroid, augmented as ``augment.guides`` says, dropped with probability
-  ``guide_dropout``; Dice + CE step.
+  ``guide_dropout``; query, labels and guides then share one random flip/rotation/zoom
+  (``augment.flip``, ``rotate_deg``, ``scale``); Dice + CE step.
 * **Phase B (retriever)**: segmenter frozen; each query gets M candidates (top M/2
   by the current retriever plus random ones); their relevance (``mask``: centroid-
   aligned Dice with the query's mask; ``utility``: how much the segmenter's loss
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 from jras_core.config import JRASConfig
 from jras_core.data.augment import BatchIntensityAugment
 from jras_core.data.slices import SliceSet
+from jras_core.data.spatial import BatchSpatialAugment, SpatialDraw, warp_back, warp_images, warp_labels
 from jras_core.device import autocast, check_precision, grad_scaler, resolve_device
 from jras_core.models.jras import JRASModel
 from jras_core.retrieval.bank import RetrievalBank
@@ -92,6 +94,7 @@ class JRASTrainer:
         seed = cfg.train.seed
         self.generator = torch.Generator().manual_seed(seed)
         self.augment = BatchIntensityAugment(cfg.augment, seed=seed)
+        self.spatial = BatchSpatialAugment(cfg.augment, seed=seed)
         self.seg_loss = segmentation_loss()
         self.seg_opt = torch.optim.AdamW(model.seg.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.retr_opt = torch.optim.AdamW(model.retr.parameters(), lr=cfg.contrastive.lr, weight_decay=cfg.train.weight_decay)
@@ -211,6 +214,21 @@ class JRASTrainer:
         guides = guides.with_images(guide_images)
         return images, guides
 
+    def _warp(
+        self, images: torch.Tensor, labels: torch.Tensor, guides: Guides | None
+    ) -> tuple[torch.Tensor, torch.Tensor, Guides | None, SpatialDraw]:
+        """Phase A's spatial augmentation (``augment.flip``, ``rotate_deg``, ``scale``): each
+        query ``(B, 1, H, W)``, its labels ``(B, H, W)`` and its K guide pairs receive one
+        random flip/rotation/zoom together, so that the guides keep the query's orientation,
+        as the bank of a site holds its own scanner's orientation."""
+        draw = self.spatial.draw(len(images))
+        if guides is None:
+            return warp_images(images, draw), warp_labels(labels, draw), None, draw
+        stack = warp_images(torch.cat([images, guides.images.flatten(1, 2)], dim=1), draw)  # (B, 1 + K, H, W)
+        maps = warp_labels(torch.cat([labels.unsqueeze(1), guides.masks.to(labels.dtype)], dim=1), draw)
+        warped = Guides(stack[:, 1:].unsqueeze(2), maps[:, 1:].to(guides.masks.dtype), guides.sims, guides.idx)
+        return stack[:, :1].contiguous(), maps[:, 0], warped, draw
+
     # ------------------------------------------------------------------ phases
     def phase_segmenter(self, guided: bool = True) -> dict[str, float]:
         """Phase A: one pass over the data training the segmenter (retriever frozen).
@@ -228,15 +246,22 @@ class JRASTrainer:
                 present = torch.rand(len(idx), generator=self.generator) >= cfg.retrieval.guide_dropout
                 images, guides = self._guided_batch(idx, present)
                 present = present.to(device) & guides.present
+                if self.spatial.enabled:
+                    images, labels, guides, draw = self._warp(images, labels, guides)
                 with autocast(device, self.precision):
                     logits = model.seg(images, guides.images, guides.masks, guides.sims, present)
             else:
                 images = self.augment(self.train_set.images[idx].to(device, non_blocking=True))
+                if self.spatial.enabled:
+                    images, labels, _, draw = self._warp(images, labels, None)
                 with autocast(device, self.precision):
                     logits = model.seg(images)
             logits = logits.float()
-            if self.memory is not None:
-                self.memory.store(idx, torch.softmax(logits.detach(), dim=1), images)
+            if self.memory is not None:  # kept in the slice's own geometry: the next retrieval's pass 1
+                probs = torch.softmax(logits.detach(), dim=1)
+                if self.spatial.enabled:
+                    probs, images = warp_back(probs, draw), warp_back(images, draw)
+                self.memory.store(idx, probs, images)
             loss = self.seg_loss(logits, labels.unsqueeze(1))
             if self.proximal is not None:
                 loss = loss + self._proximal_term()
