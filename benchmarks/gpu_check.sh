@@ -41,7 +41,10 @@ if [ "$DRY" = 1 ]; then
   step "federation" "$PY" -m benchmarks.gpu federation --data "$DATA" --size 32 --rounds 1 --local-epochs 1 --device cpu --precisions fp32 --config configs/demo.yaml --out "$OUT"
 else
   step "device tests" "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_device.py tests/test_spatial_augment.py
-  step "phase-A steps" "$PY" -m benchmarks.gpu steps --sizes 128,224 --slices 320 --repeats 3 --device cuda --out "$OUT"
+  if [ "${SKIP_STEPS:-0}" != 1 ]; then
+    step "phase-A steps" "$PY" -m benchmarks.gpu steps --sizes 128,224 --slices 320 --repeats 3 --device cuda --out "$OUT"
+  fi
+  step "phase-A steps, wide segmenter" "$PY" -m benchmarks.gpu steps --sizes 224 --slices 320 --repeats 2 --channels 32,64,128,256,512 --device cuda --out "$OUT/wide"
   step "federation" "$PY" -m benchmarks.gpu federation --data "$DATA" --size 224 --rounds "${ROUNDS:-4}" --local-epochs 2 --device cuda --precisions fp32,bf16 --timeout 220 --out "$OUT"
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv 2>&1 | tee -a "$OUT/gpu-check.log"
 fi
