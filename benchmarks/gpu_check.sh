@@ -40,7 +40,9 @@ if [ "$DRY" = 1 ]; then
   [ -f "$DATA/manifest.csv" ] || step "pack ACDC" "$PY" -m benchmarks.gpu pack-acdc --patients 2 --out "$DATA"
   step "federation" "$PY" -m benchmarks.gpu federation --data "$DATA" --size 32 --rounds 1 --local-epochs 1 --device cpu --precisions fp32 --config configs/demo.yaml --out "$OUT"
 else
-  step "device tests" "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_device.py tests/test_spatial_augment.py
+  if [ "${SKIP_TESTS:-0}" != 1 ]; then
+    step "device tests" "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_device.py tests/test_spatial_augment.py
+  fi
   if [ "${SKIP_STEPS:-0}" != 1 ]; then
     step "phase-A steps" "$PY" -m benchmarks.gpu steps --sizes 128,224 --slices 320 --repeats 3 --device cuda --out "$OUT"
   fi
