@@ -369,8 +369,11 @@ def train_federated(method: Method, yamls: Sequence[Path], st: Settings, seed: i
     if init is not None:
         run_config["initial-weights"] = str(init)
     t0 = time.perf_counter()
+    from server.simulate import gpu_share
+
+    device = str(st.config_overrides.get("train.device", "auto"))
     run_simulation(PROJECT_ROOT, [str(p) for p in yamls], run_config, cpus_per_client=st.cpus_per_client,
-                   share_cores=st.share_cores,
+                   share_cores=st.share_cores, gpus_per_client=gpu_share(len(yamls), device),
                    out_dir=run_dir.parent, run_name=run_dir.name, stream=False, timeout=st.timeout, fresh=True)
     return federated_outcome(run_dir, yamls, class_keys, names, time.perf_counter() - t0)
 
@@ -604,7 +607,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--rounds, --local-epochs and --support must be >= 1, --size >= 16, --seeds non-empty")
     from jras_core.cli import parse_overrides
 
-    overrides = parse_overrides(args.set or [])
+    from jras_core.cli import method_sets
+
+    overrides = parse_overrides(method_sets(args))
     out = Path(args.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, args.threads))
@@ -809,6 +814,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "--quick: configs/demo.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="method config override for every method, e.g. --set retrieval.k=5 (repeatable)")
+    from jras_core.cli import add_device_args
+
+    add_device_args(p)
     p.add_argument("--quick", action="store_true", help="a small run in under 3 minutes on 2 cores: synthetic, "
                    "held-out D, fedavg+aug vs jras-fedavg, 1 seed, 2 rounds, 32 px (options given "
                    "explicitly still apply)")
