@@ -352,7 +352,7 @@ def train_federated(method: Method, yamls: Sequence[Path], st: Settings, seed: i
     the checkpoint ``init`` when given)."""
 
     from jras_core.fedutil import PROJECT_ROOT
-    from server.simulate import run_simulation
+    from server.simulate import gpu_share, run_simulation
 
     overrides = {**st.config_overrides, **method.overrides}
     run_config: dict[str, Any] = {
@@ -369,8 +369,6 @@ def train_federated(method: Method, yamls: Sequence[Path], st: Settings, seed: i
     if init is not None:
         run_config["initial-weights"] = str(init)
     t0 = time.perf_counter()
-    from server.simulate import gpu_share
-
     device = str(st.config_overrides.get("train.device", "auto"))
     run_simulation(PROJECT_ROOT, [str(p) for p in yamls], run_config, cpus_per_client=st.cpus_per_client,
                    share_cores=st.share_cores, gpus_per_client=gpu_share(len(yamls), device),
@@ -605,9 +603,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seeds expects comma-separated integers, got {args.seeds!r}") from None
     if args.rounds < 1 or args.local_epochs < 1 or args.size < 16 or args.support < 1 or not seeds:
         raise ConfigError("--rounds, --local-epochs and --support must be >= 1, --size >= 16, --seeds non-empty")
-    from jras_core.cli import parse_overrides
-
-    from jras_core.cli import method_sets
+    from jras_core.cli import method_sets, parse_overrides
 
     overrides = parse_overrides(method_sets(args))
     out = Path(args.out).expanduser().resolve()

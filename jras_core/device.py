@@ -91,14 +91,7 @@ def place(model: nn.Module, device_spec: str | torch.device) -> torch.device:
     return device
 
 
-def cuda_memory_mb(device: torch.device) -> float:
-    """Peak CUDA memory allocated on ``device`` since the last reset, in MiB (0 on the CPU)."""
-    if device.type != "cuda":
-        return 0.0
-    return torch.cuda.max_memory_allocated(device) / 2**20
-
-
 __all__ = [
-    "PRECISIONS", "autocast", "check_precision", "cuda_memory_mb", "grad_scaler", "module_device", "place",
+    "PRECISIONS", "autocast", "check_precision", "grad_scaler", "module_device", "place",
     "resolve_device",
 ]

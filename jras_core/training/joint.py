@@ -39,7 +39,7 @@ from jras_core.config import JRASConfig
 from jras_core.data.augment import BatchIntensityAugment
 from jras_core.data.slices import SliceSet
 from jras_core.data.spatial import BatchSpatialAugment, SpatialDraw, warp_back, warp_images, warp_labels
-from jras_core.device import autocast, check_precision, grad_scaler, resolve_device
+from jras_core.device import autocast, check_precision, grad_scaler, place
 from jras_core.models.jras import JRASModel
 from jras_core.retrieval.bank import RetrievalBank
 from jras_core.retrieval.finder import GuideFinder, Guides
@@ -81,10 +81,9 @@ class JRASTrainer:
     ):
         if len(train_set) == 0:
             raise ValueError("the training set is empty")
-        self.device = resolve_device(cfg.train.device)
+        self.device = place(model, cfg.train.device)
         self.precision = cfg.train.precision
         check_precision(self.device, self.precision)
-        model.to(self.device)
         self.model = model
         self.cfg = cfg
         self.train_set = train_set
@@ -202,7 +201,7 @@ class JRASTrainer:
         guides = self._find_kept(idx, raw, keep).to(self.device)
         # each query with its K guides stacked (B1, 1 + K, H, W): one change for the stack;
         # a query without guides changed alone
-        has = (guides.idx >= 0).any(dim=1)
+        has = guides.present
         with_guides, alone = has.nonzero().squeeze(1), (~has).nonzero().squeeze(1)
         stacks = torch.cat([raw[with_guides], guides.images[with_guides].flatten(1, 2)], dim=1)
         changed = self.augment(stacks)
