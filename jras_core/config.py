@@ -139,10 +139,20 @@ class SegmenterConfig:
     appearance: bool = True
     """Also feed the segmenter the query's class probabilities under a per-class intensity
     model fitted to its guides (which intensities mean which tissue at this scanner)."""
+    guide_path: Literal["input", "residual"] = "input"
+    """Where the guides enter. ``input``: as extra channels of the backbone's input (one
+    network for the guided and the guide-free path). ``residual``: the backbone sees the query
+    alone and is trained as a plain segmenter; a small head (``head_channels``) reads the
+    query, the backbone's prediction and the guides and adds a correction, starting at zero
+    (:class:`~jras_core.models.segmenter.GuidedSegmenter`)."""
+    head_channels: tuple[int, ...] = (16, 32, 64)
+    """Widths of the ``residual`` head's U-Net."""
 
     def validate(self) -> None:
         if len(self.channels) < 2:
             raise ConfigError("segmenter.channels needs at least two levels")
+        if len(self.head_channels) < 2 or min(self.head_channels) < 1:
+            raise ConfigError("segmenter.head_channels needs at least two positive levels")
 
 
 @dataclass
@@ -324,6 +334,12 @@ class AdaptConfig:
     federation's. M&Ms sample, two pretrained starting points x five seeds: J-RAS +0.048 ± 0.006
     (10 of 10 runs), the augmented baseline +0.023. Synthetic vendors, 128 px, five seeds: J-RAS
     -0.003 ± 0.003, the baseline +0.012 (held-out D +0.049). False: keep the federation's."""
+    guides: Literal["always", "auto", "never"] = "always"
+    """Whether a held-out site predicts with its retrieved guides. ``always``; ``never`` (the
+    segmenter's guide-free path); ``auto``: the site decides on its own support cases, each
+    predicted with guides from its other support cases (or, at a one-patient site, from the
+    patient's other volumes) and without guides, and keeps guides only if they score at least
+    as well (:func:`jras_core.training.adapt.choose_guides`). Retrieval methods only."""
 
     def validate(self) -> None:
         pass

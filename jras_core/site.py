@@ -25,6 +25,7 @@ from jras_core.models.jras import JRASModel
 from jras_core.retrieval.bank import RetrievalBank
 from jras_core.retrieval.crypto import resolve_key
 from jras_core.retrieval.store import BankStore
+from jras_core.training.adapt import choose_guides
 from jras_core.training.evaluate import evaluate
 from jras_core.training.joint import JRASTrainer
 
@@ -230,6 +231,12 @@ class Site:
         if self.method.uses_retrieval:
             bank = self.bank
             bank.refresh(model.retr)
-        out = evaluate(model, self.val_set, self.method, bank, diagnostics=diagnostics)
+        choice = None
+        if self.config.support_cases is not None:  # held out: it may decide against its guides
+            choice = choose_guides(model, self.train_set, self.method, bank)
+        out = evaluate(model, self.val_set, self.method, bank, diagnostics=diagnostics,
+                       use_guides=choice is None or choice.use_guides)
+        if choice is not None and self.method.adapt.guides == "auto" and bank is not None:
+            out["support_dice_guided"], out["support_dice_noguide"] = choice.dice_guided, choice.dice_noguide
         out["num-examples"] = float(len(self.val_set))
         return out

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from jras_core.config import JRASConfig
+from jras_core.config import ConfigError, JRASConfig
 from jras_core.data.slices import build_slice_set
 from jras_core.data.synthetic import generate_volumes
 from jras_core.models import build_model
@@ -162,3 +162,96 @@ def test_frozen_and_none_skip_phase_b(tiny_data):
         metrics = JRASTrainer(model, cfg, train).train_epoch()
         assert "retr_loss" not in metrics
         assert all(torch.equal(retr_before[k], v) for k, v in model.retr.state_dict().items())
+
+
+# ----------------------------------------------------------------- residual guide path
+
+
+def _inputs(b=4, size=32, k=3, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(b, 1, size, size, generator=g), torch.rand(b, k, 1, size, size, generator=g),
+            torch.randint(0, classes, (b, k, size, size), generator=g), torch.rand(b, k, generator=g))
+
+
+@pytest.mark.parametrize("fusion", ["concat", "prior", "feature"])
+def test_untrained_residual_segmenter_equals_its_guide_free_path(fusion):
+    torch.manual_seed(0)
+    seg = GuidedSegmenter(4, k=3, fusion=fusion, channels=(8, 16, 32), appearance=True, guide_path="residual").eval()
+    x, gi, gm, sims = _inputs()
+    assert seg.in_channels == 1  # the backbone reads the query alone
+    assert torch.allclose(seg(x, gi, gm, sims), seg(x), atol=1e-6)
+    with torch.no_grad():  # once the head's last layer is not zero, guides change the output
+        seg.head_out.weight.normal_()
+    guided = seg(x, gi, gm, sims, torch.tensor([True, False, True, True]))
+    plain = seg(x)
+    assert not torch.allclose(guided[0], plain[0], atol=1e-4)
+    assert torch.allclose(guided[1], plain[1], atol=1e-6)  # no guides: the guide-free logits
+
+
+def test_guided_loss_never_reaches_the_backbone():
+    torch.manual_seed(0)
+    seg = GuidedSegmenter(4, k=3, fusion="concat", channels=(8, 16, 32), guide_path="residual")
+    x, gi, gm, _ = _inputs()
+    plain, guided, rows = seg.forward_paths(x, gi, gm, None, torch.tensor([True, False, True, True]))
+    assert plain.shape == (4, 4, 32, 32) and guided.shape == (3, 4, 32, 32) and rows.tolist() == [0, 2, 3]
+    guided.square().sum().backward()
+    assert all(p.grad is None for p in seg.backbone.parameters())
+    assert seg.head_out.weight.grad is not None and float(seg.head_out.weight.grad.abs().sum()) > 0
+    seg.zero_grad()
+    plain.square().sum().backward()
+    assert all(p.grad is None for p in seg.head.parameters())  # and the plain loss never reaches the head
+
+
+def test_forward_paths_is_the_residual_paths_only():
+    seg = GuidedSegmenter(4, k=3, fusion="concat", channels=(8, 16, 32))
+    with pytest.raises(ValueError, match="residual"):
+        seg.forward_paths(*_inputs()[:3])
+
+
+def test_config_validates_the_head():
+    assert JRASConfig().segmenter.guide_path == "input"
+    with pytest.raises(ConfigError, match="guide_path"):
+        JRASConfig().with_overrides({"segmenter.guide_path": "side"})
+    with pytest.raises(ConfigError, match="head_channels"):
+        JRASConfig().with_overrides({"segmenter.head_channels": [8]})
+
+
+def test_residual_training_learns_both_paths(tiny_data):
+    train, val = tiny_data
+    cfg = JRASConfig().with_overrides({**TINY, "contrastive.steps_per_epoch": 2, "retrieval.guide_dropout": 0.0,
+                                       "segmenter.guide_path": "residual"})
+    model = build_model(cfg)
+    trainer = JRASTrainer(model, cfg, train)
+    head_before = model.seg.head_out.weight.detach().clone()
+    before = evaluate(model, val, cfg, trainer.bank, diagnostics=False)["dice_mean"]
+    history = trainer.fit(6)
+    after = evaluate(model, val, cfg, trainer.bank)
+    assert after["dice_noguide"] > before + 0.08, (before, after)  # the backbone learnt from its own loss
+    assert not torch.equal(head_before, model.seg.head_out.weight)  # the head learnt a correction
+    assert after["dice_mean"] != after["dice_noguide"]
+    assert history[-1]["seg_loss"] < history[0]["seg_loss"]
+
+
+def test_a_site_drops_guides_that_hurt_on_its_support_cases(tiny_data):
+    from jras_core.retrieval.bank import RetrievalBank
+    from jras_core.training.adapt import choose_guides
+
+    train, support = tiny_data
+    cfg = JRASConfig().with_overrides({**TINY, "segmenter.guide_path": "residual", "adapt.guides": "auto"})
+    model = build_model(cfg)
+    JRASTrainer(model, cfg, train).fit(3)
+    bank = RetrievalBank(support, cfg.labels.num_classes)
+    bank.refresh(model.retr)
+    with torch.no_grad():  # a head that wrecks every guided prediction
+        model.seg.head_out.bias.copy_(torch.tensor([50.0, -50.0, -50.0, -50.0]))
+    choice = choose_guides(model, support, cfg, bank)
+    assert not choice.use_guides and choice.dice_guided < choice.dice_noguide
+    with torch.no_grad():
+        model.seg.head_out.bias.zero_()  # guided = guide-free: a tie keeps the guides
+    assert choose_guides(model, support, cfg, bank).use_guides
+    assert not choose_guides(model, support, cfg.with_overrides({"adapt.guides": "never"}), bank).use_guides
+    always = choose_guides(model, support, cfg.with_overrides({"adapt.guides": "always"}), bank)
+    assert always.use_guides and always.dice_guided != always.dice_guided  # nan: nothing predicted
+    plain = evaluate(model, support, cfg, bank, diagnostics=False, use_guides=False)
+    assert plain["guides_used"] == 0.0
+    assert plain["dice_mean"] == pytest.approx(evaluate(model, support, cfg, bank)["dice_noguide"])

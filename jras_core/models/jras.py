@@ -39,6 +39,8 @@ def build_model(cfg: JRASConfig) -> JRASModel:
         dropout=cfg.segmenter.dropout,
         guide_init=cfg.segmenter.guide_init,
         appearance=cfg.segmenter.appearance,
+        guide_path=cfg.segmenter.guide_path,
+        head_channels=cfg.segmenter.head_channels,
     )
     in_ch = 1 + (num_classes - 1 if cfg.retriever.input == "image+pred" else 0)
     retr = Retriever(in_ch, cfg.retriever.embed_dim, cfg.retriever.channels, cfg.retriever.pool_grid,

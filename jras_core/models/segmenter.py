@@ -14,6 +14,7 @@ from jras_core.models.backbones import build_backbone
 from jras_core.retrieval.guides import one_hot_fg
 
 FUSIONS = ("concat", "prior", "feature", "none")
+GUIDE_PATHS = ("input", "residual")
 
 
 def appearance_prior(
@@ -119,12 +120,22 @@ class GuidedSegmenter(nn.Module):
         channels_last: keep the backbone's weights and activations in channels-last memory
             order. Same results; on CPU the convolutions of the U-Nets run 10-30% faster,
             and a wide guided input costs little more than the query channel alone.
+        guide_path: where the guide channels enter. ``input``: beside the query at the
+            backbone's input (one network for both paths). ``residual``: the backbone sees the
+            query alone and is the guide-free path; a small U-Net head (``head_channels``)
+            reads the query, the backbone's class probabilities (detached) and the guide
+            channels and adds a correction to the backbone's logits. The correction's last
+            layer starts at zero, so the untrained guided path equals the guide-free one, and
+            guided losses never reach the backbone (:meth:`forward_paths`): the guide-free
+            path trains exactly as a plain segmenter does.
+        head_channels: widths of the residual head's U-Net.
 
     ``forward(image, guide_images, guide_masks, guide_sims, guide_present)``:
         image ``(B, 1, H, W)``; guide_images ``(B, K, 1, H, W)``; guide_masks ``(B, K, H, W)``
         labels; guide_sims ``(B, K)`` retrieval similarities (``prior`` only; differentiable);
         guide_present ``(B,)`` bool, False zeroes all guide channels of a sample (guide
-        dropout, or inference without guides). Guides may be None: no guides for anyone.
+        dropout, or inference without guides; under ``residual`` such a sample gets the
+        guide-free logits). Guides may be None: no guides for anyone.
         Returns logits ``(B, C, H, W)``.
     """
 
@@ -141,10 +152,14 @@ class GuidedSegmenter(nn.Module):
         guide_init: str = "default",
         appearance: bool = False,
         channels_last: bool = True,
+        guide_path: str = "input",
+        head_channels: Sequence[int] = (16, 32, 64),
     ):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; choose from {FUSIONS}")
+        if guide_path not in GUIDE_PATHS:
+            raise ValueError(f"unknown guide_path {guide_path!r}; choose from {GUIDE_PATHS}")
         self.num_classes = num_classes
         self.num_fg = num_classes - 1
         self.k = k
@@ -163,10 +178,26 @@ class GuidedSegmenter(nn.Module):
         self.appearance = appearance and fusion != "none"
         if self.appearance:
             in_ch += num_classes
+        self.guide_width = in_ch - 1
+        """Channels built from the guides (:meth:`guide_channels`)."""
+        self.residual = guide_path == "residual" and fusion != "none"
+        self.guide_path = guide_path
+        self.head: nn.Module | None = None
+        self.head_out: nn.Conv2d | None = None
+        if self.residual:
+            head_width = int(head_channels[0])
+            self.head = build_backbone("unet", 1 + num_classes + self.guide_width, head_width, head_channels)
+            self.head_out = nn.Conv2d(head_width, num_classes, 1)
+            nn.init.zeros_(self.head_out.weight)
+            nn.init.zeros_(self.head_out.bias)
+            in_ch = 1
         self.in_channels = in_ch
+        """Input channels of the backbone (1 under ``residual``: the query alone)."""
         self.backbone = build_backbone(backbone, in_ch, num_classes, channels, dropout)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.backbone.to(memory_format=self.memory_format)
+        if self.head is not None:
+            self.head.to(memory_format=self.memory_format)
         self._query_channel_exact: bool | None = None
         self._input_layer_list: list[tuple[str, nn.Module]] | None = None
         if guide_init == "zero" and in_ch > 1:
@@ -223,7 +254,7 @@ class GuidedSegmenter(nn.Module):
         (zero channels add nothing to a convolution, so only the query channel's weights are
         used). Checked once against the full input on the first call; a backbone for which
         the two differ always gets the full input."""
-        if not self.uses_guides:
+        if not self.uses_guides or self.residual:
             return self._run_backbone(image)
         if self._query_channel_exact is None:
             self._query_channel_exact = self._check_query_channel_forward(image[:2])
@@ -262,11 +293,11 @@ class GuidedSegmenter(nn.Module):
         guide_sims: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The extra input channels ``(B, in_channels - 1, H, W)`` built from the guides,
-        written into ``out`` when given (a view of the backbone input: no concatenation)."""
+        """The channels ``(B, guide_width, H, W)`` built from the guides, written into ``out``
+        when given (a view of the backbone's or the head's input: no concatenation)."""
         b, k = guide_masks.shape[:2]
         if out is None:
-            out = torch.empty(b, self.in_channels - 1, *image.shape[-2:], dtype=image.dtype, device=image.device,
+            out = torch.empty(b, self.guide_width, *image.shape[-2:], dtype=image.dtype, device=image.device,
                               memory_format=self.memory_format)
         fg = one_hot_fg(guide_masks, self.num_classes)  # (B, K, C_fg, H, W)
         if self.fusion == "concat":
@@ -287,6 +318,43 @@ class GuidedSegmenter(nn.Module):
             out[:, used:] = appearance_prior(image, guide_images, guide_masks, self.num_classes, guide_fg=fg)
         return out
 
+    def forward_paths(
+        self,
+        image: torch.Tensor,
+        guide_images: torch.Tensor | None = None,
+        guide_masks: torch.Tensor | None = None,
+        guide_sims: torch.Tensor | None = None,
+        guide_present: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Both paths of a ``residual`` segmenter from one backbone forward (arguments as
+        :meth:`forward`).
+
+        Returns:
+            ``(plain, guided, rows)``: the guide-free logits ``(B, C, H, W)`` (the backbone's,
+            with gradients), the guided logits ``(B', C, H, W)`` of the ``B'`` samples with
+            guides (``rows``, ``(B',)`` indices; None when no sample has guides): the
+            backbone's logits, detached, plus the head's correction.
+        """
+        if not self.residual:
+            raise ValueError("forward_paths is the residual guide path's (segmenter.guide_path: residual)")
+        plain = self._run_backbone(image)
+        if guide_images is None or guide_masks is None:
+            return plain, None, image.new_zeros(0, dtype=torch.long)
+        present = guide_present if guide_present is not None else torch.ones(len(image), dtype=torch.bool,
+                                                                               device=image.device)
+        rows = present.nonzero().squeeze(1)
+        if len(rows) == 0:
+            return plain, None, rows
+        base = plain.detach()[rows]
+        sims = None if guide_sims is None else guide_sims[rows]
+        x = torch.empty(len(rows), 1 + self.num_classes + self.guide_width, *image.shape[-2:], dtype=image.dtype,
+                        device=image.device, memory_format=self.memory_format)
+        x[:, :1] = image[rows]
+        x[:, 1 : 1 + self.num_classes] = torch.softmax(base.float(), dim=1).to(image.dtype)
+        self.guide_channels(image[rows], guide_images[rows], guide_masks[rows], sims, out=x[:, 1 + self.num_classes :])
+        correction = self.head_out(self.head(self._laid_out(x))).contiguous()
+        return plain, base + correction, rows
+
     def forward(
         self,
         image: torch.Tensor,
@@ -297,6 +365,13 @@ class GuidedSegmenter(nn.Module):
     ) -> torch.Tensor:
         if not self.uses_guides:
             return self._run_backbone(image)
+        if self.residual:
+            plain, guided, rows = self.forward_paths(image, guide_images, guide_masks, guide_sims, guide_present)
+            if guided is None:
+                return plain
+            if len(rows) == len(image):
+                return guided
+            return plain.index_copy(0, rows, guided.to(plain.dtype))
         if guide_images is None or guide_masks is None or (guide_present is not None and not bool(guide_present.any())):
             return self.forward_without_guides(image)
         b, _, h, w = image.shape

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -115,4 +116,40 @@ def adapt_to_site(model: JRASModel, slices: SliceSet, cfg: JRASConfig, bank: Ret
     return adapted
 
 
-__all__ = ["adapt_to_site", "recalibrate_norm"]
+@dataclass(frozen=True)
+class GuideChoice:
+    """Whether a held-out site predicts with guides, and the support-case Dice behind it."""
+
+    use_guides: bool
+    dice_guided: float
+    dice_noguide: float
+
+
+def choose_guides(model: JRASModel, support: SliceSet, cfg: JRASConfig, bank: RetrievalBank | None) -> GuideChoice:
+    """Decide on a site's own annotated ``support`` slices whether its guides help.
+
+    Each support slice is predicted twice: with guides retrieved from ``bank`` (the site's
+    bank over those same support slices; the query's own case excluded, or its own volume
+    only at a one-patient site: ``retrieval.exclude``) and without guides. Guides are kept
+    when their mean volume Dice is at least the guide-free one. ``adapt.guides`` ``always``
+    and ``never`` decide without predicting; so does a method without retrieval (no guides).
+    """
+    from jras_core.metrics import summarise, volume_metrics
+    from jras_core.training.evaluate import predict
+
+    mode = cfg.adapt.guides
+    if not cfg.uses_retrieval or bank is None or mode != "auto":
+        use = cfg.uses_retrieval and bank is not None and mode != "never"
+        return GuideChoice(use, float("nan"), float("nan"))
+    scores = {}
+    for source in ("retrieved", "none"):
+        pred, _ = predict(model, support, cfg, bank, source, exclude_own_case=True)
+        dice = volume_metrics(pred, support, cfg.labels.num_classes, hd95=False)["dice"]
+        scores[source] = summarise(dice, cfg.labels.names, "d")["d_mean"]
+    use = bool(scores["retrieved"] >= scores["none"])
+    log.info("support cases: Dice %.3f with guides, %.3f without: %s", scores["retrieved"], scores["none"],
+             "guides kept" if use else "predicting without guides")
+    return GuideChoice(use, scores["retrieved"], scores["none"])
+
+
+__all__ = ["GuideChoice", "adapt_to_site", "choose_guides", "recalibrate_norm"]

@@ -29,18 +29,20 @@ def evaluate_sites(model: JRASModel, sites: Sequence[Site], cfg: JRASConfig,
 
     Training sites retrieve from ``pooled_bank`` (own case excluded); a site with
     ``support_cases`` (never trained on) retrieves from its own support bank, with the
-    model adapted to it as ``cfg.adapt`` says (:func:`~jras_core.training.adapt.adapt_to_site`).
+    model adapted to it as ``cfg.adapt`` says (:func:`~jras_core.training.adapt.adapt_to_site`)
+    and its guides kept or not as its support cases say (:meth:`Site.evaluate`).
     """
     results = {}
     for site in sites:
-        held_out = site.config.support_cases is not None
+        if site.config.support_cases is not None:  # adapted, then evaluated as the site itself does
+            site_model = adapt_to_site(model, site.train_set, cfg, site.bank if cfg.uses_retrieval else None)
+            results[site.name] = site.evaluate(site_model, diagnostics=diagnostics)
+            continue
         bank = None
         if cfg.uses_retrieval:
-            bank = site.bank if held_out or pooled_bank is None else pooled_bank
-        site_model = adapt_to_site(model, site.train_set, cfg, bank) if held_out else model
-        if bank is not None:
-            bank.refresh(site_model.retr)
-        results[site.name] = evaluate(site_model, site.val_set, cfg, bank, diagnostics=diagnostics)
+            bank = site.bank if pooled_bank is None else pooled_bank
+            bank.refresh(model.retr)
+        results[site.name] = evaluate(model, site.val_set, cfg, bank, diagnostics=diagnostics)
     return results
 
 

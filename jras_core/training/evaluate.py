@@ -171,22 +171,32 @@ def evaluate(
     diagnostics: bool = True,
     exclude_own_case: bool = True,
     seed: int = 0,
+    use_guides: bool = True,
 ) -> dict[str, float]:
     """Volume Dice/HD95 per class and the retrieval diagnostics, as a flat dict of floats.
 
+    ``use_guides=False`` scores a retrieval method's guide-free prediction (a site that
+    decided against its guides: :func:`~jras_core.training.adapt.choose_guides`); the
+    diagnostics still describe its guides.
+
     Keys: ``dice_mean``, ``dice_<class>``, ``hd95_mean``, ``hd95_<class>``, ``slice_dice_mean``,
-    ``num_slices``, ``num_volumes`` and, for retrieval methods, ``guide_dice``,
-    ``dice_oracle``, ``dice_random``, ``dice_noguide``.
+    ``num_slices``, ``num_volumes`` and, for retrieval methods, ``guides_used`` (1 or 0),
+    ``guide_dice``, ``dice_oracle``, ``dice_random``, ``dice_noguide``.
     """
     names = cfg.labels.names
     c = cfg.labels.num_classes
-    pred, guides = predict(model, slices, cfg, bank, "retrieved", exclude_own_case, seed=seed)
+    pred, guides = predict(model, slices, cfg, bank, "retrieved" if use_guides else "none", exclude_own_case,
+                           seed=seed)
+    if cfg.uses_retrieval and not use_guides and diagnostics:  # the guides it would have used
+        _, guides = predict(model, slices, cfg, bank, "retrieved", exclude_own_case, seed=seed)
     vol = volume_metrics(pred, slices, c)
     out = summarise(vol["dice"], names, "dice")
     out.update(summarise(vol["hd95"], names, "hd95"))
     out["slice_dice_mean"] = summarise(dice_per_class(pred, slices.masks.long(), c).numpy(), names, "d")["d_mean"]
     out["num_slices"] = float(len(slices))
     out["num_volumes"] = float(len(vol["dice"]))
+    if cfg.uses_retrieval:
+        out["guides_used"] = float(use_guides)
     if cfg.uses_retrieval and diagnostics:
         out["guide_dice"] = guide_quality(slices, guides, c)
         for source in ("oracle", "random", "none"):

@@ -228,6 +228,22 @@ class JRASTrainer:
         warped = Guides(stack[:, 1:].unsqueeze(2), maps[:, 1:].to(guides.masks.dtype), guides.sims, guides.idx)
         return stack[:, :1].contiguous(), maps[:, 0], warped, draw
 
+    def _residual_loss(
+        self, images: torch.Tensor, labels: torch.Tensor, guides: Guides, present: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Phase A's loss under ``segmenter.guide_path: residual``: the guide-free logits of
+        every query plus the guided logits of the queries with guides (the latter train the
+        head only). Returns the loss and the guide-free logits ``(B, C, H, W)`` (the next
+        retrieval's pass 1, as at inference)."""
+        with autocast(self.device, self.precision):
+            plain, guided, rows = self.model.seg.forward_paths(images, guides.images, guides.masks, guides.sims,
+                                                               present)
+        plain = plain.float()
+        loss = self.seg_loss(plain, labels.unsqueeze(1))
+        if guided is not None:
+            loss = loss + self.seg_loss(guided.float(), labels[rows].unsqueeze(1))
+        return loss, plain
+
     # ------------------------------------------------------------------ phases
     def phase_segmenter(self, guided: bool = True) -> dict[str, float]:
         """Phase A: one pass over the data training the segmenter (retriever frozen).
@@ -241,14 +257,18 @@ class JRASTrainer:
         device = self.device
         for idx in self._bar(self._batches(), f"epoch {self.epoch} seg"):
             labels = self.train_set.masks[idx].to(device, non_blocking=True).long()
+            loss = None  # set by the residual path, which scores its two outputs itself
             if self.finder is not None and guided:
                 present = torch.rand(len(idx), generator=self.generator) >= cfg.retrieval.guide_dropout
                 images, guides = self._guided_batch(idx, present)
                 present = present.to(device) & guides.present
                 if self.spatial.enabled:
                     images, labels, guides, draw = self._warp(images, labels, guides)
-                with autocast(device, self.precision):
-                    logits = model.seg(images, guides.images, guides.masks, guides.sims, present)
+                if model.seg.residual:
+                    loss, logits = self._residual_loss(images, labels, guides, present)
+                else:
+                    with autocast(device, self.precision):
+                        logits = model.seg(images, guides.images, guides.masks, guides.sims, present)
             else:
                 images = self.augment(self.train_set.images[idx].to(device, non_blocking=True))
                 if self.spatial.enabled:
@@ -261,7 +281,8 @@ class JRASTrainer:
                 if self.spatial.enabled:
                     probs, images = warp_back(probs, draw), warp_back(images, draw)
                 self.memory.store(idx, probs, images)
-            loss = self.seg_loss(logits, labels.unsqueeze(1))
+            if loss is None:
+                loss = self.seg_loss(logits, labels.unsqueeze(1))
             if self.proximal is not None:
                 loss = loss + self._proximal_term()
             self._step(loss, self.seg_opt, self.seg_scaler)
