@@ -3,7 +3,8 @@
 :func:`write_report` turns the rows of ``results.csv`` into ``report.md`` and
 ``heldout_dice.png``; :func:`save_gallery` draws, for a few of a held-out site's
 slices, the query, its retrieved guides with their similarity, the prediction and
-the ground truth.
+the ground truth. The cells and tables (:func:`mean_se`, :func:`markdown_table`,
+:func:`diagnostics_cells`, :func:`cost_cells`) serve the real-data benchmark's report too.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ if TYPE_CHECKING:
     from jras_core.site import Site
 
 
-def _num(v: Any) -> float:
+def as_number(v: Any) -> float:
+    """A ``results.csv`` cell as a number (NaN for an empty or unreadable one)."""
     try:
         x = float(v)
     except (TypeError, ValueError):
@@ -28,8 +30,9 @@ def _num(v: Any) -> float:
     return x
 
 
-def _values(rows: Sequence[Mapping[str, Any]], key: str) -> list[float]:
-    return [x for x in (_num(r.get(key)) for r in rows) if math.isfinite(x)]
+def finite_values(rows: Sequence[Mapping[str, Any]], key: str) -> list[float]:
+    """The finite numbers in column ``key`` of ``rows``."""
+    return [x for x in (as_number(r.get(key)) for r in rows) if math.isfinite(x)]
 
 
 def mean_std(values: Sequence[float]) -> str:
@@ -54,7 +57,8 @@ def mean_se(values: Sequence[float], signed: bool = False) -> str:
     return f"{m:{fmt}} ± {float(np.std(values, ddof=1) / math.sqrt(len(values))):.3f}"
 
 
-def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
+def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
+    """The lines of a Markdown table."""
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in body]
 
 
@@ -63,7 +67,7 @@ def heldout_by_seed_mean(rows: Sequence[Mapping[str, Any]], method: str, heldout
     out = []
     seeds = sorted({str(r["seed"]) for r in rows if r["method"] == method and r["role"] == "heldout"})
     for s in seeds:
-        vals = {r["heldout"]: _num(r["dice_mean"]) for r in rows
+        vals = {r["heldout"]: as_number(r["dice_mean"]) for r in rows
                 if r["method"] == method and r["role"] == "heldout" and str(r["seed"]) == s}
         if all(h in vals and math.isfinite(vals[h]) for h in heldouts):
             out.append(float(np.mean([vals[h] for h in heldouts])))
@@ -81,7 +85,7 @@ def paired_differences(rows: Sequence[Mapping[str, Any]], method: str, baseline:
     Returns ``{vendor: [difference per seed]}`` for each of ``heldouts`` and ``"mean"``: per
     seed, the difference averaged over the held-out vendors (seeds with every vendor only)."""
     def by_seed(m: str, h: str) -> dict[str, float]:
-        return {str(r["seed"]): _num(r["dice_mean"]) for r in rows
+        return {str(r["seed"]): as_number(r["dice_mean"]) for r in rows
                 if r["method"] == m and r["role"] == "heldout" and r["heldout"] == h}
 
     out: dict[str, list[float]] = {}
@@ -116,17 +120,17 @@ def write_report(out: Path, rows: Sequence[Mapping[str, Any]], methods: Sequence
              + (f"; federations start from the weights of `{settings['init']}`" if settings.get("init") else "")
              + "."), "",
              f"Reproduce: `{settings['command']}`", "", "## Methods", ""]
-    lines += _table(["method", "what"], [[m, descriptions.get(m, "")] for m in present])
+    lines += markdown_table(["method", "what"], [[m, descriptions.get(m, "")] for m in present])
 
     lines += ["", "## Held-out vendor Dice (mean ± std over seeds)", "",
               ("Each column: that vendor never trained; its site retrieves from its support bank and is evaluated "
               "on its other cases. Last column: the mean over held-out vendors, mean ± standard error over seeds."), ""]
     body = []
     for m in present:
-        cells = [mean_std(_values([r for r in held if r["method"] == m and r["heldout"] == h], "dice_mean"))
+        cells = [mean_std(finite_values([r for r in held if r["method"] == m and r["heldout"] == h], "dice_mean"))
                  for h in heldouts]
         body.append([m, *cells, mean_se(heldout_by_seed_mean(rows, m, heldouts))])
-    lines += _table(["method", *[f"held-out {h}" for h in heldouts], "mean over vendors"], body)
+    lines += markdown_table(["method", *[f"held-out {h}" for h in heldouts], "mean over vendors"], body)
 
     others = [m for m in present if m != BASELINE]
     if BASELINE in present and others:
@@ -139,13 +143,13 @@ def write_report(out: Path, rows: Sequence[Mapping[str, Any]], methods: Sequence
             diffs = paired_differences(rows, m, BASELINE, heldouts)
             body.append([m, *[f"{mean_se(diffs[h], signed=True)} ({sum(d > 1e-9 for d in diffs[h])}/{len(diffs[h])})"
                               if diffs[h] else "–" for h in [*heldouts, "mean"]]])
-        lines += _table(["method", *[f"held-out {h}" for h in heldouts], "mean over vendors"], body)
+        lines += markdown_table(["method", *[f"held-out {h}" for h in heldouts], "mean over vendors"], body)
 
     lines += ["", "## Held-out Dice per class and HD95 (mean over vendors and seeds)", ""]
     class_cols = [f"dice_{c.lower()}" for c in class_names]
-    body = [[m, *[mean_std(_values([r for r in held if r["method"] == m], c)) for c in class_cols],
-             mean_std(_values([r for r in held if r["method"] == m], "hd95_mean"))] for m in present]
-    lines += _table(["method", *[f"Dice {c}" for c in class_names], "HD95 mm"], body)
+    body = [[m, *[mean_std(finite_values([r for r in held if r["method"] == m], c)) for c in class_cols],
+             mean_std(finite_values([r for r in held if r["method"] == m], "hd95_mean"))] for m in present]
+    lines += markdown_table(["method", *[f"Dice {c}" for c in class_names], "HD95 mm"], body)
 
     vendors = sorted({r["site"].split("-", 1)[-1] for r in train})
     lines += ["", "## In-federation validation Dice (mean ± std over held-out choices and seeds)", "",
@@ -153,36 +157,20 @@ def write_report(out: Path, rows: Sequence[Mapping[str, Any]], methods: Sequence
               "own bank)."), ""]
     body = []
     for m in present:
-        cells = [mean_std(_values([r for r in train if r["method"] == m and r["site"].endswith(f"-{v}")], "dice_mean"))
-                 for v in vendors]
-        body.append([m, *cells, mean_std(_values([r for r in train if r["method"] == m], "dice_mean"))])
-    lines += _table(["method", *[f"site {v}" for v in vendors], "all sites"], body)
+        cells = [mean_std(finite_values([r for r in train if r["method"] == m and r["site"].endswith(f"-{v}")],
+                                        "dice_mean")) for v in vendors]
+        body.append([m, *cells, mean_std(finite_values([r for r in train if r["method"] == m], "dice_mean"))])
+    lines += markdown_table(["method", *[f"site {v}" for v in vendors], "all sites"], body)
 
-    retrieval = [m for m in present if any(_values([r for r in held if r["method"] == m], "guide_dice"))]
+    retrieval = [m for m in present if any(finite_values([r for r in held if r["method"] == m], "guide_dice"))]
     if retrieval:
-        lines += ["", "## Retrieval diagnostics on the held-out vendors (mean ± std)", "",
-                  ("retrieval quality: Dice between the query's true mask and its guides' masks; oracle: guides chosen "
-                  "by true-mask similarity (the ceiling of any retriever); random: random guides from the same bank "
-                  "(does the segmenter use its guides?); gap closed: (retrieved - random) / (oracle - random)."), ""]
-        body = []
-        for m in retrieval:
-            rs = [r for r in held if r["method"] == m]
-            d, o, rnd = (float(np.mean(_values(rs, k))) if _values(rs, k) else float("nan")
-                         for k in ("dice_mean", "dice_oracle", "dice_random"))
-            closed = (d - rnd) / (o - rnd) if math.isfinite(o - rnd) and abs(o - rnd) > 1e-6 else float("nan")
-            body.append([m, mean_std(_values(rs, "dice_mean")), mean_std(_values(rs, "guide_dice")),
-                         mean_std(_values(rs, "dice_oracle")), mean_std(_values(rs, "dice_random")),
-                         mean_std(_values(rs, "dice_noguide")), "–" if not math.isfinite(closed) else f"{closed:.2f}"])
-        lines += _table(["method", "Dice (retrieved)", "retrieval quality", "Dice oracle guides", "Dice random guides",
-                         "Dice no guides", "gap closed"], body)
+        lines += ["", "## Retrieval diagnostics on the held-out vendors (mean ± std)", "", DIAGNOSTICS_NOTE, ""]
+        lines += markdown_table(["method", *DIAGNOSTICS_HEADER],
+                                [[m, *diagnostics_cells([r for r in held if r["method"] == m])] for m in retrieval])
 
     lines += ["", "## Cost (mean per run)", ""]
-    body = [[m, f"{np.mean(_values([r for r in held if r['method'] == m], 'wall_s')):.0f}"
-             if _values([r for r in held if r["method"] == m], "wall_s") else "–",
-             _mb(_values([r for r in held if r["method"] == m], "bytes_per_round")),
-             _plain(_values([r for r in held if r["method"] == m], "peak_rss_mb"))] for m in present]
-    lines += _table(["method", "wall s", "MB per round", "peak RSS MiB (a client; in-process for local/central)"],
-                    body)
+    lines += markdown_table(["method", *COST_HEADER], [[m, *cost_cells([r for r in held if r["method"] == m])]
+                                                       for m in present])
 
     chart = out / "heldout_dice.png"
     if held:
@@ -194,6 +182,37 @@ def write_report(out: Path, rows: Sequence[Mapping[str, Any]], methods: Sequence
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     return text
+
+
+DIAGNOSTICS_HEADER = ["Dice (retrieved)", "retrieval quality", "Dice oracle guides", "Dice random guides",
+                      "Dice no guides", "gap closed"]
+"""The columns of :func:`diagnostics_cells`."""
+DIAGNOSTICS_NOTE = ("retrieval quality: Dice between the query's true mask and its guides' masks; oracle: guides chosen "
+                    "by true-mask similarity (the ceiling of any retriever); random: random guides from the same bank "
+                    "(does the segmenter use its guides?); gap closed: (retrieved - random) / (oracle - random).")
+
+
+def diagnostics_cells(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The retrieval diagnostics of ``rows`` (mean ± std): Dice with retrieved guides, retrieval
+    quality, Dice with oracle, random and no guides, and the share of the random-to-oracle gap
+    that retrieval closes (of the means)."""
+    d, o, rnd = (float(np.mean(finite_values(rows, k))) if finite_values(rows, k) else float("nan")
+                 for k in ("dice_mean", "dice_oracle", "dice_random"))
+    closed = (d - rnd) / (o - rnd) if math.isfinite(o - rnd) and abs(o - rnd) > 1e-6 else float("nan")
+    return [*[mean_std(finite_values(rows, k)) for k in ("dice_mean", "guide_dice", "dice_oracle", "dice_random",
+                                                          "dice_noguide")],
+            "–" if not math.isfinite(closed) else f"{closed:.2f}"]
+
+
+COST_HEADER = ["wall s", "MB per round", "peak RSS MiB (a client; in-process for local/central)"]
+"""The columns of :func:`cost_cells`."""
+
+
+def cost_cells(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Mean wall seconds, mean MB sent per round and the largest peak RSS of ``rows``."""
+    wall = finite_values(rows, "wall_s")
+    return [f"{np.mean(wall):.0f}" if wall else "–", _mb(finite_values(rows, "bytes_per_round")),
+            _plain(finite_values(rows, "peak_rss_mb"))]
 
 
 def _mb(values: Sequence[float]) -> str:
@@ -217,7 +236,7 @@ def bar_chart(path: Path, held: Sequence[Mapping[str, Any]], methods: Sequence[s
     for i, m in enumerate(methods):
         means, stds = [], []
         for h in heldouts:
-            v = _values([r for r in held if r["method"] == m and r["heldout"] == h], "dice_mean")
+            v = finite_values([r for r in held if r["method"] == m and r["heldout"] == h], "dice_mean")
             means.append(np.mean(v) if v else np.nan)
             stds.append(np.std(v, ddof=1) if len(v) > 1 else 0.0)
         ax.bar(x + (i - (len(methods) - 1) / 2) * width, means, width, yerr=stds, label=m, capsize=2)
@@ -282,4 +301,5 @@ def save_gallery(path: Path, model: JRASModel, site: Site, title: str, n: int = 
     return path
 
 
-__all__ = ["bar_chart", "mean_se", "mean_std", "save_gallery", "write_report"]
+__all__ = ["as_number", "bar_chart", "cost_cells", "diagnostics_cells", "finite_values", "markdown_table", "mean_se",
+           "mean_std", "save_gallery", "write_report"]

@@ -30,7 +30,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,12 +123,16 @@ QUICK = {"dataset": "synthetic", "heldout": "D", "methods": "fedavg+aug,jras-fed
 
 
 
-def parse_methods(text: str) -> list[Method]:
-    """The methods of ``--methods``: comma-separated names of :data:`METHODS`; a name may
-    carry method-config overrides in brackets, ``jras-fedavg[retriever.pool_grid=4; retrieval.k=5]``
-    (a lever study: the whole item is the method's name in the results)."""
+def parse_methods(text: str, table: Mapping[str, Method] | None = None) -> list[Method]:
+    """The methods of ``--methods``: comma-separated names of ``table`` (default :data:`METHODS`);
+    a name may carry method-config overrides in brackets, ``jras-fedavg[retriever.pool_grid=4;
+    retrieval.k=5]`` (a lever study: the whole item is the method's name in the results). A
+    variant of inference options only shares the training run of its base method (or of the
+    method its base shares)."""
     from jras_core.config import ConfigError
     from jras_core.fedutil import parse_method_overrides
+
+    table = METHODS if table is None else table
 
     items, depth, current = [], 0, ""
     for ch in text:
@@ -145,9 +149,9 @@ def parse_methods(text: str) -> list[Method]:
             continue
         base, bracket, rest = item.partition("[")
         base = base.strip()
-        if base not in METHODS:
-            raise ConfigError(f"--methods: unknown {base!r}; choose from {', '.join(METHODS)}")
-        method = METHODS[base]
+        if base not in table:
+            raise ConfigError(f"--methods: unknown {base!r}; choose from {', '.join(table)}")
+        method = table[base]
         if bracket:
             if not rest.endswith("]"):
                 raise ConfigError(f"--methods: {item!r}: overrides go in brackets, e.g. jras-fedavg[retrieval.k=5]")
@@ -155,7 +159,7 @@ def parse_methods(text: str) -> list[Method]:
             shares = method.kind == "federated" and all(_inference_only(k) for k in extra)
             method = dataclasses.replace(method, name=item, overrides={**method.overrides, **extra},
                                          description=f"{method.description}; with {rest[:-1]}",
-                                         trains_as=base if shares else None)
+                                         trains_as=(method.trains_as or base) if shares else None)
         if any(m.name == method.name for m in out):
             raise ConfigError(f"--methods: {method.name!r} is listed twice")
         out.append(method)
@@ -273,6 +277,8 @@ class Settings:
     timeout: float | None = None
     init: str | None = None
     """Checkpoint path a federated run starts from; ``{method}``, ``{heldout}``, ``{seed}`` filled in."""
+    run_prefix: str = "heldout-"
+    """A run folder is ``<prefix><heldout>-s<seed>`` under the method's folder."""
 
     def method_cfg(self, method: Method, seed: int) -> JRASConfig:
         from jras_core.config import JRASConfig
@@ -299,7 +305,7 @@ class Settings:
     def run_dir(self, method: Method, heldout: str, seed: int) -> Path:
         """The training folder of ``method``'s run: a variant of inference options only
         (``trains_as``) shares its base method's."""
-        return self.out / "runs" / _dir_name(method.trains_as or method.name) / f"heldout-{heldout}-s{seed}"
+        return self.out / "runs" / _dir_name(method.trains_as or method.name) / f"{self.run_prefix}{heldout}-s{seed}"
 
 
 def _dir_name(name: str) -> str:
@@ -307,8 +313,13 @@ def _dir_name(name: str) -> str:
     return re.sub(r"[^\w.+=-]+", "_", name)
 
 
+GUIDE_CHOICE = ["guides_used", "support_dice_guided", "support_dice_noguide"]
+"""Metrics of a held-out site's choice for or against its guides (``adapt.guides``)."""
+
+
 def _metrics_of(values: Mapping[str, Any], class_keys: Sequence[str]) -> dict[str, float]:
-    keys = ["dice_mean", *class_keys, "hd95_mean", "guide_dice", "dice_oracle", "dice_random", "dice_noguide"]
+    keys = ["dice_mean", *class_keys, "hd95_mean", "guide_dice", "dice_oracle", "dice_random", "dice_noguide",
+            *GUIDE_CHOICE]
     return {k: float(values[k]) for k in keys if k in values}
 
 
@@ -484,8 +495,10 @@ def evaluate_heldout(method: Method, trained: Trained, site: Site, st: Settings,
 # --------------------------------------------------------------------------- results file
 
 
-def columns_for(class_names: Sequence[str]) -> list[str]:
-    return [*BASE_COLUMNS, "dice_mean", *[f"dice_{c.lower()}" for c in class_names], *TAIL_COLUMNS]
+def columns_for(class_names: Sequence[str], base: Sequence[str] = BASE_COLUMNS,
+                tail: Sequence[str] = TAIL_COLUMNS) -> list[str]:
+    """The columns of ``results.csv``: ``base``, the mean and per-class Dice, then ``tail``."""
+    return [*base, "dice_mean", *[f"dice_{c.lower()}" for c in class_names], *tail]
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -523,14 +536,13 @@ class Job:
     seed: int
 
 
-def calibrate(vd: VendorData, base_cfg: JRASConfig) -> dict[str, float]:
+def calibrate_site(site: Site, base_cfg: JRASConfig) -> dict[str, float]:
     """Seconds per training slice of one local epoch, without and with retrieval, measured
-    on a 32-slice subset of one site (second epoch, after a warm-up)."""
+    on a 32-slice subset of ``site`` (second epoch, after a warm-up), and the site's numbers
+    of training and validation slices."""
     from jras_core.models.jras import build_model
-    from jras_core.site import Site
     from jras_core.training.joint import JRASTrainer
 
-    site = Site(site_config(vd, "calibration"), base_cfg)
     sub = site.train_set.subset(list(range(min(32, len(site.train_set)))))
     out = {}
     for name, overrides in (("plain", AUGMENTED), ("retrieval", RETRIEVAL)):
@@ -549,20 +561,146 @@ FLOWER_START_S = 35.0
 """Simulation Engine start-up and first-round set-up per federated run (measured on 2 cores)."""
 
 
-def estimate_job_s(job: Job, calib: Mapping[str, float], st: Settings, n_train_sites: int, cores: int) -> float:
-    """Rough seconds of one job: training epochs x slices x per-slice cost (+ evaluation, Flower start)."""
+def estimate_job_s(job: Job, calib: Mapping[str, float], st: Settings, n_train_sites: int, cores: int,
+                   eval_sites: int = 1) -> float:
+    """Rough seconds of one job: training epochs x slices x per-slice cost (+ evaluation of the
+    training sites and ``eval_sites`` held-out sites, each the size of the calibration site's
+    validation split, and Flower's start)."""
     per = calib["retrieval" if job.method.uses_retrieval else "plain"]
     epochs = st.rounds * st.local_epochs
     slices = calib["train_slices"] * n_train_sites
-    evals = calib["val_slices"] * (n_train_sites + 1) * per * (4 if job.method.uses_retrieval else 1) * 0.3
+    per_eval = calib["val_slices"] * per * (4 if job.method.uses_retrieval else 1) * 0.3
+    evals = per_eval * (n_train_sites + 1)
+    more_heldout = per_eval * (eval_sites - 1)
     if job.method.kind == "federated":
         from server.simulate import ray_cpus
 
         total, cpus = ray_cpus(n_train_sites, st.client_threads, cores) if st.share_cores else (None, st.cpus_per_client)
         workers = max(1, (total or cores) // cpus)  # Ray's pool; sites queue for its workers
         parallel = max(1.0, min(cores, n_train_sites / math.ceil(n_train_sites / workers)))
-        return FLOWER_START_S + epochs * slices * per / parallel + evals * st.rounds / parallel + evals
-    return epochs * slices * per + evals
+        return FLOWER_START_S + epochs * slices * per / parallel + evals * st.rounds / parallel + evals + more_heldout
+    return epochs * slices * per + evals + more_heldout
+
+
+# --------------------------------------------------------------------------- pieces of a benchmark's main loop
+
+
+def fill_options(args: argparse.Namespace, defaults: Mapping[str, Any], quick: Mapping[str, Any],
+                 quick_config: str | None = None) -> None:
+    """Give the options left unset (None) their values: ``quick``'s first under ``--quick``
+    (and ``--config`` ``quick_config``), then ``defaults``."""
+    for values in ((quick if args.quick else {}), defaults):
+        for k, v in values.items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+    if args.quick and args.config is None and quick_config is not None:
+        args.config = quick_config
+
+
+def resolve_config(value: str | None, default: Path) -> Path:
+    """The method config file of ``--config`` (``default`` without it; a relative path is
+    also looked up under the project folder)."""
+    from jras_core.config import ConfigError
+    from jras_core.fedutil import PROJECT_ROOT
+
+    config = Path(value) if value else default
+    if not config.is_file() and (PROJECT_ROOT / config).is_file():
+        config = PROJECT_ROOT / config
+    if not config.is_file():
+        raise ConfigError(f"--config {value}: file not found")
+    return config.resolve()
+
+
+def parse_seeds(text: str) -> list[int]:
+    """The seeds of ``--seeds`` (comma-separated integers)."""
+    from jras_core.config import ConfigError
+
+    try:
+        return [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds expects comma-separated integers, got {text!r}") from None
+
+
+def train_method(method: Method, sites: Sequence[Site], names: Sequence[str], yamls: Sequence[Path],
+                 st: Settings, seed: int, run_dir: Path, class_keys: Sequence[str], reused: bool = False,
+                 wall_before: float = float("nan"), init: Path | None = None) -> Trained:
+    """Train ``method`` on ``sites`` (named ``names``): a federation of the site YAMLs
+    ``yamls`` (the same sites, in that order), or in this process (local-only, central).
+    ``reused``: the federation already finished in ``run_dir``; it is read back (its
+    training's wall time ``wall_before``) and its training sites evaluated anew, not trained
+    again."""
+    if method.kind == "federated":
+        if reused:
+            return federated_outcome(run_dir, yamls, class_keys, names, wall_before,
+                                     None if method.strategy == "fedbn" else sites)
+        return train_federated(method, yamls, st, seed, run_dir, class_keys, names, init)
+    if method.kind == "local":
+        return train_local(sites, st, run_dir, class_keys)
+    return train_central(sites, st, run_dir, class_keys)
+
+
+def reuse_training(cache: Mapping[tuple, tuple[Trained, Method]], key: tuple, method: Method,
+                   sites: Sequence[Site], names: Sequence[str], class_keys: Sequence[str]) -> Trained | None:
+    """The training run of ``key`` (a method's training key with what else makes the run) if
+    ``cache`` holds it from a method before that trained alike (None: train). When that method
+    evaluated the training sites differently, they are evaluated anew with ``method``'s
+    configuration (``sites``, named ``names``)."""
+    hit = cache.get(key)
+    if hit is None:
+        return None
+    trained, trained_for = hit
+    if _changes_training_sites(trained_for.overrides, method.overrides) and method.strategy != "fedbn":
+        # the same federation under other inference options: its training sites evaluated with this method's
+        trained = dataclasses.replace(trained, train_rows=site_rows(trained.states[0], sites, names, class_keys))
+    return trained
+
+
+def reused_federations(todo: Sequence[Job], st: Settings, reevaluate: bool = False) -> set[int]:
+    """The jobs (by id) whose federation is read back from its finished run folder instead of
+    trained: an inference or fine-tuning variant whose base method's federation has finished
+    (every federated job with ``reevaluate``). Decided once, before any training: a federation
+    this call trains is evaluated as new."""
+    return {id(j) for j in todo if (reevaluate or j.method.trains_as) and j.method.kind == "federated"
+            and finished_federation(st.run_dir(j.method, j.heldout, j.seed), st.rounds)}
+
+
+def expected_runtime(jobs: Sequence[Job], site: Site, base_cfg: JRASConfig, st: Settings, n_train_sites: int,
+                     eval_sites: int = 1) -> dict[int, float]:
+    """Calibrate on ``site`` and print the expected runtime of ``jobs``; returns each job's
+    estimate (by id)."""
+    import os
+
+    calib = calibrate_site(site, base_cfg)
+    cores = os.cpu_count() or 1
+    estimate = {id(j): estimate_job_s(j, calib, st, n_train_sites, cores, eval_sites) for j in jobs}
+    print(f"expected runtime: about {_duration(sum(estimate.values()))} for {len(jobs)} runs (calibrated on this "
+          f"machine: {calib['plain'] * 1e3:.1f} / {calib['retrieval'] * 1e3:.1f} ms per training slice without / "
+          f"with retrieval; a rough figure)", flush=True)
+    return estimate
+
+
+class Progress:
+    """Time spent and time left of a benchmark's runs: the estimate of the runs left, scaled by
+    how the finished runs compared with theirs."""
+
+    def __init__(self, todo: Sequence[Job], estimate: Mapping[int, float]):
+        self.todo, self.estimate = list(todo), dict(estimate)
+        self.t_start, self.spent_est = time.perf_counter(), 0.0
+
+    def finished(self, i: int) -> str:
+        """After the ``i``-th run (from 1): ``"elapsed ..., left about ..."``."""
+        self.spent_est += self.estimate.get(id(self.todo[i - 1]), 0.0)
+        elapsed = time.perf_counter() - self.t_start
+        left = sum(self.estimate.get(id(j), 0.0) for j in self.todo[i:])
+        left *= elapsed / self.spent_est if self.spent_est else 1.0
+        return f"elapsed {_duration(elapsed)}, left about {_duration(left)}"
+
+
+def interrupted(command: str, results_path: Path) -> int:
+    """Say where the finished runs of an interrupted ``jras bench <command>`` are; exit code 130."""
+    print(f"\njras bench {command}: interrupted; the runs finished so far are in {results_path} "
+          "(a re-run with the same --out continues from there)", file=sys.stderr)
+    return 130
 
 
 # --------------------------------------------------------------------------- main loop
@@ -570,37 +708,20 @@ def estimate_job_s(job: Job, calib: Mapping[str, float], st: Settings, n_train_s
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by parsed ``args`` (see :func:`add_arguments`)."""
-    import os
-
     import torch
 
-    from benchmarks.report import write_report
+    from benchmarks.report import as_number, write_report
     from jras_core.config import ConfigError, JRASConfig
     from jras_core.fedutil import PROJECT_ROOT
     from jras_core.site import Site
 
-    if args.quick:
-        for k, v in QUICK.items():
-            if getattr(args, k) is None:
-                setattr(args, k, v)
-        if args.config is None:
-            args.config = str(PROJECT_ROOT / "configs" / "demo.yaml")
-    defaults = {"dataset": "synthetic", "methods": ",".join(DEFAULT_METHODS), "seeds": "0,1,2", "rounds": 10,
-                "local_epochs": 1, "size": 128, "cases": 12, "support": 5, "ft_epochs": 5}
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    config = Path(args.config) if args.config else PROJECT_ROOT / "configs" / "default.yaml"
-    if not config.is_file() and (PROJECT_ROOT / config).is_file():
-        config = PROJECT_ROOT / config
-    if not config.is_file():
-        raise ConfigError(f"--config {args.config}: file not found")
+    fill_options(args, {"dataset": "synthetic", "methods": ",".join(DEFAULT_METHODS), "seeds": "0,1,2", "rounds": 10,
+                        "local_epochs": 1, "size": 128, "cases": 12, "support": 5, "ft_epochs": 5},
+                 QUICK, str(PROJECT_ROOT / "configs" / "demo.yaml"))
+    config = resolve_config(args.config, PROJECT_ROOT / "configs" / "default.yaml")
     chosen = parse_methods(args.methods)
     methods = [m.name for m in chosen]
-    try:
-        seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
-    except ValueError:
-        raise ConfigError(f"--seeds expects comma-separated integers, got {args.seeds!r}") from None
+    seeds = parse_seeds(args.seeds)
     if args.rounds < 1 or args.local_epochs < 1 or args.size < 16 or args.support < 1 or not seeds:
         raise ConfigError("--rounds, --local-epochs and --support must be >= 1, --size >= 16, --seeds non-empty")
     from jras_core.cli import method_sets, parse_overrides
@@ -609,7 +730,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, args.threads))
-    st = Settings(config.resolve(), overrides, args.rounds, args.local_epochs, args.size, args.support, args.ft_epochs,
+    st = Settings(config, overrides, args.rounds, args.local_epochs, args.size, args.support, args.ft_epochs,
                   out, cpus_per_client=args.cpus_per_client, share_cores=args.share_cores,
                   client_threads=args.client_threads, timeout=args.timeout or None, init=args.init)
     base_cfg = JRASConfig.from_yaml(config).with_overrides(
@@ -654,7 +775,6 @@ def run(args: argparse.Namespace) -> int:
         todo = [j for j in jobs if (j.method.name, j.heldout, str(j.seed)) not in done]
     previous_wall = {(r["method"], r["heldout"], str(r["seed"])): r.get("wall_s") for r in rows
                      if r.get("role") == "heldout"}
-    cores = os.cpu_count() or 1
     print(f"J-RAS vendor-shift benchmark: dataset {args.dataset} (vendors {', '.join(by_vendor)}), held-out "
           f"{', '.join(heldouts)}, methods {', '.join(methods)}, seeds {', '.join(map(str, seeds))}; "
           f"{args.rounds} rounds x {args.local_epochs} local epoch(s), {args.size} px, support {args.support} cases, "
@@ -664,26 +784,18 @@ def run(args: argparse.Namespace) -> int:
     if heldout_cases != args.cases:
         print(f"held-out vendors: {heldout_cases} cases, {args.support} of them the support bank, the rest evaluated")
 
-    # decided once, before any training: a federation this call trains is evaluated as new
-    # (a variant of inference options only evaluates its base method's finished federation)
-    reused = {id(j) for j in todo if (args.reevaluate or j.method.trains_as) and j.method.kind == "federated"
-              and finished_federation(st.run_dir(j.method, j.heldout, j.seed), st.rounds)}
+    reused = reused_federations(todo, st, args.reevaluate)
     estimate: dict[int, float] = {}
     to_train = [j for j in todo if id(j) not in reused]
     if len(to_train) < len(todo):
         print(f"{len(todo) - len(to_train)} finished federations in {out / 'runs'}: evaluated again, not retrained")
     if to_train:
-        calib = calibrate(vds[0], base_cfg)
-        n_train = len(vds) - 1
-        estimate = {id(j): estimate_job_s(j, calib, st, n_train, cores) for j in to_train}
-        total = sum(estimate.values())
-        print(f"expected runtime: about {_duration(total)} for {len(to_train)} runs (calibrated on this machine: "
-              f"{calib['plain'] * 1e3:.1f} / {calib['retrieval'] * 1e3:.1f} ms per training slice without / with "
-              f"retrieval; a rough figure)", flush=True)
+        estimate = expected_runtime(to_train, Site(site_config(vds[0], "calibration"), base_cfg), base_cfg, st,
+                                    len(vds) - 1)
 
     trained_cache: dict[tuple, tuple[Trained, Method]] = {}
     gallery_done: set[str] = set()
-    t_start, spent_est = time.perf_counter(), 0.0
+    progress = Progress(todo, estimate)
     try:
         for i, job in enumerate(todo, 1):
             m, h, seed = job.method, job.heldout, job.seed
@@ -694,28 +806,14 @@ def run(args: argparse.Namespace) -> int:
             run_dir = st.run_dir(m, h, seed)
             print(f"[{i}/{len(todo)}] {m.name}, held-out {h}, seed {seed} ...", flush=True)
             key = (m.training_key, h, seed)
-            trained, trained_for = trained_cache.get(key, (None, None))
+            trained = reuse_training(trained_cache, key, m, sites, names, class_keys)
             if trained is None:
-                if m.kind == "federated":
-                    yamls = [write_site_yaml(site_config(v, n), out / "sites" / args.dataset.replace("/", "_") / f"{n}.yaml")
-                             for v, n in zip(train_vds, names)]
-                    if id(job) in reused:
-                        wall_before = previous_wall.get((m.name, h, str(seed)))
-                        trained = federated_outcome(run_dir, yamls, class_keys, names,
-                                                    float(wall_before) if wall_before not in (None, "") else float("nan"),
-                                                    None if m.strategy == "fedbn" else sites)
-                    else:
-                        trained = train_federated(m, yamls, st, seed, run_dir, class_keys, names,
-                                                  st.init_path(m, h, seed))
-                elif m.kind == "local":
-                    trained = train_local(sites, st, run_dir, class_keys)
-                else:
-                    trained = train_central(sites, st, run_dir, class_keys)
-                # only the last run is kept (a +ft or inference variant follows its base)
-                trained_cache = {key: (trained, m)}
-            elif _changes_training_sites(trained_for.overrides, m.overrides) and m.strategy != "fedbn":
-                # the same federation under other inference options: its training sites evaluated with this method's
-                trained = dataclasses.replace(trained, train_rows=site_rows(trained.states[0], sites, names, class_keys))
+                yamls = [write_site_yaml(site_config(v, n), out / "sites" / args.dataset.replace("/", "_") / f"{n}.yaml")
+                         for v, n in zip(train_vds, names)] if m.kind == "federated" else []
+                trained = train_method(m, sites, names, yamls, st, seed, run_dir, class_keys, reused=id(job) in reused,
+                                       wall_before=as_number(previous_wall.get((m.name, h, str(seed)))),
+                                       init=st.init_path(m, h, seed))
+                trained_cache = {key: (trained, m)}  # only the last run is kept: a +ft or inference variant follows
             t_eval = time.perf_counter()
             held = heldout_site(heldout_vds[h], cfg, st.support)
             metrics, model = evaluate_heldout(m, trained, held, st, class_keys)
@@ -734,19 +832,14 @@ def run(args: argparse.Namespace) -> int:
 
                 save_gallery(out / f"gallery-{h}.png", model, held, f"{m.name}, held-out vendor {h}, seed {seed}")
                 gallery_done.add(h)
-            spent_est += estimate.get(id(job), 0.0)
-            elapsed = time.perf_counter() - t_start
-            remaining = sum(estimate.get(id(j), 0.0) for j in todo[i:]) * (elapsed / spent_est if spent_est else 1.0)
             print(f"    held-out Dice {metrics.get('dice_mean', float('nan')):.3f}"
                   + (f" (guides {metrics['guide_dice']:.3f}, oracle {metrics['dice_oracle']:.3f}, random "
                      f"{metrics['dice_random']:.3f})" if "guide_dice" in metrics else "")
                   + f"; in-federation {_mean([r.get('dice_mean') for r in trained.train_rows]):.3f}; "
-                  f"{wall:.0f} s; elapsed {_duration(elapsed)}, left about {_duration(remaining)}", flush=True)
+                  f"{wall:.0f} s; {progress.finished(i)}", flush=True)
 
     except KeyboardInterrupt:
-        print(f"\njras bench shift: interrupted; the runs finished so far are in {results_path} "
-              "(a re-run with the same --out continues from there)", file=sys.stderr)
-        return 130
+        return interrupted("shift", results_path)
 
     rows = read_rows(results_path)
     report = write_report(out, rows, methods=methods, class_names=class_names, settings={
@@ -754,19 +847,21 @@ def run(args: argparse.Namespace) -> int:
         "seeds": ", ".join(map(str, seeds)), "rounds": args.rounds, "local_epochs": args.local_epochs,
         "size": args.size, "support": args.support,
         "heldout_cases": heldout_cases if args.dataset == "synthetic" else None, "config": config.name,
-        "overrides": "; ".join(args.set or []) or "none", "init": args.init, "command": reproduce_command(getattr(args, "argv", None) or sys.argv[3:]),
+        "overrides": "; ".join(args.set or []) or "none", "init": args.init,
+        "command": reproduce_command(getattr(args, "argv", None) or sys.argv[3:]),
     }, descriptions={m.name: m.description for m in chosen})
     print(report)
     print(f"\nwrote {results_path}, {out / 'report.md'} and figures in {out}")
     return 0
 
 
-def reproduce_command(argv: Sequence[str]) -> str:
-    """The ``jras bench shift`` command line that reruns a benchmark (without ``--report-only``/``--fresh``)."""
+def reproduce_command(argv: Sequence[str], command: str = "shift") -> str:
+    """The ``jras bench <command>`` command line that reruns a benchmark (without
+    ``--report-only``/``--fresh``)."""
     import shlex
 
     kept = [a for a in argv if a not in ("--report-only", "--fresh")]
-    return shlex.join(["jras", "bench", "shift", *kept])
+    return shlex.join(["jras", "bench", command, *kept])
 
 
 def _mean(values: Sequence[Any]) -> float:
@@ -806,13 +901,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "replaced by the run's, {base} by its method name without [overrides] (a lever variant starting "
                    "from its base method's weights), e.g. runs/pretrain/runs/{method}/heldout-D-s0/checkpoint.pt")
     p.add_argument("--data-seed", type=int, default=1, help="synthetic data seed (default 1; fixed across --seeds)")
-    p.add_argument("--config", metavar="YAML", help="method config (default configs/default.yaml; "
-                   "--quick: configs/demo.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="method config override for every method, e.g. --set retrieval.k=5 (repeatable)")
-    from jras_core.cli import add_device_args
-
-    add_device_args(p)
+    add_method_config_arguments(p, "configs/default.yaml")
     p.add_argument("--quick", action="store_true", help="a small run in under 3 minutes on 2 cores: synthetic, "
                    "held-out D, fedavg+aug vs jras-fedavg, 1 seed, 2 rounds, 32 px (options given "
                    "explicitly still apply)")
@@ -823,6 +912,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report-only", action="store_true", help="run nothing: rewrite report.md and the bar chart "
                    "from OUT/results.csv for the given methods (e.g. after runs made by several invocations)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of in-process training (default 2)")
+    add_simulation_arguments(p)
+
+
+def add_method_config_arguments(p: argparse.ArgumentParser, default: str) -> None:
+    """The options that choose a benchmark's method config: the file (``default`` without it;
+    configs/demo.yaml under ``--quick``), overrides, device and precision."""
+    from jras_core.cli import add_device_args
+
+    p.add_argument("--config", metavar="YAML", help=f"method config (default {default}; --quick: configs/demo.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="method config override for every method, e.g. --set retrieval.k=5 (repeatable)")
+    add_device_args(p)
+
+
+def add_simulation_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of a benchmark's simulated federations: Ray's CPUs and torch threads per
+    site, and a time limit."""
     p.add_argument("--cpus-per-client", type=int, default=1, help="CPUs Ray reserves per simulated site (default 1)")
     p.add_argument("--share-cores", action="store_true", help="start more simulation workers than cores where "
                    "that shortens a phase (3 sites on 2 cores: 3 workers); measured: no reliably shorter rounds")
@@ -830,14 +936,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=0, metavar="S", help="stop a federation after S seconds (default: none)")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="jras bench shift", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
+def standalone_main(prog: str, description: str | None, add: Callable[[argparse.ArgumentParser], None],
+                    run_args: Callable[[argparse.Namespace], int], argv: Sequence[str] | None = None) -> int:
+    """``python -m benchmarks.<name>``: parse ``argv`` with the options ``add`` defines and run."""
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add(p)
     args = p.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     logging.basicConfig(level=logging.WARNING)
-    return run(args)
+    return run_args(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return standalone_main("jras bench shift", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":
