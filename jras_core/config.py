@@ -139,7 +139,7 @@ class SegmenterConfig:
     appearance: bool = True
     """Also feed the segmenter the query's class probabilities under a per-class intensity
     model fitted to its guides (which intensities mean which tissue at this scanner)."""
-    guide_path: Literal["input", "residual"] = "input"
+    guide_path: Literal["input", "residual"] = "residual"
     """Where the guides enter. ``input``: as extra channels of the backbone's input (one
     network for the guided and the guide-free path). ``residual``: the backbone sees the query
     alone and is trained as a plain segmenter; a small head (``head_channels``) reads the
@@ -186,7 +186,10 @@ class RetrievalConfig:
     k: int = 3
     train_pool: int = 5
     """During training the K guides are drawn from the top ``train_pool`` (K+2)."""
-    guide_dropout: float = 0.3
+    guide_dropout: float = 0.0
+    """Probability that a phase-A query trains without guides. Under ``segmenter.guide_path:
+    residual`` the guide-free path trains on every query anyway, and a dropped query only
+    withholds a step from the head; under ``input`` the one network learns both paths from it."""
     align_centroid: bool = True
     """Shift guides onto the query's pass-1 centroid before fusion."""
     align_scale: float = 1.0

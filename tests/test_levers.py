@@ -12,6 +12,8 @@ from jras_core.models.jras import build_model
 
 BASE = {"preprocess.size": 32, "segmenter.channels": [4, 8, 16], "retriever.channels": [4, 8, 8],
         "retriever.embed_dim": 16}
+INPUT_PATH = {"segmenter.guide_path": "input"}
+"""The levers of the input guide path (guides as extra channels of the backbone's input)."""
 
 
 def _bank_inputs(num_classes: int = 4) -> torch.Tensor:
@@ -42,7 +44,8 @@ def test_pool_grid_spreads_initial_embeddings(grid):
 
 @pytest.mark.parametrize("backbone", ["unet", "segformer"])
 def test_zero_guide_init_starts_as_the_plain_segmenter(backbone):
-    cfg = JRASConfig().with_overrides({**BASE, "segmenter.backbone": backbone, "segmenter.guide_init": "zero"})
+    cfg = JRASConfig().with_overrides({**BASE, **INPUT_PATH, "segmenter.backbone": backbone,
+                                       "segmenter.guide_init": "zero"})
     model = build_model(cfg).eval()
     x = torch.randn(2, 1, 32, 32)
     guides = torch.randn(2, 3, 1, 32, 32), torch.randint(0, 4, (2, 3, 32, 32))
@@ -176,7 +179,7 @@ def test_concat_guide_channels_hold_guides_one_hot_masks_and_prior_in_order():
     from jras_core.models.segmenter import appearance_prior
     from jras_core.retrieval.guides import one_hot_fg
 
-    cfg = JRASConfig().with_overrides({**BASE, "segmenter.appearance": True})
+    cfg = JRASConfig().with_overrides({**BASE, **INPUT_PATH, "segmenter.appearance": True})
     seg = build_model(cfg).seg
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(2, 1, 16, 16, generator=gen)
@@ -194,7 +197,7 @@ def test_concat_guide_channels_hold_guides_one_hot_masks_and_prior_in_order():
 
 
 def test_appearance_channels_are_part_of_the_guides():
-    cfg = JRASConfig().with_overrides({**BASE, "segmenter.appearance": True})
+    cfg = JRASConfig().with_overrides({**BASE, **INPUT_PATH, "segmenter.appearance": True})
     model = build_model(cfg).eval()
     plain = build_model(cfg.with_overrides({"segmenter.appearance": False}))
     assert model.seg.in_channels == plain.seg.in_channels + 4

@@ -22,6 +22,8 @@ from jras_core.retrieval.guides import translate, translation_grid
 
 TINY = {"preprocess.size": 32, "preprocess.fov_mm": 200.0, "segmenter.channels": [4, 8, 16],
         "retriever.channels": [4, 8], "retriever.embed_dim": 8, "train.batch_size": 8}
+INPUT_PATH = {"segmenter.guide_path": "input", "retrieval.guide_dropout": 0.3}
+"""The input guide path, with guide dropout: the one network's guide-free forward is a shortcut."""
 
 
 def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -220,7 +222,7 @@ def test_no_warm_up_unless_asked_and_the_same_model_either_way(tmp_path, in_proc
 @pytest.mark.parametrize("backbone", ["unet", "segformer"])
 def test_forward_without_guides_equals_the_zero_padded_input(backbone):
     cfg = JRASConfig().with_overrides({"preprocess.size": 32, "segmenter.backbone": backbone,
-                                       "segmenter.channels": [8, 16, 32]})
+                                       "segmenter.channels": [8, 16, 32], **INPUT_PATH})
     seg = build_model(cfg).seg.train()
     x = torch.rand(4, 1, 32, 32)
     absent = torch.zeros(4, dtype=torch.bool)
@@ -237,7 +239,7 @@ def test_forward_without_guides_equals_the_zero_padded_input(backbone):
 
 
 def test_forward_without_guides_falls_back_when_the_shortcut_differs(monkeypatch):
-    cfg = JRASConfig().with_overrides({"preprocess.size": 32, "segmenter.channels": [8, 16, 32]})
+    cfg = JRASConfig().with_overrides({"preprocess.size": 32, "segmenter.channels": [8, 16, 32], **INPUT_PATH})
     seg = build_model(cfg).seg.eval()
     monkeypatch.setattr(seg, "_query_channel_forward", lambda image: torch.zeros(len(image), 4, 32, 32))
     x = torch.rand(2, 1, 32, 32)
@@ -285,7 +287,8 @@ def test_reused_first_pass_runs_pass_one_only_for_unseen_slices(slices):
     from jras_core.training.joint import JRASTrainer
 
     n = len(slices)
-    fresh_cfg = JRASConfig().with_overrides({**TINY, "retrieval.first_pass": "fresh", "contrastive.batch_fraction": 1.0})
+    fresh_cfg = JRASConfig().with_overrides({**TINY, **INPUT_PATH, "retrieval.first_pass": "fresh",
+                                             "contrastive.batch_fraction": 1.0})
     fresh = JRASTrainer(build_model(fresh_cfg), fresh_cfg, slices)
     fresh_count = _PassOneCounter(fresh.finder)
     fresh.phase_segmenter()  # pass 1 only for the queries whose guides are not dropped
@@ -418,7 +421,7 @@ def test_pass_one_and_key_options_are_validated():
 def test_phase_a_retrieves_only_for_queries_that_keep_their_guides(slices):
     from jras_core.training.joint import JRASTrainer
 
-    cfg = JRASConfig().with_overrides({**TINY, "retrieval.guide_dropout": 0.5})
+    cfg = JRASConfig().with_overrides({**TINY, **INPUT_PATH, "retrieval.guide_dropout": 0.5})
     model = build_model(cfg)
     trainer = JRASTrainer(model, cfg, slices)
     found, kept = [], []

@@ -209,7 +209,7 @@ def test_forward_paths_is_the_residual_paths_only():
 
 
 def test_config_validates_the_head():
-    assert JRASConfig().segmenter.guide_path == "input"
+    assert JRASConfig().segmenter.guide_path == "residual"
     with pytest.raises(ConfigError, match="guide_path"):
         JRASConfig().with_overrides({"segmenter.guide_path": "side"})
     with pytest.raises(ConfigError, match="head_channels"):
@@ -246,8 +246,9 @@ def test_a_site_drops_guides_that_hurt_on_its_support_cases(tiny_data):
         model.seg.head_out.bias.copy_(torch.tensor([50.0, -50.0, -50.0, -50.0]))
     choice = choose_guides(model, support, cfg, bank)
     assert not choice.use_guides and choice.dice_guided < choice.dice_noguide
-    with torch.no_grad():
-        model.seg.head_out.bias.zero_()  # guided = guide-free: a tie keeps the guides
+    with torch.no_grad():  # guided = guide-free: a tie keeps the guides
+        model.seg.head_out.weight.zero_()
+        model.seg.head_out.bias.zero_()
     assert choose_guides(model, support, cfg, bank).use_guides
     assert not choose_guides(model, support, cfg.with_overrides({"adapt.guides": "never"}), bank).use_guides
     always = choose_guides(model, support, cfg.with_overrides({"adapt.guides": "always"}), bank)
