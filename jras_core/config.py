@@ -147,6 +147,11 @@ class SegmenterConfig:
     (:class:`~jras_core.models.segmenter.GuidedSegmenter`)."""
     head_channels: tuple[int, ...] = (16, 32, 64)
     """Widths of the ``residual`` head's U-Net."""
+    refine: bool = False
+    """With ``fusion: none`` (no retrieval): give the plain segmenter the residual head all the
+    same, reading the query and the backbone's prediction only. A two-stage cascade of the
+    residual J-RAS segmenter's size without guides: the control for what that head adds beyond
+    its guides. Ignored by segmenters that use guides."""
 
     def validate(self) -> None:
         if len(self.channels) < 2:

@@ -256,3 +256,24 @@ def test_a_site_drops_guides_that_hurt_on_its_support_cases(tiny_data):
     plain = evaluate(model, support, cfg, bank, diagnostics=False, use_guides=False)
     assert plain["guides_used"] == 0.0
     assert plain["dice_mean"] == pytest.approx(evaluate(model, support, cfg, bank)["dice_noguide"])
+
+
+def test_refine_cascade_is_the_residual_head_without_guides(tiny_data):
+    train, val = tiny_data
+    cfg = JRASConfig().with_overrides({**TINY, "segmenter.fusion": "none", "segmenter.refine": True})
+    model = build_model(cfg)
+    seg = model.seg
+    assert seg.residual and not seg.uses_guides and not cfg.uses_retrieval
+    x = torch.rand(3, 1, 32, 32)
+    seg.eval()
+    assert torch.allclose(seg(x), seg.backbone(x), atol=1e-6)  # the head starts at zero
+    plain = build_model(cfg.with_overrides({"segmenter.refine": False})).seg
+    assert plain.head is None and not plain.residual
+    trainer = JRASTrainer(model, cfg, train)
+    head_before = seg.head_out.weight.detach().clone()
+    trainer.fit(2)
+    assert not torch.equal(head_before, seg.head_out.weight)  # the cascade's head trained
+    seg.eval()
+    with torch.no_grad():
+        assert not torch.allclose(seg(x), seg.backbone(x), atol=1e-4)
+    assert 0.0 <= evaluate(model, val, cfg)["dice_mean"] <= 1.0

@@ -129,6 +129,10 @@ class GuidedSegmenter(nn.Module):
             guided losses never reach the backbone (:meth:`forward_paths`): the guide-free
             path trains exactly as a plain segmenter does.
         head_channels: widths of the residual head's U-Net.
+        refine: with ``fusion="none"``, give the plain backbone the residual head all the
+            same, reading the query and the backbone's prediction only: a two-stage cascade of
+            the residual guided segmenter's size without guides (the control for what the
+            head adds beyond its guides). Ignored when the segmenter uses guides.
 
     ``forward(image, guide_images, guide_masks, guide_sims, guide_present)``:
         image ``(B, 1, H, W)``; guide_images ``(B, K, 1, H, W)``; guide_masks ``(B, K, H, W)``
@@ -154,6 +158,7 @@ class GuidedSegmenter(nn.Module):
         channels_last: bool = True,
         guide_path: str = "input",
         head_channels: Sequence[int] = (16, 32, 64),
+        refine: bool = False,
     ):
         super().__init__()
         if fusion not in FUSIONS:
@@ -180,7 +185,7 @@ class GuidedSegmenter(nn.Module):
             in_ch += num_classes
         self.guide_width = in_ch - 1
         """Channels built from the guides (:meth:`guide_channels`)."""
-        self.residual = guide_path == "residual" and fusion != "none"
+        self.residual = (guide_path == "residual" and fusion != "none") or (fusion == "none" and refine)
         self.guide_path = guide_path
         self.head: nn.Module | None = None
         self.head_out: nn.Conv2d | None = None
@@ -333,25 +338,31 @@ class GuidedSegmenter(nn.Module):
             ``(plain, guided, rows)``: the guide-free logits ``(B, C, H, W)`` (the backbone's,
             with gradients), the guided logits ``(B', C, H, W)`` of the ``B'`` samples with
             guides (``rows``, ``(B',)`` indices; None when no sample has guides): the
-            backbone's logits, detached, plus the head's correction.
+            backbone's logits, detached, plus the head's correction. A ``refine`` cascade
+            (no guides) gives every sample the head's correction.
         """
         if not self.residual:
             raise ValueError("forward_paths is the residual guide path's (segmenter.guide_path: residual)")
         plain = self._run_backbone(image)
-        if guide_images is None or guide_masks is None:
-            return plain, None, image.new_zeros(0, dtype=torch.long)
-        present = guide_present if guide_present is not None else torch.ones(len(image), dtype=torch.bool,
-                                                                               device=image.device)
-        rows = present.nonzero().squeeze(1)
-        if len(rows) == 0:
-            return plain, None, rows
+        if not self.uses_guides:
+            rows = torch.arange(len(image), device=image.device)
+        else:
+            if guide_images is None or guide_masks is None:
+                return plain, None, image.new_zeros(0, dtype=torch.long)
+            present = guide_present if guide_present is not None else torch.ones(len(image), dtype=torch.bool,
+                                                                                   device=image.device)
+            rows = present.nonzero().squeeze(1)
+            if len(rows) == 0:
+                return plain, None, rows
         base = plain.detach()[rows]
-        sims = None if guide_sims is None else guide_sims[rows]
         x = torch.empty(len(rows), 1 + self.num_classes + self.guide_width, *image.shape[-2:], dtype=image.dtype,
                         device=image.device, memory_format=self.memory_format)
         x[:, :1] = image[rows]
         x[:, 1 : 1 + self.num_classes] = torch.softmax(base.float(), dim=1).to(image.dtype)
-        self.guide_channels(image[rows], guide_images[rows], guide_masks[rows], sims, out=x[:, 1 + self.num_classes :])
+        if self.uses_guides:
+            sims = None if guide_sims is None else guide_sims[rows]
+            self.guide_channels(image[rows], guide_images[rows], guide_masks[rows], sims,
+                                out=x[:, 1 + self.num_classes :])
         correction = self.head_out(self.head(self._laid_out(x))).contiguous()
         return plain, base + correction, rows
 
@@ -363,7 +374,7 @@ class GuidedSegmenter(nn.Module):
         guide_sims: torch.Tensor | None = None,
         guide_present: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if not self.uses_guides:
+        if not self.uses_guides and not self.residual:
             return self._run_backbone(image)
         if self.residual:
             plain, guided, rows = self.forward_paths(image, guide_images, guide_masks, guide_sims, guide_present)

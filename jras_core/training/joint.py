@@ -229,15 +229,16 @@ class JRASTrainer:
         return stack[:, :1].contiguous(), maps[:, 0], warped, draw
 
     def _residual_loss(
-        self, images: torch.Tensor, labels: torch.Tensor, guides: Guides, present: torch.Tensor
+        self, images: torch.Tensor, labels: torch.Tensor, guides: Guides | None, present: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Phase A's loss under ``segmenter.guide_path: residual``: the guide-free logits of
         every query plus the guided logits of the queries with guides (the latter train the
-        head only). Returns the loss and the guide-free logits ``(B, C, H, W)`` (the next
+        head only; a ``refine`` cascade, without guides, scores the head's output for every
+        query). Returns the loss and the guide-free logits ``(B, C, H, W)`` (the next
         retrieval's pass 1, as at inference)."""
+        g = (None, None, None) if guides is None else (guides.images, guides.masks, guides.sims)
         with autocast(self.device, self.precision):
-            plain, guided, rows = self.model.seg.forward_paths(images, guides.images, guides.masks, guides.sims,
-                                                               present)
+            plain, guided, rows = self.model.seg.forward_paths(images, *g, present)
         plain = plain.float()
         loss = self.seg_loss(plain, labels.unsqueeze(1))
         if guided is not None:
@@ -273,8 +274,11 @@ class JRASTrainer:
                 images = self.augment(self.train_set.images[idx].to(device, non_blocking=True))
                 if self.spatial.enabled:
                     images, labels, _, draw = self._warp(images, labels, None)
-                with autocast(device, self.precision):
-                    logits = model.seg(images)
+                if model.seg.residual and not model.seg.uses_guides:  # a refine cascade: both outputs scored
+                    loss, logits = self._residual_loss(images, labels, None, None)
+                else:
+                    with autocast(device, self.precision):
+                        logits = model.seg(images)
             logits = logits.float()
             if self.memory is not None:  # kept in the slice's own geometry: the next retrieval's pass 1
                 probs = torch.softmax(logits.detach(), dim=1)
