@@ -532,7 +532,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    raw = list(argv) if argv is not None else sys.argv[1:]
+    args = build_parser().parse_args(raw)
+    if getattr(args, "bench_command", None):
+        # the benchmark's own arguments, for the command line its report prints to reproduce it
+        args.argv = raw[raw.index("bench") + 2:]
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
