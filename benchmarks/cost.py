@@ -363,9 +363,10 @@ def search_times(n: int, d: int, k: int, nq: int, repeats: int, seed: int = 0) -
 
     Raises ``AssertionError`` if the two disagree on a top-k index beyond float ties.
     """
-    import faiss
     import numpy as np
     import torch
+
+    from jras_core.retrieval.bank import faiss
 
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, d)).astype(np.float32)
@@ -480,7 +481,7 @@ def transfer_bytes(cfg) -> dict[str, int]:
     """One-way bytes of the model's state as fp32 and with float entries cast to fp16."""
     import numpy as np
 
-    from jras_core.fedutil import arrays_nbytes, state_to_arrays
+    from federation.protocol import arrays_nbytes, state_to_arrays
     from jras_core.models import build_model
 
     arrays = state_to_arrays(build_model(cfg).state_dict())
@@ -495,12 +496,14 @@ def transfer_bytes(cfg) -> dict[str, int]:
 def memory_probe(args: argparse.Namespace) -> int:
     """In its own process: build a bank of ``--_probe-bank`` slices and run one J-RAS
     epoch on a ~``--_probe-cases``-case site with it; print peak RSS as JSON."""
-    import faiss  # noqa: F401  (count the libraries a client loads)
     import torch
 
     from jras_core.cli import parse_overrides
     from jras_core.models import build_model
-    from jras_core.retrieval.bank import RetrievalBank
+    from jras_core.retrieval.bank import (
+        RetrievalBank,
+        faiss,  # noqa: F401  (count the libraries a client loads)
+    )
     from jras_core.sysinfo import peak_rss_mb
     from jras_core.training.joint import JRASTrainer
 
@@ -553,11 +556,11 @@ def run(args: argparse.Namespace) -> int:
         return memory_probe(args)
     import logging
 
-    import faiss
     import torch
 
     from jras_core.cli import parse_overrides
     from jras_core.models.batching import inference_batch_size
+    from jras_core.retrieval.bank import faiss
 
     logging.getLogger("jras_core").setLevel(logging.WARNING)
     method = parse_overrides(args.set)

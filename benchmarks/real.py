@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
     from benchmarks.report import as_number, finite_values
     from jras_core.cli import method_sets, parse_overrides
     from jras_core.config import ConfigError, JRASConfig
-    from jras_core.fedutil import PROJECT_ROOT
+    from jras_core.files import PROJECT_ROOT
     from jras_core.sysinfo import peak_rss_mb
 
     shift.fill_options(args, DEFAULTS, QUICK, str(PROJECT_ROOT / "configs" / "demo.yaml"))

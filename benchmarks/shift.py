@@ -129,8 +129,8 @@ def parse_methods(text: str, table: Mapping[str, Method] | None = None) -> list[
     retrieval.k=5]`` (a lever study: the whole item is the method's name in the results). A
     variant of inference options only shares the training run of its base method (or of the
     method its base shares)."""
+    from federation.protocol import parse_method_overrides
     from jras_core.config import ConfigError
-    from jras_core.fedutil import parse_method_overrides
 
     table = METHODS if table is None else table
 
@@ -362,7 +362,7 @@ def train_federated(method: Method, yamls: Sequence[Path], st: Settings, seed: i
     """A Flower Simulation Engine federation of the training sites (from the weights of
     the checkpoint ``init`` when given)."""
 
-    from jras_core.fedutil import PROJECT_ROOT
+    from jras_core.files import PROJECT_ROOT
     from server.simulate import gpu_share, run_simulation
 
     overrides = {**st.config_overrides, **method.overrides}
@@ -424,7 +424,7 @@ def federated_outcome(run_dir: Path, yamls: Sequence[Path], class_keys: Sequence
     inference option changed since training applies to them as to the held-out site;
     without, they are the federation's own last evaluation (FedBN's sites keep
     normalisation statistics of their own that the global model does not hold)."""
-    from jras_core.fedutil import arrays_to_state
+    from federation.protocol import arrays_to_state
     from server.checkpoint import load_checkpoint
     from server.simulate import site_table
 
@@ -510,7 +510,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 def write_rows(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
     """All rows to ``path`` atomically (a crash mid-write leaves the previous file)."""
-    from jras_core.retrieval.store import atomic_write_bytes
+    from jras_core.files import atomic_write_bytes
 
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
@@ -601,7 +601,7 @@ def resolve_config(value: str | None, default: Path) -> Path:
     """The method config file of ``--config`` (``default`` without it; a relative path is
     also looked up under the project folder)."""
     from jras_core.config import ConfigError
-    from jras_core.fedutil import PROJECT_ROOT
+    from jras_core.files import PROJECT_ROOT
 
     config = Path(value) if value else default
     if not config.is_file() and (PROJECT_ROOT / config).is_file():
@@ -712,7 +712,7 @@ def run(args: argparse.Namespace) -> int:
 
     from benchmarks.report import as_number, write_report
     from jras_core.config import ConfigError, JRASConfig
-    from jras_core.fedutil import PROJECT_ROOT
+    from jras_core.files import PROJECT_ROOT
     from jras_core.site import Site
 
     fill_options(args, {"dataset": "synthetic", "methods": ",".join(DEFAULT_METHODS), "seeds": "0,1,2", "rounds": 10,

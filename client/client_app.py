@@ -45,21 +45,19 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from jras_core.config import ConfigError
-from jras_core.data.volume import DataError
-from jras_core.fedutil import (
+from client.site_runner import SiteRunner, get_runner
+from federation.protocol import (
     EVALUATE_FIRST,
     EVALUATION,
     EVALUATION_ERROR,
-    PROJECT_ROOT,
     Arrays,
     RoundPolicy,
-    SiteRunner,
-    get_runner,
     method_from_run_config,
-    resolve_path,
     site_list,
 )
+from jras_core.config import ConfigError
+from jras_core.data.volume import DataError
+from jras_core.files import PROJECT_ROOT, resolve_path
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ kernels by CPU model and does not know models released after it, Sapphire Rapids
 there it falls back to its generic SSE3 kernels ("Prescott"), and FAISS's exact search of 256
 queries over 100,000 entries takes twice as long as a torch matrix product instead of half
 as long. OpenBLAS reads ``OPENBLAS_CORETYPE`` once, when it loads; :func:`choose_openblas_core`
-sets it from the CPU's instruction-set flags before FAISS is imported (``jras_core`` calls it
-on import). A value the user has set is left alone.
+sets it from the CPU's instruction-set flags before FAISS is imported (the bank module calls it
+right before its ``import faiss``). A value the user has set is left alone.
 """
 
 from __future__ import annotations

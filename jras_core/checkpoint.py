@@ -10,7 +10,7 @@ import torch
 
 from jras_core.config import ConfigError, JRASConfig
 from jras_core.models.jras import JRASModel, build_model
-from jras_core.retrieval.store import atomic_write_bytes
+from jras_core.files import atomic_write_bytes
 
 
 def save_model(path: str | Path, model: JRASModel, cfg: JRASConfig, **extra: Any) -> Path:

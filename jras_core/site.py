@@ -21,6 +21,7 @@ import torch
 from jras_core.config import ConfigError, JRASConfig, from_mapping, load_yaml
 from jras_core.data.slices import SliceSet, build_slice_set
 from jras_core.data.sources import DataSourceConfig, load_volumes
+from jras_core.files import resolve_path
 from jras_core.models.jras import JRASModel
 from jras_core.retrieval.bank import RetrievalBank
 from jras_core.retrieval.crypto import resolve_key
@@ -114,10 +115,7 @@ class Site:
         """A path from the site YAML: ``~`` expanded, relative to the YAML's folder (:attr:`root`)."""
         if not value:
             return None
-        path = Path(value).expanduser()
-        if not path.is_absolute() and self.root is not None:
-            path = Path(self.root) / path
-        return path
+        return resolve_path(value, [self.root] if self.root is not None else [])
 
     @property
     def key_path(self) -> Path | None:
@@ -147,10 +145,7 @@ class Site:
             default=str,
         )
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-        folder = Path(self.config.cache_dir).expanduser()
-        if not folder.is_absolute() and self.root is not None:
-            folder = Path(self.root) / folder
-        return folder / f"{self.name}-{digest}.pt"
+        return self.resolve_path(self.config.cache_dir) / f"{self.name}-{digest}.pt"
 
     @property
     def slices(self) -> SliceSet:
@@ -207,15 +202,21 @@ class Site:
         proximal_reference: Mapping[str, torch.Tensor] | None = None,
         writer=None,
         progress: bool = False,
+        method: JRASConfig | None = None,
     ) -> dict[str, float]:
         """Run local epochs of the alternating optimisation; returns scalar metrics
-        (averaged over the epochs) including ``num-examples``."""
-        bank = self.bank if self.method.uses_retrieval else None
+        (averaged over the epochs) including ``num-examples``.
+
+        ``method``: the method config of this call, e.g. with a round's seed (default: the
+        site's); it must preprocess as the site's does (the slices and bank are the site's).
+        """
+        method = method or self.method
+        bank = self.bank if method.uses_retrieval else None
         # the prediction memory (retrieval.first_pass: reuse) lives for this call only: a
         # round depends on the global model and the site's data alone, so a resumed or
         # rescheduled round computes what it would have computed
         trainer = JRASTrainer(
-            model, self.method, self.train_set, bank=bank,
+            model, method, self.train_set, bank=bank,
             proximal_reference=proximal_reference, writer=writer, progress=progress,
         )
         history = trainer.fit(epochs)

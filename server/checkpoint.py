@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from federation.protocol import Arrays, arrays_to_state, state_to_arrays
 from jras_core.checkpoint import load_file
 from jras_core.config import ConfigError
-from jras_core.fedutil import Arrays, arrays_to_state, state_to_arrays
-from jras_core.retrieval.store import atomic_write_bytes
+from jras_core.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

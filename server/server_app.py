@@ -26,17 +26,16 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid, ServerApp
 
-from jras_core.checkpoint import read_checkpoint
-from jras_core.config import JRASConfig
-from jras_core.fedutil import (
-    PROJECT_ROOT,
+from federation.protocol import (
     buffer_keys,
     check_arrays_fit,
     local_keys,
     method_from_run_config,
-    resolve_path,
     state_to_arrays,
 )
+from jras_core.checkpoint import read_checkpoint
+from jras_core.config import JRASConfig
+from jras_core.files import PROJECT_ROOT, resolve_path
 from jras_core.models.jras import JRASModel, build_model
 from server.checkpoint import Checkpoint, checkpoint_path, load_checkpoint, save_checkpoint
 from server.settings import ServerSettings

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from jras_core.config import ConfigError
+from jras_core.files import resolve_path
 
 STRATEGIES = ("fedavg", "fedprox", "fedbn", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 ROBUST = ("fedmedian", "fedtrimmedavg", "krum")
@@ -195,7 +196,4 @@ class ServerSettings:
 
     def run_dir(self, run_id: int, cwd: Path | None = None) -> Path:
         """This run's output folder (relative ``output-dir`` against ``cwd``)."""
-        base = Path(self.output_dir).expanduser()
-        if not base.is_absolute():
-            base = (cwd or Path.cwd()) / base
-        return (base / (self.run_name or f"run-{run_id}")).resolve()
+        return (resolve_path(self.output_dir, [cwd or Path.cwd()]) / (self.run_name or f"run-{run_id}")).resolve()

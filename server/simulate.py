@@ -32,6 +32,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from jras_core.files import resolve_path
 from server.processes import free_port, pids_with_args, stop_pid
 
 log = logging.getLogger(__name__)
@@ -67,16 +68,6 @@ class SimulationError(RuntimeError):
 
 # --------------------------------------------------------------------------- helpers
 
-
-def _abs(path: str | Path, roots: Sequence[Path]) -> Path:
-    """``path`` made absolute: as is, else the first root where it exists (else under the first root)."""
-    p = Path(path).expanduser()
-    if p.is_absolute():
-        return p
-    for root in roots:
-        if (root / p).exists():
-            return (root / p).resolve()
-    return (roots[0] / p).resolve()
 
 
 def _tool(name: str) -> str:
@@ -292,7 +283,7 @@ def run_simulation(
         raise ValueError(f"{project} is not a Flower app (no pyproject.toml)")
     if not sites:
         raise ValueError("run_simulation needs at least one site YAML")
-    site_paths = [_abs(s, [Path.cwd(), project]) for s in sites]
+    site_paths = [resolve_path(s, [Path.cwd(), project]) for s in sites]
     missing = [str(p) for p in site_paths if not p.is_file()]
     if missing:
         raise ValueError(f"site YAML not found: {', '.join(missing)}")

@@ -54,7 +54,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.differential_privacy import compute_stdv
 
-from jras_core.fedutil import (
+from federation.protocol import (
     EVALUATE_FIRST,
     EVALUATION,
     EVALUATION_ERROR,

@@ -37,8 +37,8 @@ def test_choice_is_set_once_and_a_users_value_kept(tmp_path):
 
 
 def test_faiss_loads_the_chosen_kernels():
-    """In a fresh process, importing jras_core before FAISS makes FAISS's OpenBLAS run the
-    kernels chosen from this CPU's flags."""
+    """In a fresh process, FAISS loaded through the bank module runs the OpenBLAS kernels
+    chosen from this CPU's flags; importing jras_core alone changes no environment."""
     core = openblas_core_for(cpu_flags())
     import faiss
 
@@ -46,7 +46,9 @@ def test_faiss_loads_the_chosen_kernels():
     if core is None or platform.system() != "Linux" or not libs:
         pytest.skip("no kernel choice on this CPU, or FAISS without a bundled OpenBLAS")
     code = (
-        "import ctypes, jras_core, faiss\n"
+        "import ctypes, os, jras_core\n"
+        "assert 'OPENBLAS_CORETYPE' not in os.environ\n"
+        "from jras_core.retrieval.bank import faiss\n"
         f"lib = ctypes.CDLL({libs[0]!r}, mode=ctypes.RTLD_GLOBAL)\n"
         "lib.openblas_get_corename.restype = ctypes.c_char_p\n"
         "print(lib.openblas_get_corename().decode())\n"

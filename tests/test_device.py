@@ -7,13 +7,13 @@ Device-independent checks run on the CPU and, where a CUDA device is present, on
 import pytest
 import torch
 
+from federation.protocol import method_from_run_config
 from jras_core.checkpoint import load_model, save_model
 from jras_core.config import ConfigError, JRASConfig
 from jras_core.data.augment import BatchIntensityAugment
 from jras_core.data.slices import build_slice_set
 from jras_core.data.synthetic import generate_volumes
 from jras_core.device import autocast, check_precision, module_device, resolve_device
-from jras_core.fedutil import method_from_run_config
 from jras_core.models import build_model
 from jras_core.retrieval.bank import RetrievalBank
 from jras_core.training import JRASTrainer, evaluate

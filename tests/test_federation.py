@@ -12,7 +12,8 @@ import pytest
 import torch
 import yaml
 
-from jras_core import fedutil
+from client import site_runner
+from federation import protocol
 from jras_core.config import ConfigError, JRASConfig
 from jras_core.models.jras import build_model
 
@@ -60,13 +61,13 @@ def site_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _fresh_cache():
-    fedutil.clear_cache()
+    site_runner.clear_cache()
     yield
-    fedutil.clear_cache()
+    site_runner.clear_cache()
 
 
 def tiny_method(run_config: dict) -> JRASConfig:
-    return fedutil.method_from_run_config(run_config)
+    return protocol.method_from_run_config(run_config)
 
 
 def run_server(grid_cls, run_config: dict, run_id: int = 1):
@@ -76,7 +77,7 @@ def run_server(grid_cls, run_config: dict, run_id: int = 1):
     from client.client_app import app as client_app
     from server.server_app import app as server_app
 
-    n = len(fedutil.site_list(run_config))
+    n = len(protocol.site_list(run_config))
     grid = grid_cls(client_app, {100 + i: {"partition-id": i, "num-partitions": n} for i in range(n)}, run_config)
     ctx = Context(run_id=run_id, node_id=1, node_config={}, state=RecordDict(), run_config=dict(run_config))
     server_app(grid, ctx)
@@ -93,30 +94,30 @@ def run_dir(run_config: dict) -> Path:
 def test_norm_and_local_keys():
     model = build_model(JRASConfig.from_dict({"segmenter": {"channels": [4, 8]}, "retriever": {"channels": [4, 8], "embed_dim": 8}}))
     state = model.state_dict()
-    norms = fedutil.norm_keys(model)
+    norms = protocol.norm_keys(model)
     assert norms and norms <= set(state)
     assert any(k.endswith("running_var") for k in norms)
     assert any(k.endswith("num_batches_tracked") for k in norms)
     assert all(not k.endswith("conv.weight") for k in norms)
-    assert fedutil.buffer_keys(model) == {k for k in state if "running" in k or "num_batches" in k}
+    assert protocol.buffer_keys(model) == {k for k in state if "running" in k or "num_batches" in k}
     retr = {k for k in state if k.startswith("retr.")}
-    assert fedutil.local_keys(model, False, False) == set()
-    assert fedutil.local_keys(model, False, True) == retr
-    assert fedutil.local_keys(model, True, True) == norms | retr
+    assert protocol.local_keys(model, False, False) == set()
+    assert protocol.local_keys(model, False, True) == retr
+    assert protocol.local_keys(model, True, True) == norms | retr
 
 
 def test_cast_like_and_weighted_average():
     ref = {"w": np.zeros(3, np.float32), "n": np.array(0, np.int64)}
-    out = fedutil.cast_like({"w": np.ones(3) * 0.5, "n": np.array(2.6)}, ref)
+    out = protocol.cast_like({"w": np.ones(3) * 0.5, "n": np.array(2.6)}, ref)
     assert out["w"].dtype == np.float32 and out["n"].dtype == np.int64 and int(out["n"]) == 3
-    avg = fedutil.weighted_average([{"a": np.array([1.0])}, {"a": np.array([4.0])}], [1, 2], ["a"])
+    avg = protocol.weighted_average([{"a": np.array([1.0])}, {"a": np.array([4.0])}], [1, 2], ["a"])
     assert np.allclose(avg["a"], [3.0])
     with pytest.raises(ValueError):
-        fedutil.weighted_average([{"a": np.array([1.0])}], [0], ["a"])
+        protocol.weighted_average([{"a": np.array([1.0])}], [0], ["a"])
 
 
 def test_method_from_run_config():
-    cfg = fedutil.method_from_run_config({
+    cfg = protocol.method_from_run_config({
         "method-config": "configs/demo.yaml", "local-epochs": 2, "image-size": 0, "fusion": "prior",
         "retriever-mode": "", "seed": -1, "method-overrides": "train.lr=0.005; segmenter.channels=[4, 8]",
     })
@@ -124,14 +125,14 @@ def test_method_from_run_config():
     assert cfg.train.epochs == 2 and cfg.segmenter.fusion == "prior" and cfg.train.lr == 0.005
     assert cfg.preprocess.size == demo.preprocess.size and cfg.train.seed == demo.train.seed
     assert cfg.segmenter.channels == (4, 8)
-    assert fedutil.method_from_run_config({}) == JRASConfig()
+    assert protocol.method_from_run_config({}) == JRASConfig()
     with pytest.raises(ConfigError):
-        fedutil.method_from_run_config({"method-overrides": "train.nope=1"})
+        protocol.method_from_run_config({"method-overrides": "train.nope=1"})
     with pytest.raises(ConfigError):
-        fedutil.parse_method_overrides("train.lr")
-    key = fedutil.method_key(cfg)
-    assert key == fedutil.method_key(cfg.with_overrides({"train.seed": 5, "train.proximal_mu": 0.3}))
-    assert key != fedutil.method_key(cfg.with_overrides({"train.lr": 0.1}))
+        protocol.parse_method_overrides("train.lr")
+    key = protocol.method_key(cfg)
+    assert key == protocol.method_key(cfg.with_overrides({"train.seed": 5, "train.proximal_mu": 0.3}))
+    assert key != protocol.method_key(cfg.with_overrides({"train.lr": 0.1}))
 
 
 def test_server_settings():
@@ -359,10 +360,10 @@ def test_client_train_and_evaluate(tmp_path, site_dir, task_identity):
     assert plain["dice_mean"] == pytest.approx(metrics["dice_mean"])
 
     # the site (data + bank) is cached per process: a second round does not reload it
-    runner = fedutil.get_runner(site_dir / "site-B.yaml", method)
+    runner = site_runner.get_runner(site_dir / "site-B.yaml", method)
     assert runner.site._slices is not None
     reply = client_app(_train_message(method, {"server-round": 2}), ctx)
-    assert fedutil.get_runner(site_dir / "site-B.yaml", method) is runner
+    assert site_runner.get_runner(site_dir / "site-B.yaml", method) is runner
 
 
 def test_client_site_selection_errors(tmp_path, site_dir, task_identity):
@@ -385,7 +386,8 @@ def test_fedprox_client_uses_proximal_term(tmp_path, site_dir, task_identity, mo
     original = Site.train
 
     def spy(self, model, epochs=None, proximal_reference=None, **kw):
-        seen["mu"] = self.method.train.proximal_mu
+        seen["mu"] = kw["method"].train.proximal_mu  # the round's method config, given with the call
+        assert self.method.train.proximal_mu == 0.0  # the cached site's own config is left alone
         seen["ref"] = proximal_reference
         seen["model"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return original(self, model, epochs, proximal_reference, **kw)
@@ -400,7 +402,7 @@ def test_fedprox_client_uses_proximal_term(tmp_path, site_dir, task_identity, mo
     assert set(seen["ref"]) == set(params)
     for k, v in seen["ref"].items():
         assert torch.equal(v, seen["model"][k])
-    runner = fedutil.get_runner(site_dir / "site-A.yaml", method)
+    runner = site_runner.get_runner(site_dir / "site-A.yaml", method)
     assert runner.site.method.train.proximal_mu == method.train.proximal_mu  # restored after the round
 
 
@@ -441,7 +443,7 @@ def test_fedavg_checkpoints_logs_and_resume(tmp_path, site_dir, in_process_grid)
     ckpt = load_checkpoint(folder)
     assert ckpt.round == 2 and ckpt.run_config["strategy"] == "fedavg"
     assert ckpt.config == tiny_method(rc).to_dict()
-    fedutil.check_arrays_fit(ckpt.arrays, build_model(tiny_method(rc)), "checkpoint")
+    protocol.check_arrays_fit(ckpt.arrays, build_model(tiny_method(rc)), "checkpoint")
     from jras_core.checkpoint import load_model
 
     _, cfg, extra = load_model(folder / "checkpoint.pt")  # readable by the centralised tools too
@@ -599,8 +601,8 @@ def test_fedbn_keeps_norm_local(tmp_path, site_dir, in_process_grid):
     rc = base_run_config(tmp_path, sites, strategy="fedbn")
     method = tiny_method(rc)
     model = build_model(method)
-    norms = fedutil.norm_keys(model)
-    initial = fedutil.state_to_arrays(model.state_dict())
+    norms = protocol.norm_keys(model)
+    initial = protocol.state_to_arrays(model.state_dict())
     grid = run_server(in_process_grid, rc)
     for msg in grid.sent + grid.received:
         for record in msg.content.array_records.values():
@@ -623,7 +625,7 @@ def test_segmenter_only_keeps_retriever_local(tmp_path, site_dir, in_process_gri
     sites = write_sites(tmp_path, "AB", cases=4)
     rc = base_run_config(tmp_path, sites, aggregate="segmenter")
     method = tiny_method(rc)
-    initial = fedutil.state_to_arrays(build_model(method).state_dict())
+    initial = protocol.state_to_arrays(build_model(method).state_dict())
     retr = {k for k in initial if k.startswith("retr.")}
     grid = run_server(in_process_grid, rc)
     for msg in grid.sent + grid.received:
@@ -650,7 +652,7 @@ def test_fedprox_and_fedadam(tmp_path, site_dir, in_process_grid):
     run_server(in_process_grid, rc)
     ckpt = load_checkpoint(run_dir(rc))
     model = build_model(tiny_method(rc))
-    buffers = fedutil.buffer_keys(model)
+    buffers = protocol.buffer_keys(model)
     for k in buffers:
         assert ckpt.arrays[k].dtype == model.state_dict()[k].numpy().dtype
         if k.endswith("running_var"):
@@ -690,8 +692,8 @@ def test_replies_hold_only_model_entries_and_scalars(tmp_path, site_dir, in_proc
     method = tiny_method(rc)
     state = build_model(method).state_dict()
     grid = run_server(in_process_grid, rc)
-    banks = [fedutil.get_runner(p, method).site.bank for p in sites]
-    bank_sizes = {len(b) for b in banks} | {len(fedutil.get_runner(p, method).site.val_set) for p in sites}
+    banks = [site_runner.get_runner(p, method).site.bank for p in sites]
+    bank_sizes = {len(b) for b in banks} | {len(site_runner.get_runner(p, method).site.val_set) for p in sites}
     assert grid.received
     for reply in grid.received:
         assert not reply.has_error()
@@ -741,8 +743,8 @@ def test_float16_transfer_halves_the_bytes(tmp_path, in_process_grid, strategy):
     for key in ("bytes_sent", "bytes_received"):  # the tiny test model's per-array overhead is large
         assert 0.45 < stats["float16"][key] / stats["float32"][key] < 0.75
     with pytest.raises(ConfigError, match="transfer-dtype"):
-        fedutil.transfer_cast({"w": np.zeros(2, np.float32)}, "bfloat16")
-    counters = fedutil.transfer_cast({"n": np.array(3, np.int64), "w": np.ones(2, np.float32)}, "float16")
+        protocol.transfer_cast({"w": np.zeros(2, np.float32)}, "bfloat16")
+    counters = protocol.transfer_cast({"n": np.array(3, np.int64), "w": np.ones(2, np.float32)}, "float16")
     assert counters["n"].dtype == np.int64 and counters["w"].dtype == np.float16
 
 
@@ -767,9 +769,9 @@ def test_initial_weights_start_a_fresh_run(tmp_path, caplog):
         arrays, ckpt = initial_state(fresh, method, s, [tmp_path])
     assert ckpt is None  # rounds count from 1
     got = record_to_arrays(arrays)
-    want = fedutil.state_to_arrays(pretrained.state_dict())
+    want = protocol.state_to_arrays(pretrained.state_dict())
     assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
-    fresh_arrays = fedutil.state_to_arrays(fresh.state_dict())
+    fresh_arrays = protocol.state_to_arrays(fresh.state_dict())
     assert all(not np.array_equal(got[k], fresh_arrays[k]) for k, p in fresh.named_parameters())
     assert "another method configuration" in caplog.text
 

@@ -4,6 +4,7 @@ import torch
 
 from jras_core.data.slices import SliceSet, VolumeInfo
 from jras_core.data.volume import DataError
+from jras_core.labels import one_hot_fg
 from jras_core.models.retriever import Retriever
 from jras_core.retrieval.bank import RetrievalBank
 from jras_core.retrieval.guides import (
@@ -12,7 +13,6 @@ from jras_core.retrieval.guides import (
     centred_dice_pairs,
     centred_one_hot,
     centroids,
-    one_hot_fg,
     translate,
 )
 from jras_core.retrieval.store import BankStore

@@ -19,7 +19,7 @@ INPUT_PATH = {"segmenter.guide_path": "input"}
 def _bank_inputs(num_classes: int = 4) -> torch.Tensor:
     """``(N, 1 + C_fg, 32, 32)``: distinct synthetic slices with their one-hot masks."""
     from jras_core.data.slices import build_slice_set
-    from jras_core.retrieval.guides import one_hot_fg
+    from jras_core.labels import one_hot_fg
 
     cfg = JRASConfig().with_overrides({"preprocess.size": 32})
     vols = generate_volumes("A", 3, seed=4, size=32)
@@ -177,7 +177,7 @@ def test_appearance_prior_fits_the_class_statistics_of_all_guides():
 
 def test_concat_guide_channels_hold_guides_one_hot_masks_and_prior_in_order():
     from jras_core.models.segmenter import appearance_prior
-    from jras_core.retrieval.guides import one_hot_fg
+    from jras_core.labels import one_hot_fg
 
     cfg = JRASConfig().with_overrides({**BASE, **INPUT_PATH, "segmenter.appearance": True})
     seg = build_model(cfg).seg

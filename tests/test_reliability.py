@@ -34,7 +34,8 @@ from test_loaders import (
 )
 from test_robust import _server_logs as server_log
 
-from jras_core import fedutil
+from client import site_runner
+from federation import protocol
 from jras_core.cli import main as cli_main
 from jras_core.models.jras import build_model
 
@@ -47,9 +48,9 @@ replies are summed in partition order whatever order Flower samples the sites in
 
 @pytest.fixture(autouse=True)
 def _fresh_cache():
-    fedutil.clear_cache()
+    site_runner.clear_cache()
     yield
-    fedutil.clear_cache()
+    site_runner.clear_cache()
 
 
 def rounds_of(rc: dict) -> list[dict]:
@@ -62,14 +63,14 @@ def server_messages(caplog) -> list[str]:
 
 def fail_once(monkeypatch, site_name: str, server_round: int, exc: Exception) -> None:
     """Make ``site_name``'s local training raise ``exc`` in ``server_round`` only."""
-    original = fedutil.SiteRunner.train
+    original = site_runner.SiteRunner.train
 
     def train(self, shared, local, policy):
         if self.site.name == site_name and policy.server_round == server_round:
             raise exc
         return original(self, shared, local, policy)
 
-    monkeypatch.setattr(fedutil.SiteRunner, "train", train)
+    monkeypatch.setattr(site_runner.SiteRunner, "train", train)
 
 
 # --------------------------------------------------------------------------- site failures
@@ -81,7 +82,7 @@ def test_site_failure_mid_round_then_rejoin(tmp_path, in_process_grid, monkeypat
     sites = write_sites(tmp_path, "ABC", cases=4)
     fail_once(monkeypatch, "test-C", 1, RuntimeError("GPU fell off the bus"))
     rc = base_run_config(tmp_path, sites, **{"min-nodes": 2, "fraction-evaluate": 0.0})
-    initial = fedutil.state_to_arrays(build_model(tiny_method(rc)).state_dict())
+    initial = protocol.state_to_arrays(build_model(tiny_method(rc)).state_dict())
     saved = []
     import server.server_app as sa
 
@@ -110,7 +111,7 @@ def test_too_few_sites_left_keeps_the_global_model(tmp_path, in_process_grid, mo
     sites = write_sites(tmp_path, "ABC", cases=4)
     fail_once(monkeypatch, "test-B", 1, MemoryError("out of memory"))
     rc = base_run_config(tmp_path, sites, **{"num-server-rounds": 1, "fraction-evaluate": 0.0})
-    initial = fedutil.state_to_arrays(build_model(tiny_method(rc)).state_dict())
+    initial = protocol.state_to_arrays(build_model(tiny_method(rc)).state_dict())
     run_server(in_process_grid, rc)
     from server.checkpoint import arrays_equal, load_checkpoint
 
@@ -205,12 +206,12 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, in_process_grid, capsys):
     whole = base_run_config(tmp_path, sites, **common, **{"run-name": "whole"})
     run_server(in_process_grid, whole)
 
-    fedutil.clear_cache()  # a restarted server and fresh sites: nothing carried over in memory
+    site_runner.clear_cache()  # a restarted server and fresh sites: nothing carried over in memory
     part = base_run_config(tmp_path, sites, **common, **{"run-name": "part", "num-server-rounds": 1})
     run_server(in_process_grid, part)
     first = load_checkpoint(run_dir(part))
     assert first.round == 1 and first.strategy_state
-    fedutil.clear_cache()
+    site_runner.clear_cache()
     resumed = dict(part, resume=str(run_dir(part)))
     grid = run_server(in_process_grid, resumed, run_id=2)
     assert {m.content["config"]["server-round"] for m in grid.sent} == {2}

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from test_federation import base_run_config, run_dir, write_sites
 
-from jras_core import fedutil
+from client import site_runner
+from federation import protocol
 from jras_core.config import ConfigError
 from jras_core.models.jras import build_model
 from server.settings import ServerSettings
@@ -86,9 +87,9 @@ def test_settings_keys():
 
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory) -> list[str]:
-    fedutil.clear_cache()
+    site_runner.clear_cache()
     yield write_sites(tmp_path_factory.mktemp("robust-sites"), "ABC", cases=4)
-    fedutil.clear_cache()
+    site_runner.clear_cache()
 
 
 def _poisoned(client_app, node_id: int, poison: Poison):
@@ -117,7 +118,7 @@ def _run(grid_cls, rc: dict, poison: Poison | None = None, poisoned_node: int = 
     from server.checkpoint import load_checkpoint
     from server.server_app import app as server_app
 
-    n = len(fedutil.site_list(rc))
+    n = len(protocol.site_list(rc))
     call = client_app if poison is None else _poisoned(client_app, poisoned_node, poison)
     grid = grid_cls(call, {100 + i: {"partition-id": i, "num-partitions": n} for i in range(n)}, rc)
     server_app(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=dict(rc)))
@@ -164,7 +165,7 @@ def _config(tmp_path: Path, sites: list[str], name: str, **over) -> dict:
 
 
 def test_nan_reply_rejected_and_round_goes_on(tmp_path, sites, in_process_grid, caplog):
-    initial = fedutil.state_to_arrays(build_model(fedutil.method_from_run_config(_config(tmp_path, sites, "x"))).state_dict())
+    initial = protocol.state_to_arrays(build_model(protocol.method_from_run_config(_config(tmp_path, sites, "x"))).state_dict())
     rc = _config(tmp_path, sites, "nan")
     with _server_logs(caplog):
         arrays, lines = _run(in_process_grid, rc, _nan)
@@ -187,7 +188,7 @@ def test_nan_reply_rejected_and_round_goes_on(tmp_path, sites, in_process_grid, 
 
 def test_poisoned_site_robust_vs_fedavg(tmp_path, sites, in_process_grid):
     clean, lines = _run(in_process_grid, _config(tmp_path, sites, "clean"))
-    initial = fedutil.state_to_arrays(build_model(fedutil.method_from_run_config(_config(tmp_path, sites, "x"))).state_dict())
+    initial = protocol.state_to_arrays(build_model(protocol.method_from_run_config(_config(tmp_path, sites, "x"))).state_dict())
     clean_step = _float_distance(clean, initial)  # how far one clean round moves the model
     assert lines[0]["round_stats"]["rejected_replies"] == 0
     distance = {}
@@ -216,9 +217,9 @@ def test_dp_fixed_clipping(tmp_path, sites, in_process_grid):
     rc = _config(tmp_path, sites, "dp", aggregate="segmenter", dp="fixed", **{
         "dp-noise-multiplier": 0.5, "dp-clipping-norm": 2.0, "dp-num-sampled-clients": 2, "num-server-rounds": 2,
     })
-    method = fedutil.method_from_run_config(rc)
+    method = protocol.method_from_run_config(rc)
     model = build_model(method)
-    initial = fedutil.state_to_arrays(model.state_dict())
+    initial = protocol.state_to_arrays(model.state_dict())
     arrays, lines = _run(in_process_grid, rc, _nan)
     assert [r["round"] for r in lines] == [1, 2]
     for r in lines:

@@ -169,11 +169,12 @@ def test_warm_up_before_round_one(tmp_path, in_process_grid):
 
     from test_federation import base_run_config, run_dir, run_server, write_sites
 
-    from jras_core import fedutil
+    from client import site_runner
+    from federation import protocol
     from server.settings import ServerSettings
     from server.tracking import METRICS_FILE, STARTUP_FILE
 
-    fedutil.clear_cache()
+    site_runner.clear_cache()
     assert ServerSettings.from_run_config({"warm-up": True}).warm_up and not ServerSettings().warm_up
     with pytest.raises(ConfigError, match="warm-up"):
         ServerSettings.from_run_config({"warm-up": 1})
@@ -184,27 +185,28 @@ def test_warm_up_before_round_one(tmp_path, in_process_grid):
     types = [m.metadata.message_type for m in grid.sent]
     assert types[:3] == ["query"] * 3 and types[3:] == ["train"] * 3
     assert [m.has_error() for m in grid.received[:3]] == [False, False, True]  # the missing site is reported
-    ready = [fedutil.get_runner(p, fedutil.method_from_run_config(rc)).site for p in sites[:2]]
+    ready = [site_runner.get_runner(p, protocol.method_from_run_config(rc)).site for p in sites[:2]]
     assert all(s._slices is not None and s._bank is not None for s in ready)
     folder = run_dir(rc) / "tensorboard"
     startup = json.loads((folder / STARTUP_FILE).read_text())
     assert startup["sites"] == 3 and startup["sites_ready"] == 2 and startup["wall_time_s"] > 0
     assert all(t > 0 for t in startup["client-time-s"].values())
     assert [json.loads(x)["round"] for x in (folder / METRICS_FILE).read_text().splitlines()] == [1]
-    fedutil.clear_cache()
+    site_runner.clear_cache()
 
 
 def test_no_warm_up_unless_asked_and_the_same_model_either_way(tmp_path, in_process_grid):
     from test_federation import base_run_config, run_dir, run_server, write_sites
 
-    from jras_core import fedutil
+    from client import site_runner
+    from federation import protocol
     from server.checkpoint import load_checkpoint
     from server.tracking import STARTUP_FILE
 
     sites = write_sites(tmp_path, "AB", cases=4)
     finals = {}
     for flag in (False, True):
-        fedutil.clear_cache()
+        site_runner.clear_cache()
         rc = base_run_config(tmp_path, sites, **{"num-server-rounds": 1, "fraction-evaluate": 0.0,
                                                  "run-name": f"warm-{flag}", "warm-up": flag})
         grid = run_server(in_process_grid, rc)
@@ -213,7 +215,7 @@ def test_no_warm_up_unless_asked_and_the_same_model_either_way(tmp_path, in_proc
         finals[flag] = load_checkpoint(run_dir(rc)).arrays
     # the warm-up changes when sites get ready, not what they train
     assert all(np.array_equal(finals[False][k], finals[True][k]) for k in finals[False])
-    fedutil.clear_cache()
+    site_runner.clear_cache()
 
 
 # --------------------------------------------------------------------------- guide-free forward

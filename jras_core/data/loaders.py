@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from jras_core.data.volume import DataError, Volume
+from jras_core.files import resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -243,11 +244,6 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     return header, records
 
 
-def _resolve(base: Path, value: str) -> Path:
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else base / path
-
-
 # --------------------------------------------------------------------------- manifest
 
 
@@ -378,8 +374,8 @@ def load_manifest(
         for col in ("case", "image", "mask"):
             if not row[col]:
                 raise DataError(f"{path}: line {line}: empty '{col}' value")
-        image_path = _resolve(path.parent, row["image"])
-        mask_path = _resolve(path.parent, row["mask"])
+        image_path = resolve_path(row["image"], [path.parent])
+        mask_path = resolve_path(row["mask"], [path.parent])
         _require_file(image_path, f"image (manifest {path.name}, line {line})")
         _require_file(mask_path, f"mask (manifest {path.name}, line {line})")
         vol = _read_nifti_pair(

@@ -155,7 +155,7 @@ class SliceSet:
         while writing leaves the previous file (or none), never a truncated one."""
         import io
 
-        from jras_core.retrieval.store import atomic_write_bytes
+        from jras_core.files import atomic_write_bytes
 
         buf = io.BytesIO()
         torch.save(

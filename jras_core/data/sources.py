@@ -15,6 +15,7 @@ from typing import Any, Literal
 from jras_core.config import ConfigError, from_mapping
 from jras_core.data import loaders
 from jras_core.data.volume import DataError, Volume
+from jras_core.files import resolve_path
 
 FILE_KINDS: tuple[str, ...] = ("manifest", "mnms", "acdc", "folder")
 """Source kinds that read files from ``path``."""
@@ -96,10 +97,7 @@ class DataSourceConfig:
 
     def resolve(self, value: str, root: Path | None) -> Path:
         """A configured path, made absolute against ``root`` when relative."""
-        path = Path(value).expanduser()
-        if not path.is_absolute() and root is not None:
-            path = Path(root) / path
-        return path
+        return resolve_path(value, [root] if root is not None else [])
 
     def validate(self, root: Path | None = None) -> None:
         """Raise :class:`ConfigError` if the source is incomplete or points nowhere.

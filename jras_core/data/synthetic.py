@@ -30,10 +30,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import logging
 import math
-import os
-import tempfile
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from jras_core.data.volume import DataError, Volume
+from jras_core.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -924,15 +924,10 @@ def write_dataset(
                 }
             )
     manifest = out / "manifest.csv"
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".csv.tmp", dir=out)
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(MANIFEST_HEADER))
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, manifest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(MANIFEST_HEADER))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(manifest, text.getvalue())
     log.info("wrote %d synthetic volumes to %s", len(rows), out)
     return manifest

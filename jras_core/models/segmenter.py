@@ -11,7 +11,7 @@ from torch import nn
 from torch.func import functional_call
 
 from jras_core.models.backbones import build_backbone
-from jras_core.retrieval.guides import one_hot_fg
+from jras_core.labels import one_hot_fg
 
 FUSIONS = ("concat", "prior", "feature", "none")
 GUIDE_PATHS = ("input", "residual")
@@ -33,7 +33,7 @@ def appearance_prior(
             ``(B, K, H, W)`` labels in ``[0, num_classes)``.
         min_std: floor of each class's standard deviation (intensities in about ``[0, 1]``).
         guide_fg: the masks' foreground one-hot maps ``(B, K, C - 1, H, W)`` when already
-            at hand (:func:`~jras_core.retrieval.guides.one_hot_fg`; made here otherwise).
+            at hand (:func:`~jras_core.labels.one_hot_fg`; made here otherwise).
 
     Returns:
         ``(B, C, H, W)`` probabilities; classes absent from every guide get probability 0

@@ -1,6 +1,6 @@
 """Retrieval: the private FAISS bank of a site and batched guide operations."""
 
 from jras_core.retrieval.bank import RetrievalBank
-from jras_core.retrieval.store import BankStore, atomic_write_bytes
+from jras_core.retrieval.store import BankStore
 
-__all__ = ["BankStore", "RetrievalBank", "atomic_write_bytes"]
+__all__ = ["BankStore", "RetrievalBank"]

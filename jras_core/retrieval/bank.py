@@ -10,12 +10,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import faiss
+from jras_core.blas import choose_openblas_core
+
+choose_openblas_core()  # OpenBLAS reads OPENBLAS_CORETYPE once, when FAISS loads it
+import faiss  # noqa: E402
 import numpy as np
 import torch
 
 from jras_core.data.slices import SliceSet, VolumeInfo
 from jras_core.device import module_device
+from jras_core.labels import one_hot_fg
 from jras_core.models.batching import inference_batch_size
 from jras_core.models.retriever import Retriever
 from jras_core.retrieval.guides import (
@@ -23,7 +27,6 @@ from jras_core.retrieval.guides import (
     centred_dice_pairs,
     centred_one_hot,
     centroids,
-    one_hot_fg,
 )
 from jras_core.retrieval.store import BankStore
 

@@ -23,12 +23,12 @@ import base64
 import binascii
 import os
 import stat
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 from jras_core.config import ConfigError
 from jras_core.data.volume import DataError
+from jras_core.files import atomic_write_bytes
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -178,28 +178,9 @@ def generate_key_file(path: str | Path, overwrite: bool = False) -> Path:
     path = Path(path).expanduser()
     if path.exists() and not overwrite:
         raise BankKeyError(f"{path}: a key file already exists; refusing to overwrite it (its bank needs it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = base64.b64encode(os.urandom(KEY_BYTES)) + b"\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # created 0600
     try:
-        if hasattr(os, "fchmod"):
-            os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # atomic create-if-absent
-            except FileExistsError:
-                raise BankKeyError(f"{path}: a key file already exists; refusing to overwrite it") from None
-            except OSError:  # no hard links on this file system
-                if path.exists():
-                    raise BankKeyError(f"{path}: a key file already exists; refusing to overwrite it") from None
-                os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        atomic_write_bytes(path, text, mode=0o600, exclusive=not overwrite)
+    except FileExistsError:
+        raise BankKeyError(f"{path}: a key file already exists; refusing to overwrite it") from None
     return path

@@ -12,44 +12,18 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from jras_core.data.volume import DataError
+from jras_core.files import atomic_write_bytes
 from jras_core.retrieval.crypto import ENV_VAR, BankKey, BankKeyError, is_encrypted
 
 log = logging.getLogger(__name__)
 
 BANK_FILE = "bank.npz"
 ENCRYPTED_BANK_FILE = "bank.enc"
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename.
-
-    A crash at any point leaves either the previous file or the new one, never a mix.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class BankStore:

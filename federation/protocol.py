@@ -1,17 +1,17 @@
-"""Federation helpers that need no Flower: model state as named arrays, which
-entries stay at a site, run-config parsing, and a site's federated work.
+"""The federation protocol, shared by the server and the sites: what travels and how.
 
-The Flower ``ClientApp`` and ``ServerApp`` only translate messages into calls
-of this module, so everything here can be tested without a Flower runtime.
+Model state as named arrays and their wire format, which entries stay at a site, how
+updates are averaged, the run config's keys and how they make the method config, and what
+the server asks of a site in a round. It needs no Flower and no site data: the ``ServerApp``
+imports it without loading a site's data, bank or retrieval stack.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +21,10 @@ import yaml
 from torch import nn
 
 from jras_core.config import ConfigError, JRASConfig
-from jras_core.device import place
-from jras_core.models.jras import RETR_PREFIX, JRASModel, build_model
-from jras_core.site import Site, SiteConfig
-from jras_core.sysinfo import peak_rss_mb
+from jras_core.files import PROJECT_ROOT, resolve_path
+from jras_core.models.jras import RETR_PREFIX, JRASModel
 
 log = logging.getLogger(__name__)
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-"""The folder holding ``jras_core``, ``client``, ``server``, ``sites`` and ``configs``
-(the repository, or the installed Flower App Bundle)."""
 
 EVALUATE_FIRST = "evaluate-first"
 """Train config flag: evaluate the received model before training and reply with the
@@ -197,19 +191,6 @@ RUN_CONFIG_OVERRIDES: dict[str, tuple[str, Any]] = {
 """Run-config key -> (method config key, value meaning "keep the method config's value")."""
 
 
-def resolve_path(value: str | Path, roots: Iterable[Path]) -> Path:
-    """An absolute path for ``value``: as is when absolute, else the first root where it exists
-    (else under the first root)."""
-    path = Path(value).expanduser()
-    if path.is_absolute():
-        return path
-    roots = [Path(r) for r in roots]
-    for root in roots:
-        if (root / path).exists():
-            return (root / path).resolve()
-    return (roots[0] / path).resolve() if roots else path.resolve()
-
-
 def parse_method_overrides(text: str) -> dict[str, Any]:
     """``"train.lr=0.01; segmenter.channels=[8, 16]"`` -> ``{"train.lr": 0.01, ...}`` (values as YAML)."""
     out: dict[str, Any] = {}
@@ -254,7 +235,7 @@ def method_key(cfg: JRASConfig) -> str:
     return json.dumps(data, sort_keys=True)
 
 
-# --------------------------------------------------------------------------- a site's work
+# --------------------------------------------------------------------------- a round
 
 
 @dataclass
@@ -280,119 +261,3 @@ class RoundPolicy:
     epochs: int | None = None
     transfer_dtype: str = "float32"
     diagnostics: bool = True
-
-
-@dataclass
-class SiteRunner:
-    """A site's federated work on a cached model: load global + local state, train or
-    evaluate, split the result into what is sent and what stays.
-
-    Args:
-        site: the site (``jras_core.site.Site``).
-        model: a model built for the site's method config (reused across rounds).
-    """
-
-    site: Site
-    model: JRASModel
-    initial: Arrays = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not self.initial:
-            self.initial = state_to_arrays(self.model.state_dict())
-
-    def _load(self, shared: Mapping[str, np.ndarray], local: Mapping[str, np.ndarray] | None, policy: RoundPolicy) -> set[str]:
-        keep = local_keys(self.model, policy.keep_norm_local, policy.keep_retriever_local)
-        check_arrays_fit(shared, self.model, "global model", expected=set(self.initial) - keep)
-        shared = transfer_cast(shared, "float32")
-        merged = dict(self.initial)
-        if local:
-            stale = set(local) - keep
-            if stale:
-                log.warning("site %s: ignoring %d stored local entries that are now aggregated", self.site.name, len(stale))
-            merged.update({k: v for k, v in local.items() if k in keep})
-        merged.update(shared)
-        self.model.load_state_dict(arrays_to_state(merged), strict=True)
-        return keep
-
-    def _method_for_round(self, base: JRASConfig, policy: RoundPolicy) -> JRASConfig:
-        return base.with_overrides({
-            "train.seed": int(base.train.seed) + int(policy.server_round),
-            "train.proximal_mu": float(policy.proximal_mu),
-        })
-
-    def train(
-        self, shared: Mapping[str, np.ndarray], local: Mapping[str, np.ndarray] | None, policy: RoundPolicy
-    ) -> tuple[Arrays, Arrays, dict[str, float]]:
-        """Local training from the global ``shared`` entries (plus the site's ``local`` ones).
-
-        Returns:
-            ``(shared_out, local_out, metrics)``: the entries to send, those to keep,
-            and scalar metrics including ``num-examples``, ``client-time-s`` (wall) and
-            ``client-cpu-s`` (this process's CPU time: the compute, also when the site
-            shares a core with others).
-        """
-        t0, c0 = time.perf_counter(), time.process_time()
-        keep = self._load(shared, local, policy)
-        reference = None
-        if policy.proximal_mu > 0:
-            params = dict(self.model.named_parameters())
-            reference = {k: params[k].detach().clone() for k in shared if k in params}
-        base = self.site.method
-        self.site.method = self._method_for_round(base, policy)
-        try:
-            metrics = self.site.train(self.model, epochs=policy.epochs, proximal_reference=reference)
-        finally:
-            self.site.method = base
-        out_shared, out_local = split_arrays(state_to_arrays(self.model.state_dict()), keep)
-        out_shared = transfer_cast(out_shared, policy.transfer_dtype)
-        metrics = {k: float(v) for k, v in metrics.items()}
-        metrics["client-time-s"] = time.perf_counter() - t0
-        metrics["client-cpu-s"] = time.process_time() - c0
-        metrics["peak-rss-mb"] = peak_rss_mb()
-        return out_shared, out_local, metrics
-
-    def evaluate(
-        self, shared: Mapping[str, np.ndarray], local: Mapping[str, np.ndarray] | None, policy: RoundPolicy
-    ) -> dict[str, float]:
-        """Validation metrics of the global model (with the site's local entries), with
-        ``client-time-s`` and ``client-cpu-s`` as in :meth:`train`."""
-        t0, c0 = time.perf_counter(), time.process_time()
-        self._load(shared, local, policy)
-        metrics = {k: float(v) for k, v in self.site.evaluate(self.model, diagnostics=policy.diagnostics).items()}
-        metrics["client-time-s"] = time.perf_counter() - t0
-        metrics["client-cpu-s"] = time.process_time() - c0
-        metrics["peak-rss-mb"] = peak_rss_mb()
-        return metrics
-
-
-_RUNNERS: dict[tuple[str, str], SiteRunner] = {}
-_MODELS: dict[str, tuple[JRASModel, Arrays]] = {}
-
-
-def get_runner(site_config: str | Path, method: JRASConfig) -> SiteRunner:
-    """The process-wide cached :class:`SiteRunner` of a site YAML and method config
-    (data and bank are built once per process, not once per round). The model is placed
-    on ``train.device`` (``auto``: the machine's GPU when it has one)."""
-    path = Path(site_config).resolve()
-    mkey = method_key(method)
-    key = (str(path), mkey)
-    runner = _RUNNERS.get(key)
-    if runner is None:
-        if mkey not in _MODELS:
-            model = build_model(method)
-            initial = state_to_arrays(model.state_dict())
-            place(model, method.train.device)
-            _MODELS[mkey] = (model, initial)
-        model, initial = _MODELS[mkey]
-        site = Site(SiteConfig.from_yaml(path), method, root=path.parent)
-        runner = SiteRunner(site, model, initial)
-        _RUNNERS[key] = runner
-        log.info("site %s ready (%s)", site.name, path)
-    runner.site.method = method
-    return runner
-
-
-def clear_cache() -> None:
-    """Forget cached sites and models (tests)."""
-    _RUNNERS.clear()
-    _MODELS.clear()

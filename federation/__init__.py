@@ -1,0 +1,1 @@
+"""The federation protocol between the coordinator's server and the sites."""
