@@ -57,7 +57,7 @@ COLUMNS = ["variant", "seed", "heldout_dice", "indist_dice", "guide_dice", "dice
 
 def make_sites(cfg: JRASConfig, train_vendors: list[str], heldout: str, cases: int, support: int,
                data_seed: int) -> list[Site]:
-    from jras_core.cli import synthetic_site
+    from tools.sites import synthetic_site
 
     sites = [Site(synthetic_site(v, cases, data_seed, cfg.preprocess.size), cfg) for v in train_vendors]
     sites.append(Site(synthetic_site(heldout, cases, data_seed, cfg.preprocess.size, support=support), cfg))

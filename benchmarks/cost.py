@@ -48,7 +48,8 @@ import sys
 import time
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from jras_core.files import PROJECT_ROOT
+
 COLUMNS = ["section", "item", "value", "unit", "note"]
 SECTION_TITLES = {
     "step": "1. Training step time",
@@ -498,7 +499,7 @@ def memory_probe(args: argparse.Namespace) -> int:
     epoch on a ~``--_probe-cases``-case site with it; print peak RSS as JSON."""
     import torch
 
-    from jras_core.cli import parse_overrides
+    from jras_core.config import parse_overrides
     from jras_core.models import build_model
     from jras_core.retrieval.bank import (
         RetrievalBank,
@@ -558,7 +559,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from jras_core.cli import parse_overrides
+    from jras_core.config import parse_overrides
     from jras_core.models.batching import inference_batch_size
     from jras_core.retrieval.bank import faiss
 

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from jras_core.files import PROJECT_ROOT
+
 ACDC = PROJECT_ROOT.parent / "shared" / "data" / "acdc"
 GROUPS = ("DCM", "HCM", "MINF", "NOR")
 
@@ -165,13 +166,13 @@ def _federate(sites: list[Path], run_config: dict, run_dir: Path, gpu_share: flo
             raise ImportError("deployment asked for")
         import ray  # noqa: F401
 
-        from server.simulate import run_simulation
+        from tools.simulate import run_simulation
 
         run_simulation(PROJECT_ROOT, [str(s) for s in sites], run_config, gpus_per_client=gpu_share,
                        out_dir=run_dir.parent, run_name=run_dir.name, stream=False, timeout=timeout, fresh=True)
         return "simulation"
     except ImportError:
-        from server.localhost import LocalDeployment
+        from tools.localhost import LocalDeployment
 
         with LocalDeployment(sites) as deployment:
             deployment.run(PROJECT_ROOT, run_config, run_dir, timeout=timeout)
@@ -179,7 +180,7 @@ def _federate(sites: list[Path], run_config: dict, run_dir: Path, gpu_share: flo
 
 
 def cmd_federation(args: argparse.Namespace) -> int:
-    from server.simulate import gpu_share
+    from tools.simulate import gpu_share
 
     out = Path(args.out).resolve()
     sites = site_yamls(Path(args.data).resolve(), out / "sites")

@@ -217,10 +217,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from benchmarks.report import as_number, finite_values
-    from jras_core.cli import method_sets, parse_overrides
-    from jras_core.config import ConfigError, JRASConfig
+    from jras_core.config import ConfigError, JRASConfig, parse_overrides
     from jras_core.files import PROJECT_ROOT
     from jras_core.sysinfo import peak_rss_mb
+    from tools.options import method_sets
 
     shift.fill_options(args, DEFAULTS, QUICK, str(PROJECT_ROOT / "configs" / "demo.yaml"))
     config = shift.resolve_config(args.config, PROJECT_ROOT / "configs" / "real.yaml")

@@ -5,10 +5,10 @@ one local epoch per round, ``--size`` and ``--local-epochs`` for rounds of reali
 runs with run config ``evaluate-in-train`` true and false (``--evaluation``), in turn,
 ``--repeats`` times each:
 
-- ``simulation``: Flower's Simulation Engine (:func:`server.simulate.run_simulation`);
+- ``simulation``: Flower's Simulation Engine (:func:`tools.simulate.run_simulation`);
   each round's Flower overhead is ``1 - ideal / wall`` (:func:`benchmarks.cost.flower_overhead`);
 - ``deployment``: a real SuperLink and SuperNodes on this machine
-  (:class:`server.localhost.LocalDeployment`), where every message starts a ClientApp
+  (:class:`tools.localhost.LocalDeployment`), where every message starts a ClientApp
   process of its own.
 
 Both settings do the same work: every round's model is evaluated once, and the weights
@@ -30,7 +30,8 @@ import statistics
 import sys
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from jras_core.files import PROJECT_ROOT
+
 MODES = ("simulation", "deployment")
 EVALUATIONS = {"in-train": True, "separate": False}
 """``--evaluation`` names and their run config ``evaluate-in-train``."""
@@ -77,7 +78,7 @@ def site_files(folder: Path, vendors: str, cases: int, size: int = 64) -> list[P
     slice cache under ``folder`` as a deployed site would have."""
     import yaml
 
-    from jras_core.cli import demo_sites
+    from tools.sites import demo_sites
 
     paths = demo_sites(folder, cases, size)[: len(vendors)]
     for path in paths:
@@ -159,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from jras_core.config import ConfigError
-    from server.localhost import LocalDeployment
-    from server.simulate import run_simulation
+    from tools.localhost import LocalDeployment
+    from tools.simulate import run_simulation
 
     if args.rounds < 2 or args.repeats < 1 or not 2 <= args.sites <= len(VENDORS) or args.cases < 4:
         raise ConfigError("bench rounds: needs --rounds >= 2, --repeats >= 1, --sites 2-4 and --cases >= 4")

@@ -272,7 +272,7 @@ class Settings:
     out: Path
     cpus_per_client: int = 1
     share_cores: bool = False
-    """Size Ray's pool by :func:`server.simulate.ray_cpus` (more workers than cores where that shortens a phase)."""
+    """Size Ray's pool by :func:`tools.simulate.ray_cpus` (more workers than cores where that shortens a phase)."""
     client_threads: int = 1
     timeout: float | None = None
     init: str | None = None
@@ -363,7 +363,7 @@ def train_federated(method: Method, yamls: Sequence[Path], st: Settings, seed: i
     the checkpoint ``init`` when given)."""
 
     from jras_core.files import PROJECT_ROOT
-    from server.simulate import gpu_share, run_simulation
+    from tools.simulate import gpu_share, run_simulation
 
     overrides = {**st.config_overrides, **method.overrides}
     run_config: dict[str, Any] = {
@@ -426,7 +426,7 @@ def federated_outcome(run_dir: Path, yamls: Sequence[Path], class_keys: Sequence
     normalisation statistics of their own that the global model does not hold)."""
     from federation.protocol import arrays_to_state
     from server.checkpoint import load_checkpoint
-    from server.simulate import site_table
+    from tools.simulate import site_table
 
     state = arrays_to_state(load_checkpoint(run_dir / "checkpoint.pt").arrays)
     if sites is None:
@@ -573,7 +573,7 @@ def estimate_job_s(job: Job, calib: Mapping[str, float], st: Settings, n_train_s
     evals = per_eval * (n_train_sites + 1)
     more_heldout = per_eval * (eval_sites - 1)
     if job.method.kind == "federated":
-        from server.simulate import ray_cpus
+        from tools.simulate import ray_cpus
 
         total, cpus = ray_cpus(n_train_sites, st.client_threads, cores) if st.share_cores else (None, st.cpus_per_client)
         workers = max(1, (total or cores) // cpus)  # Ray's pool; sites queue for its workers
@@ -724,7 +724,8 @@ def run(args: argparse.Namespace) -> int:
     seeds = parse_seeds(args.seeds)
     if args.rounds < 1 or args.local_epochs < 1 or args.size < 16 or args.support < 1 or not seeds:
         raise ConfigError("--rounds, --local-epochs and --support must be >= 1, --size >= 16, --seeds non-empty")
-    from jras_core.cli import method_sets, parse_overrides
+    from jras_core.config import parse_overrides
+    from tools.options import method_sets
 
     overrides = parse_overrides(method_sets(args))
     out = Path(args.out).expanduser().resolve()
@@ -918,7 +919,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def add_method_config_arguments(p: argparse.ArgumentParser, default: str) -> None:
     """The options that choose a benchmark's method config: the file (``default`` without it;
     configs/demo.yaml under ``--quick``), overrides, device and precision."""
-    from jras_core.cli import add_device_args
+    from tools.options import add_device_args
 
     p.add_argument("--config", metavar="YAML", help=f"method config (default {default}; --quick: configs/demo.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -17,10 +17,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
-from jras_core.config import ConfigError, JRASConfig
+from jras_core.config import ConfigError, JRASConfig, parse_overrides
 from jras_core.files import PROJECT_ROOT, resolve_path
 from jras_core.models.jras import RETR_PREFIX, JRASModel
 
@@ -192,17 +191,9 @@ RUN_CONFIG_OVERRIDES: dict[str, tuple[str, Any]] = {
 
 
 def parse_method_overrides(text: str) -> dict[str, Any]:
-    """``"train.lr=0.01; segmenter.channels=[8, 16]"`` -> ``{"train.lr": 0.01, ...}`` (values as YAML)."""
-    out: dict[str, Any] = {}
-    for item in (text or "").split(";"):
-        item = item.strip()
-        if not item:
-            continue
-        if "=" not in item:
-            raise ConfigError(f"method-overrides: expected KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+    """``"train.lr=0.01; segmenter.channels=[8, 16]"`` -> ``{"train.lr": 0.01, ...}``:
+    :func:`~jras_core.config.parse_overrides` of the ``;``-separated items."""
+    return parse_overrides((text or "").split(";"), source="method-overrides")
 
 
 def method_from_run_config(run_config: Mapping[str, Any], roots: Iterable[Path] = (PROJECT_ROOT,)) -> JRASConfig:

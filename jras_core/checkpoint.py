@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from jras_core.config import ConfigError, JRASConfig
-from jras_core.models.jras import JRASModel, build_model
 from jras_core.files import atomic_write_bytes
+from jras_core.models.jras import JRASModel, build_model
 
 
 def save_model(path: str | Path, model: JRASModel, cfg: JRASConfig, **extra: Any) -> Path:

@@ -12,7 +12,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -410,6 +410,29 @@ class JRASConfig:
                 raise ConfigError(f"unknown config key {key!r}")
             node[parts[-1]] = value
         return JRASConfig.from_dict(data, source="overrides")
+
+
+def parse_overrides(items: Iterable[str], source: str = "--set") -> dict[str, Any]:
+    """Dotted-key overrides from ``KEY=VALUE`` items, values read as YAML:
+    ``["train.epochs=3", "segmenter.channels=[8, 16]"]`` -> ``{"train.epochs": 3, ...}``.
+
+    The one override syntax: ``--set`` items of the command line, ``method-overrides`` of a
+    run config (items joined by ``;``) and a benchmark method's ``[...]`` (joined by ``;``).
+    ``source`` names where the items came from in errors.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        item = item.strip()
+        if not item:
+            continue
+        if "=" not in item:
+            raise ConfigError(f"{source}: expected KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"{source}: {key.strip()}: the value {value.strip()!r} is not valid YAML") from None
+    return out
 
 
 # --------------------------------------------------------------------------- loading

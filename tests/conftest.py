@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import jras_core  # noqa: F401 - first: it picks OpenBLAS's kernels before FAISS loads
-from server.processes import child_pids, free_port, pids_with_args, stop_pid  # noqa: F401 - re-exported for tests
+from tools.processes import child_pids, free_port, pids_with_args, stop_pid  # noqa: F401 - re-exported for tests
 
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from test_guides_bank import _slices
 
-from jras_core.cli import main
+from tools.cli import main
 from jras_core.data.volume import DataError
 from jras_core.retrieval.bank import RetrievalBank
 from jras_core.retrieval.crypto import (

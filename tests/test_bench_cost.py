@@ -17,7 +17,7 @@ from benchmarks.cost import (
     main,
     search_times,
 )
-from jras_core.cli import build_parser
+from tools.cli import build_parser
 
 
 def test_cli_wires_bench_cost():

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from benchmarks import real, shift
-from jras_core.cli import build_parser
-from jras_core.cli import main as jras_main
+from tools.cli import build_parser
+from tools.cli import main as jras_main
 from jras_core.config import ConfigError
 from jras_core.site import SiteConfig
 

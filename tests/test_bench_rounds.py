@@ -10,7 +10,7 @@ import pytest
 from test_federation import TINY
 
 from benchmarks.rounds import format_summary, round_rows, site_files, summarise
-from server.processes import is_alive
+from tools.processes import is_alive
 
 
 def _metrics(path: Path, walls: list[float], evaluate: bool = True) -> Path:
@@ -42,7 +42,7 @@ def test_round_rows_and_summary(tmp_path):
 
 
 def test_bench_rounds_rejects_bad_arguments(tmp_path, capsys):
-    from jras_core.cli import main
+    from tools.cli import main
 
     with pytest.raises(SystemExit):
         main(["bench", "rounds", "--modes", "simulation,cloud", "--out", str(tmp_path)])
@@ -71,7 +71,7 @@ def test_local_deployment_evaluates_in_the_train_exchange(tmp_path):
     """A real SuperLink and two SuperNodes on this machine, two rounds: round 1's model is
     evaluated in round 2's train messages (through the SuperLink, as metrics of the train
     reply), round 2's in the evaluation phase; every process is stopped on close."""
-    from server.localhost import LocalDeployment
+    from tools.localhost import LocalDeployment
 
     sites = site_files(tmp_path / "sites", "AB", cases=4)
     rc = {"num-server-rounds": 2, "local-epochs": 1, "image-size": 32, "method-overrides": TINY,

@@ -20,9 +20,9 @@ from benchmarks.report import (
     paired_differences,
     write_report,
 )
-from jras_core.cli import main as jras_main
+from tools.cli import main as jras_main
 from jras_core.config import ConfigError
-from server.processes import pids_with_args
+from tools.processes import pids_with_args
 
 PROJECT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -71,7 +71,7 @@ def test_quick_benchmark_end_to_end(tmp_path, capsys, monkeypatch):
         assert by_site["site-A"] == pytest.approx(last[0], abs=1e-5)
 
     from server.checkpoint import load_checkpoint
-    from server.simulate import format_site_table, site_table
+    from tools.simulate import format_site_table, site_table
 
     ckpt = load_checkpoint(out / "runs" / "jras-fedavg" / "heldout-D-s0")
     assert ckpt.round == 2 and ckpt.run_config["min-nodes"] == 3 and ckpt.run_config["strategy"] == "fedavg"
@@ -94,9 +94,9 @@ def test_quick_benchmark_end_to_end(tmp_path, capsys, monkeypatch):
 
     # --reevaluate with more held-out cases: the finished federations are evaluated again, not retrained;
     # the training sites are evaluated anew as well, not read from the runs' records
-    import server.simulate
+    import tools.simulate
 
-    monkeypatch.setattr(server.simulate, "site_table", lambda *a, **k: pytest.fail("in-federation rows read back"))
+    monkeypatch.setattr(tools.simulate, "site_table", lambda *a, **k: pytest.fail("in-federation rows read back"))
     ckpt_path = out / "runs" / "jras-fedavg" / "heldout-D-s0" / "checkpoint.pt"
     stamp = ckpt_path.stat().st_mtime_ns
     assert jras_main(["bench", "shift", "--quick", "--out", str(out), "--reevaluate", "--heldout-cases", "9"]) == 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jras_core.cli import main
+from tools.cli import main
 from jras_core.data.loaders import load_manifest
 from jras_core.retrieval.bank import RetrievalBank
 
@@ -16,7 +16,7 @@ TINY = ["--set", "preprocess.size=32", "--set", "segmenter.channels=[8,16,32]",
 
 
 def test_help_lists_commands():
-    out = subprocess.run([sys.executable, "-m", "jras_core.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "tools.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     for cmd in ("train", "eval", "bank", "data", "demo"):
         assert cmd in out.stdout

@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from jras_core.cli import main
+from tools.cli import main
 
 
 def mode(path: Path) -> int:
@@ -20,7 +20,7 @@ def mode(path: Path) -> int:
 
 
 def test_pki_help_lists_subcommands():
-    out = subprocess.run([sys.executable, "-m", "jras_core.cli", "pki", "--help"], check=False, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "tools.cli", "pki", "--help"], check=False, capture_output=True, text=True)
     assert out.returncode == 0
     for cmd in ("ca", "server-cert", "node-key"):
         assert cmd in out.stdout

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from test_federation import TINY
 
-from server.processes import child_pids, free_port, stop_pid
+from tools.processes import child_pids, free_port, stop_pid
 
 PROJECT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -49,7 +49,7 @@ def site_yaml(folder: Path, vendor: str, seed: int) -> Path:
 
 @pytest.mark.slow
 def test_tls_authenticated_deployment(tmp_path, flwr_home, processes, monkeypatch):
-    from server import pki
+    from tools import pki
 
     monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     env = dict(os.environ)

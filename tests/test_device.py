@@ -146,7 +146,7 @@ def test_run_config_names_the_device_and_precision():
 
 
 def test_simulated_sites_reserve_no_gpu_on_the_cpu():
-    from server.simulate import gpu_share
+    from tools.simulate import gpu_share
 
     assert gpu_share(4, "cpu") == 0.0
     assert gpu_share(4, "auto") == (min(1.0, round(torch.cuda.device_count() / 4, 4)) if HAS_CUDA else 0.0)

@@ -266,7 +266,7 @@ def test_pki(tmp_path):
         load_ssh_public_key,
     )
 
-    from server import pki
+    from tools import pki
 
     _, ca_crt = pki.create_ca(tmp_path / "ca")
     key, crt = pki.create_server_cert(tmp_path / "ca", tmp_path / "server", ["localhost", "127.0.0.1", "link.example"])

@@ -1,7 +1,7 @@
 """The Simulation Engine launcher: a failing run is reported and its local SuperLink
 stopped; per-site tables from a run's metrics. (A successful real Simulation Engine
 run, 3 sites x 2 rounds, is the end-to-end test of ``jras bench shift --quick`` in
-``test_bench_shift.py``, through the same :func:`server.simulate.run_simulation`.)"""
+``test_bench_shift.py``, through the same :func:`tools.simulate.run_simulation`.)"""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from test_federation import TINY, write_sites
 
-from server.processes import pids_with_args, stop_pid
-from server.simulate import (
+from tools.processes import pids_with_args, stop_pid
+from tools.simulate import (
     OFFLINE_ENV,
     SimulationError,
     format_site_table,
@@ -68,7 +68,7 @@ def test_sigterm_to_the_caller_stops_the_local_superlink(tmp_path):
     sites = write_sites(tmp_path, "AB", cases=4)
     home = tmp_path / "flwr-home"
     script = (
-        "from server.simulate import run_simulation\n"
+        "from tools.simulate import run_simulation\n"
         f"run_simulation({str(PROJECT)!r}, {sites!r}, {{'num-server-rounds': 50, 'method-overrides': {TINY!r}}}, "
         f"out_dir={str(tmp_path / 'out')!r}, flwr_home={str(home)!r}, stream=False, timeout=600)\n"
     )

@@ -78,7 +78,7 @@ def test_lever_options_are_validated():
 def _trainer_with_echo_guides(mode: str, k: int = 3):
     """A trainer (``augment.guides = mode``, noise off) whose finder returns each query's own
     image K times as its guides (the last one missing), so shared appearance is checkable."""
-    from jras_core.cli import synthetic_site
+    from tools.sites import synthetic_site
     from jras_core.retrieval.finder import Guides
     from jras_core.site import Site
     from jras_core.training.joint import JRASTrainer

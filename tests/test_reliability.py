@@ -36,7 +36,7 @@ from test_robust import _server_logs as server_log
 
 from client import site_runner
 from federation import protocol
-from jras_core.cli import main as cli_main
+from tools.cli import main as cli_main
 from jras_core.models.jras import build_model
 
 PROJECT = Path(__file__).resolve().parents[1]

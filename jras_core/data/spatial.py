@@ -23,7 +23,6 @@ grid, hence the reciprocal).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

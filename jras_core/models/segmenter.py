@@ -10,8 +10,8 @@ from monai.networks.blocks import Convolution
 from torch import nn
 from torch.func import functional_call
 
-from jras_core.models.backbones import build_backbone
 from jras_core.labels import one_hot_fg
+from jras_core.models.backbones import build_backbone
 
 FUSIONS = ("concat", "prior", "feature", "none")
 GUIDE_PATHS = ("input", "residual")

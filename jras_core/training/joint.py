@@ -38,7 +38,13 @@ from tqdm.auto import tqdm
 from jras_core.config import JRASConfig
 from jras_core.data.augment import BatchIntensityAugment
 from jras_core.data.slices import SliceSet
-from jras_core.data.spatial import BatchSpatialAugment, SpatialDraw, warp_back, warp_images, warp_labels
+from jras_core.data.spatial import (
+    BatchSpatialAugment,
+    SpatialDraw,
+    warp_back,
+    warp_images,
+    warp_labels,
+)
 from jras_core.device import autocast, check_precision, grad_scaler, place
 from jras_core.models.jras import JRASModel
 from jras_core.retrieval.bank import RetrievalBank

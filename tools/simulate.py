@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from jras_core.files import resolve_path
-from server.processes import free_port, pids_with_args, stop_pid
+from tools.processes import free_port, pids_with_args, stop_pid
 
 log = logging.getLogger(__name__)
 

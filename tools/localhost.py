@@ -20,8 +20,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from server.processes import free_port, stop_pid
-from server.simulate import RUN_CONFIG_FILE, SimulationError, _tool, _write_run_config, flower_env
+from tools.processes import free_port, stop_pid
+from tools.simulate import RUN_CONFIG_FILE, SimulationError, _tool, _write_run_config, flower_env
 
 log = logging.getLogger(__name__)
 

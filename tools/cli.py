@@ -18,41 +18,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
-
-from jras_core.config import ConfigError, JRASConfig
+from jras_core.config import ConfigError, JRASConfig, parse_overrides
+from jras_core.files import PROJECT_ROOT
+from tools.options import add_device_args, method_sets
+from tools.sites import demo_sites, synthetic_site
 
 if TYPE_CHECKING:  # heavy imports (torch, MONAI, FAISS) are deferred so that --help is instant
     from jras_core.site import Site, SiteConfig
 
 log = logging.getLogger("jras")
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def parse_overrides(items: Sequence[str]) -> dict[str, object]:
-    """``["train.epochs=3", "segmenter.fusion=none"]`` -> typed dict (values parsed as YAML)."""
-    out: dict[str, object] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
-def method_sets(args: argparse.Namespace) -> list[str]:
-    """The command's ``--set`` items, with ``--device`` and ``--precision`` as the
-    ``train.device`` / ``train.precision`` items they stand for (they win over ``--set``)."""
-    items = list(getattr(args, "set", None) or [])
-    if getattr(args, "device", None):
-        items.append(f"train.device={args.device}")
-    if getattr(args, "precision", None):
-        items.append(f"train.precision={args.precision}")
-    return items
 
 
 def load_method(path: str | None, overrides: Sequence[str]) -> JRASConfig:
@@ -72,15 +50,6 @@ def checkpoint_model(args: argparse.Namespace):
         cfg = cfg.with_overrides(parse_overrides(sets))
     place(model, cfg.train.device)
     return model, cfg
-
-
-def synthetic_site(vendor: str, cases: int, seed: int, size: int, support: int | None = None) -> SiteConfig:
-    """A site config for a built-in synthetic vendor."""
-    from jras_core.data.sources import DataSourceConfig
-    from jras_core.site import SiteConfig
-
-    data = DataSourceConfig(kind="synthetic", vendor=vendor, cases=cases, seed=seed, size=size)
-    return SiteConfig(name=f"synthetic-{vendor}", vendor=vendor, data=data, support_cases=support)
 
 
 def collect_sites(args: argparse.Namespace, cfg: JRASConfig) -> list[Site]:
@@ -130,13 +99,6 @@ def add_method_args(p: argparse.ArgumentParser, config_help: str = "method confi
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method config value, e.g. --set train.epochs=5 (repeatable)")
     add_device_args(p)
-
-
-def add_device_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", metavar="DEV", help="where the models compute: auto (a CUDA GPU when present; the "
-                   "default), cpu, cuda or cuda:N (train.device)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
-                   help="arithmetic of the models (train.precision; default fp32; fp16 needs CUDA)")
 
 
 # --------------------------------------------------------------------------- commands
@@ -231,25 +193,14 @@ def cmd_site_init(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_VENDORS = "ABCD"
-
-
-def demo_sites(folder: Path, cases: int, size: int) -> list[Path]:
-    """Copies of ``sites/synthetic-{A..D}.yaml`` in ``folder`` with ``cases`` cases
-    generated at ``size`` pixels (same vendors, seeds and splits)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for vendor in DEMO_VENDORS:
-        data = yaml.safe_load((PROJECT_ROOT / "sites" / f"synthetic-{vendor}.yaml").read_text())
-        data["data"].update({"cases": int(cases), "size": int(size)})
-        path = folder / f"synthetic-{vendor}.yaml"
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
-        paths.append(path)
-    return paths
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    from server.simulate import SimulationError, format_site_table, gpu_share, run_simulation, site_table
+    from tools.simulate import (
+        SimulationError,
+        format_site_table,
+        gpu_share,
+        run_simulation,
+        site_table,
+    )
 
     if args.rounds < 1 or args.cases < 4 or args.local_epochs < 1:
         raise ConfigError("jras demo: --rounds and --local-epochs must be >= 1 and --cases >= 4")
@@ -327,7 +278,7 @@ def cmd_bench_real(args: argparse.Namespace) -> int:
 
 
 def cmd_pki_ca(args: argparse.Namespace) -> int:
-    from server.pki import create_ca
+    from tools.pki import create_ca
 
     key, cert = create_ca(args.out, common_name=args.name, days=args.days)
     print(f"CA certificate: {cert}  (give it to every site)")
@@ -336,7 +287,7 @@ def cmd_pki_ca(args: argparse.Namespace) -> int:
 
 
 def cmd_pki_server_cert(args: argparse.Namespace) -> int:
-    from server.pki import CA_CERT, CA_KEY, create_server_cert
+    from tools.pki import CA_CERT, CA_KEY, create_server_cert
 
     missing = [str(Path(args.ca) / f) for f in (CA_KEY, CA_CERT) if not (Path(args.ca) / f).is_file()]
     if missing:
@@ -349,7 +300,7 @@ def cmd_pki_server_cert(args: argparse.Namespace) -> int:
 
 
 def cmd_pki_node_key(args: argparse.Namespace) -> int:
-    from server.pki import create_node_key
+    from tools.pki import create_node_key
 
     key, pub = create_node_key(args.out, comment=args.comment)
     print(f"SuperNode private key: {key}  (stays at the site; mode 0600)")
