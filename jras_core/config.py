@@ -152,6 +152,11 @@ class SegmenterConfig:
     same, reading the query and the backbone's prediction only. A two-stage cascade of the
     residual J-RAS segmenter's size without guides: the control for what that head adds beyond
     its guides. Ignored by segmenters that use guides."""
+    norm: Literal["batch", "instance"] = "batch"
+    """Normalisation of the segmenter's convolutions: ``batch`` (batch statistics, running
+    averages at inference; AdaBN re-estimates them at a new site) or ``instance`` (each
+    slice's own feature statistics with a learned scale and shift, as nnU-Net does: nothing
+    to average across sites or re-estimate at a new one)."""
 
     def validate(self) -> None:
         if len(self.channels) < 2:

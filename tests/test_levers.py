@@ -68,11 +68,46 @@ def test_zero_guide_init_starts_as_the_plain_segmenter(backbone):
                                default.seg(x, guide_present=torch.zeros(2, dtype=torch.bool)))
 
 
+@pytest.mark.parametrize("guide_path", ["residual", "input"])
+def test_instance_norm_segments_each_slice_by_itself(guide_path):
+    from federation.protocol import local_keys
+    from jras_core.training.adapt import recalibrate_norm
+
+    cfg = JRASConfig().with_overrides({**BASE, "segmenter.guide_path": guide_path, "segmenter.norm": "instance",
+                                       "segmenter.fusion": "feature"})
+    model = build_model(cfg)
+    kinds = {type(m).__name__ for m in model.seg.modules()}
+    assert "InstanceNorm2d" in kinds and "BatchNorm2d" not in kinds
+    # in training mode too, a slice's logits do not depend on the slices it is batched with
+    model.train()
+    x = torch.randn(3, 1, 32, 32)
+    guides = torch.rand(3, 3, 1, 32, 32), torch.randint(0, 4, (3, 3, 32, 32))
+    present = torch.ones(3, dtype=torch.bool)
+    with torch.no_grad():
+        batch = model.seg(x, *guides, None, present)
+        alone = model.seg(x[:1], guides[0][:1], guides[1][:1], None, present[:1])
+    assert torch.allclose(batch[:1], alone, atol=1e-5)
+    # FedBN keeps the learned scale and shift local; AdaBN has nothing to re-estimate
+    local = local_keys(model, keep_norm_local=True, keep_retriever_local=False)
+    assert any(k.startswith("seg.") and k.endswith(".weight") for k in local)
+    bn = build_model(cfg.with_overrides({"segmenter.norm": "batch"})).train()
+    with torch.no_grad():
+        assert not torch.allclose(bn.seg(x, *guides, None, present)[:1],
+                                  bn.seg(x[:1], guides[0][:1], guides[1][:1], None, present[:1]), atol=1e-5)
+    from jras_core.data.slices import build_slice_set
+    slices = build_slice_set(generate_volumes("A", 1, seed=1, size=32), cfg.preprocess, 4)
+    seg_layers = recalibrate_norm(model, slices, cfg.with_overrides({"segmenter.fusion": "none"}))
+    retr_only = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.retr.modules())
+    assert seg_layers == retr_only
+
+
 def test_lever_options_are_validated():
     with pytest.raises(ConfigError, match="pool_grid"):
         JRASConfig().with_overrides({"retriever.pool_grid": 0})
     with pytest.raises(ConfigError, match="guide_init"):
         JRASConfig().with_overrides({"segmenter.guide_init": "ones"})
+    with pytest.raises(ConfigError, match="norm"):
+        JRASConfig().with_overrides({"segmenter.norm": "layer"})
 
 
 def _trainer_with_echo_guides(mode: str, k: int = 3):

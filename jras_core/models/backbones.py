@@ -2,6 +2,11 @@
 
 Every backbone maps ``(B, in_channels, H, W)`` to logits ``(B, out_channels, H, W)``;
 ``H`` and ``W`` must be multiples of 16 (32 for ``swinunetr`` and ``segformer``).
+
+``norm`` names the normalisation of the convolutional backbones: ``batch`` (statistics over
+the batch, kept as running averages for inference) or ``instance`` (statistics of each
+sample's own feature maps, with learned scale and shift: nothing depends on which site or
+batch a slice came from). SegFormer keeps its layer norms whatever ``norm`` says.
 """
 
 from __future__ import annotations
@@ -11,8 +16,19 @@ from collections.abc import Callable, Sequence
 from monai.networks.nets import DynUNet, SwinUNETR, UNet
 from torch import nn
 
+NORMS = ("batch", "instance")
 
-def _unet(in_channels: int, out_channels: int, channels: Sequence[int], dropout: float) -> nn.Module:
+
+def norm_layer(norm: str) -> str | tuple[str, dict]:
+    """MONAI's name (and arguments) of normalisation ``norm`` (one of :data:`NORMS`)."""
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; choose from {NORMS}")
+    return ("instance", {"affine": True}) if norm == "instance" else "batch"
+
+
+def _unet(
+    in_channels: int, out_channels: int, channels: Sequence[int], dropout: float, norm: str
+) -> nn.Module:
     return UNet(
         spatial_dims=2,
         in_channels=in_channels,
@@ -20,12 +36,14 @@ def _unet(in_channels: int, out_channels: int, channels: Sequence[int], dropout:
         channels=tuple(channels),
         strides=(2,) * (len(channels) - 1),
         num_res_units=2,
-        norm="batch",
+        norm=norm_layer(norm),
         dropout=dropout,
     )
 
 
-def _dynunet(in_channels: int, out_channels: int, channels: Sequence[int], dropout: float) -> nn.Module:
+def _dynunet(
+    in_channels: int, out_channels: int, channels: Sequence[int], dropout: float, norm: str
+) -> nn.Module:
     n = len(channels)
     strides = [1] + [2] * (n - 1)
     return DynUNet(
@@ -36,13 +54,15 @@ def _dynunet(in_channels: int, out_channels: int, channels: Sequence[int], dropo
         strides=strides,
         upsample_kernel_size=strides[1:],
         filters=list(channels),
-        norm_name="batch",
+        norm_name=norm_layer(norm),
         dropout=dropout or None,
         res_block=True,
     )
 
 
-def _swinunetr(in_channels: int, out_channels: int, channels: Sequence[int], dropout: float) -> nn.Module:
+def _swinunetr(
+    in_channels: int, out_channels: int, channels: Sequence[int], dropout: float, norm: str
+) -> nn.Module:
     feature_size = max(12, (channels[0] // 12) * 12)
     return SwinUNETR(
         in_channels=in_channels,
@@ -52,18 +72,20 @@ def _swinunetr(in_channels: int, out_channels: int, channels: Sequence[int], dro
         depths=(2, 2, 2, 2),
         num_heads=(3, 6, 12, 24),
         window_size=4,
-        norm_name="batch",
+        norm_name=norm_layer(norm),
         drop_rate=dropout,
     )
 
 
-def _segformer(in_channels: int, out_channels: int, channels: Sequence[int], dropout: float) -> nn.Module:
+def _segformer(
+    in_channels: int, out_channels: int, channels: Sequence[int], dropout: float, norm: str
+) -> nn.Module:
     from jras_core.models.segformer import SegFormer
 
     return SegFormer(in_channels, out_channels, widths=tuple(channels), dropout=dropout)
 
 
-BACKBONES: dict[str, Callable[[int, int, Sequence[int], float], nn.Module]] = {
+BACKBONES: dict[str, Callable[[int, int, Sequence[int], float, str], nn.Module]] = {
     "unet": _unet,
     "dynunet": _dynunet,
     "swinunetr": _swinunetr,
@@ -72,11 +94,13 @@ BACKBONES: dict[str, Callable[[int, int, Sequence[int], float], nn.Module]] = {
 
 
 def build_backbone(
-    name: str, in_channels: int, out_channels: int, channels: Sequence[int], dropout: float = 0.0
+    name: str, in_channels: int, out_channels: int, channels: Sequence[int], dropout: float = 0.0,
+    norm: str = "batch",
 ) -> nn.Module:
-    """Build backbone ``name`` (one of :data:`BACKBONES`)."""
+    """Build backbone ``name`` (one of :data:`BACKBONES`) with normalisation ``norm``."""
+    norm_layer(norm)
     try:
         factory = BACKBONES[name]
     except KeyError:
         raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}") from None
-    return factory(in_channels, out_channels, channels, dropout)
+    return factory(in_channels, out_channels, channels, dropout, norm)

@@ -42,6 +42,7 @@ def build_model(cfg: JRASConfig) -> JRASModel:
         guide_path=cfg.segmenter.guide_path,
         head_channels=cfg.segmenter.head_channels,
         refine=cfg.segmenter.refine,
+        norm=cfg.segmenter.norm,
     )
     in_ch = 1 + (num_classes - 1 if cfg.retriever.input == "image+pred" else 0)
     retr = Retriever(in_ch, cfg.retriever.embed_dim, cfg.retriever.channels, cfg.retriever.pool_grid,

@@ -11,7 +11,7 @@ from torch import nn
 from torch.func import functional_call
 
 from jras_core.labels import one_hot_fg
-from jras_core.models.backbones import build_backbone
+from jras_core.models.backbones import build_backbone, norm_layer
 
 FUSIONS = ("concat", "prior", "feature", "none")
 GUIDE_PATHS = ("input", "residual")
@@ -74,15 +74,16 @@ class GuideAttention(nn.Module):
     Output: ``(B, width, H, W)`` fused guide features, appended to the backbone input.
     """
 
-    def __init__(self, num_fg: int, width: int = 16):
+    def __init__(self, num_fg: int, width: int = 16, norm: str = "batch"):
         super().__init__()
+        n = norm_layer(norm)
         self.query_enc = nn.Sequential(
-            Convolution(2, 1, width, strides=2, norm="batch", act="relu"),
-            Convolution(2, width, width, strides=2, norm="batch", act="relu"),
+            Convolution(2, 1, width, strides=2, norm=n, act="relu"),
+            Convolution(2, width, width, strides=2, norm=n, act="relu"),
         )
         self.guide_enc = nn.Sequential(
-            Convolution(2, 1 + num_fg, width, strides=2, norm="batch", act="relu"),
-            Convolution(2, width, width, strides=2, norm="batch", act="relu"),
+            Convolution(2, 1 + num_fg, width, strides=2, norm=n, act="relu"),
+            Convolution(2, width, width, strides=2, norm=n, act="relu"),
         )
         self.key = nn.Conv2d(width, width, 1)
         self.scale = width**-0.5
@@ -133,6 +134,8 @@ class GuidedSegmenter(nn.Module):
             same, reading the query and the backbone's prediction only: a two-stage cascade of
             the residual guided segmenter's size without guides (the control for what the
             head adds beyond its guides). Ignored when the segmenter uses guides.
+        norm: normalisation of the backbone, the head and the guide encoder: ``batch`` or
+            ``instance`` (see :mod:`jras_core.models.backbones`).
 
     ``forward(image, guide_images, guide_masks, guide_sims, guide_present)``:
         image ``(B, 1, H, W)``; guide_images ``(B, K, 1, H, W)``; guide_masks ``(B, K, H, W)``
@@ -159,6 +162,7 @@ class GuidedSegmenter(nn.Module):
         guide_path: str = "input",
         head_channels: Sequence[int] = (16, 32, 64),
         refine: bool = False,
+        norm: str = "batch",
     ):
         super().__init__()
         if fusion not in FUSIONS:
@@ -176,7 +180,7 @@ class GuidedSegmenter(nn.Module):
         elif fusion == "prior":
             in_ch = 1 + self.num_fg
         elif fusion == "feature":
-            self.guide_attention = GuideAttention(self.num_fg, feature_width)
+            self.guide_attention = GuideAttention(self.num_fg, feature_width, norm)
             in_ch = 1 + feature_width
         else:
             in_ch = 1
@@ -191,14 +195,14 @@ class GuidedSegmenter(nn.Module):
         self.head_out: nn.Conv2d | None = None
         if self.residual:
             head_width = int(head_channels[0])
-            self.head = build_backbone("unet", 1 + num_classes + self.guide_width, head_width, head_channels)
+            self.head = build_backbone("unet", 1 + num_classes + self.guide_width, head_width, head_channels, norm=norm)
             self.head_out = nn.Conv2d(head_width, num_classes, 1)
             nn.init.zeros_(self.head_out.weight)
             nn.init.zeros_(self.head_out.bias)
             in_ch = 1
         self.in_channels = in_ch
         """Input channels of the backbone (1 under ``residual``: the query alone)."""
-        self.backbone = build_backbone(backbone, in_ch, num_classes, channels, dropout)
+        self.backbone = build_backbone(backbone, in_ch, num_classes, channels, dropout, norm)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.backbone.to(memory_format=self.memory_format)
         if self.head is not None:
