@@ -17,6 +17,22 @@ os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
+REQUIRE_SHARED_DATA = "JRAS_REQUIRE_SHARED_DATA"
+"""Environment variable: ``1`` makes a missing real-data fixture stop the run (CI sets it)."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under ``JRAS_REQUIRE_SHARED_DATA=1``, refuse to start without the real-data fixtures
+    instead of letting the tests that read them skip."""
+    if os.environ.get(REQUIRE_SHARED_DATA) != "1":
+        return
+    from shared_data import SHARED, missing_fixtures
+
+    missing = missing_fixtures()
+    if missing:
+        raise pytest.UsageError(f"{REQUIRE_SHARED_DATA}=1 but the real data fixtures {', '.join(missing)} are "
+                                f"missing under {SHARED} (each needs its manifest.csv)")
+
 
 @pytest.fixture(autouse=True)
 def restore_torch_threads():

@@ -5,6 +5,7 @@ a benchmark; and no module imports back up into a layer that imports it."""
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +110,7 @@ def test_the_project_has_no_import_cycle():
     ("jras_core", ("flwr", "server", "client", "tools", "benchmarks", "federation")),
     ("federation.protocol", ("flwr", "jras_core.data", "jras_core.retrieval", "jras_core.site", "faiss")),
 ])
+@pytest.mark.slow
 def test_loading_a_layer_loads_nothing_it_must_not(entry, forbidden):
     code = (
         "import json, os, sys\n"
@@ -123,3 +125,17 @@ def test_loading_a_layer_loads_nothing_it_must_not(entry, forbidden):
     assert not loaded, f"import {entry} loaded {loaded[:10]}"
     if entry == "jras_core":
         assert data["env"] == [], f"importing jras_core changed the environment: {data['env']}"
+
+
+def test_a_required_but_missing_fixture_stops_the_run(tmp_path):
+    env = {**os.environ, "JRAS_REQUIRE_SHARED_DATA": "1", "JRAS_SHARED_DATA": str(tmp_path)}
+    (tmp_path / "acdc").mkdir()
+    (tmp_path / "acdc" / "manifest.csv").write_text("case,image,mask\n")
+    argv = [sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", "tests/test_metrics.py"]
+    refused = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    assert "mnms-sample, lge-sample are missing under" in refused.stderr and "acdc," not in refused.stderr
+    # not required: the run goes on (the tests that need the fixtures skip, naming them)
+    allowed = subprocess.run(argv, cwd=ROOT, env={**env, "JRAS_REQUIRE_SHARED_DATA": "0"}, capture_output=True,
+                             text=True, timeout=120)
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr

@@ -14,7 +14,6 @@ import pytest
 import torch
 from test_guides_bank import _slices
 
-from tools.cli import main
 from jras_core.data.volume import DataError
 from jras_core.retrieval.bank import RetrievalBank
 from jras_core.retrieval.crypto import (
@@ -30,6 +29,7 @@ from jras_core.retrieval.crypto import (
 )
 from jras_core.retrieval.store import BankStore
 from jras_core.site import Site, SiteConfig
+from tools.cli import main
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
 

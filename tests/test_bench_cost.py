@@ -76,6 +76,7 @@ def test_flower_startup_beside_the_metrics(tmp_path: Path):
     assert flower_startup(metrics) == startup
 
 
+@pytest.mark.slow
 def test_quick_run_writes_every_section(tmp_path: Path, capsys):
     metrics = _metrics_jsonl(tmp_path / "metrics.jsonl")
     (tmp_path / "startup.json").write_text(json.dumps({"wall_time_s": 9.0, "sites": 2, "sites_ready": 2,

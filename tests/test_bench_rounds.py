@@ -67,6 +67,7 @@ def test_site_files_take_the_size(tmp_path):
         assert data["cache_dir"] == str(tmp_path / "sites" / f"cache-{data['vendor']}")
 
 
+@pytest.mark.slow
 def test_local_deployment_evaluates_in_the_train_exchange(tmp_path):
     """A real SuperLink and two SuperNodes on this machine, two rounds: round 1's model is
     evaluated in round 2's train messages (through the SuperLink, as metrics of the train

@@ -20,8 +20,8 @@ from benchmarks.report import (
     paired_differences,
     write_report,
 )
-from tools.cli import main as jras_main
 from jras_core.config import ConfigError
+from tools.cli import main as jras_main
 from tools.processes import pids_with_args
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -138,6 +138,7 @@ def _settings(tmp_path: Path, **over) -> shift.Settings:
     return shift.Settings(**kw)
 
 
+@pytest.mark.slow
 def test_local_central_finetune_in_process(tmp_path):
     from jras_core.models.jras import build_model
     from jras_core.site import Site
@@ -203,6 +204,7 @@ def test_adabn_recalibrates_statistics_only(tmp_path):
     assert torch.isfinite(first.running_mean).all() and first.momentum == 0.1
 
 
+@pytest.mark.slow
 def test_adapt_norm_stats_evaluates_a_held_out_site_with_its_own_statistics(tmp_path):
     """``adapt.norm_stats``: a held-out site evaluates a recalibrated copy of the model (the
     given model is untouched); training sites and the default keep the federation's statistics."""

@@ -36,6 +36,7 @@ def test_choice_is_set_once_and_a_users_value_kept(tmp_path):
     assert choose_openblas_core(env, tmp_path / "missing") is None and env == {}
 
 
+@pytest.mark.slow
 def test_faiss_loads_the_chosen_kernels():
     """In a fresh process, FAISS loaded through the bank module runs the OpenBLAS kernels
     chosen from this CPU's flags; importing jras_core alone changes no environment."""

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tools.cli import main
 from jras_core.data.loaders import load_manifest
 from jras_core.retrieval.bank import RetrievalBank
+from tools.cli import main
 
 TINY = ["--set", "preprocess.size=32", "--set", "segmenter.channels=[8,16,32]",
         "--set", "retriever.channels=[8,16]", "--set", "retriever.embed_dim=16"]
@@ -36,6 +36,7 @@ def test_data_synth_writes_a_manifest_the_real_loader_reads(tmp_path: Path):
     assert all(v.image.shape[:2] == (32, 32) for v in vols)
 
 
+@pytest.mark.slow
 def test_train_eval_bank_build(tmp_path: Path, capsys):
     out = tmp_path / "run"
     rc = main(["train", "--synthetic", "A,D", "--cases", "3", "--holdout", "D", "--support", "1",

@@ -60,6 +60,7 @@ def test_cuda_asked_for_without_one_is_a_clear_error(tiny_split):
         JRASTrainer(build_model(cfg), cfg, train)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_joint_training_and_inference_run_on_the_device(device, tiny_split):
     train, val = tiny_split
@@ -94,6 +95,7 @@ def test_cuda_predictions_match_cpu(tiny_split):
     assert (cpu_pred == cuda_pred).float().mean() > 0.99
 
 
+@pytest.mark.slow
 def test_bf16_autocast_trains_and_predicts_like_fp32(tiny_split):
     train, val = tiny_split
     results = {}

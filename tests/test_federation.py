@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from shared_data import SHARED
 
 from client import site_runner
 from federation import protocol
@@ -293,7 +294,7 @@ def test_site_yamls_parse():
     for name in "ABCD":
         cfg = SiteConfig.from_yaml(PROJECT / "sites" / f"synthetic-{name}.yaml")
         assert cfg.data.kind == "synthetic" and cfg.data.vendor == name
-    manifest = PROJECT.parent / "shared" / "data" / "mnms-sample" / "manifest.csv"
+    manifest = SHARED / "mnms-sample" / "manifest.csv"
     if manifest.is_file():
         for name in "ABC":
             cfg = SiteConfig.from_yaml(PROJECT / "sites" / f"mnms-{name}.yaml")
@@ -486,6 +487,7 @@ def test_fedavg_checkpoints_logs_and_resume(tmp_path, site_dir, in_process_grid)
         run_server(in_process_grid, bad)
 
 
+@pytest.mark.slow
 def test_evaluation_in_train_matches_an_evaluation_phase(tmp_path, site_dir, in_process_grid):
     """With ``evaluate-in-train`` (the default) each round is one exchange with the sites; the
     metrics logged for every round's model and the trained weights are those of a run with an
@@ -557,6 +559,7 @@ def test_resume_completes_the_round_waiting_for_its_evaluation(tmp_path, site_di
     assert "train" in lines[1]["global"] and "dice_mean" in lines[1]["global"]["evaluate"]
 
 
+@pytest.mark.slow
 def test_aggregate_does_not_depend_on_the_order_replies_arrive(tmp_path, site_dir, in_process_grid):
     """The same seeded federation with its replies arriving in reverse order ends with the
     same weights, bit for bit (replies are summed in partition order)."""

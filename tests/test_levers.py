@@ -113,10 +113,10 @@ def test_lever_options_are_validated():
 def _trainer_with_echo_guides(mode: str, k: int = 3):
     """A trainer (``augment.guides = mode``, noise off) whose finder returns each query's own
     image K times as its guides (the last one missing), so shared appearance is checkable."""
-    from tools.sites import synthetic_site
     from jras_core.retrieval.finder import Guides
     from jras_core.site import Site
     from jras_core.training.joint import JRASTrainer
+    from tools.sites import synthetic_site
 
     cfg = JRASConfig().with_overrides({**BASE, "augment.guides": mode, "augment.prob": 1.0,
                                        "augment.noise_std": 0.0, "retrieval.k": k})
@@ -211,8 +211,8 @@ def test_appearance_prior_fits_the_class_statistics_of_all_guides():
 
 
 def test_concat_guide_channels_hold_guides_one_hot_masks_and_prior_in_order():
-    from jras_core.models.segmenter import appearance_prior
     from jras_core.labels import one_hot_fg
+    from jras_core.models.segmenter import appearance_prior
 
     cfg = JRASConfig().with_overrides({**BASE, **INPUT_PATH, "segmenter.appearance": True})
     seg = build_model(cfg).seg

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from shared_data import SHARED, needs
 
 from jras_core.config import ConfigError, PreprocessConfig
 from jras_core.data import (
@@ -30,13 +31,10 @@ from jras_core.data import (
     remap_labels,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 MNMS = SHARED / "mnms-sample"
 BUSI = SHARED / "busi-sample"
 
-needs_mnms = pytest.mark.skipif(
-    not (MNMS / "manifest.csv").is_file(), reason=f"M&Ms fixture not found at {MNMS}"
-)
+needs_mnms = needs("mnms-sample")
 needs_busi = pytest.mark.skipif(not BUSI.is_dir(), reason=f"BUSI fixture not found at {BUSI}")
 
 HEADER = "case,phase,vendor,centre,image,mask\n"
@@ -111,6 +109,7 @@ def test_mnms_sample_loads(mnms_volumes):
         assert 5.0 <= v.spacing[2] <= 10.5
 
 
+@pytest.mark.slow
 @needs_mnms
 def test_mnms_slice_counts_per_vendor(mnms_slices):
     assert Counter(mnms_slices.vendors) == {"A": 29, "B": 54, "C": 29}

@@ -6,18 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from shared_data import needs
 
 from jras_core.config import JRASConfig
 from jras_core.data.loaders import select_manifest_rows
 from jras_core.site import Site, SiteConfig
 
 SITES = Path(__file__).resolve().parents[1] / "sites"
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-pytestmark = pytest.mark.skipif(
-    not all((SHARED / d / "manifest.csv").is_file() for d in ("acdc", "mnms-sample", "lge-sample")),
-    reason=f"real data fixtures (acdc, mnms-sample, lge-sample) not found under {SHARED}",
-)
+pytestmark = needs()
 
 GROUPS = {"DCM": 1, "HCM": 21, "MINF": 41, "NOR": 61, "RV": 81}
 RANDOM = [f"acdc-random-{k}" for k in range(1, 6)]

@@ -36,8 +36,8 @@ from test_robust import _server_logs as server_log
 
 from client import site_runner
 from federation import protocol
-from tools.cli import main as cli_main
 from jras_core.models.jras import build_model
+from tools.cli import main as cli_main
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -124,6 +124,7 @@ def test_too_few_sites_left_keeps_the_global_model(tmp_path, in_process_grid, mo
 # --------------------------------------------------------------------------- hanging sites
 
 
+@pytest.mark.slow
 def test_hanging_site_does_not_block_the_round(tmp_path, in_process_grid):
     """A site that never answers: after ``round-timeout`` the round goes on with the others
     (the grid returns what arrived, as Flower's grids do), the site is logged as timed out."""

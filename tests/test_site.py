@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from shared_data import SHARED
 
 from jras_core.config import ConfigError, JRASConfig
 from jras_core.site import Site, SiteConfig
@@ -30,7 +31,7 @@ def test_shipped_site_yamls_are_valid():
     for path in sorted(sites.glob("*.yaml")):
         if path.name.startswith("template"):
             continue
-        if "shared/data/" in path.read_text() and not (Path(__file__).resolve().parents[2] / "shared" / "data").is_dir():
+        if "shared/data/" in path.read_text() and not SHARED.is_dir():
             continue  # a site of the real-data fixtures, which are not beside the project
         names.add(SiteConfig.from_yaml(path).name)
     assert {"synthetic-A", "synthetic-D"} <= names

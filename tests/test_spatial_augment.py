@@ -223,6 +223,7 @@ def test_runs_on_cuda_like_on_the_cpu():
     assert (warp_labels(y.cuda(), d).cpu() != warp_labels(y, d)).float().mean() < 1e-3
 
 
+@pytest.mark.slow
 def test_phase_a_warps_query_labels_and_guides_together():
     """In phase A one spatial draw moves a query, its labels and its guides alike: with a
     guide equal to its query, the warped guide equals the warped query, and the warped

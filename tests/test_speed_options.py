@@ -134,6 +134,7 @@ def test_finder_refuses_a_retriever_built_for_another_input_size(slices):
     GuideFinder(_model(cfg), bank, cfg)
 
 
+@pytest.mark.slow
 def test_training_with_a_smaller_retriever_input(slices):
     from jras_core.training.joint import JRASTrainer
 
@@ -199,7 +200,6 @@ def test_no_warm_up_unless_asked_and_the_same_model_either_way(tmp_path, in_proc
     from test_federation import base_run_config, run_dir, run_server, write_sites
 
     from client import site_runner
-    from federation import protocol
     from server.checkpoint import load_checkpoint
     from server.tracking import STARTUP_FILE
 
@@ -285,6 +285,7 @@ class _PassOneCounter:
         finder.first_pass = counted
 
 
+@pytest.mark.slow
 def test_reused_first_pass_runs_pass_one_only_for_unseen_slices(slices):
     from jras_core.training.joint import JRASTrainer
 
@@ -332,6 +333,7 @@ def test_reused_first_pass_runs_pass_one_only_for_unseen_slices(slices):
     assert later_count.images == 0
 
 
+@pytest.mark.slow
 def test_warmup_first_epoch_trains_without_guides_and_fills_the_memory(slices):
     from jras_core.training.joint import JRASTrainer
 
@@ -362,6 +364,7 @@ def test_warmup_first_epoch_trains_without_guides_and_fills_the_memory(slices):
     assert single_count.images == len(slices)
 
 
+@pytest.mark.slow
 def test_a_round_of_local_training_does_not_depend_on_the_previous_one():
     """The prediction memory lives for one call of ``Site.train``: the same global model
     gives the same local update whatever the site trained before (as after a resume)."""
@@ -420,6 +423,7 @@ def test_pass_one_and_key_options_are_validated():
                       4).embeddings_at(torch.tensor([0]))
 
 
+@pytest.mark.slow
 def test_phase_a_retrieves_only_for_queries_that_keep_their_guides(slices):
     from jras_core.training.joint import JRASTrainer
 
@@ -493,6 +497,7 @@ def test_exclusion_unit_of_the_bank(slices, tmp_path):
     assert RetrievalBank.load(tmp_path / "bank").exclude == "volume"
 
 
+@pytest.mark.slow
 def test_single_patient_site_trains_with_guides_from_its_other_phase():
     from jras_core.training.joint import JRASTrainer
 

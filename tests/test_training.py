@@ -92,6 +92,7 @@ def test_retriever_embeddings_are_unit_norm():
     assert keys and all(k.startswith(("seg.", "retr.")) for k in keys)
 
 
+@pytest.mark.slow
 def test_joint_training_raises_validation_dice(tiny_data):
     train, val = tiny_data
     cfg = JRASConfig().with_overrides({**TINY, "contrastive.steps_per_epoch": 2})
@@ -153,6 +154,7 @@ def test_phase_b_changes_only_the_retriever(tiny_data):
     assert metrics["retr_loss"] > 0
 
 
+@pytest.mark.slow
 def test_frozen_and_none_skip_phase_b(tiny_data):
     train, _ = tiny_data
     for overrides in ({"retriever.mode": "frozen"}, {"segmenter.fusion": "none"}):
@@ -216,6 +218,7 @@ def test_config_validates_the_head():
         JRASConfig().with_overrides({"segmenter.head_channels": [8]})
 
 
+@pytest.mark.slow
 def test_residual_training_learns_both_paths(tiny_data):
     train, val = tiny_data
     cfg = JRASConfig().with_overrides({**TINY, "contrastive.steps_per_epoch": 2, "retrieval.guide_dropout": 0.0,
@@ -232,6 +235,7 @@ def test_residual_training_learns_both_paths(tiny_data):
     assert history[-1]["seg_loss"] < history[0]["seg_loss"]
 
 
+@pytest.mark.slow
 def test_a_site_drops_guides_that_hurt_on_its_support_cases(tiny_data):
     from jras_core.retrieval.bank import RetrievalBank
     from jras_core.training.adapt import choose_guides
@@ -258,6 +262,7 @@ def test_a_site_drops_guides_that_hurt_on_its_support_cases(tiny_data):
     assert plain["dice_mean"] == pytest.approx(evaluate(model, support, cfg, bank)["dice_noguide"])
 
 
+@pytest.mark.slow
 def test_refine_cascade_is_the_residual_head_without_guides(tiny_data):
     train, val = tiny_data
     cfg = JRASConfig().with_overrides({**TINY, "segmenter.fusion": "none", "segmenter.refine": True})
