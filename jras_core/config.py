@@ -1,7 +1,8 @@
 """Typed configuration of the J-RAS method, loaded from YAML with validation.
 
-Every hyperparameter of DESIGN.md is a field here; the defaults are the
-method's defaults. Unknown keys, wrong types and out-of-range values raise
+Every hyperparameter of the method is a field here (``configs/default.yaml`` states them
+all); the defaults are the method's defaults, chosen by the benchmarks in ``docs/results``.
+Unknown keys, wrong types and out-of-range values raise
 :class:`ConfigError` naming the file and the offending key.
 """
 
@@ -106,8 +107,7 @@ class AugmentConfig:
     """Test-time augmentation: the prediction averages the class probabilities of the
     unchanged query and of this many randomly changed views of it, drawn as in training (under
     ``guides: shared`` a query and its guides share each change). Inference only; each view
-    costs one more guided forward. Synthetic vendors, 128 px, held-out D, five seeds, 8 views:
-    the augmented baseline +0.013 (every seed), J-RAS -0.005. 0: no extra views."""
+    costs one more guided forward. 0: no extra views. Measured: ``docs/results/levers.md``."""
 
     def validate(self) -> None:
         if not 0.0 <= self.prob <= 1.0:
@@ -205,8 +205,7 @@ class RetrievalConfig:
     align_scale: float = 1.0
     """Also magnify each guide about that centroid so that its foreground area matches the
     query's predicted one, by a factor between ``1 / align_scale`` and ``align_scale``.
-    1.0: no scaling. Needs ``align_centroid``. ``1.5``, synthetic held-out D, three seeds:
-    retrieval quality +0.022, held-out Dice -0.001 ± 0.013, in-federation -0.008."""
+    1.0: no scaling. Needs ``align_centroid``. Measured: ``docs/results/levers.md``."""
     index: Literal["flat", "hnsw"] = "flat"
     first_pass: Literal["fresh", "reuse", "warmup"] = "reuse"
     """Where training takes each query's pass-1 prediction from. ``fresh``: a guide-free
@@ -234,9 +233,7 @@ class RetrievalConfig:
     """Retrieval rounds at inference. 1: retrieve (and align the guides) with the guide-free
     pass-1 prediction. n > 1: retrieve again with the previous round's guided prediction, as
     training does with its reused pass 1 (``first_pass: reuse``); n - 1 extra retrievals and
-    segmenter forwards per query. Held-out Dice against 1 round (3 seeds): synthetic vendors
-    at 128 px +0.0026 with 2 (the default), +0.0034 with 3; M&Ms sample +0.000 with 2,
-    -0.019 with 3 (B -0.041)."""
+    segmenter forwards per query. Measured: ``docs/results/levers.md``."""
 
     def validate(self) -> None:
         if self.k < 1:
@@ -270,8 +267,7 @@ class ContrastiveConfig:
     batch_fraction: float = 0.4
     """Fraction of a local epoch's batches that phase B trains on (the first ``ceil(f n)``
     of the epoch's shuffled batches; at most ``steps_per_epoch`` when that is set). Scales
-    with the site's size, unlike ``steps_per_epoch``. 0.4 (3 of a synthetic site's 6-7
-    batches) matched every batch in held-out Dice over 4 seeds, in 14% less time."""
+    with the site's size, unlike ``steps_per_epoch``. Measured: ``docs/results/levers.md``."""
     keys: Literal["encoded", "stored"] = "stored"
     """The candidates' side of each similarity. ``encoded``: candidates are embedded anew
     with gradients, so both sides are trained. ``stored``: their embeddings are read from
@@ -344,9 +340,7 @@ class AdaptConfig:
     norm_stats: bool = True
     """Re-estimate every batch-norm layer's running statistics from the site's own support
     images (AdaBN, :func:`jras_core.training.adapt.recalibrate_norm`) instead of keeping the
-    federation's. M&Ms sample, two pretrained starting points x five seeds: J-RAS +0.048 ± 0.006
-    (10 of 10 runs), the augmented baseline +0.023. Synthetic vendors, 128 px, five seeds: J-RAS
-    -0.003 ± 0.003, the baseline +0.012 (held-out D +0.049). False: keep the federation's."""
+    federation's. False: keep the federation's. Measured: ``docs/results/levers.md``."""
     guides: Literal["always", "auto", "never"] = "always"
     """Whether a held-out site predicts with its retrieved guides. ``always``; ``never`` (the
     segmenter's guide-free path); ``auto``: the site decides on its own support cases, each
