@@ -38,16 +38,10 @@ from jras_core.config import JRASConfig
 from jras_core.files import PROJECT_ROOT, resolve_path
 from jras_core.models.jras import JRASModel, build_model
 from server.checkpoint import Checkpoint, checkpoint_path, load_checkpoint, save_checkpoint
+from server.messages import arrays_to_record, error_text, record_to_arrays, site_label
+from server.privacy import with_privacy
 from server.settings import ServerSettings
-from server.strategies import (
-    JRASStrategyMixin,
-    arrays_to_record,
-    build_strategy,
-    error_text,
-    record_to_arrays,
-    site_label,
-    with_privacy,
-)
+from server.strategies import JRASStrategyMixin, build_strategy
 from server.tracking import RoundRecorder
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,227 @@
+"""What the data readers share: the project's label convention and label remapping,
+tolerant reading of many cases, file, CSV and NIfTI reading, and the checks that
+turn an image/mask pair into a :class:`~jras_core.data.volume.Volume`.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from jras_core.data.volume import DataError, Volume
+
+log = logging.getLogger(__name__)
+
+MNMS_LABELS: dict[int, str] = {0: "background", 1: "LV", 2: "MYO", 3: "RV"}
+"""Label convention used throughout the project (M&Ms): 1 LV blood pool, 2 myocardium, 3 RV."""
+
+_T = TypeVar("_T")
+
+
+def remap_labels(mask: np.ndarray, mapping: Mapping[int, int]) -> np.ndarray:
+    """Replace label values by ``mapping``; values not in the mapping are kept.
+
+    All replacements are made from the original values at once, so swaps such as
+    ``{1: 3, 3: 1}`` work.
+
+    Args:
+        mask: integer label array of any shape.
+        mapping: ``{old_label: new_label}``.
+
+    Returns:
+        An int64 array of the same shape.
+    """
+    mask = np.asarray(mask)
+    out = mask.astype(np.int64, copy=True)
+    for old, new in mapping.items():
+        out[mask == int(old)] = int(new)
+    return out
+
+
+def _collect(
+    items: Iterable[_T], read: Callable[[_T], list[Volume]], skip_bad: bool, what: str
+) -> list[Volume]:
+    """Read every item; on :class:`DataError` raise, or warn and skip when ``skip_bad``."""
+    volumes: list[Volume] = []
+    skipped = 0
+    for item in items:
+        try:
+            volumes.extend(read(item))
+        except DataError as exc:
+            if not skip_bad:
+                raise
+            skipped += 1
+            log.warning("skipping bad case: %s", exc)
+    if not volumes:
+        extra = f" ({skipped} bad case(s) skipped)" if skipped else ""
+        raise DataError(f"{what}: no usable case{extra}")
+    if skipped:
+        log.warning("%s: %d bad case(s) skipped, %d volume(s) loaded", what, skipped, len(volumes))
+    return volumes
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: message`` of a third-party exception, on one line."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+def _require_file(path: Path, what: str) -> None:
+    try:
+        ok = path.is_file()
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        raise DataError(f"{path}: {what} file not found")
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Read a NIfTI file: (data as float64 array of its stored shape, header zooms)."""
+    import nibabel as nib
+
+    _require_file(path, "NIfTI")
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.get_fdata(dtype=np.float64))
+        zooms = tuple(float(z) for z in img.header.get_zooms())
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types on corrupt files
+        raise DataError(
+            f"{path}: unreadable or truncated NIfTI file ({_one_line(exc)}); re-export or replace it"
+        ) from None
+    return data, zooms
+
+
+def _as_3d(data: np.ndarray, path: Path) -> np.ndarray:
+    """``(H, W)`` -> ``(H, W, 1)``; ``(H, W, Z, 1)`` -> ``(H, W, Z)``; ``(H, W, Z)`` kept."""
+    if data.ndim == 2:
+        return data[:, :, None]
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DataError(f"{path}: expected a 2-D or 3-D volume, got shape {data.shape}")
+    return data
+
+
+def _spacing3(zooms: Sequence[float], path: Path) -> tuple[float, float, float]:
+    """First three header zooms (a missing third one is 1 mm)."""
+    z = [float(v) for v in zooms[:3]] + [1.0] * max(0, 3 - len(zooms))
+    if any(not np.isfinite(v) or v <= 0 for v in z):
+        raise DataError(f"{path}: invalid voxel spacing {tuple(z)} in the header")
+    return z[0], z[1], z[2]
+
+
+def _image_float32(data: np.ndarray, path: Path) -> np.ndarray:
+    """Float32 intensities; NaN or infinite values are an error."""
+    if not np.all(np.isfinite(data)):
+        raise DataError(f"{path}: image contains NaN or infinite intensities")
+    return data.astype(np.float32)
+
+
+def _mask_int64(data: np.ndarray, path: Path) -> np.ndarray:
+    """Round a mask stored as floats to int64; non-integer values are an error."""
+    if data.dtype.kind in "iub":
+        return data.astype(np.int64)
+    if not np.all(np.isfinite(data)):
+        raise DataError(f"{path}: mask contains NaN or infinite values")
+    rounded = np.rint(data)
+    off = np.abs(data - rounded) > 1e-3
+    if np.any(off):
+        raise DataError(f"{path}: mask has non-integer values, e.g. {float(data[off].flat[0])!r}")
+    return rounded.astype(np.int64)
+
+
+def _check_labels(mask: np.ndarray, num_classes: int, path: Path) -> None:
+    labels = np.unique(mask)
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.size:
+        raise DataError(
+            f"{path}: mask labels {bad.tolist()} outside the declared set 0..{num_classes - 1}"
+        )
+
+
+def _make_volume(
+    image: np.ndarray,
+    mask: np.ndarray,
+    spacing: tuple[float, float, float],
+    image_path: Path,
+    mask_path: Path,
+    num_classes: int,
+    label_map: Mapping[int, int] | None,
+    **meta: Any,
+) -> Volume:
+    """Check one image/mask pair and wrap it as a :class:`Volume`.
+
+    Args:
+        image: ``(H, W, Z)`` intensities (any float dtype).
+        mask: ``(H, W, Z)`` labels (integer-valued, any dtype).
+        spacing: voxel size in mm.
+        image_path, mask_path: files the arrays came from (for messages).
+        num_classes: number of classes including background.
+        label_map: optional ``{old: new}`` applied to the mask before the label check.
+        **meta: ``case``, ``phase``, ``vendor``, ``centre`` and optionally ``meta`` (a dict).
+    """
+    if image.shape != mask.shape:
+        raise DataError(
+            f"{image_path}: image shape {image.shape} does not match mask shape "
+            f"{mask.shape} of {mask_path}"
+        )
+    image = _image_float32(image, image_path)
+    mask = _mask_int64(mask, mask_path)
+    if label_map:
+        mask = remap_labels(mask, label_map)
+    _check_labels(mask, num_classes, mask_path)
+    vol = Volume(image=image, mask=mask, spacing=spacing, source=str(image_path), **meta)
+    vol.check(num_classes)
+    return vol
+
+
+def _read_nifti_pair(
+    image_path: Path,
+    mask_path: Path,
+    num_classes: int,
+    label_map: Mapping[int, int] | None,
+    **meta: Any,
+) -> Volume:
+    """Read a 3-D NIfTI image and its mask (2-D becomes Z=1, a singleton 4th axis is dropped)."""
+    image, zooms = _read_nifti(image_path)
+    mask, _ = _read_nifti(mask_path)
+    image = _as_3d(image, image_path)
+    mask = _as_3d(mask, mask_path)
+    spacing = _spacing3(zooms, image_path)
+    return _make_volume(image, mask, spacing, image_path, mask_path, num_classes, label_map, **meta)
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Rows of a CSV file as dicts keyed by stripped, lower-cased column names."""
+    _require_file(path, "CSV")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            rows = [row for row in reader]
+    except (csv.Error, UnicodeDecodeError, OSError) as exc:
+        raise DataError(f"{path}: malformed CSV ({type(exc).__name__}: {exc})") from None
+    rows = [r for r in rows if any(cell.strip() for cell in r)]
+    if not rows:
+        raise DataError(f"{path}: empty CSV (no header)")
+    header = [h.strip().lower() for h in rows[0]]
+    records = []
+    for row in rows[1:]:
+        rec = {
+            name: (row[i].strip() if i < len(row) else "") for i, name in enumerate(header) if name
+        }
+        records.append(rec)
+    return header, records
+
+
+def _frame_index(value: str, what: str, path: Path, code: str) -> int:
+    try:
+        number = float(value)
+    except ValueError:
+        raise DataError(f"{path}: case {code}: {what} frame {value!r} is not a number") from None
+    if not number.is_integer() or number < 0:
+        raise DataError(f"{path}: case {code}: {what} frame {value!r} is not a frame index")
+    return int(number)
