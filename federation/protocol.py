@@ -210,7 +210,7 @@ def method_from_run_config(run_config: Mapping[str, Any], roots: Iterable[Path] 
         if key in run_config and run_config[key] != keep:
             overrides[dotted] = run_config[key]
     overrides.update(parse_method_overrides(str(run_config.get("method-overrides", "") or "")))
-    return cfg.with_overrides(overrides) if overrides else cfg
+    return cfg.with_overrides(overrides, source="run config") if overrides else cfg
 
 
 def site_list(run_config: Mapping[str, Any]) -> list[str]:

@@ -4,21 +4,43 @@ Every hyperparameter of the method is a field here (``configs/default.yaml`` sta
 all); the defaults are the method's defaults, chosen by the benchmarks in ``docs/results``.
 Unknown keys, wrong types and out-of-range values raise
 :class:`ConfigError` naming the file and the offending key.
+
+The configs of the project (this one, a site's :class:`~jras_core.site.SiteConfig` and
+:class:`~jras_core.data.sources.DataSourceConfig`, the server's
+:class:`~server.settings.ServerSettings`, a synthetic
+:class:`~jras_core.data.synthetic.vendors.VendorSpec`) are pydantic dataclasses made by
+:func:`config_class`: strict types (an integer is no float, a flag no number), tuples read
+from lists, ranges checked by field constraints and validators, and every failure turned by
+:func:`config_error` into one line ``<source>: <dotted.key>: <problem>``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
-import types
-import typing
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 
 class ConfigError(ValueError):
@@ -29,70 +51,253 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 """Accepted values of ``train.device`` (and of every ``--device``)."""
 
 
+# --------------------------------------------------------------------------- validation machinery
+
+_C = TypeVar("_C", bound=type)
+_T = TypeVar("_T")
+
+
+def config_class(
+    cls: _C | None = None, /, *, frozen: bool = False, error: type[Exception] = ConfigError
+) -> Any:
+    """Make ``cls`` a validated config: a pydantic dataclass that refuses unknown keys and
+    non-finite numbers, validates each assignment (unless ``frozen``), accepts fields by their
+    alias (a run config's key) and by name, and raises ``error`` (one line, by
+    :func:`config_error`, the class named as the source) instead of pydantic's
+    ``ValidationError`` when constructed or assigned a bad value. A class without its own
+    ``validate()`` gets one that checks the current values again.
+
+    Fields use strict types (``StrictInt``, ``StrictFloat``, ...), so values are never
+    converted between kinds, except integers into float fields and lists into tuples.
+    """
+
+    def make(cls: _C) -> _C:
+        config = ConfigDict(
+            extra="forbid", allow_inf_nan=False, validate_assignment=not frozen, populate_by_name=True
+        )
+        cls = pydantic_dataclass(cls, config=config, frozen=frozen)
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            try:
+                init(self, *args, **kwargs)
+            except ValidationError as exc:
+                raise config_error(exc, type(self).__name__, type(self), error) from None
+
+        cls.__init__ = __init__
+        if not frozen:
+            setattr_ = cls.__setattr__
+
+            @functools.wraps(setattr_)
+            def __setattr__(self, name: str, value: Any) -> None:
+                try:
+                    setattr_(self, name, value)
+                except ValidationError as exc:
+                    raise config_error(exc, type(self).__name__, type(self), error) from None
+
+            cls.__setattr__ = __setattr__
+        if "validate" not in cls.__dict__:
+
+            def validate(self) -> None:
+                """Check the current values again (a list or mapping may have changed in place)."""
+                validate_as(type(self), dataclasses.asdict(self), type(self).__name__, error)
+
+            cls.validate = validate
+        return cls
+
+    return make if cls is None else make(cls)
+
+
+@functools.cache
+def _adapter(cls: type) -> TypeAdapter:
+    return TypeAdapter(cls)
+
+
+def validate_as(cls: type[_T], data: Any, source: str, error: type[Exception] = ConfigError) -> _T:
+    """``data`` (a mapping, e.g. a YAML section) validated as config class ``cls``; raises
+    ``error`` naming ``source`` and the key."""
+    try:
+        return _adapter(cls).validate_python(data)
+    except ValidationError as exc:
+        raise config_error(exc, source, cls, error) from None
+
+
+def config_error(
+    exc: ValidationError, source: str, schema: type | None = None, error: type[Exception] = ConfigError
+) -> Exception:
+    """The one-line ``error`` for a failed validation, naming ``source``, the dotted key and
+    the problem of the first failure (and how many more there are):
+    ``configs/x.yaml: train.epochs: must be >= 0, got -1``, or
+    ``configs/x.yaml: unknown key 'train.epochz'; allowed in train: batch_size, ...``.
+    ``schema``: the class validated, which names the keys allowed where one is unknown."""
+    errors = exc.errors(include_url=False)
+    if not errors:
+        return error(f"{source}: invalid ({exc.title})")
+    first = errors[0]
+    loc = tuple(first["loc"])
+    kind = first["type"]
+    if kind in ("extra_forbidden", "unexpected_keyword_argument", "invalid_key"):
+        parent = _dotted(loc[:-1])
+        key = f"{parent}.{loc[-1]}" if parent else str(loc[-1])
+        allowed = _keys_at(schema, loc[:-1])
+        text = f"unknown key {key!r}"
+        if allowed:
+            text += f"; allowed{f' in {parent}' if parent else ''}: {', '.join(allowed)}"
+    elif kind in ("missing", "missing_argument", "missing_keyword_only_argument"):
+        text = f"missing key {_dotted(loc)!r}"
+    else:
+        key = _dotted(loc)
+        text = f"{key}: {_problem(first)}" if key else _problem(first)
+    if len(errors) > 1:
+        text += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return error(" ".join(f"{source}: {text}".split()))
+
+
+def _dotted(loc: tuple) -> str:
+    """``("segmenter", "channels", 2)`` -> ``segmenter.channels[2]``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+_PROBLEMS: dict[str, str] = {
+    "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "int_from_float": "must be an integer",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "finite_number": "must be a finite number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "string_type": "must be text",
+    "list_type": "must be a list",
+    "tuple_type": "must be a list",
+    "dict_type": "must be a mapping",
+    "mapping_type": "must be a mapping",
+    "dataclass_type": "must be a mapping",
+    "dataclass_exact_type": "must be a mapping",
+    "model_type": "must be a mapping",
+    "greater_than": "must be > {gt}",
+    "greater_than_equal": "must be >= {ge}",
+    "less_than": "must be < {lt}",
+    "less_than_equal": "must be <= {le}",
+    "multiple_of": "must be a multiple of {multiple_of}",
+    "too_short": "must have at least {min_length} item(s)",
+    "too_long": "must have at most {max_length} item(s)",
+    "string_too_short": "must not be empty",
+    "literal_error": "must be {expected}",
+}
+
+
+def _problem(err: Mapping[str, Any]) -> str:
+    ctx = err.get("ctx") or {}
+    if err["type"] in ("value_error", "assertion_error") and "error" in ctx:
+        return str(ctx["error"])  # a validator's own words, which show the value
+    template = _PROBLEMS.get(err["type"])
+    what = template.format(**ctx) if template else err["msg"][:1].lower() + err["msg"][1:]
+    return f"{what}, got {_shown(err.get('input'))}"
+
+
+def _keys_at(schema: type | None, loc: tuple) -> list[str]:
+    """The keys of the config class at ``loc`` inside ``schema`` (aliases where set)."""
+    cls = schema
+    for part in loc:
+        fields = getattr(cls, "__pydantic_fields__", None) or {}
+        by_key = {f.alias or name: f for name, f in fields.items()}
+        if part not in by_key:
+            return []
+        cls = by_key[part].annotation
+    fields = getattr(cls, "__pydantic_fields__", None) or {}
+    return [f.alias or name for name, f in fields.items()]
+
+
+def check(ok: Callable[[Any], bool], problem: str) -> AfterValidator:
+    """A field rule beyond pydantic's constraints, for ``Annotated[type, check(...)]``: a value
+    for which ``ok`` is false is refused with ``<problem>, got <value>``."""
+
+    def rule(value: Any) -> Any:
+        if not ok(value):
+            raise ValueError(f"{problem}, got {_shown(value)}")
+        return value
+
+    return AfterValidator(rule)
+
+
+def _empty_if_none(value: Any) -> Any:
+    return {} if value is None else value
+
+
+Section = Annotated[_T, BeforeValidator(_empty_if_none)]
+"""A config section; an empty one in YAML (``train:`` with nothing under it) keeps its defaults."""
+
+Fraction = Annotated[StrictFloat, Field(ge=0.0, le=1.0)]
+"""A number in [0, 1]."""
+
+
 # --------------------------------------------------------------------------- sections
 
 
-@dataclass
+@config_class
 class LabelConfig:
     """Foreground class names of a dataset (background is class 0 and implicit)."""
 
-    names: list[str] = field(default_factory=lambda: ["LV", "MYO", "RV"])
+    names: Annotated[
+        list[StrictStr], Field(min_length=1), check(lambda v: len(set(v)) == len(v), "must not repeat a name")
+    ] = field(default_factory=lambda: ["LV", "MYO", "RV"])
 
     @property
     def num_classes(self) -> int:
         """Number of classes including background."""
         return len(self.names) + 1
 
-    def validate(self) -> None:
-        if not self.names:
-            raise ConfigError("labels.names must list at least one foreground class")
-        if len(set(self.names)) != len(self.names):
-            raise ConfigError(f"labels.names has duplicates: {self.names}")
 
-
-@dataclass
+@config_class
 class PreprocessConfig:
     """How volumes become fixed-size, normalised 2-D slices."""
 
-    size: int = 128
+    size: Annotated[StrictInt, Field(ge=16, multiple_of=16)] = 128
     """Side of the square slice after crop/pad, in pixels."""
-    fov_mm: float | None = 240.0
+    fov_mm: Annotated[StrictFloat, Field(gt=0)] | None = 240.0
     """In-plane field of view after resampling; spacing = fov_mm / size. None keeps the native spacing."""
-    intensity_percentiles: tuple[float, float] = (1.0, 99.0)
-    keep_empty_slices: bool = False
+    intensity_percentiles: Annotated[
+        tuple[StrictFloat, StrictFloat],
+        check(lambda v: 0.0 <= v[0] < v[1] <= 100.0, "must satisfy 0 <= lo < hi <= 100"),
+    ] = (1.0, 99.0)
+    keep_empty_slices: StrictBool = False
     """Keep slices whose mask has no foreground (off: only labelled slices are used)."""
 
-    def validate(self) -> None:
-        if self.size < 16 or self.size % 16:
-            raise ConfigError(f"preprocess.size must be a multiple of 16 and >= 16, got {self.size}")
-        if self.fov_mm is not None and self.fov_mm <= 0:
-            raise ConfigError(f"preprocess.fov_mm must be positive, got {self.fov_mm}")
-        lo, hi = self.intensity_percentiles
-        if not 0.0 <= lo < hi <= 100.0:
-            raise ConfigError(f"preprocess.intensity_percentiles must satisfy 0 <= lo < hi <= 100, got {lo, hi}")
 
-
-@dataclass
+@config_class
 class AugmentConfig:
     """Strong intensity augmentation (vendor-style appearance change) and light geometry."""
 
-    intensity: bool = True
-    prob: float = 0.8
-    gamma: tuple[float, float] = (0.5, 2.0)
-    bias_field: float = 0.4
-    noise_std: float = 0.08
-    contrast_shift: float = 0.25
-    non_monotone: float = 0.0
+    intensity: StrictBool = True
+    prob: Fraction = 0.8
+    gamma: Annotated[
+        tuple[StrictFloat, StrictFloat],
+        check(lambda v: 0 < v[0] <= v[1], "must be a range of positive numbers"),
+    ] = (0.5, 2.0)
+    bias_field: StrictFloat = 0.4
+    noise_std: StrictFloat = 0.08
+    contrast_shift: StrictFloat = 0.25
+    non_monotone: Fraction = 0.0
     """Probability of a non-monotone intensity remap (tissue order may change between vendors)."""
-    flip: bool = False
+    flip: StrictBool = False
     """Random flips: each sample is flipped along H with probability 0.5 and along W with
     probability 0.5, independently (of each other and of ``prob``). See
     :mod:`jras_core.data.spatial`, which applies ``flip``, ``rotate_deg`` and ``scale``."""
-    rotate_deg: float = 0.0
+    rotate_deg: Annotated[StrictFloat, Field(ge=0.0, le=180.0)] = 0.0
     """Random in-plane rotation about the slice centre: with probability ``prob`` a sample is
     rotated by an angle uniform in ``[-rotate_deg, rotate_deg]`` degrees, in [0, 180]
     (sources can differ by ~90 degrees in orientation). 0: no rotation."""
-    scale: float = 0.0
+    scale: Annotated[StrictFloat, Field(ge=0.0, lt=1.0)] = 0.0
     """Random isotropic zoom: with probability ``prob`` (with the rotation) a sample is zoomed
     by a factor uniform in ``[1 - scale, 1 + scale]``, in [0, 1). 0: no zoom."""
     guides: Literal["none", "shared", "independent"] = "shared"
@@ -103,40 +308,31 @@ class AugmentConfig:
     appearance prior does. ``none``: the query is augmented before retrieval and its guides
     keep their bank appearance (cheaper: no augmentation of guide images).
     ``independent``: the query as in ``none``, each guide its own random change."""
-    test_views: int = 0
+    test_views: Annotated[StrictInt, Field(ge=0)] = 0
     """Test-time augmentation: the prediction averages the class probabilities of the
     unchanged query and of this many randomly changed views of it, drawn as in training (under
     ``guides: shared`` a query and its guides share each change). Inference only; each view
     costs one more guided forward. 0: no extra views. Measured: ``docs/results/levers.md``."""
 
-    def validate(self) -> None:
-        if not 0.0 <= self.prob <= 1.0:
-            raise ConfigError(f"augment.prob must be in [0, 1], got {self.prob}")
-        if not 0.0 <= self.non_monotone <= 1.0:
-            raise ConfigError(f"augment.non_monotone must be in [0, 1], got {self.non_monotone}")
-        if self.gamma[0] <= 0 or self.gamma[0] > self.gamma[1]:
-            raise ConfigError(f"augment.gamma must be a range of positive numbers, got {self.gamma}")
-        if not 0.0 <= self.rotate_deg <= 180.0:
-            raise ConfigError(f"augment.rotate_deg must be in [0, 180], got {self.rotate_deg}")
-        if not 0.0 <= self.scale < 1.0:
-            raise ConfigError(f"augment.scale must be in [0, 1), got {self.scale}")
-        if self.test_views < 0:
-            raise ConfigError(f"augment.test_views must be >= 0, got {self.test_views}")
-        if self.test_views and not self.intensity:
-            raise ConfigError("augment.test_views draws intensity changes: it needs augment.intensity: true")
+    @field_validator("test_views")
+    @classmethod
+    def _views_need_intensity(cls, value: int, info: ValidationInfo) -> int:
+        if value and info.data.get("intensity") is False:
+            raise ValueError("draws intensity changes: it needs augment.intensity: true")
+        return value
 
 
-@dataclass
+@config_class
 class SegmenterConfig:
     backbone: Literal["unet", "dynunet", "swinunetr", "segformer"] = "unet"
-    channels: tuple[int, ...] = (16, 32, 64, 128)
+    channels: Annotated[tuple[StrictInt, ...], Field(min_length=2)] = (16, 32, 64, 128)
     fusion: Literal["concat", "prior", "feature", "none"] = "concat"
-    dropout: float = 0.0
+    dropout: StrictFloat = 0.0
     guide_init: Literal["default", "zero"] = "zero"
     """Initial weights of the backbone's input connections from the guide channels:
     ``default`` (the layer's own initialisation) or ``zero`` (the segmenter starts as the
     plain one and learns to use its guides only as far as they help)."""
-    appearance: bool = True
+    appearance: StrictBool = True
     """Also feed the segmenter the query's class probabilities under a per-class intensity
     model fitted to its guides (which intensities mean which tissue at this scanner)."""
     guide_path: Literal["input", "residual"] = "residual"
@@ -145,9 +341,11 @@ class SegmenterConfig:
     alone and is trained as a plain segmenter; a small head (``head_channels``) reads the
     query, the backbone's prediction and the guides and adds a correction, starting at zero
     (:class:`~jras_core.models.segmenter.GuidedSegmenter`)."""
-    head_channels: tuple[int, ...] = (16, 32, 64)
+    head_channels: Annotated[
+        tuple[Annotated[StrictInt, Field(ge=1)], ...], Field(min_length=2)
+    ] = (16, 32, 64)
     """Widths of the ``residual`` head's U-Net."""
-    refine: bool = False
+    refine: StrictBool = False
     """With ``fusion: none`` (no retrieval): give the plain segmenter the residual head all the
     same, reading the query and the backbone's prediction only. A two-stage cascade of the
     residual J-RAS segmenter's size without guides: the control for what that head adds beyond
@@ -158,51 +356,39 @@ class SegmenterConfig:
     slice's own feature statistics with a learned scale and shift, as nnU-Net does: nothing
     to average across sites or re-estimate at a new one)."""
 
-    def validate(self) -> None:
-        if len(self.channels) < 2:
-            raise ConfigError("segmenter.channels needs at least two levels")
-        if len(self.head_channels) < 2 or min(self.head_channels) < 1:
-            raise ConfigError("segmenter.head_channels needs at least two positive levels")
 
-
-@dataclass
+@config_class
 class RetrieverConfig:
-    embed_dim: int = 128
-    channels: tuple[int, ...] = (16, 32, 64, 64)
+    embed_dim: Annotated[StrictInt, Field(ge=2)] = 128
+    channels: tuple[StrictInt, ...] = (16, 32, 64, 64)
     input: Literal["image", "image+pred"] = "image+pred"
     """What the retriever sees: the image alone, or the image plus the pass-1 prediction."""
     mode: Literal["learned", "frozen", "mask"] = "learned"
     """learned: trained contrastively; frozen: never trained; mask: non-learned ranking by
     centroid-aligned mask Dice against the pass-1 prediction (ablation)."""
-    pool_grid: int = 1
+    pool_grid: Annotated[StrictInt, Field(ge=1)] = 1
     """Pooling of the encoder's last feature map before the projection head: 1 averages it
     to one vector; g > 1 averages it to a g x g grid kept in the embedding (where things are)."""
-    input_size: int | None = None
+    input_size: Annotated[StrictInt, Field(ge=16, multiple_of=16)] | None = None
     """Side in pixels to which the retriever's inputs (bank entries and queries alike) are
     resampled by area averaging before its encoder; None: the slice size. Half the slice
     size makes the retriever about four times cheaper (phase B, bank refresh, query embedding)."""
 
-    def validate(self) -> None:
-        if self.embed_dim < 2:
-            raise ConfigError(f"retriever.embed_dim must be >= 2, got {self.embed_dim}")
-        if self.pool_grid < 1:
-            raise ConfigError(f"retriever.pool_grid must be >= 1, got {self.pool_grid}")
-        if self.input_size is not None and (self.input_size < 16 or self.input_size % 16):
-            raise ConfigError(f"retriever.input_size must be a multiple of 16 and >= 16, got {self.input_size}")
 
-
-@dataclass
+@config_class
 class RetrievalConfig:
-    k: int = 3
-    train_pool: int = 5
+    k: Annotated[StrictInt, Field(ge=1)] = 3
+    train_pool: StrictInt = 5
     """During training the K guides are drawn from the top ``train_pool`` (K+2)."""
-    guide_dropout: float = 0.0
+    guide_dropout: Annotated[StrictFloat, Field(ge=0.0, lt=1.0)] = 0.0
     """Probability that a phase-A query trains without guides. Under ``segmenter.guide_path:
     residual`` the guide-free path trains on every query anyway, and a dropped query only
     withholds a step from the head; under ``input`` the one network learns both paths from it."""
-    align_centroid: bool = True
+    align_centroid: StrictBool = True
     """Shift guides onto the query's pass-1 centroid before fusion."""
-    align_scale: float = 1.0
+    align_scale: Annotated[
+        StrictFloat, check(lambda v: v >= 1.0, "is the largest magnification, >= 1 (1: none)")
+    ] = 1.0
     """Also magnify each guide about that centroid so that its foreground area matches the
     query's predicted one, by a factor between ``1 / align_scale`` and ``align_scale``.
     1.0: no scaling. Needs ``align_centroid``. Measured: ``docs/results/levers.md``."""
@@ -224,47 +410,46 @@ class RetrievalConfig:
     its own volume (the patient's other cardiac phase is eligible). ``auto``: ``case``,
     except at a site whose training data is a single patient, where ``case`` would leave
     every query without guides; there ``volume``."""
-    test_draws: int = 1
+    test_draws: Annotated[StrictInt, Field(ge=1)] = 1
     """Guide sets per query at inference. 1: the top K. n > 1: the segmenter's softmax is
     averaged over the top K and n - 1 random draws of K from the top ``train_pool`` (drawn
     as training draws them); n segmenter forwards per query instead of one. Training is
     unchanged."""
-    test_passes: int = 2
+    test_passes: Annotated[StrictInt, Field(ge=1)] = 2
     """Retrieval rounds at inference. 1: retrieve (and align the guides) with the guide-free
     pass-1 prediction. n > 1: retrieve again with the previous round's guided prediction, as
     training does with its reused pass 1 (``first_pass: reuse``); n - 1 extra retrievals and
     segmenter forwards per query. Measured: ``docs/results/levers.md``."""
 
-    def validate(self) -> None:
-        if self.k < 1:
-            raise ConfigError(f"retrieval.k must be >= 1, got {self.k}")
-        if self.train_pool < self.k:
-            raise ConfigError(f"retrieval.train_pool ({self.train_pool}) must be >= k ({self.k})")
-        if not 0.0 <= self.guide_dropout < 1.0:
-            raise ConfigError(f"retrieval.guide_dropout must be in [0, 1), got {self.guide_dropout}")
-        if self.test_draws < 1:
-            raise ConfigError(f"retrieval.test_draws must be >= 1, got {self.test_draws}")
-        if self.test_passes < 1:
-            raise ConfigError(f"retrieval.test_passes must be >= 1, got {self.test_passes}")
-        if self.align_scale < 1.0:
-            raise ConfigError(f"retrieval.align_scale is the largest magnification, >= 1 (1: none), "
-                              f"got {self.align_scale}")
-        if self.align_scale > 1.0 and not self.align_centroid:
-            raise ConfigError("retrieval.align_scale magnifies guides about the query's centroid: "
-                              "it needs retrieval.align_centroid: true")
+    @field_validator("train_pool")
+    @classmethod
+    def _pool_holds_k(cls, value: int, info: ValidationInfo) -> int:
+        k = info.data.get("k")
+        if k is not None and value < k:
+            raise ValueError(f"must be >= k ({k}), got {value}")
+        return value
+
+    @field_validator("align_scale")
+    @classmethod
+    def _scale_needs_centroid(cls, value: float, info: ValidationInfo) -> float:
+        if value > 1.0 and info.data.get("align_centroid") is False:
+            raise ValueError(
+                "magnifies guides about the query's centroid: it needs retrieval.align_centroid: true"
+            )
+        return value
 
 
-@dataclass
+@config_class
 class ContrastiveConfig:
-    candidates: int = 8
+    candidates: Annotated[StrictInt, Field(ge=2)] = 8
     """M candidates per query: top M/2 by the current retriever plus random ones."""
     relevance: Literal["utility", "mask"] = "mask"
-    tau: float = 0.1
-    tau_relevance: float = 0.05
-    lr: float = 1e-3
-    steps_per_epoch: int | None = None
+    tau: Annotated[StrictFloat, Field(gt=0)] = 0.1
+    tau_relevance: Annotated[StrictFloat, Field(gt=0)] = 0.05
+    lr: StrictFloat = 1e-3
+    steps_per_epoch: Annotated[StrictInt, check(lambda v: v >= 1, "must be >= 1 or null")] | None = None
     """Batches of phase B per local epoch (None: one pass over the data)."""
-    batch_fraction: float = 0.4
+    batch_fraction: Annotated[StrictFloat, Field(gt=0.0, le=1.0)] = 0.4
     """Fraction of a local epoch's batches that phase B trains on (the first ``ceil(f n)``
     of the epoch's shuffled batches; at most ``steps_per_epoch`` when that is set). Scales
     with the site's size, unlike ``steps_per_epoch``. Measured: ``docs/results/levers.md``."""
@@ -279,28 +464,21 @@ class ContrastiveConfig:
         steps = max(1, math.ceil(self.batch_fraction * batches - 1e-9))
         return min(steps, self.steps_per_epoch) if self.steps_per_epoch is not None else steps
 
-    def validate(self) -> None:
-        if self.candidates < 2:
-            raise ConfigError(f"contrastive.candidates must be >= 2, got {self.candidates}")
-        if not 0.0 < self.batch_fraction <= 1.0:
-            raise ConfigError(f"contrastive.batch_fraction must be in (0, 1], got {self.batch_fraction}")
-        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-            raise ConfigError(f"contrastive.steps_per_epoch must be >= 1 or null, got {self.steps_per_epoch}")
-        if self.tau <= 0 or self.tau_relevance <= 0:
-            raise ConfigError("contrastive.tau and contrastive.tau_relevance must be positive")
 
-
-@dataclass
+@config_class
 class TrainConfig:
-    epochs: int = 25
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
-    seed: int = 0
-    num_threads: int | None = None
+    epochs: Annotated[StrictInt, Field(ge=0)] = 25
+    batch_size: Annotated[StrictInt, Field(ge=1)] = 16
+    lr: Annotated[StrictFloat, Field(gt=0)] = 1e-3
+    weight_decay: StrictFloat = 1e-5
+    seed: StrictInt = 0
+    num_threads: StrictInt | None = None
     """torch intra-op threads (None: leave torch's default)."""
-    proximal_mu: float = 0.0
-    device: str = "auto"
+    proximal_mu: StrictFloat = 0.0
+    device: Annotated[
+        StrictStr,
+        check(lambda v: DEVICE_PATTERN.match(v.strip().lower()), "must be auto, cpu, cuda or cuda:N"),
+    ] = "auto"
     """Where the models compute: ``auto`` (a CUDA device when one is present, else the CPU),
     ``cpu``, ``cuda`` or ``cuda:N``. Slices, banks and the FAISS index stay on the CPU; each
     batch crosses to the device once. Asking for CUDA where there is none is an error."""
@@ -309,35 +487,22 @@ class TrainConfig:
     (CUDA or CPU) or ``fp16`` (CUDA only, with a gradient scaler). Training, inference and
     AdaBN alike; weights stay fp32."""
 
-    def validate(self) -> None:
-        if not DEVICE_PATTERN.match(self.device.strip().lower()):
-            raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.epochs < 0:
-            raise ConfigError(f"train.epochs must be >= 0, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr must be positive, got {self.lr}")
 
-
-@dataclass
+@config_class
 class PostprocessConfig:
     """What is done to predicted label maps before they are scored."""
 
-    largest_component: bool = True
+    largest_component: StrictBool = True
     """Keep only the largest connected component of each class in each volume (3-D, faces
     connected), which removes stray islands far from the structure."""
 
-    def validate(self) -> None:
-        pass
 
-
-@dataclass
+@config_class
 class AdaptConfig:
     """What a site that never trained (a held-out site, evaluated with its support bank) does
     to the global model before it evaluates; training is unchanged."""
 
-    norm_stats: bool = True
+    norm_stats: StrictBool = True
     """Re-estimate every batch-norm layer's running statistics from the site's own support
     images (AdaBN, :func:`jras_core.training.adapt.recalibrate_norm`) instead of keeping the
     federation's. False: keep the federation's. Measured: ``docs/results/levers.md``."""
@@ -348,24 +513,21 @@ class AdaptConfig:
     patient's other volumes) and without guides, and keeps guides only if they score at least
     as well (:func:`jras_core.training.adapt.choose_guides`). Retrieval methods only."""
 
-    def validate(self) -> None:
-        pass
 
-
-@dataclass
+@config_class
 class JRASConfig:
     """The whole method configuration."""
 
-    labels: LabelConfig = field(default_factory=LabelConfig)
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
-    retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
-    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
-    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
-    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    labels: Section[LabelConfig] = field(default_factory=LabelConfig)
+    preprocess: Section[PreprocessConfig] = field(default_factory=PreprocessConfig)
+    augment: Section[AugmentConfig] = field(default_factory=AugmentConfig)
+    segmenter: Section[SegmenterConfig] = field(default_factory=SegmenterConfig)
+    retriever: Section[RetrieverConfig] = field(default_factory=RetrieverConfig)
+    retrieval: Section[RetrievalConfig] = field(default_factory=RetrievalConfig)
+    contrastive: Section[ContrastiveConfig] = field(default_factory=ContrastiveConfig)
+    train: Section[TrainConfig] = field(default_factory=TrainConfig)
+    postprocess: Section[PostprocessConfig] = field(default_factory=PostprocessConfig)
+    adapt: Section[AdaptConfig] = field(default_factory=AdaptConfig)
 
     @property
     def uses_retrieval(self) -> bool:
@@ -375,40 +537,36 @@ class JRASConfig:
     def trains_retriever(self) -> bool:
         return self.uses_retrieval and self.retriever.mode == "learned"
 
-    def validate(self) -> None:
-        for f in dataclasses.fields(self):
-            getattr(self, f.name).validate()
-
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(dataclasses.asdict(self))
+        """Plain data (tuples as lists), as YAML states it; :meth:`from_dict` round-trips it."""
+        return _adapter(JRASConfig).dump_python(self, mode="json")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, source: str = "<dict>") -> JRASConfig:
-        cfg = from_mapping(cls, data or {}, source=source)
-        try:
-            cfg.validate()
-        except ConfigError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
-        return cfg
+        return validate_as(cls, {} if data is None else data, source)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> JRASConfig:
         return cls.from_dict(load_yaml(path), source=str(path))
 
-    def with_overrides(self, overrides: Mapping[str, Any]) -> JRASConfig:
-        """A copy with dotted-key overrides applied, e.g. ``{"train.epochs": 3}``."""
+    def with_overrides(self, overrides: Mapping[str, Any], source: str = "overrides") -> JRASConfig:
+        """A copy with dotted-key overrides applied, e.g. ``{"train.epochs": 3}``; errors name
+        ``source``."""
         data = self.to_dict()
         for key, value in overrides.items():
             node = data
             parts = key.split(".")
-            for part in parts[:-1]:
-                if part not in node or not isinstance(node[part], dict):
-                    raise ConfigError(f"unknown config key {key!r}")
-                node = node[part]
-            if parts[-1] not in node:
-                raise ConfigError(f"unknown config key {key!r}")
+            for depth, part in enumerate(parts):
+                if not isinstance(node, dict) or part not in node:
+                    where = ".".join(parts[:depth])
+                    allowed = ""
+                    if isinstance(node, dict):
+                        allowed = f"; allowed{f' in {where}' if where else ''}: {', '.join(node)}"
+                    raise ConfigError(f"{source}: unknown config key {key!r}{allowed}")
+                if depth < len(parts) - 1:
+                    node = node[part]
             node[parts[-1]] = value
-        return JRASConfig.from_dict(data, source="overrides")
+        return JRASConfig.from_dict(data, source=source)
 
 
 def parse_overrides(items: Iterable[str], source: str = "--set") -> dict[str, Any]:
@@ -459,98 +617,3 @@ def _yaml_where(exc: yaml.YAMLError) -> str:
     problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
     return f"{where}: {problem}"
-
-
-def from_mapping(cls: type, data: Mapping[str, Any], source: str, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data``, checking keys and types recursively."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{source}: {prefix or 'config'} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        where = prefix.rstrip(".") or "top level"
-        raise ConfigError(
-            f"{source}: unknown key(s) {unknown} in {where}; allowed: {sorted(fields)}"
-        )
-    required = sorted(
-        name for name, f in fields.items()
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and name not in data
-    )
-    if required:
-        where = prefix.rstrip(".") or "top level"
-        raise ConfigError(f"{source}: missing key(s) {required} in {where}")
-    kwargs = {}
-    for name, value in data.items():
-        kwargs[name] = _coerce(hints[name], value, source, f"{prefix}{name}")
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
-    origin = get_origin(tp)
-    args = get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return from_mapping(tp, value if value is not None else {}, source, prefix=f"{key}.")
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, source, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{source}: {key}: bad value {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{source}: {key} must be one of {list(args)}, got {value!r}")
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{source}: {key} must have {len(args)} items, got {value!r}")
-            return tuple(_coerce(a, v, source, key) for a, v in zip(args, value))
-        inner = args[0] if args else Any
-        items = [_coerce(inner, v, source, key) for v in value]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
-        return value
-    if tp is Path:
-        if not isinstance(value, (str, Path)):
-            raise ConfigError(f"{source}: {key} must be a path, got {value!r}")
-        return Path(value)
-    return value
-
-
-def _to_plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_plain(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj

@@ -7,18 +7,20 @@ into calls of :class:`Site`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
+from pydantic import Field, StrictFloat, StrictInt, StrictStr
 
-from jras_core.config import ConfigError, JRASConfig, from_mapping, load_yaml
+from jras_core.config import ConfigError, JRASConfig, Section, config_class, load_yaml, validate_as
 from jras_core.data.slices import SliceSet, build_slice_set
 from jras_core.data.sources import DataSourceConfig, load_volumes
 from jras_core.files import resolve_path
@@ -33,7 +35,7 @@ from jras_core.training.joint import JRASTrainer
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@config_class
 class SiteConfig:
     """One site (hospital) as described by its YAML file.
 
@@ -54,32 +56,26 @@ class SiteConfig:
             the site YAML's folder.
     """
 
-    name: str
-    data: DataSourceConfig = field(default_factory=DataSourceConfig)
-    vendor: str = ""
-    val_fraction: float = 0.2
-    split_seed: int = 0
-    support_cases: int | None = None
-    bank_dir: str | None = None
-    key_file: str | None = None
-    cache_dir: str | None = None
+    name: Annotated[StrictStr, Field(min_length=1)]
+    data: Section[DataSourceConfig] = field(default_factory=DataSourceConfig)
+    vendor: StrictStr = ""
+    val_fraction: Annotated[StrictFloat, Field(ge=0.0, lt=1.0)] = 0.2
+    split_seed: StrictInt = 0
+    support_cases: Annotated[StrictInt, Field(ge=1)] | None = None
+    bank_dir: StrictStr | None = None
+    key_file: StrictStr | None = None
+    cache_dir: StrictStr | None = None
 
-    def validate(self, root: Path | None = None) -> None:
-        if not self.name:
-            raise ConfigError("site name must not be empty")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.support_cases is not None and self.support_cases < 1:
-            raise ConfigError(f"support_cases must be >= 1, got {self.support_cases}")
-        self.data.validate(root)
+    def validate(self, root: Path | None = None, source: str = "site config") -> None:
+        """Raise :class:`ConfigError` (naming ``source``) if the values are invalid or the
+        data source is incomplete or points nowhere (relative paths against ``root``)."""
+        validate_as(type(self), dataclasses.asdict(self), source)  # values changed in place
+        self.data.validate(root, source=source, prefix="data.")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>", root: Path | None = None) -> SiteConfig:
-        cfg = from_mapping(cls, data, source=source)
-        try:
-            cfg.validate(root)
-        except ConfigError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
+        cfg = validate_as(cls, data, source)
+        cfg.validate(root, source)
         return cfg
 
     @classmethod

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
-from jras_core.config import ConfigError
+from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+from jras_core.config import check, config_class, validate_as
 from jras_core.files import resolve_path
 
-STRATEGIES = ("fedavg", "fedprox", "fedbn", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
+StrategyName = Literal["fedavg", "fedprox", "fedbn", "fedadam", "fedmedian", "fedtrimmedavg", "krum"]
+Aggregate = Literal["all", "segmenter"]
+DPMode = Literal["none", "fixed"]
+STRATEGIES: tuple[str, ...] = get_args(StrategyName)
 ROBUST = ("fedmedian", "fedtrimmedavg", "krum")
-DP_MODES = ("none", "fixed")
-AGGREGATE = ("all", "segmenter")
+DP_MODES: tuple[str, ...] = get_args(DPMode)
+AGGREGATE: tuple[str, ...] = get_args(Aggregate)
+SOURCE = "run config"
+"""What errors in these settings name first."""
 
-@dataclass
+
+@config_class
 class ServerSettings:
     """What the ServerApp reads from ``context.run_config`` (keys in brackets).
 
@@ -65,63 +72,42 @@ class ServerSettings:
             that round 1 measures a round [``warm-up``]; ``run_simulation`` turns it on.
     """
 
-    num_rounds: int = 3
-    strategy: str = "fedavg"
-    aggregate: str = "all"
-    proximal_mu: float = 0.01
-    server_lr: float = 0.01
-    beta_1: float = 0.9
-    beta_2: float = 0.99
-    tau: float = 1e-3
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 1.0
-    min_nodes: int = 2
-    output_dir: str = "runs/federation"
-    run_name: str = ""
-    resume: str = ""
-    initial_weights: str = ""
-    round_timeout: float = 3600.0
-    trim_beta: float = 0.2
-    krum_num_malicious: int = 0
-    max_update_norm: float = 0.0
-    dp: str = "none"
-    dp_noise_multiplier: float = 1.0
-    dp_clipping_norm: float = 1.0
-    dp_num_sampled_clients: int = 0
-    transfer_dtype: str = "float32"
-    diagnostics_every: int = 5
-    evaluate_in_train: bool = True
-    warm_up: bool = False
+    num_rounds: Annotated[StrictInt, Field(ge=1)] = Field(3, alias="num-server-rounds")
+    strategy: StrategyName = "fedavg"
+    aggregate: Aggregate = "all"
+    proximal_mu: Annotated[StrictFloat, Field(ge=0)] = Field(0.01, alias="proximal-mu")
+    server_lr: Annotated[StrictFloat, Field(gt=0)] = Field(0.01, alias="fedadam-eta")
+    beta_1: Annotated[StrictFloat, Field(ge=0, lt=1)] = Field(0.9, alias="fedadam-beta-1")
+    beta_2: Annotated[StrictFloat, Field(ge=0, lt=1)] = Field(0.99, alias="fedadam-beta-2")
+    tau: Annotated[StrictFloat, Field(gt=0)] = Field(1e-3, alias="fedadam-tau")
+    fraction_train: Annotated[StrictFloat, Field(gt=0, le=1)] = Field(1.0, alias="fraction-train")
+    fraction_evaluate: Annotated[StrictFloat, Field(ge=0, le=1)] = Field(1.0, alias="fraction-evaluate")
+    min_nodes: Annotated[StrictInt, Field(ge=1)] = Field(2, alias="min-nodes")
+    output_dir: StrictStr = Field("runs/federation", alias="output-dir")
+    run_name: StrictStr = Field("", alias="run-name")
+    resume: StrictStr = ""
+    initial_weights: StrictStr = Field("", alias="initial-weights")
+    round_timeout: Annotated[StrictFloat, Field(gt=0)] = Field(3600.0, alias="round-timeout")
+    trim_beta: Annotated[StrictFloat, Field(ge=0, lt=0.5)] = Field(0.2, alias="trim-beta")
+    krum_num_malicious: Annotated[StrictInt, Field(ge=0)] = Field(0, alias="krum-num-malicious")
+    max_update_norm: Annotated[StrictFloat, check(lambda v: v >= 0, "must be >= 0 (0: off)")] = Field(
+        0.0, alias="max-update-norm"
+    )
+    dp: DPMode = "none"
+    dp_noise_multiplier: Annotated[StrictFloat, Field(ge=0)] = Field(1.0, alias="dp-noise-multiplier")
+    dp_clipping_norm: Annotated[StrictFloat, Field(gt=0)] = Field(1.0, alias="dp-clipping-norm")
+    dp_num_sampled_clients: Annotated[
+        StrictInt, check(lambda v: v >= 0, "must be >= 0 (0: min-nodes)")
+    ] = Field(0, alias="dp-num-sampled-clients")
+    transfer_dtype: Literal["float32", "float16"] = Field("float32", alias="transfer-dtype")
+    diagnostics_every: Annotated[
+        StrictInt, check(lambda v: v >= 0, "must be >= 0 (0: last round only)")
+    ] = Field(5, alias="diagnostics-every")
+    evaluate_in_train: StrictBool = Field(True, alias="evaluate-in-train")
+    warm_up: StrictBool = Field(False, alias="warm-up")
 
-    KEYS: ClassVar[dict[str, tuple[str, type]]] = {
-        "num-server-rounds": ("num_rounds", int),
-        "strategy": ("strategy", str),
-        "aggregate": ("aggregate", str),
-        "proximal-mu": ("proximal_mu", float),
-        "fedadam-eta": ("server_lr", float),
-        "fedadam-beta-1": ("beta_1", float),
-        "fedadam-beta-2": ("beta_2", float),
-        "fedadam-tau": ("tau", float),
-        "fraction-train": ("fraction_train", float),
-        "fraction-evaluate": ("fraction_evaluate", float),
-        "min-nodes": ("min_nodes", int),
-        "output-dir": ("output_dir", str),
-        "run-name": ("run_name", str),
-        "resume": ("resume", str),
-        "initial-weights": ("initial_weights", str),
-        "round-timeout": ("round_timeout", float),
-        "trim-beta": ("trim_beta", float),
-        "krum-num-malicious": ("krum_num_malicious", int),
-        "max-update-norm": ("max_update_norm", float),
-        "dp": ("dp", str),
-        "dp-noise-multiplier": ("dp_noise_multiplier", float),
-        "dp-clipping-norm": ("dp_clipping_norm", float),
-        "dp-num-sampled-clients": ("dp_num_sampled_clients", int),
-        "transfer-dtype": ("transfer_dtype", str),
-        "diagnostics-every": ("diagnostics_every", int),
-        "evaluate-in-train": ("evaluate_in_train", bool),
-        "warm-up": ("warm_up", bool),
-    }
+    KEYS: ClassVar[dict[str, str]]
+    """Run config key -> attribute, for every setting read from the run config."""
 
     @property
     def keep_norm_local(self) -> bool:
@@ -139,61 +125,15 @@ class ServerSettings:
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> ServerSettings:
         """Read the known keys (others belong to the clients); raise :class:`ConfigError` on bad values."""
-        kwargs: dict[str, Any] = {}
-        for key, (attr, tp) in cls.KEYS.items():
-            if key not in run_config:
-                continue
-            value = run_config[key]
-            if tp is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, tp) or (isinstance(value, bool) and tp is not bool):
-                raise ConfigError(f"run config: {key} must be {tp.__name__}, got {value!r}")
-            kwargs[attr] = value
-        settings = cls(**kwargs)
-        settings.validate()
-        return settings
+        return validate_as(cls, {key: run_config[key] for key in cls.KEYS if key in run_config}, SOURCE)
 
     def validate(self) -> None:
-        if self.num_rounds < 1:
-            raise ConfigError(f"run config: num-server-rounds must be >= 1, got {self.num_rounds}")
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"run config: strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
-        if self.aggregate not in AGGREGATE:
-            raise ConfigError(f"run config: aggregate must be one of {list(AGGREGATE)}, got {self.aggregate!r}")
-        if self.proximal_mu < 0:
-            raise ConfigError(f"run config: proximal-mu must be >= 0, got {self.proximal_mu}")
-        for key, value in (("fraction-train", self.fraction_train), ("fraction-evaluate", self.fraction_evaluate)):
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"run config: {key} must be in [0, 1], got {value}")
-        if self.fraction_train == 0.0:
-            raise ConfigError("run config: fraction-train must be > 0")
-        if self.min_nodes < 1:
-            raise ConfigError(f"run config: min-nodes must be >= 1, got {self.min_nodes}")
-        if self.server_lr <= 0 or self.tau <= 0:
-            raise ConfigError("run config: fedadam-eta and fedadam-tau must be positive")
-        if not (0.0 <= self.beta_1 < 1.0 and 0.0 <= self.beta_2 < 1.0):
-            raise ConfigError("run config: fedadam-beta-1 and fedadam-beta-2 must be in [0, 1)")
-        if self.round_timeout <= 0:
-            raise ConfigError(f"run config: round-timeout must be positive, got {self.round_timeout}")
-        if not 0.0 <= self.trim_beta < 0.5:
-            raise ConfigError(f"run config: trim-beta must be in [0, 0.5), got {self.trim_beta}")
-        if self.krum_num_malicious < 0:
-            raise ConfigError(f"run config: krum-num-malicious must be >= 0, got {self.krum_num_malicious}")
-        if not self.max_update_norm >= 0:
-            raise ConfigError(f"run config: max-update-norm must be >= 0 (0: off), got {self.max_update_norm}")
-        if self.dp not in DP_MODES:
-            raise ConfigError(f"run config: dp must be one of {list(DP_MODES)}, got {self.dp!r}")
-        if not self.dp_noise_multiplier >= 0:
-            raise ConfigError(f"run config: dp-noise-multiplier must be >= 0, got {self.dp_noise_multiplier}")
-        if not self.dp_clipping_norm > 0:
-            raise ConfigError(f"run config: dp-clipping-norm must be positive, got {self.dp_clipping_norm}")
-        if self.transfer_dtype not in ("float32", "float16"):
-            raise ConfigError(f"run config: transfer-dtype must be float32 or float16, got {self.transfer_dtype!r}")
-        if self.diagnostics_every < 0:
-            raise ConfigError(f"run config: diagnostics-every must be >= 0 (0: last round only), got {self.diagnostics_every}")
-        if self.dp_num_sampled_clients < 0:
-            raise ConfigError(f"run config: dp-num-sampled-clients must be >= 0 (0: min-nodes), got {self.dp_num_sampled_clients}")
+        """Check the current values again; raise :class:`ConfigError` on bad ones."""
+        validate_as(type(self), {key: getattr(self, attr) for key, attr in self.KEYS.items()}, SOURCE)
 
     def run_dir(self, run_id: int, cwd: Path | None = None) -> Path:
         """This run's output folder (relative ``output-dir`` against ``cwd``)."""
         return (resolve_path(self.output_dir, [cwd or Path.cwd()]) / (self.run_name or f"run-{run_id}")).resolve()
+
+
+ServerSettings.KEYS = {f.alias or name: name for name, f in ServerSettings.__pydantic_fields__.items()}

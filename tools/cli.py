@@ -35,7 +35,7 @@ log = logging.getLogger("jras")
 
 def load_method(path: str | None, overrides: Sequence[str]) -> JRASConfig:
     cfg = JRASConfig.from_yaml(path) if path else JRASConfig()
-    return cfg.with_overrides(parse_overrides(overrides)) if overrides else cfg
+    return cfg.with_overrides(parse_overrides(overrides), source="--set") if overrides else cfg
 
 
 def checkpoint_model(args: argparse.Namespace):
@@ -47,7 +47,7 @@ def checkpoint_model(args: argparse.Namespace):
     model, cfg, _ = load_model(args.checkpoint)
     sets = method_sets(args)
     if sets:
-        cfg = cfg.with_overrides(parse_overrides(sets))
+        cfg = cfg.with_overrides(parse_overrides(sets), source="--set")
     place(model, cfg.train.device)
     return model, cfg
 

@@ -7,12 +7,14 @@ reads it into a list of :class:`~jras_core.data.volume.Volume`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from jras_core.config import ConfigError, from_mapping
+from pydantic import Field, StrictBool, StrictInt, StrictStr, ValidationInfo, field_validator
+
+from jras_core.config import ConfigError, config_class, validate_as
 from jras_core.data import loaders
 from jras_core.data.volume import DataError, Volume
 from jras_core.files import resolve_path
@@ -21,7 +23,7 @@ FILE_KINDS: tuple[str, ...] = ("manifest", "mnms", "acdc", "folder")
 """Source kinds that read files from ``path``."""
 
 
-@dataclass
+@config_class
 class DataSourceConfig:
     """One data source.
 
@@ -46,135 +48,145 @@ class DataSourceConfig:
         label_map: ``{old: new}`` mask label remap; for ``acdc`` the default is
             ACDC -> M&Ms and ``{}`` keeps the ACDC labels.
         skip_bad: skip bad cases with a warning instead of failing.
+
+    Types, ranges and the shapes of ``where``, ``exclude`` and ``label_map`` are checked
+    when the config is made; :meth:`validate` checks that the source is complete and that
+    its files exist.
     """
 
     kind: Literal["synthetic", "manifest", "mnms", "acdc", "folder"] = "synthetic"
-    path: str | None = None
-    info_csv: str | None = None
-    vendor: str | None = None
+    path: StrictStr | None = None
+    info_csv: StrictStr | None = None
+    vendor: StrictStr | None = None
     where: dict | None = None
     exclude: dict | None = None
     vendor_spec: dict | None = None
-    cases: int = 20
-    seed: int = 0
-    size: int = 128
+    cases: Annotated[StrictInt, Field(ge=1)] = 20
+    seed: StrictInt = 0
+    size: Annotated[StrictInt, Field(ge=16)] = 128
     label_map: dict | None = None
-    skip_bad: bool = False
+    skip_bad: StrictBool = False
+
+    @field_validator("where", "exclude")
+    @classmethod
+    def _manifest_filter(cls, value: dict | None, info: ValidationInfo) -> dict | None:
+        if value is not None:
+            _row_filter(value)
+            kind = info.data.get("kind")
+            if kind is not None and kind != "manifest":
+                raise ValueError(f"filters manifest rows; kind {kind!r} has none")
+        return value
+
+    @field_validator("label_map")
+    @classmethod
+    def _integer_labels(cls, value: dict | None) -> dict | None:
+        if value is not None:
+            _label_pairs(value)
+        return value
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> DataSourceConfig:
         """Build and validate from a mapping (e.g. a YAML section)."""
-        cfg = from_mapping(cls, data, source=source)
-        try:
-            cfg.validate()
-        except ConfigError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
+        cfg = validate_as(cls, data, source)
+        cfg.validate(source=source)
         return cfg
 
     def label_mapping(self) -> dict[int, int] | None:
         """``label_map`` with integer keys and values (YAML may give strings)."""
         if self.label_map is None:
             return None
-        if not isinstance(self.label_map, Mapping):
-            raise ConfigError(f"data source label_map must be a mapping, got {self.label_map!r}")
-        out: dict[int, int] = {}
-        for old, new in self.label_map.items():
-            try:
-                out[_as_label(old)] = _as_label(new)
-            except (TypeError, ValueError):
-                raise ConfigError(
-                    "data source label_map entries must be non-negative integers, "
-                    f"got {old!r}: {new!r}"
-                ) from None
-        return out
+        try:
+            return _label_pairs(self.label_map)
+        except ValueError as exc:
+            raise ConfigError(f"data source: label_map: {exc}") from None
 
     def row_filters(self) -> tuple[dict[str, list[str]] | None, dict[str, list[str]] | None]:
         """``where`` and ``exclude`` checked and normalised to ``{column: [values as strings]}``."""
-        return (
-            _row_filter(self.where, "where") if self.where is not None else None,
-            _row_filter(self.exclude, "exclude") if self.exclude is not None else None,
-        )
+        try:
+            return (
+                _row_filter(self.where) if self.where is not None else None,
+                _row_filter(self.exclude) if self.exclude is not None else None,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"data source: where/exclude: {exc}") from None
 
     def resolve(self, value: str, root: Path | None) -> Path:
         """A configured path, made absolute against ``root`` when relative."""
         return resolve_path(value, [root] if root is not None else [])
 
-    def validate(self, root: Path | None = None) -> None:
+    def validate(self, root: Path | None = None, source: str = "data source", prefix: str = "") -> None:
         """Raise :class:`ConfigError` if the source is incomplete or points nowhere.
 
         Args:
             root: folder that relative paths are resolved against (``None``: the
                 current directory).
+            source: what errors name first (e.g. the site YAML).
+            prefix: the dotted key of this source in ``source`` (e.g. ``"data."``).
         """
-        if self.cases < 1:
-            raise ConfigError(f"data source cases must be >= 1, got {self.cases}")
-        if self.size < 16:
-            raise ConfigError(f"data source size must be >= 16, got {self.size}")
-        if self.vendor_spec is not None and not isinstance(self.vendor_spec, Mapping):
-            raise ConfigError(
-                f"data source vendor_spec must be a mapping, got {self.vendor_spec!r}"
-            )
-        self.label_mapping()
-        where, exclude = self.row_filters()
-        if (where is not None or exclude is not None) and self.kind != "manifest":
-            raise ConfigError(
-                f"data source 'where'/'exclude' filter manifest rows; kind {self.kind!r} has none"
-            )
+        validate_as(type(self), dataclasses.asdict(self), source)  # values changed in place
+
+        def bad(key: str, problem: str) -> ConfigError:
+            return ConfigError(f"{source}: {prefix}{key}: {problem}")
+
         if self.kind == "synthetic":
             if not self.vendor and not self.vendor_spec:
-                raise ConfigError(
-                    "synthetic data source needs 'vendor' (a vendor name) or 'vendor_spec'"
-                )
+                raise bad("vendor", "a synthetic data source needs 'vendor' (a vendor name) or 'vendor_spec'")
             return
         if not self.path:
             what = "manifest CSV" if self.kind == "manifest" else "root folder"
-            raise ConfigError(f"{self.kind} data source needs 'path' (the {what})")
+            raise bad("path", f"a {self.kind} data source needs 'path' (the {what})")
         path = self.resolve(self.path, root)
         if self.kind == "manifest":
             if not path.is_file():
-                raise ConfigError(f"{self.kind} data source: manifest file {path} does not exist")
+                raise bad("path", f"manifest file {path} does not exist")
+            where, exclude = self.row_filters()
             if where is not None or exclude is not None:
                 try:
                     loaders.select_manifest_rows(
                         path, [self.vendor] if self.vendor else None, where, exclude
                     )
                 except DataError as exc:
-                    raise ConfigError(str(exc)) from None
+                    raise bad("where" if where is not None else "exclude", str(exc)) from None
         elif not path.is_dir():
-            raise ConfigError(f"{self.kind} data source: folder {path} does not exist")
+            raise bad("path", f"folder {path} does not exist")
         if self.kind == "mnms":
             if not self.info_csv:
-                raise ConfigError(
-                    "mnms data source needs 'info_csv' (the M&Ms dataset information CSV)"
+                raise bad(
+                    "info_csv", "an mnms data source needs 'info_csv' (the M&Ms dataset information CSV)"
                 )
             info = self.resolve(self.info_csv, root)
             if not info.is_file():
-                raise ConfigError(f"mnms data source: info CSV {info} does not exist")
+                raise bad("info_csv", f"info CSV {info} does not exist")
 
 
-def _row_filter(spec: Any, name: str) -> dict[str, list[str]]:
-    """A ``where``/``exclude`` mapping as ``{column: [values]}``; bad shapes raise ConfigError."""
+def _row_filter(spec: Any) -> dict[str, list[str]]:
+    """A ``where``/``exclude`` mapping as ``{column: [values]}``; a bad shape raises ValueError."""
     if not isinstance(spec, Mapping) or not spec:
-        raise ConfigError(
-            f"data source {name} must be a non-empty mapping {{column: value or [values]}}, "
-            f"got {spec!r}"
-        )
+        raise ValueError(f"must be a non-empty mapping {{column: value or [values]}}, got {spec!r}")
     out: dict[str, list[str]] = {}
     for column, value in spec.items():
         if not isinstance(column, str) or not column.strip():
-            raise ConfigError(f"data source {name}: column names must be text, got {column!r}")
+            raise ValueError(f"column names must be text, got {column!r}")
         values = list(value) if isinstance(value, (list, tuple)) else [value]
         for v in values:
             if isinstance(v, bool):
-                raise ConfigError(
-                    f"data source {name}.{column}: {v!r} was read as a YAML boolean; "
-                    "quote the value (e.g. 'NO')"
+                raise ValueError(
+                    f"{column}: {v!r} was read as a YAML boolean; quote the value (e.g. 'NO')"
                 )
             if v is None or isinstance(v, (Mapping, list, tuple)):
-                raise ConfigError(
-                    f"data source {name}.{column}: values must be text or numbers, got {v!r}"
-                )
+                raise ValueError(f"{column}: values must be text or numbers, got {v!r}")
         out[column] = [str(v).strip() for v in values]
+    return out
+
+
+def _label_pairs(spec: Mapping[Any, Any]) -> dict[int, int]:
+    """A ``label_map`` with integer keys and values; an entry that is none raises ValueError."""
+    out: dict[int, int] = {}
+    for old, new in spec.items():
+        try:
+            out[_as_label(old)] = _as_label(new)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"entries must be non-negative integers, got {old!r}: {new!r}") from None
     return out
 
 

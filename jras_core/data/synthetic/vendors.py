@@ -13,18 +13,28 @@ noise and bias, ghosting and a tight field of view.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import BeforeValidator, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+from jras_core.config import check, config_class, validate_as
 from jras_core.data.volume import DataError
 
-_TISSUES: tuple[str, ...] = ("blood", "rv_blood", "myocardium", "tissue", "fat", "liver", "lung")
+
+def _whole(value: Any) -> Any:
+    """A whole float (``224.0``) as an int; anything else as it is (for the int check)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-@dataclass(frozen=True)
+Intensity = Annotated[StrictFloat, Field(ge=0.0, le=1.0)]
+"""A relative tissue intensity, in [0, 1]."""
+Positive = Annotated[StrictFloat, Field(gt=0.0)]
+NonNegative = Annotated[StrictFloat, Field(ge=0.0)]
+
+
+@config_class(frozen=True, error=DataError)
 class VendorSpec:
     """Appearance of one (synthetic) scanner vendor.
 
@@ -57,28 +67,31 @@ class VendorSpec:
         ghost: amplitude of the Nyquist (half-FOV) ghost along the phase-encoding axis.
         texture: amplitude of smooth multiplicative tissue texture.
         description: free text.
+
+    Values are checked when a spec is made (:class:`DataError` naming the key); integers
+    are accepted for numbers, and whole numbers for ``acq_matrix``.
     """
 
-    name: str
-    blood: float = 0.85
-    rv_blood: float = 0.82
-    myocardium: float = 0.22
-    tissue: float = 0.30
-    fat: float = 0.95
-    liver: float = 0.30
-    lung: float = 0.04
-    gamma: float = 1.0
-    scale: float = 300.0
-    noise_std: float = 0.025
-    rician: bool = True
-    bias_strength: float = 0.25
-    blur_mm: float = 0.5
-    acq_matrix: int = 224
-    fov_mm: float = 300.0
-    slice_spacing_mm: float = 10.0
-    ghost: float = 0.0
-    texture: float = 0.06
-    description: str = ""
+    name: Annotated[StrictStr, check(lambda v: bool(v.strip()), "must be a non-empty string")]
+    blood: Intensity = 0.85
+    rv_blood: Intensity = 0.82
+    myocardium: Intensity = 0.22
+    tissue: Intensity = 0.30
+    fat: Intensity = 0.95
+    liver: Intensity = 0.30
+    lung: Intensity = 0.04
+    gamma: Positive = 1.0
+    scale: Positive = 300.0
+    noise_std: Annotated[NonNegative, Field(le=1.0)] = 0.025
+    rician: StrictBool = True
+    bias_strength: Annotated[NonNegative, Field(le=2.0)] = 0.25
+    blur_mm: NonNegative = 0.5
+    acq_matrix: Annotated[StrictInt, BeforeValidator(_whole), Field(ge=16)] = 224
+    fov_mm: Positive = 300.0
+    slice_spacing_mm: Positive = 10.0
+    ghost: Annotated[StrictFloat, Field(ge=0.0, lt=1.0)] = 0.0
+    texture: Annotated[StrictFloat, Field(ge=0.0, lt=1.0)] = 0.06
+    description: StrictStr = ""
 
     @property
     def resolution_mm(self) -> float:
@@ -86,41 +99,9 @@ class VendorSpec:
         return self.fov_mm / self.acq_matrix
 
     def validate(self, source: str = "") -> None:
-        """Raise :class:`DataError` naming the first invalid field."""
-        where = f"{source}: " if source else ""
-
-        def bad(key: str, why: str) -> DataError:
-            return DataError(
-                f"{where}vendor '{self.name}': key '{key}' {why}, got {getattr(self, key)!r}"
-            )
-
-        if not isinstance(self.name, str) or not self.name.strip():
-            raise DataError(
-                f"{where}vendor key 'name' must be a non-empty string, got {self.name!r}"
-            )
-        for key in _TISSUES:
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise bad(key, "must be a relative intensity in [0, 1]")
-        positive = ("gamma", "scale", "fov_mm", "slice_spacing_mm")
-        for key in positive:
-            if not getattr(self, key) > 0:
-                raise bad(key, "must be > 0")
-        for key in ("noise_std", "bias_strength", "blur_mm"):
-            if not getattr(self, key) >= 0:
-                raise bad(key, "must be >= 0")
-        if self.noise_std > 1.0:
-            raise bad("noise_std", "must be <= 1 (a fraction of scale)")
-        if self.bias_strength > 2.0:
-            raise bad("bias_strength", "must be <= 2")
-        if not 0.0 <= self.ghost < 1.0:
-            raise bad("ghost", "must be in [0, 1)")
-        if not 0.0 <= self.texture < 1.0:
-            raise bad("texture", "must be in [0, 1)")
-        if self.acq_matrix < 16:
-            raise bad("acq_matrix", "must be >= 16")
-        for key in _float_fields():
-            if not math.isfinite(getattr(self, key)):
-                raise bad(key, "must be finite")
+        """Raise :class:`DataError` naming the first invalid field (values are checked when a
+        spec is made; this checks them again)."""
+        validate_as(VendorSpec, self.to_dict(), _where(source, self.name), DataError)
 
     @classmethod
     def from_dict(
@@ -140,60 +121,29 @@ class VendorSpec:
             raise DataError(
                 f"{source}: a vendor must be a mapping of fields, got {type(data).__name__}"
             )
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = [k for k in data if k not in fields and k != "base"]
-        if unknown:
-            raise DataError(
-                f"{source}: unknown vendor key(s) {sorted(map(str, unknown))}; "
-                f"allowed: {['base', *fields]}"
-            )
         values: dict[str, Any] = {}
+        where = _where(source, data.get("name", name or "custom"))
         if "base" in data:
             base = data["base"]
             if not isinstance(base, str) or base not in BUILTIN_VENDORS:
                 raise DataError(
-                    f"{source}: vendor key 'base' must name a built-in vendor "
-                    f"{sorted(BUILTIN_VENDORS)}, got {base!r}"
+                    f"{where}: base: must name a built-in vendor {sorted(BUILTIN_VENDORS)}, got {base!r}"
                 )
-            values = dataclasses.asdict(BUILTIN_VENDORS[base])
+            values = BUILTIN_VENDORS[base].to_dict()
             values.pop("name")
             values.pop("description")
-        for key, value in data.items():
-            if key == "base":
-                continue
-            values[key] = _coerce(key, value, fields[key].type, source)
+        values.update((key, value) for key, value in data.items() if key != "base")
         values.setdefault("name", name or "custom")
-        spec = cls(**values)
-        spec.validate(source)
-        return spec
+        return validate_as(cls, values, where, DataError)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain mapping (``from_dict`` round-trips it)."""
         return dataclasses.asdict(self)
 
 
-def _float_fields() -> list[str]:
-    return [f.name for f in dataclasses.fields(VendorSpec) if f.type in ("float", float)]
-
-
-def _coerce(key: str, value: Any, typ: Any, source: str) -> Any:
-    """Check and convert one vendor value to its field type."""
-    typ = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
-    if typ == "bool":
-        if not isinstance(value, bool):
-            raise DataError(f"{source}: vendor key '{key}' must be true or false, got {value!r}")
-        return value
-    if typ == "str":
-        if not isinstance(value, str):
-            raise DataError(f"{source}: vendor key '{key}' must be a string, got {value!r}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise DataError(f"{source}: vendor key '{key}' must be a number, got {value!r}")
-    if typ == "int":
-        if isinstance(value, float) and not value.is_integer():
-            raise DataError(f"{source}: vendor key '{key}' must be an integer, got {value!r}")
-        return int(value)
-    return float(value)
+def _where(source: str, name: Any) -> str:
+    """What a vendor's errors name first: ``site.yaml: vendor 'X'``."""
+    return f"{source}: vendor {name!r}" if source else f"vendor {name!r}"
 
 
 BUILTIN_VENDORS: dict[str, VendorSpec] = {
