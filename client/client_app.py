@@ -31,11 +31,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import (
-    Array,
-    ArrayRecord,
     ConfigRecord,
     Context,
     Error,
@@ -55,6 +52,7 @@ from federation.protocol import (
     method_from_run_config,
     site_list,
 )
+from federation.records import arrays_to_record, record_to_arrays
 from jras_core.config import ConfigError
 from jras_core.data.volume import DataError
 from jras_core.files import PROJECT_ROOT, resolve_path
@@ -105,7 +103,7 @@ def _arrays(msg: Message) -> Arrays:
     records = list(msg.content.array_records.values())
     if len(records) != 1:
         raise ValueError(f"expected one ArrayRecord in the message, got {len(records)}")
-    return {k: v.numpy() for k, v in records[0].items()}
+    return record_to_arrays(records[0])
 
 
 def _config(msg: Message) -> Mapping[str, Any]:
@@ -127,7 +125,7 @@ def _policy(config: Mapping[str, Any]) -> RoundPolicy:
 def _local_state(context: Context) -> Arrays | None:
     if LOCAL_STATE_KEY not in context.state.array_records:
         return None
-    return {k: v.numpy() for k, v in context.state.array_records[LOCAL_STATE_KEY].items()}
+    return record_to_arrays(context.state.array_records[LOCAL_STATE_KEY])
 
 
 def _identify(metrics: dict[str, float], context: Context) -> dict[str, float]:
@@ -138,10 +136,6 @@ def _identify(metrics: dict[str, float], context: Context) -> dict[str, float]:
         metrics = dict(metrics)
         metrics[PARTITION_METRIC] = int(node["partition-id"])
     return metrics
-
-
-def _record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
 
 
 def reports_input_errors(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
@@ -191,8 +185,8 @@ def train(msg: Message, context: Context) -> Message:
     for key, seconds in spent.items():
         metrics[key] += seconds
     if local:
-        context.state[LOCAL_STATE_KEY] = _record(local)
-    content = RecordDict({"arrays": _record(shared), "metrics": MetricRecord(_identify(metrics, context)), **extra})
+        context.state[LOCAL_STATE_KEY] = arrays_to_record(local)
+    content = RecordDict({"arrays": arrays_to_record(shared), "metrics": MetricRecord(_identify(metrics, context)), **extra})
     return Message(content=content, reply_to=msg)
 
 

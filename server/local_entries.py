@@ -14,7 +14,7 @@ from typing import TypeVar
 from flwr.app import ArrayRecord
 
 from federation.protocol import Arrays, cast_like
-from server.messages import arrays_to_record
+from federation.records import arrays_to_record
 
 _Entry = TypeVar("_Entry")
 

@@ -1,7 +1,8 @@
 """Flower records and messages as the server reads and writes them.
 
-Model entries travel as an ``ArrayRecord`` and are handled here as named numpy arrays; a
-site is named in logs by its node id; an error reply's text is made one readable line.
+A site is named in logs by its node id; an error reply's text is made one readable line; a
+message's metrics and model bytes are read off it (model entries convert in
+:mod:`federation.records`).
 """
 
 from __future__ import annotations
@@ -9,20 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, Message
-
-from federation.protocol import Arrays
-
-
-def record_to_arrays(record: ArrayRecord) -> Arrays:
-    """An ``ArrayRecord`` as named numpy arrays."""
-    return {k: v.numpy() for k, v in record.items()}
-
-
-def arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    """Named numpy arrays as an ``ArrayRecord``."""
-    return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
+from flwr.app import Message
 
 
 def site_label(msg: Message) -> str:

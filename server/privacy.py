@@ -14,8 +14,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
 from flwr.supercore.differential_privacy import compute_stdv
 
+from federation.records import arrays_to_record, record_to_arrays
 from server.local_entries import shared_record
-from server.messages import arrays_to_record, record_to_arrays
 from server.settings import ServerSettings
 from server.strategies import JRASStrategyMixin
 

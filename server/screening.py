@@ -16,7 +16,8 @@ from collections.abc import Callable, Collection
 from flwr.app import Message
 
 from federation.protocol import Arrays
-from server.messages import metrics_of, record_to_arrays, site_label
+from federation.records import record_to_arrays
+from server.messages import metrics_of, site_label
 from server.tracking import RoundRecorder
 from server.validation import validate_update, validate_weight
 

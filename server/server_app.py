@@ -33,12 +33,13 @@ from federation.protocol import (
     method_from_run_config,
     state_to_arrays,
 )
+from federation.records import arrays_to_record, record_to_arrays
 from jras_core.checkpoint import read_checkpoint
 from jras_core.config import JRASConfig
 from jras_core.files import PROJECT_ROOT, resolve_path
 from jras_core.models.jras import JRASModel, build_model
 from server.checkpoint import Checkpoint, checkpoint_path, load_checkpoint, save_checkpoint
-from server.messages import arrays_to_record, error_text, record_to_arrays, site_label
+from server.messages import error_text, site_label
 from server.privacy import with_privacy
 from server.settings import ServerSettings
 from server.strategies import JRASStrategyMixin, build_strategy

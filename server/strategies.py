@@ -44,9 +44,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
 
 from federation.protocol import Arrays, weighted_average
+from federation.records import arrays_to_record, record_to_arrays
 from server.bookkeeping import record_replies, record_sent, server_work
 from server.local_entries import merge_into_global, shared_record, without_local
-from server.messages import arrays_to_record, error_text, record_to_arrays, site_label
+from server.messages import error_text, site_label
 from server.metrics import drop_per_site, take_evaluations
 from server.schedule import (
     evaluate_config,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Message
 
 from federation.protocol import transfer_cast
-from server.messages import arrays_to_record, record_to_arrays
+from federation.records import arrays_to_record, record_to_arrays
 
 
 def to_wire(messages: list[Message], transfer_dtype: str) -> list[Message]:
