@@ -76,8 +76,12 @@ def atomic_write_text(path: str | Path, text: str, *, mode: int | None = None) -
 def resolve_path(value: str | Path, roots: Iterable[str | Path] = ()) -> Path:
     """An absolute path for ``value`` (``~`` expanded): as is when absolute, else the first of
     ``roots`` under which it exists, else under the first root (the current folder when no
-    root is given)."""
-    path = Path(value).expanduser()
+    root is given). A ``~user`` that names no user stays as written (and so names no file)."""
+    path = Path(value)
+    try:
+        path = path.expanduser()
+    except RuntimeError:  # no such user, or no home folder
+        pass
     if path.is_absolute():
         return path
     roots = [Path(r) for r in roots]

@@ -10,6 +10,12 @@ from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from jras_core.config import check, config_class, validate_as
 from jras_core.files import resolve_path
+from server.validation import (
+    DEFAULT_MAX_EXAMPLE_RATIO,
+    DEFAULT_NORM_BOUND_FACTOR,
+    ExampleWeighting,
+    ExampleWeights,
+)
 
 StrategyName = Literal["fedavg", "fedprox", "fedbn", "fedadam", "fedmedian", "fedtrimmedavg", "krum"]
 Aggregate = Literal["all", "segmenter"]
@@ -47,8 +53,24 @@ class ServerSettings:
         round_timeout: seconds to wait for replies per round [``round-timeout``].
         trim_beta: fraction cut off at each tail by ``fedtrimmedavg`` [``trim-beta``].
         krum_num_malicious: sites assumed malicious by ``krum`` [``krum-num-malicious``].
-        max_update_norm: largest accepted ``||w_site - w_global||`` of a train reply;
-            0 turns the check off [``max-update-norm``].
+        max_update_norm: largest accepted ``||w_site - w_global||`` (over the trained
+            parameters) of a train reply; 0: no absolute bound, the relative one below still
+            applies [``max-update-norm``].
+        norm_bound_factor: a train reply whose update norm is above this many times the
+            median update norm of the round's replies is rejected, in rounds with at least
+            three valid replies (with fewer, only ``max-update-norm`` applies); applies
+            together with ``max-update-norm``; 0 turns it off, else >= 1 [``norm-bound-factor``].
+            Buffers (running statistics, counters) are screened by their plausible ranges
+            instead (:class:`~server.validation.BufferLimits`).
+        example_weights: how a reply's claimed ``num-examples`` weighs in FedAvg, FedProx,
+            FedBN, FedAdam and the evaluation aggregates: ``capped`` (at most
+            ``max-example-ratio`` times the lower median of the round's counts, and
+            ``max-examples``), ``claimed`` (as claimed, at most ``max-examples``) or
+            ``equal`` (each reply weighs 1). Counts that are not positive whole numbers are
+            rejected under every policy [``example-weights``].
+        max_example_ratio: the ``capped`` ratio, >= 1 [``max-example-ratio``].
+        max_examples: largest count a reply weighs with, under ``capped`` and ``claimed``;
+            0: no absolute cap [``max-examples``].
         dp: ``none`` or ``fixed`` (server-side fixed clipping + Gaussian noise) [``dp``].
         dp_noise_multiplier, dp_clipping_norm: of the Gaussian mechanism
             [``dp-noise-multiplier``, ``dp-clipping-norm``].
@@ -93,6 +115,14 @@ class ServerSettings:
     max_update_norm: Annotated[StrictFloat, check(lambda v: v >= 0, "must be >= 0 (0: off)")] = Field(
         0.0, alias="max-update-norm"
     )
+    norm_bound_factor: Annotated[
+        StrictFloat, check(lambda v: v == 0 or v >= 1, "must be 0 (off) or >= 1")
+    ] = Field(DEFAULT_NORM_BOUND_FACTOR, alias="norm-bound-factor")
+    example_weights: ExampleWeights = Field("capped", alias="example-weights")
+    max_example_ratio: Annotated[StrictFloat, Field(ge=1)] = Field(DEFAULT_MAX_EXAMPLE_RATIO, alias="max-example-ratio")
+    max_examples: Annotated[
+        StrictInt, check(lambda v: v >= 0, "must be >= 0 (0: no absolute cap)")
+    ] = Field(0, alias="max-examples")
     dp: DPMode = "none"
     dp_noise_multiplier: Annotated[StrictFloat, Field(ge=0)] = Field(1.0, alias="dp-noise-multiplier")
     dp_clipping_norm: Annotated[StrictFloat, Field(gt=0)] = Field(1.0, alias="dp-clipping-norm")
@@ -116,6 +146,11 @@ class ServerSettings:
     @property
     def keep_retriever_local(self) -> bool:
         return self.aggregate == "segmenter"
+
+    @property
+    def weighting(self) -> ExampleWeighting:
+        """The ``example-weights`` policy with its caps."""
+        return ExampleWeighting(self.example_weights, self.max_example_ratio, self.max_examples)
 
     @property
     def dp_sampled(self) -> int:

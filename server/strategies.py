@@ -10,8 +10,17 @@ All strategies share :class:`JRASStrategyMixin`, which adds to Flower's own:
 * **round offset**: after a resume, rounds are numbered on from the checkpoint;
 * **update validation**: before aggregation every train reply is checked
   (:func:`~server.validation.validate_update`: keys, shapes, dtypes, finite values,
-  update norm, and a positive finite ``num-examples``); failing replies are
-  rejected and logged (:mod:`server.screening`);
+  plausible buffers, the absolute update-norm bound, and a positive whole ``num-examples``),
+  then against the round's own update-norm bound (``norm-bound-factor`` times the median);
+  failing replies are rejected and logged (:mod:`server.screening`);
+* **example weights**: the kept replies' claimed ``num-examples`` become their aggregation
+  weights under ``example-weights`` (claimed, capped relative to the round's median, or
+  equal), in one place for every weighted strategy and the evaluation aggregates;
+* **metric ranges**: a reply's metrics reach an aggregate only if each is finite and in
+  its range (Dice in [0, 1], losses and times >= 0, ...); out-of-range ones are left out
+  and logged by node id, the update itself may still be aggregated (:mod:`server.metrics`).
+  The train metrics are aggregated here; Flower's strategies then see each reply's weight
+  alone and aggregate the arrays;
 * **site failures**: error replies (a ClientApp that raised, a SuperNode that went
   away) are logged with the site's error text, and sites that sent nothing within
   the round timeout are logged as timed out; the round goes on with the others
@@ -48,17 +57,26 @@ from federation.records import arrays_to_record, record_to_arrays
 from server.bookkeeping import record_replies, record_sent, server_work
 from server.local_entries import merge_into_global, shared_record, without_local
 from server.messages import error_text, site_label
-from server.metrics import drop_per_site, take_evaluations
+from server.metrics import (
+    aggregate_evaluations,
+    aggregate_train_metrics,
+    keep_weights_only,
+    mean_of_measured,
+    only_metric_record,
+    take_evaluations,
+    untrusted_metrics,
+)
 from server.schedule import (
     evaluate_config,
     evaluate_first_config,
     is_diagnostics_round,
     is_evaluation_deferred,
 )
-from server.screening import keep_valid, reply_problem
+from server.screening import Verdict, keep_valid, screen_reply, weigh_replies
 from server.settings import ServerSettings
 from server.tracking import RoundRecorder
 from server.transfer import from_wire, to_wire
+from server.validation import DEFAULT_NORM_BOUND_FACTOR, DEFAULT_WEIGHTING, ExampleWeighting
 
 __all__ = [
     "JRASFedAdam",
@@ -89,6 +107,8 @@ class JRASStrategyMixin:
     round_offset: int = 0
     recorder: RoundRecorder | None = None
     max_update_norm: float = 0.0
+    norm_bound_factor: float = DEFAULT_NORM_BOUND_FACTOR
+    weighting: ExampleWeighting = DEFAULT_WEIGHTING
     round_timeout: float | None = None
     transfer_dtype: str = "float32"
     diagnostics_every: int = 1
@@ -97,6 +117,7 @@ class JRASStrategyMixin:
     _global: Arrays | None = None
     _outbox: dict[str, list[Message]] | None = None
     _screened: bool = False
+    _train_metrics: MetricRecord | None = None
 
     def setup_jras(
         self,
@@ -110,6 +131,8 @@ class JRASStrategyMixin:
         diagnostics_every: int = 1,
         last_round: int = 0,
         evaluate_in_train: bool = False,
+        norm_bound_factor: float = DEFAULT_NORM_BOUND_FACTOR,
+        weighting: ExampleWeighting = DEFAULT_WEIGHTING,
     ) -> None:
         """Set what the J-RAS additions need (see :func:`build_strategy` for the arguments)."""
         self.local_keys = frozenset(local_keys)
@@ -122,6 +145,8 @@ class JRASStrategyMixin:
         self.diagnostics_every = int(diagnostics_every)
         self.last_round = int(last_round)
         self.evaluate_in_train = bool(evaluate_in_train)
+        self.norm_bound_factor = float(norm_bound_factor)
+        self.weighting = weighting
         self._outbox = {}
 
     # ------------------------------------------------------------------ rounds
@@ -171,28 +196,40 @@ class JRASStrategyMixin:
         return aggregated
 
     # ------------------------------------------------------------------ validation
-    def check_reply(self, msg: Message, reference: Arrays | None) -> str | None:
-        """Why a (non-error) train reply must be rejected, or None."""
-        return reply_problem(msg, reference, self._weighted_by_key(), self.max_update_norm, self.buffer_keys)
+    def check_reply(self, msg: Message, reference: Arrays | None) -> Verdict:
+        """Why a (non-error) train reply must be rejected (None: accepted), and its update norm."""
+        return screen_reply(msg, reference, self._weighted_by_key(), self.max_update_norm, self.buffer_keys)
 
     def screen_train_replies(self, rnd: int, replies: list[Message]) -> list[Message] | None:
-        """Record the round's train replies and drop those failing :meth:`check_reply`.
+        """Record the round's train replies, drop those failing :meth:`check_reply` or the
+        round's relative update-norm bound, weigh the others (``example-weights``) and
+        aggregate their in-range train metrics (kept for :meth:`aggregate_train`).
 
         Returns the replies to aggregate, in :func:`~server.screening.aggregation_order`
-        (error replies are kept for Flower to count), or
-        None when fewer than ``min_train_nodes`` valid ones remain (after failed, timed-out
-        and rejected sites): then the round's aggregate is skipped and the global model
-        stays as it is.
+        (error replies are kept for Flower to count; the others' MetricRecords reduced to
+        their weights), or None when fewer than ``min_train_nodes`` valid ones remain
+        (after failed, timed-out and rejected sites): then the round's aggregate is skipped
+        and the global model stays as it is.
         """
+        key = self._weighted_by_key()
         aggregate = getattr(self, "evaluate_metrics_aggr_fn", None)
-        take_evaluations(rnd - 1, replies, aggregate, self._weighted_by_key(), self.recorder)
+        take_evaluations(rnd - 1, replies, aggregate, key, self.recorder, self.weighting)
         self._record("train", replies, rnd)
+        dropped = untrusted_metrics(rnd, replies, key, self.recorder)
         from_wire(replies, self.transfer_dtype)
         reference = None
         if self._global is not None:
             reference = without_local(self._global, self.local_keys)
         needed = int(getattr(self, "min_train_nodes", 1))
-        return keep_valid(rnd, replies, lambda msg: self.check_reply(msg, reference), needed, self.recorder)
+        kept = keep_valid(rnd, replies, lambda msg: self.check_reply(msg, reference), needed, self.recorder,
+                          self.norm_bound_factor)
+        self._train_metrics = None
+        if kept is None:
+            return None
+        weigh_replies(rnd, kept, key, self.weighting, self.recorder)
+        self._train_metrics = aggregate_train_metrics(kept, dropped, getattr(self, "train_metrics_aggr_fn", None), key)
+        keep_weights_only(kept, key)
+        return kept
 
     # ------------------------------------------------------------------ Strategy API
     @server_work
@@ -217,8 +254,8 @@ class JRASStrategyMixin:
             if screened is None:
                 return None, None
             replies = screened
-        aggregated, metrics = super().aggregate_train(rnd, replies)  # type: ignore[misc]
-        metrics = drop_per_site(metrics)
+        aggregated, _ = super().aggregate_train(rnd, replies)  # type: ignore[misc]
+        metrics, self._train_metrics = self._train_metrics, None
         if metrics is not None and self.recorder is not None:
             self.recorder.add_global_metrics("train", metrics)
         if aggregated is None:
@@ -242,9 +279,14 @@ class JRASStrategyMixin:
         rnd = self.global_round(server_round)
         replies = list(replies)
         self._record("evaluate", replies, rnd)
-        metrics = drop_per_site(super().aggregate_evaluate(rnd, replies))  # type: ignore[misc]
-        if metrics is not None and self.recorder is not None:
-            self.recorder.add_global_metrics("evaluate", metrics)
+        records = [(site_label(m), only_metric_record(m)) for m in replies if not m.has_error()]
+        aggregate = getattr(self, "evaluate_metrics_aggr_fn", None)
+        dropped, metrics = aggregate_evaluations(rnd, records, aggregate, self._weighted_by_key(), self.weighting)
+        if self.recorder is not None:
+            for site, reason in dropped.items():
+                self.recorder.add_site_error("evaluate", site, f"evaluation dropped: {reason}")
+            if metrics is not None:
+                self.recorder.add_global_metrics("evaluate", metrics)
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
@@ -341,6 +383,8 @@ def build_strategy(
         "min_train_nodes": settings.min_nodes,
         "min_evaluate_nodes": settings.min_nodes if settings.fraction_evaluate > 0 else 0,
         "min_available_nodes": settings.min_nodes,
+        "train_metrics_aggr_fn": mean_of_measured,
+        "evaluate_metrics_aggr_fn": mean_of_measured,
     }
     name = settings.strategy
     strategy: JRASStrategyMixin
@@ -364,5 +408,5 @@ def build_strategy(
         raise ValueError(f"unknown strategy {name!r}")
     strategy.setup_jras(local_keys, round_offset, recorder, settings.max_update_norm, buffer_keys, settings.round_timeout,
                         settings.transfer_dtype, settings.diagnostics_every, round_offset + settings.num_rounds,
-                        settings.evaluate_in_train)
+                        settings.evaluate_in_train, settings.norm_bound_factor, settings.weighting)
     return strategy

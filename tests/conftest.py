@@ -1,11 +1,14 @@
 """Shared test setup: Flower runs offline, Messages can be built outside a runtime,
-and a Grid that delivers messages to a ClientApp in this process."""
+a Grid that delivers messages to a ClientApp in this process, and the fixtures that tests
+of several modules share (tiny slice sets and site YAMLs, the real-data samples, a clean
+site cache and environment)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -150,3 +153,120 @@ def in_process_grid(task_identity) -> Callable[..., Any]:
             return replies
 
     return InProcessGrid
+
+
+# --------------------------------------------------------------------------- shared by several test modules
+
+
+@pytest.fixture
+def fresh_site_cache():
+    """Clear the process's cache of sites (data, bank, model) before and after the test."""
+    from client import site_runner
+
+    site_runner.clear_cache()
+    yield
+    site_runner.clear_cache()
+
+
+@pytest.fixture(scope="module")
+def site_dir(tmp_path_factory) -> Path:
+    """A folder of tiny synthetic site YAMLs (``site-A.yaml`` ... ``site-C.yaml``), once per module."""
+    from tiny_federation import write_sites
+
+    folder = tmp_path_factory.mktemp("sites")
+    write_sites(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory) -> list[str]:
+    """Tiny synthetic site YAMLs of vendors A, B and C (4 cases each), once per module, with
+    the site cache cleared before and after the module's tests."""
+    from tiny_federation import write_sites
+
+    from client import site_runner
+
+    site_runner.clear_cache()
+    yield write_sites(tmp_path_factory.mktemp("robust-sites"), "ABC", cases=4)
+    site_runner.clear_cache()
+
+
+@pytest.fixture(scope="module")
+def slices():
+    """Slices of four synthetic vendor-A cases, preprocessed for :data:`tiny_methods.TINY`."""
+    from tiny_methods import TINY
+
+    from jras_core.config import JRASConfig
+    from jras_core.data.slices import build_slice_set
+    from jras_core.data.synthetic import generate_volumes
+
+    cfg = JRASConfig().with_overrides(TINY)
+    return build_slice_set(generate_volumes("A", 4, seed=2, size=32), cfg.preprocess, cfg.labels.num_classes)
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    """Slices of eight synthetic vendor-A cases, preprocessed for :data:`tiny_methods.TINY16`,
+    split by case: ``(train, val)``."""
+    from tiny_methods import TINY16
+
+    from jras_core.config import JRASConfig
+    from jras_core.data.slices import build_slice_set
+    from jras_core.data.synthetic import generate_volumes
+
+    cfg = JRASConfig().with_overrides(TINY16)
+    vols = generate_volumes("A", num_cases=8, seed=3, size=64)
+    slices = build_slice_set(vols, cfg.preprocess, cfg.labels.num_classes)
+    return slices.split_by_case(0.25, seed=0)
+
+
+@pytest.fixture(scope="module")
+def mnms_volumes():
+    """The volumes of the real M&Ms sample (skips without it)."""
+    from loader_cases import MNMS
+
+    from jras_core.data import load_manifest
+
+    if not (MNMS / "manifest.csv").is_file():
+        pytest.skip(f"M&Ms fixture not found at {MNMS}")
+    return load_manifest(MNMS / "manifest.csv", num_classes=4)
+
+
+@pytest.fixture(scope="module")
+def mnms_slices(mnms_volumes):
+    """The M&Ms sample's slices at 64 px."""
+    from jras_core.config import PreprocessConfig
+    from jras_core.data import build_slice_set
+
+    return build_slice_set(mnms_volumes, PreprocessConfig(size=64), num_classes=4)
+
+
+@pytest.fixture
+def acdc_root(tmp_path):
+    """Two patients in the official ACDC layout (ED and ES frames with ``Info.cfg``)."""
+    from loader_cases import save_nifti, toy_pair
+
+    root = tmp_path / "ACDC" / "training"
+    for pid, (ed, es) in {"patient001": (1, 3), "patient002": (1, 2)}.items():
+        folder = root / pid
+        folder.mkdir(parents=True)
+        (folder / "Info.cfg").write_text(
+            f"ED: {ed}\nES: {es}\nGroup: NOR\nHeight: 180.0\nNbFrame: 4\n"
+        )
+        for frame in (ed, es):
+            image, mask = toy_pair()
+            mask[:] = 0
+            mask[0:2] = 1  # ACDC RV
+            mask[4:6] = 3  # ACDC LV
+            save_nifti(folder / f"{pid}_frame{frame:02d}.nii.gz", image + frame)
+            save_nifti(folder / f"{pid}_frame{frame:02d}_gt.nii.gz", mask)
+    return tmp_path / "ACDC"
+
+
+@pytest.fixture
+def no_bank_key_env(monkeypatch):
+    """No bank key in the environment (``JRAS_BANK_KEY``): banks are plaintext unless a test
+    gives a key."""
+    from jras_core.retrieval.crypto import ENV_VAR
+
+    monkeypatch.delenv(ENV_VAR, raising=False)

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
-from test_federation import TINY
+from tiny_federation import TINY
 
 from benchmarks.rounds import format_summary, round_rows, site_files, summarise
 from tools.processes import is_alive

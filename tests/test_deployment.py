@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_federation import TINY
+from tiny_federation import TINY
 
 from tools.processes import child_pids, free_port, stop_pid
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_federation import TINY, write_sites
+from tiny_federation import TINY, write_sites
 
 from tools.processes import pids_with_args, stop_pid
 from tools.simulate import (

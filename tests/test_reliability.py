@@ -21,18 +21,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from test_federation import base_run_config, run_dir, run_server, tiny_method, write_sites
-from test_loaders import (
+from loader_cases import (
     HEADER,
-    _label_seven,
-    _nan_image,
-    _shape_mismatch,
-    _truncated,
+    label_seven_case,
+    nan_image_case,
+    shape_mismatch_case,
     toy_pair,
+    truncated_case,
     write_case,
     write_manifest,
 )
-from test_robust import _server_logs as server_log
+from tiny_federation import (
+    base_run_config,
+    run_dir,
+    run_server,
+    server_logs,
+    tiny_method,
+    write_sites,
+)
 
 from client import site_runner
 from federation import protocol
@@ -45,12 +51,7 @@ RESUME_ATOL = 0.0
 """Largest accepted |resumed - uninterrupted| of any global array (same seed): none, the
 replies are summed in partition order whatever order Flower samples the sites in."""
 
-
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    site_runner.clear_cache()
-    yield
-    site_runner.clear_cache()
+pytestmark = pytest.mark.usefixtures("fresh_site_cache")
 
 
 def rounds_of(rc: dict) -> list[dict]:
@@ -88,7 +89,7 @@ def test_site_failure_mid_round_then_rejoin(tmp_path, in_process_grid, monkeypat
 
     original = sa.save_checkpoint
     monkeypatch.setattr(sa, "save_checkpoint", lambda path, ckpt: saved.append(ckpt) or original(path, ckpt))
-    with server_log(caplog):
+    with server_logs(caplog):
         run_server(in_process_grid, rc)
 
     r1, r2 = rounds_of(rc)
@@ -368,10 +369,10 @@ def bad_sites(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     (folder / case[1]).write_bytes(b"\x1f\x8b this is not a NIfTI volume")
     out["corrupt NIfTI"] = (_site(tmp_path, "corrupt-nifti", {"kind": "manifest", "path": str(write_manifest(folder, [case]))}),
                             "junk.nii.gz")
-    out["truncated NIfTI"] = _manifest_site(tmp_path, "truncated", _truncated)
-    out["image/mask mismatch"] = _manifest_site(tmp_path, "mismatch", _shape_mismatch)
-    out["unexpected labels"] = _manifest_site(tmp_path, "labels", _label_seven)
-    out["NaN intensities"] = _manifest_site(tmp_path, "nan", _nan_image)
+    out["truncated NIfTI"] = _manifest_site(tmp_path, "truncated", truncated_case)
+    out["image/mask mismatch"] = _manifest_site(tmp_path, "mismatch", shape_mismatch_case)
+    out["unexpected labels"] = _manifest_site(tmp_path, "labels", label_seven_case)
+    out["NaN intensities"] = _manifest_site(tmp_path, "nan", nan_image_case)
     png = tmp_path / "png"
     png.mkdir()
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(png / "scan.png")
@@ -414,7 +415,7 @@ def test_bad_input_at_a_site_reaches_the_server(tmp_path, in_process_grid, caplo
     good = write_sites(tmp_path, "AB", cases=4)
     sites = good + [str(p) for p, _ in bad.values()]
     rc = base_run_config(tmp_path, sites, **{"num-server-rounds": 1, "min-nodes": 2, "fraction-evaluate": 0.0})
-    with server_log(caplog):
+    with server_logs(caplog):
         run_server(in_process_grid, rc)
     (r1,) = rounds_of(rc)
     assert r1["round_stats"]["num_sites_train"] == 2 and r1["round_stats"]["failures_train"] == len(bad)

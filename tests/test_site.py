@@ -1,11 +1,28 @@
+"""Tests of jras_core.site: site YAMLs, slice cache, splits, bank store and local training."""
+
+from __future__ import annotations
+
+import base64
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from bank_sites import site_yaml
+from fuzzing import FEW, any_value
+from hypothesis import given
+from hypothesis import strategies as st
 from shared_data import SHARED
+from tiny_methods import TINY
 
 from jras_core.config import ConfigError, JRASConfig
+from jras_core.models.jras import build_model
+from jras_core.retrieval.crypto import ENV_VAR, generate_key_file
 from jras_core.site import Site, SiteConfig
+
+PROJECT = Path(__file__).resolve().parents[1]
 
 CFG = JRASConfig().with_overrides({"preprocess.size": 32})
 
@@ -64,3 +81,77 @@ def _synthetic(vendor, cases):
     from jras_core.data.sources import DataSourceConfig
 
     return DataSourceConfig(kind="synthetic", vendor=vendor, cases=cases, size=32)
+
+
+def test_site_yamls_parse():
+    from jras_core.site import SiteConfig
+
+    for name in "ABCD":
+        cfg = SiteConfig.from_yaml(PROJECT / "sites" / f"synthetic-{name}.yaml")
+        assert cfg.data.kind == "synthetic" and cfg.data.vendor == name
+    manifest = SHARED / "mnms-sample" / "manifest.csv"
+    if manifest.is_file():
+        for name in "ABC":
+            cfg = SiteConfig.from_yaml(PROJECT / "sites" / f"mnms-{name}.yaml")
+            assert cfg.data.kind == "manifest" and cfg.data.vendor == name
+    template = yaml.safe_load((PROJECT / "sites" / "template-hospital.yaml").read_text())
+    assert {"name", "vendor", "data", "val_fraction"} <= set(template)
+
+
+@pytest.mark.usefixtures("no_bank_key_env")
+def test_site_bank_store_resolves_paths_against_the_yaml(tmp_path, monkeypatch):
+    from jras_core.config import JRASConfig
+
+    yaml_path = site_yaml(tmp_path)
+    site = Site(SiteConfig.from_yaml(yaml_path), JRASConfig(), yaml_path.parent)
+    assert site.key_path == yaml_path.parent / "secrets" / "bank.key"
+    assert site.bank_path == yaml_path.parent / "bank"
+    generate_key_file(site.key_path)
+    store = site.bank_store()
+    assert store.encrypted and store.directory == site.bank_path
+    other = site.bank_store(tmp_path / "x")  # --out overrides bank_dir, the site's key still applies
+    assert other.directory == tmp_path / "x" and other.path.name == "bank.enc"
+    plain = Site(SiteConfig.from_yaml(site_yaml(tmp_path / "p", key_file=None)), JRASConfig(), tmp_path / "p" / "site")
+    assert not plain.bank_store().encrypted
+    monkeypatch.setenv(ENV_VAR, base64.b64encode(os.urandom(32)).decode())
+    assert plain.bank_store().encrypted
+
+
+@pytest.mark.slow
+def test_a_round_of_local_training_does_not_depend_on_the_previous_one():
+    """The prediction memory lives for one call of ``Site.train``: the same global model
+    gives the same local update whatever the site trained before (as after a resume)."""
+    from jras_core.data.sources import DataSourceConfig
+    from jras_core.site import Site, SiteConfig
+
+    cfg = JRASConfig().with_overrides({**TINY, "retrieval.first_pass": "reuse", "contrastive.steps_per_epoch": 1})
+
+    def site():
+        return Site(SiteConfig(name="s", data=DataSourceConfig(kind="synthetic", vendor="B", cases=3, size=32)), cfg)
+
+    start = build_model(cfg).state_dict()
+    fresh_site, used_site = site(), site()
+    used_site.train(build_model(cfg.with_overrides({"train.seed": 1})), epochs=1)  # an earlier round
+    updates = []
+    for s in (fresh_site, used_site):
+        model = build_model(cfg)
+        model.load_state_dict(start)
+        s.train(model, epochs=2)
+        updates.append(model.state_dict())
+    assert all(torch.equal(updates[0][k], updates[1][k]) for k in updates[0])
+
+
+@FEW
+@given(data=st.dictionaries(
+    st.sampled_from(["name", "vendor", "val_fraction", "split_seed", "support_cases", "cache_dir", "data", "colour"]),
+    st.one_of(any_value, st.dictionaries(
+        st.sampled_from(["kind", "path", "vendor", "cases", "seed", "size", "label_map", "skip_bad", "nope"]),
+        any_value, max_size=4)),
+    max_size=6,
+))
+def test_site_config_parser_only_raises_config_error(data):
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            SiteConfig.from_dict(data, source="site.yaml", root=Path(tmp))
+        except ConfigError as exc:
+            assert "site.yaml" in str(exc), str(exc)

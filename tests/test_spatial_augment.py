@@ -1,3 +1,5 @@
+"""Tests of jras_core.data.spatial: batched spatial changes of images and labels."""
+
 import math
 
 import pytest
@@ -221,34 +223,3 @@ def test_runs_on_cuda_like_on_the_cpu():
     torch.testing.assert_close(warp_images(x.cuda(), d).cpu(), warp_images(x, d), rtol=0, atol=1e-4)
     torch.testing.assert_close(warp_back(x.cuda(), d).cpu(), warp_back(x, d), rtol=0, atol=1e-4)
     assert (warp_labels(y.cuda(), d).cpu() != warp_labels(y, d)).float().mean() < 1e-3
-
-
-@pytest.mark.slow
-def test_phase_a_warps_query_labels_and_guides_together():
-    """In phase A one spatial draw moves a query, its labels and its guides alike: with a
-    guide equal to its query, the warped guide equals the warped query, and the warped
-    guide mask equals the warped labels."""
-    from jras_core.config import JRASConfig
-    from jras_core.data.slices import build_slice_set
-    from jras_core.data.synthetic import generate_volumes
-    from jras_core.models import build_model
-    from jras_core.retrieval.finder import Guides
-    from jras_core.training import JRASTrainer
-
-    cfg = JRASConfig().with_overrides({
-        "preprocess.size": 32, "preprocess.fov_mm": 200.0, "segmenter.channels": [8, 16], "retriever.channels": [8],
-        "retriever.embed_dim": 8, "augment.rotate_deg": 180.0, "augment.flip": True, "augment.scale": 0.2,
-        "augment.prob": 1.0, "train.epochs": 1, "train.device": "cpu",
-    })
-    slices = build_slice_set(generate_volumes("A", num_cases=4, seed=1, size=64), cfg.preprocess, cfg.labels.num_classes)
-    trainer = JRASTrainer(build_model(cfg), cfg, slices)
-    images, labels = slices.images[:4], slices.masks[:4].long()
-    guides = Guides(images.unsqueeze(1).repeat(1, 3, 1, 1, 1), labels.to(torch.uint8).unsqueeze(1).repeat(1, 3, 1, 1),
-                    torch.zeros(4, 3), torch.zeros(4, 3, dtype=torch.long))
-    w_images, w_labels, w_guides, draw = trainer._warp(images, labels, guides)
-    assert not torch.equal(w_labels, labels)  # something moved
-    for j in range(3):
-        assert torch.allclose(w_guides.images[:, j], w_images, atol=1e-5)
-        assert torch.equal(w_guides.masks[:, j].long(), w_labels)
-    history = trainer.fit()
-    assert history and torch.isfinite(torch.tensor(history[0]["seg_loss"]))

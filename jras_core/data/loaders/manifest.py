@@ -144,6 +144,8 @@ def load_manifest(
         for col in ("case", "image", "mask"):
             if not row[col]:
                 raise DataError(f"{path}: line {line}: empty '{col}' value")
+            if "\x00" in row[col]:
+                raise DataError(f"{path}: line {line}: '{col}' value holds a NUL character")
         image_path = resolve_path(row["image"], [path.parent])
         mask_path = resolve_path(row["mask"], [path.parent])
         _require_file(image_path, f"image (manifest {path.name}, line {line})")

@@ -1,5 +1,4 @@
-"""A site's bank encrypted at rest (AES-256-GCM): keys, round trips, tamper detection,
-crash safety, and `jras site init`."""
+"""Tests of jras_core.retrieval.crypto: banks encrypted at rest (AES-256-GCM), keys, tampering."""
 
 from __future__ import annotations
 
@@ -12,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_guides_bank import _slices
+from bank_sites import posix_only
+from discs import disc_slices
 
 from jras_core.data.volume import DataError
 from jras_core.retrieval.bank import RetrievalBank
@@ -28,19 +28,12 @@ from jras_core.retrieval.crypto import (
     resolve_key,
 )
 from jras_core.retrieval.store import BankStore
-from jras_core.site import Site, SiteConfig
-from tools.cli import main
 
-posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
-
-
-@pytest.fixture(autouse=True)
-def _no_env_key(monkeypatch):
-    monkeypatch.delenv(ENV_VAR, raising=False)
+pytestmark = pytest.mark.usefixtures("no_bank_key_env")
 
 
 def _bank(embed: bool = True) -> RetrievalBank:
-    bank = RetrievalBank(_slices(n_cases=3, per_case=2), num_classes=2)
+    bank = RetrievalBank(disc_slices(n_cases=3, per_case=2), num_classes=2)
     if embed:
         emb = np.random.default_rng(0).normal(size=(len(bank), 8)).astype(np.float32)
         bank.set_embeddings(emb / np.linalg.norm(emb, axis=1, keepdims=True))
@@ -59,9 +52,6 @@ def _same(a: RetrievalBank, b: RetrievalBank) -> None:
 @pytest.fixture
 def key_file(tmp_path) -> Path:
     return generate_key_file(tmp_path / "keys" / "bank.key")
-
-
-# --------------------------------------------------------------------------- keys
 
 
 @posix_only
@@ -115,9 +105,6 @@ def test_key_from_env_and_precedence(tmp_path, key_file, monkeypatch):
         resolve_key()
 
 
-# --------------------------------------------------------------------------- round trips
-
-
 def test_round_trip_with_key_file(tmp_path, key_file):
     bank = _bank()
     store = BankStore(tmp_path / "bank", key=load_key_file(key_file))
@@ -143,9 +130,6 @@ def test_fresh_nonce_per_write(tmp_path, key_file):
     _bank().save(tmp_path, store=store)
     b = store.path.read_bytes()
     assert a[len(HEADER):len(HEADER) + NONCE_BYTES] != b[len(HEADER):len(HEADER) + NONCE_BYTES]
-
-
-# --------------------------------------------------------------------------- failures
 
 
 def _encrypted(tmp_path: Path, key_file: Path) -> BankStore:
@@ -240,107 +224,10 @@ def test_crash_during_write_keeps_previous_bank(tmp_path, key_file, monkeypatch)
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", boom)
-    bigger = RetrievalBank(_slices(n_cases=4), num_classes=2)
+    bigger = RetrievalBank(disc_slices(n_cases=4), num_classes=2)
     with pytest.raises(OSError, match="disk full"):
         bigger.save(store.directory, store=BankStore(store.directory, key=key))
     monkeypatch.undo()
     assert store.path.read_bytes() == before
     assert sorted(p.name for p in store.directory.iterdir()) == ["bank.enc"]  # temporary removed
     _same(_bank(), RetrievalBank.load(store.directory, store=BankStore(store.directory, key=key)))
-
-
-# --------------------------------------------------------------------------- site wiring and CLI
-
-
-def _site_yaml(tmp_path: Path, key_file: str | None = "secrets/bank.key") -> Path:
-    folder = tmp_path / "site"
-    folder.mkdir(parents=True)
-    path = folder / "site.yaml"
-    text = "name: tiny\nvendor: A\nval_fraction: 0.34\nbank_dir: bank\ndata: {kind: synthetic, vendor: A, cases: 3, size: 32}\n"
-    if key_file:
-        text += f"key_file: {key_file}\n"
-    path.write_text(text)
-    return path
-
-
-def test_site_bank_store_resolves_paths_against_the_yaml(tmp_path, monkeypatch):
-    from jras_core.config import JRASConfig
-
-    yaml_path = _site_yaml(tmp_path)
-    site = Site(SiteConfig.from_yaml(yaml_path), JRASConfig(), yaml_path.parent)
-    assert site.key_path == yaml_path.parent / "secrets" / "bank.key"
-    assert site.bank_path == yaml_path.parent / "bank"
-    generate_key_file(site.key_path)
-    store = site.bank_store()
-    assert store.encrypted and store.directory == site.bank_path
-    other = site.bank_store(tmp_path / "x")  # --out overrides bank_dir, the site's key still applies
-    assert other.directory == tmp_path / "x" and other.path.name == "bank.enc"
-    plain = Site(SiteConfig.from_yaml(_site_yaml(tmp_path / "p", key_file=None)), JRASConfig(), tmp_path / "p" / "site")
-    assert not plain.bank_store().encrypted
-    monkeypatch.setenv(ENV_VAR, base64.b64encode(os.urandom(32)).decode())
-    assert plain.bank_store().encrypted
-
-
-@posix_only
-def test_jras_site_init_end_to_end(tmp_path, capsys, caplog):
-    caplog.set_level(logging.DEBUG)
-    yaml_path = _site_yaml(tmp_path)
-    argv = ["site", "init", "--site", str(yaml_path), "--set", "preprocess.size=32"]
-    assert main(argv) == 0
-    out = capsys.readouterr().out
-    key_path = yaml_path.parent / "secrets" / "bank.key"
-    bank_file = yaml_path.parent / "bank" / "bank.enc"
-    assert str(key_path) in out and str(bank_file) in out and "new, mode 0600" in out
-    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
-    raw = load_key_file(key_path)._key
-    for secret in (raw, base64.b64encode(raw)):
-        assert secret.decode("latin-1") not in out + caplog.text
-        assert secret not in bank_file.read_bytes()
-    bank = RetrievalBank.load(bank_file.parent, store=BankStore(bank_file.parent, key=load_key_file(key_path)))
-    assert len(bank) > 0 and bank.embeddings is None and bank.slices.images.shape[-1] == 32
-    with pytest.raises(DataError, match="encrypted but no key"):
-        RetrievalBank.load(bank_file.parent)
-    # a second run keeps the key and re-encrypts the bank with it
-    assert main(argv) == 0
-    assert "(existing)" in capsys.readouterr().out
-    assert load_key_file(key_path)._key == raw
-    RetrievalBank.load(bank_file.parent, store=BankStore(bank_file.parent, key=load_key_file(key_path)))
-    # a key file others can read is refused with the fix
-    os.chmod(key_path, 0o644)
-    assert main(argv) == 2
-    assert f"chmod 600 {key_path}" in capsys.readouterr().err
-
-
-def test_jras_site_init_without_any_key_is_an_error(tmp_path, capsys):
-    yaml_path = _site_yaml(tmp_path, key_file=None)
-    assert main(["site", "init", "--site", str(yaml_path), "--set", "preprocess.size=32"]) == 2
-    assert "no bank key" in capsys.readouterr().err
-    assert not (yaml_path.parent / "bank").exists()
-
-
-def test_bank_build_and_site_init_with_a_checkpoint_write_encrypted_embedded_banks(tmp_path, capsys):
-    from jras_core.checkpoint import save_model
-    from jras_core.config import JRASConfig
-    from jras_core.models.jras import build_model
-
-    cfg = JRASConfig().with_overrides({"preprocess.size": 32, "segmenter.channels": [8, 16, 32],
-                                       "retriever.channels": [8, 16], "retriever.embed_dim": 16})
-    ckpt = save_model(tmp_path / "model.pt", build_model(cfg), cfg)
-    yaml_path = _site_yaml(tmp_path)
-    key_path = yaml_path.parent / "secrets" / "bank.key"
-    bank_dir = yaml_path.parent / "bank"
-    # bank build: the site's bank_dir, encrypted with its key_file
-    generate_key_file(key_path)
-    assert main(["bank", "build", "--checkpoint", str(ckpt), "--site", str(yaml_path)]) == 0
-    assert "encrypted (AES-256-GCM)" in capsys.readouterr().out
-    bank = RetrievalBank.load(bank_dir, store=BankStore(bank_dir, key=load_key_file(key_path)))
-    assert bank.embeddings.shape == (len(bank), 16)
-    # --key-file overrides the site's key; --out overrides bank_dir
-    other_key = generate_key_file(tmp_path / "other.key")
-    assert main(["site", "init", "--site", str(yaml_path), "--checkpoint", str(ckpt),
-                 "--key-file", str(other_key), "--out", str(tmp_path / "b2")]) == 0
-    capsys.readouterr()
-    with pytest.raises(BankDecryptError):
-        BankStore(tmp_path / "b2", key=load_key_file(key_path)).load()
-    bank = RetrievalBank.load(tmp_path / "b2", store=BankStore(tmp_path / "b2", key=load_key_file(other_key)))
-    assert bank.embeddings.shape == (len(bank), 16)

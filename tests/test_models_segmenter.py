@@ -1,45 +1,157 @@
-"""Method levers that are configuration options: retriever pooling grid and
-zero-initialised guide inputs."""
+"""Tests of jras_core.models.segmenter: guide paths, fusions, appearance prior, norms."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from tiny_methods import BASE, INPUT_PATH_DROPOUT, TINY16
 
-from jras_core.config import ConfigError, JRASConfig
+from jras_core.config import JRASConfig
 from jras_core.data.synthetic import generate_volumes
 from jras_core.models.jras import build_model
+from jras_core.models.segmenter import GuidedSegmenter
+from jras_core.training import JRASTrainer, evaluate
 
-BASE = {"preprocess.size": 32, "segmenter.channels": [4, 8, 16], "retriever.channels": [4, 8, 8],
-        "retriever.embed_dim": 16}
 INPUT_PATH = {"segmenter.guide_path": "input"}
 """The levers of the input guide path (guides as extra channels of the backbone's input)."""
 
 
-def _bank_inputs(num_classes: int = 4) -> torch.Tensor:
-    """``(N, 1 + C_fg, 32, 32)``: distinct synthetic slices with their one-hot masks."""
-    from jras_core.data.slices import build_slice_set
-    from jras_core.labels import one_hot_fg
-
-    cfg = JRASConfig().with_overrides({"preprocess.size": 32})
-    vols = generate_volumes("A", 3, seed=4, size=32)
-    slices = build_slice_set(vols, cfg.preprocess, num_classes)
-    return torch.cat([slices.images, one_hot_fg(slices.masks, num_classes)], dim=1)
+def _inputs(b=4, size=32, k=3, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(b, 1, size, size, generator=g), torch.rand(b, k, 1, size, size, generator=g),
+            torch.randint(0, classes, (b, k, size, size), generator=g), torch.rand(b, k, generator=g))
 
 
-@pytest.mark.parametrize("grid", [1, 4])
-def test_pool_grid_spreads_initial_embeddings(grid):
-    cfg = JRASConfig().with_overrides({**BASE, "retriever.pool_grid": grid})
-    model = build_model(cfg).eval()
+@pytest.mark.parametrize("fusion", ["concat", "prior", "feature", "none"])
+@pytest.mark.parametrize("backbone", ["unet", "dynunet"])
+def test_segmenter_shapes_and_guide_dropout(fusion, backbone):
+    torch.manual_seed(0)
+    seg = GuidedSegmenter(num_classes=4, k=3, fusion=fusion, backbone=backbone, channels=(8, 16, 32)).eval()
+    x = torch.rand(2, 1, 32, 32)
+    gi = torch.rand(2, 3, 1, 32, 32)
+    gm = torch.randint(0, 4, (2, 3, 32, 32))
+    sims = torch.rand(2, 3)
+    out = seg(x, gi, gm, sims, torch.tensor([True, False]))
+    assert out.shape == (2, 4, 32, 32)
+    # a dropped sample sees exactly what a sample without guides sees
+    no_guides = seg(x, guide_present=torch.zeros(2, dtype=torch.bool))
+    assert torch.allclose(out[1], no_guides[1], atol=1e-5)
+    if fusion != "none":
+        assert not torch.allclose(out[0], no_guides[0], atol=1e-5)
+        # a kept sample's guide channels do not depend on which others were dropped, and
+        # the guide-free forward leaves the full input layers in place
+        alone = seg(x[:1], gi[:1], gm[:1], sims[:1], torch.tensor([True]))
+        assert torch.allclose(out[0], alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone,fusion", [("unet", "concat"), ("dynunet", "concat"), ("unet", "feature")])
+def test_channels_last_layout_computes_the_same(backbone, fusion):
+    def build(channels_last):
+        torch.manual_seed(0)
+        return GuidedSegmenter(num_classes=4, k=3, fusion=fusion, backbone=backbone, channels=(8, 16, 32), appearance=True,
+                               guide_init="default", channels_last=channels_last)
+
+    fast, plain = build(True), build(False)
+    conv = next(m for m in fast.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
+    x, gi, gm = torch.rand(4, 1, 32, 32), torch.rand(4, 3, 1, 32, 32), torch.randint(0, 4, (4, 3, 32, 32))
+    present = torch.tensor([True, False, True, True])
+    out_fast, out_plain = fast(x, gi, gm, None, present), plain(x, gi, gm, None, present)
+    assert out_fast.is_contiguous()  # logits in the usual layout for the losses
+    torch.testing.assert_close(out_fast, out_plain, atol=1e-4, rtol=1e-4)
+    out_fast.square().mean().backward()
+    out_plain.square().mean().backward()
+    for (name, a), (_, b) in zip(fast.named_parameters(), plain.named_parameters()):
+        assert a.grad is not None, name  # guide encoders too, through the dropped-row assembly
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "prior", "feature"])
+def test_untrained_residual_segmenter_equals_its_guide_free_path(fusion):
+    torch.manual_seed(0)
+    seg = GuidedSegmenter(4, k=3, fusion=fusion, channels=(8, 16, 32), appearance=True, guide_path="residual").eval()
+    x, gi, gm, sims = _inputs()
+    assert seg.in_channels == 1  # the backbone reads the query alone
+    assert torch.allclose(seg(x, gi, gm, sims), seg(x), atol=1e-6)
+    with torch.no_grad():  # once the head's last layer is not zero, guides change the output
+        seg.head_out.weight.normal_()
+    guided = seg(x, gi, gm, sims, torch.tensor([True, False, True, True]))
+    plain = seg(x)
+    assert not torch.allclose(guided[0], plain[0], atol=1e-4)
+    assert torch.allclose(guided[1], plain[1], atol=1e-6)  # no guides: the guide-free logits
+
+
+def test_guided_loss_never_reaches_the_backbone():
+    torch.manual_seed(0)
+    seg = GuidedSegmenter(4, k=3, fusion="concat", channels=(8, 16, 32), guide_path="residual")
+    x, gi, gm, _ = _inputs()
+    plain, guided, rows = seg.forward_paths(x, gi, gm, None, torch.tensor([True, False, True, True]))
+    assert plain.shape == (4, 4, 32, 32) and guided.shape == (3, 4, 32, 32) and rows.tolist() == [0, 2, 3]
+    guided.square().sum().backward()
+    assert all(p.grad is None for p in seg.backbone.parameters())
+    assert seg.head_out.weight.grad is not None and float(seg.head_out.weight.grad.abs().sum()) > 0
+    seg.zero_grad()
+    plain.square().sum().backward()
+    assert all(p.grad is None for p in seg.head.parameters())  # and the plain loss never reaches the head
+
+
+def test_forward_paths_is_the_residual_paths_only():
+    seg = GuidedSegmenter(4, k=3, fusion="concat", channels=(8, 16, 32))
+    with pytest.raises(ValueError, match="residual"):
+        seg.forward_paths(*_inputs()[:3])
+
+
+@pytest.mark.slow
+def test_refine_cascade_is_the_residual_head_without_guides(tiny_data):
+    train, val = tiny_data
+    cfg = JRASConfig().with_overrides({**TINY16, "segmenter.fusion": "none", "segmenter.refine": True})
+    model = build_model(cfg)
+    seg = model.seg
+    assert seg.residual and not seg.uses_guides and not cfg.uses_retrieval
+    x = torch.rand(3, 1, 32, 32)
+    seg.eval()
+    assert torch.allclose(seg(x), seg.backbone(x), atol=1e-6)  # the head starts at zero
+    plain = build_model(cfg.with_overrides({"segmenter.refine": False})).seg
+    assert plain.head is None and not plain.residual
+    trainer = JRASTrainer(model, cfg, train)
+    head_before = seg.head_out.weight.detach().clone()
+    trainer.fit(2)
+    assert not torch.equal(head_before, seg.head_out.weight)  # the cascade's head trained
+    seg.eval()
     with torch.no_grad():
-        emb = model.retr(_bank_inputs())
-    cos = emb @ emb.T
-    assert emb.shape[1] == 16 and torch.allclose(emb.norm(dim=1), torch.ones(len(emb)), atol=1e-5)
-    # a global average of instance-normalised features maps every slice to nearly one point
-    if grid == 1:
-        assert cos.min() > 0.98
-    else:
-        assert cos.min() < 0.95
+        assert not torch.allclose(seg(x), seg.backbone(x), atol=1e-4)
+    assert 0.0 <= evaluate(model, val, cfg)["dice_mean"] <= 1.0
+
+
+@pytest.mark.parametrize("backbone", ["unet", "segformer"])
+def test_forward_without_guides_equals_the_zero_padded_input(backbone):
+    cfg = JRASConfig().with_overrides({"preprocess.size": 32, "segmenter.backbone": backbone,
+                                       "segmenter.channels": [8, 16, 32], **INPUT_PATH_DROPOUT})
+    seg = build_model(cfg).seg.train()
+    x = torch.rand(4, 1, 32, 32)
+    absent = torch.zeros(4, dtype=torch.bool)
+    out = seg(x, torch.rand(4, 3, 1, 32, 32), torch.randint(0, 4, (4, 3, 32, 32)), None, absent)
+    assert seg._query_channel_exact is True
+    full = seg.backbone(torch.cat([x, torch.zeros(4, seg.in_channels - 1, 32, 32)], dim=1))
+    # equal up to the float rounding of the convolution kernels, which differs between CPUs
+    torch.testing.assert_close(out, full, rtol=1e-4, atol=1e-5)
+    # gradients reach the query-channel weights of the input layers, as with the full input
+    out.square().mean().backward()
+    first = seg._input_layers()[0][1]
+    assert first.weight.grad is not None and first.weight.grad[:, :1].abs().sum() > 0
+    assert torch.count_nonzero(first.weight.grad[:, 1:]) == 0
+
+
+def test_forward_without_guides_falls_back_when_the_shortcut_differs(monkeypatch):
+    cfg = JRASConfig().with_overrides({"preprocess.size": 32, "segmenter.channels": [8, 16, 32], **INPUT_PATH_DROPOUT})
+    seg = build_model(cfg).seg.eval()
+    monkeypatch.setattr(seg, "_query_channel_forward", lambda image: torch.zeros(len(image), 4, 32, 32))
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        out = seg.forward_without_guides(x)
+        full = seg.backbone(torch.cat([x, torch.zeros(2, seg.in_channels - 1, 32, 32)], dim=1))
+    assert seg._query_channel_exact is False and torch.equal(out, full)
 
 
 @pytest.mark.parametrize("backbone", ["unet", "segformer"])
@@ -99,75 +211,6 @@ def test_instance_norm_segments_each_slice_by_itself(guide_path):
     seg_layers = recalibrate_norm(model, slices, cfg.with_overrides({"segmenter.fusion": "none"}))
     retr_only = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.retr.modules())
     assert seg_layers == retr_only
-
-
-def test_lever_options_are_validated():
-    with pytest.raises(ConfigError, match="pool_grid"):
-        JRASConfig().with_overrides({"retriever.pool_grid": 0})
-    with pytest.raises(ConfigError, match="guide_init"):
-        JRASConfig().with_overrides({"segmenter.guide_init": "ones"})
-    with pytest.raises(ConfigError, match="norm"):
-        JRASConfig().with_overrides({"segmenter.norm": "layer"})
-
-
-def _trainer_with_echo_guides(mode: str, k: int = 3):
-    """A trainer (``augment.guides = mode``, noise off) whose finder returns each query's own
-    image K times as its guides (the last one missing), so shared appearance is checkable."""
-    from jras_core.retrieval.finder import Guides
-    from jras_core.site import Site
-    from jras_core.training.joint import JRASTrainer
-    from tools.sites import synthetic_site
-
-    cfg = JRASConfig().with_overrides({**BASE, "augment.guides": mode, "augment.prob": 1.0,
-                                       "augment.noise_std": 0.0, "retrieval.k": k})
-    site = Site(synthetic_site("A", 2, 0, 32), cfg)
-    trainer = JRASTrainer(build_model(cfg), cfg, site.train_set)
-    seen = {}
-
-    def find(images, case_names=None, train_pool=None, **_):
-        seen["query"] = images
-        b, _, h, w = images.shape
-        idx = torch.arange(k).repeat(b, 1)
-        idx[:, -1] = -1
-        guide_images = images.unsqueeze(1).repeat(1, k, 1, 1, 1)
-        guide_images[:, -1] = 0.0
-        return Guides(guide_images, torch.zeros(b, k, h, w, dtype=torch.long), torch.zeros(b, k), idx), None
-
-    trainer.finder.find = find
-    return trainer, seen
-
-
-def test_shared_guide_augmentation_gives_query_and_guides_one_appearance():
-    trainer, seen = _trainer_with_echo_guides("shared")
-    idx = torch.arange(6)
-    images, guides = trainer._guided_batch(idx, torch.ones(6, dtype=torch.bool))
-    raw = trainer.train_set.images[idx]
-    assert torch.equal(seen["query"], raw)  # retrieval sees the unaugmented query
-    assert not torch.allclose(images, raw, atol=1e-3)  # the query was changed
-    for j in range(2):  # each present guide (here: the query's own image) changed the same way
-        torch.testing.assert_close(guides.images[:, j], images, atol=1e-5, rtol=0)
-    assert torch.count_nonzero(guides.images[:, -1]) == 0  # a missing guide stays blank
-    # queries whose guides are dropped are changed alone; the kept ones still share theirs
-    keep = torch.tensor([True, False, True, False, False, True])
-    images, guides = trainer._guided_batch(idx, keep)
-    assert not torch.allclose(images[~keep], raw[~keep], atol=1e-3)
-    assert torch.count_nonzero(guides.images[~keep]) == 0 and bool((guides.idx[~keep] < 0).all())
-    for j in range(2):
-        torch.testing.assert_close(guides.images[keep, j], images[keep], atol=1e-5, rtol=0)
-
-
-def test_independent_and_no_guide_augmentation():
-    trainer, seen = _trainer_with_echo_guides("independent")
-    images, guides = trainer._guided_batch(torch.arange(6), torch.ones(6, dtype=torch.bool))
-    assert torch.equal(seen["query"], images)  # retrieval with the augmented query
-    assert not torch.allclose(guides.images[:, 0], guides.images[:, 1], atol=1e-3)  # each guide its own change
-    assert not torch.allclose(guides.images[:, 0], images, atol=1e-3)
-    assert torch.count_nonzero(guides.images[:, -1]) == 0
-    trainer, seen = _trainer_with_echo_guides("none")
-    images, guides = trainer._guided_batch(torch.arange(6), torch.ones(6, dtype=torch.bool))
-    assert torch.equal(guides.images[:, 0], seen["query"]) and torch.equal(seen["query"], images)
-    with pytest.raises(ConfigError, match="augment.guides"):
-        JRASConfig().with_overrides({"augment.guides": "both"})
 
 
 def test_appearance_prior_reads_tissue_intensities_off_the_guides():

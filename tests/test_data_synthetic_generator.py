@@ -1,23 +1,11 @@
-"""Tests of the synthetic multi-vendor cardiac MRI generator."""
+"""Tests of jras_core.data.synthetic.generator: the synthetic multi-vendor cardiac MRI generator."""
 
 from __future__ import annotations
 
-import csv
-
-import nibabel as nib
 import numpy as np
 import pytest
-import yaml
 
-from jras_core.data.synthetic import (
-    BUILTIN_VENDORS,
-    MANIFEST_HEADER,
-    VendorSpec,
-    generate_volumes,
-    get_vendor,
-    load_vendors,
-    write_dataset,
-)
+from jras_core.data.synthetic import BUILTIN_VENDORS, VendorSpec, generate_volumes, get_vendor
 from jras_core.data.volume import DataError
 
 SIZE = 64
@@ -31,9 +19,6 @@ def _labelled(mask: np.ndarray) -> list[int]:
 def _normalised(image: np.ndarray) -> np.ndarray:
     lo, hi = np.percentile(image, [1, 99])
     return np.clip((image - lo) / (hi - lo), 0.0, 1.0)
-
-
-# --------------------------------------------------------------------------- determinism
 
 
 def test_same_seed_gives_identical_arrays():
@@ -61,9 +46,6 @@ def test_vendor_name_is_mixed_into_the_seed():
     for va, vt in zip(a, t):
         assert va.mask.shape != vt.mask.shape or not np.array_equal(va.mask, vt.mask)
     assert {v.case for v in a}.isdisjoint({v.case for v in t})
-
-
-# --------------------------------------------------------------------------- structure
 
 
 @pytest.mark.parametrize("vendor", sorted(BUILTIN_VENDORS))
@@ -144,9 +126,6 @@ def test_background_is_not_thresholdable():
     assert in_band.sum() > 5 * (vol.mask == 2).sum()
 
 
-# --------------------------------------------------------------------------- vendor shift
-
-
 def _tissue_stats(vendor: str) -> tuple[float, float, float]:
     """(myocardium/blood ratio after normalisation, raw max, background noise / blood)."""
     ratios, maxima, noise = [], [], []
@@ -178,101 +157,6 @@ def test_vendors_differ_in_field_of_view():
     d = generate_volumes("D", 1, 0, size=SIZE, phases=("ED",))[0]
     assert a.spacing[0] != pytest.approx(d.spacing[0])
     assert a.spacing[2] != pytest.approx(d.spacing[2])
-
-
-# --------------------------------------------------------------------------- files
-
-
-def test_write_dataset_round_trip(tmp_path):
-    out = tmp_path / "syn"
-    manifest = write_dataset(out, ["A", "D"], num_cases=1, seed=9, size=32)
-    assert manifest == out / "manifest.csv"
-    with open(manifest, newline="") as fh:
-        reader = csv.DictReader(fh)
-        assert tuple(reader.fieldnames) == MANIFEST_HEADER
-        rows = list(reader)
-    assert [(r["case"], r["phase"], r["vendor"]) for r in rows] == [
-        ("synA000", "ED", "A"),
-        ("synA000", "ES", "A"),
-        ("synD000", "ED", "D"),
-        ("synD000", "ES", "D"),
-    ]
-    expected = generate_volumes("A", 1, 9, size=32) + generate_volumes("D", 1, 9, size=32)
-    for row, vol in zip(rows, expected):
-        assert row["image"] == f"{vol.key}.nii.gz" and row["mask"] == f"{vol.key}_gt.nii.gz"
-        img = nib.load(out / row["image"])
-        msk = nib.load(out / row["mask"])
-        assert img.header.get_zooms()[:3] == pytest.approx(vol.spacing)
-        assert np.diag(img.affine)[:3] == pytest.approx(vol.spacing)
-        np.testing.assert_array_equal(np.asarray(img.dataobj), vol.image)
-        np.testing.assert_array_equal(np.asarray(msk.dataobj).astype(np.int64), vol.mask)
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
-
-
-def test_written_manifest_loads_with_the_manifest_reader(tmp_path):
-    from jras_core.data.loaders import load_manifest
-
-    manifest = write_dataset(tmp_path, ["C"], num_cases=1, seed=0, size=32)
-    vols = load_manifest(manifest, num_classes=4)
-    assert [(v.case, v.phase, v.vendor) for v in vols] == [
-        ("synC000", "ED", "C"),
-        ("synC000", "ES", "C"),
-    ]
-    assert vols[0].spacing == pytest.approx((360.0 / 32, 360.0 / 32, 10.0))
-
-
-# --------------------------------------------------------------------------- custom vendors
-
-
-def test_custom_vendor_yaml_accepted(tmp_path):
-    path = tmp_path / "vendors.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {"vendors": {"E": {"base": "C", "myocardium": 0.5, "fov_mm": 280, "rician": False}}}
-        )
-    )
-    vendors = load_vendors(path)
-    assert list(vendors) == ["E"]
-    spec = vendors["E"]
-    assert spec.myocardium == 0.5 and spec.fov_mm == 280.0 and spec.rician is False
-    assert spec.blood == BUILTIN_VENDORS["C"].blood  # inherited from the base
-    vols = generate_volumes(spec, 1, 0, size=32, phases=("ED",))
-    assert vols[0].vendor == "E" and vols[0].case == "synE000"
-    assert vols[0].spacing[0] == pytest.approx(280.0 / 32)
-
-    single = tmp_path / "F.yaml"
-    single.write_text(yaml.safe_dump({"gamma": 1.3, "scale": 1000}))
-    spec_f = get_vendor(str(single))
-    assert spec_f.name == "F" and spec_f.gamma == 1.3
-
-
-def test_vendor_mapping_passed_directly():
-    vols = generate_volumes({"name": "G", "noise_std": 0.1}, 1, 0, size=32, phases=("ED",))
-    assert vols[0].vendor == "G" and vols[0].source == "synthetic:G"
-
-
-@pytest.mark.parametrize(
-    "data, key",
-    [
-        ({"name": "X", "contrast": 1.0}, "contrast"),
-        ({"name": "X", "noise_std": -0.1}, "noise_std"),
-        ({"name": "X", "gamma": "steep"}, "gamma"),
-        ({"name": "X", "blood": 1.5}, "blood"),
-        ({"name": "X", "rician": 1}, "rician"),
-        ({"name": "X", "acq_matrix": 96.5}, "acq_matrix"),
-        ({"name": "X", "base": "Z"}, "base"),
-    ],
-)
-def test_bad_vendor_keys_rejected(data, key):
-    with pytest.raises(DataError, match=key):
-        VendorSpec.from_dict(data, source="site.yaml")
-
-
-def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
-    path = tmp_path / "bad.yaml"
-    path.write_text("name: H\nbloood: 0.8\n")
-    with pytest.raises(ValueError, match=r"bad\.yaml.*bloood"):
-        load_vendors(path)
 
 
 def test_bad_arguments_rejected():

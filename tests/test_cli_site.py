@@ -1,0 +1,84 @@
+"""`jras site init` and `jras bank build` (tools.cli): encrypted site banks from the CLI."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import stat
+
+import pytest
+from bank_sites import posix_only, site_yaml
+
+from jras_core.data.volume import DataError
+from jras_core.retrieval.bank import RetrievalBank
+from jras_core.retrieval.crypto import BankDecryptError, generate_key_file, load_key_file
+from jras_core.retrieval.store import BankStore
+from tools.cli import main
+
+pytestmark = pytest.mark.usefixtures("no_bank_key_env")
+
+
+@posix_only
+def test_jras_site_init_end_to_end(tmp_path, capsys, caplog):
+    caplog.set_level(logging.DEBUG)
+    yaml_path = site_yaml(tmp_path)
+    argv = ["site", "init", "--site", str(yaml_path), "--set", "preprocess.size=32"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    key_path = yaml_path.parent / "secrets" / "bank.key"
+    bank_file = yaml_path.parent / "bank" / "bank.enc"
+    assert str(key_path) in out and str(bank_file) in out and "new, mode 0600" in out
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+    raw = load_key_file(key_path)._key
+    for secret in (raw, base64.b64encode(raw)):
+        assert secret.decode("latin-1") not in out + caplog.text
+        assert secret not in bank_file.read_bytes()
+    bank = RetrievalBank.load(bank_file.parent, store=BankStore(bank_file.parent, key=load_key_file(key_path)))
+    assert len(bank) > 0 and bank.embeddings is None and bank.slices.images.shape[-1] == 32
+    with pytest.raises(DataError, match="encrypted but no key"):
+        RetrievalBank.load(bank_file.parent)
+    # a second run keeps the key and re-encrypts the bank with it
+    assert main(argv) == 0
+    assert "(existing)" in capsys.readouterr().out
+    assert load_key_file(key_path)._key == raw
+    RetrievalBank.load(bank_file.parent, store=BankStore(bank_file.parent, key=load_key_file(key_path)))
+    # a key file others can read is refused with the fix
+    os.chmod(key_path, 0o644)
+    assert main(argv) == 2
+    assert f"chmod 600 {key_path}" in capsys.readouterr().err
+
+
+def test_jras_site_init_without_any_key_is_an_error(tmp_path, capsys):
+    yaml_path = site_yaml(tmp_path, key_file=None)
+    assert main(["site", "init", "--site", str(yaml_path), "--set", "preprocess.size=32"]) == 2
+    assert "no bank key" in capsys.readouterr().err
+    assert not (yaml_path.parent / "bank").exists()
+
+
+def test_bank_build_and_site_init_with_a_checkpoint_write_encrypted_embedded_banks(tmp_path, capsys):
+    from jras_core.checkpoint import save_model
+    from jras_core.config import JRASConfig
+    from jras_core.models.jras import build_model
+
+    cfg = JRASConfig().with_overrides({"preprocess.size": 32, "segmenter.channels": [8, 16, 32],
+                                       "retriever.channels": [8, 16], "retriever.embed_dim": 16})
+    ckpt = save_model(tmp_path / "model.pt", build_model(cfg), cfg)
+    yaml_path = site_yaml(tmp_path)
+    key_path = yaml_path.parent / "secrets" / "bank.key"
+    bank_dir = yaml_path.parent / "bank"
+    # bank build: the site's bank_dir, encrypted with its key_file
+    generate_key_file(key_path)
+    assert main(["bank", "build", "--checkpoint", str(ckpt), "--site", str(yaml_path)]) == 0
+    assert "encrypted (AES-256-GCM)" in capsys.readouterr().out
+    bank = RetrievalBank.load(bank_dir, store=BankStore(bank_dir, key=load_key_file(key_path)))
+    assert bank.embeddings.shape == (len(bank), 16)
+    # --key-file overrides the site's key; --out overrides bank_dir
+    other_key = generate_key_file(tmp_path / "other.key")
+    assert main(["site", "init", "--site", str(yaml_path), "--checkpoint", str(ckpt),
+                 "--key-file", str(other_key), "--out", str(tmp_path / "b2")]) == 0
+    capsys.readouterr()
+    with pytest.raises(BankDecryptError):
+        BankStore(tmp_path / "b2", key=load_key_file(key_path)).load()
+    bank = RetrievalBank.load(tmp_path / "b2", store=BankStore(tmp_path / "b2", key=load_key_file(other_key)))
+    assert bank.embeddings.shape == (len(bank), 16)
