@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss
+from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 
 
@@ -14,19 +14,20 @@ def segmentation_loss() -> nn.Module:
 
 
 def per_sample_dice_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Dice + cross-entropy of each sample, ``(B,)`` (no reduction over the batch).
+    """Dice + cross-entropy of each sample, ``(B,)`` (no reduction over the batch): MONAI's
+    soft Dice per sample and class (``reduction="none"``), averaged over the classes, plus the
+    sample's mean pixel cross-entropy.
 
     Args:
         logits: ``(B, C, H, W)``; labels: ``(B, H, W)`` integer labels.
     """
-    num_classes = logits.shape[1]
     ce = F.cross_entropy(logits, labels, reduction="none").mean(dim=(1, 2))
-    probs = torch.softmax(logits, dim=1)
-    oh = F.one_hot(labels, num_classes).movedim(-1, 1).float()
-    inter = (probs * oh).sum(dim=(2, 3))
-    denom = probs.sum(dim=(2, 3)) + oh.sum(dim=(2, 3))
-    dice = 1.0 - ((2 * inter + 1e-5) / (denom + 1e-5)).mean(dim=1)
+    dice = _PER_SAMPLE_DICE(logits, labels.unsqueeze(1)).flatten(1).mean(dim=1)
     return ce + dice
+
+
+_PER_SAMPLE_DICE = DiceLoss(to_onehot_y=True, softmax=True, reduction="none")
+"""``(B, C, 1, 1)`` soft Dice loss of each sample and class (smoothing 1e-5 above and below)."""
 
 
 def soft_info_nce(sims: torch.Tensor, relevance: torch.Tensor, tau: float, tau_relevance: float,
