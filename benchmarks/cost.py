@@ -46,9 +46,15 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jras_core.files import PROJECT_ROOT
+
+if TYPE_CHECKING:  # heavy imports stay out of `jras --help`
+    from jras_core.config import JRASConfig
+    from jras_core.data.slices import SliceSet
 
 COLUMNS = ["section", "item", "value", "unit", "note"]
 SECTION_TITLES = {
@@ -545,6 +551,32 @@ def format_table(rows: list[dict[str, object]]) -> list[str]:
     return lines
 
 
+@dataclass(frozen=True)
+class Table:
+    """The measured rows of every section, in the order measured (the rows of ``cost.csv``)."""
+
+    rows: list[dict[str, object]] = field(default_factory=list)
+
+    def add(self, section: str, item: str, value: float, unit: str, note: str = "") -> None:
+        """Append a row; a value that is not finite and positive is a failed measurement (raises)."""
+        value = float(value)
+        if not (math.isfinite(value) and value > 0):
+            raise RuntimeError(f"{section}/{item}: measured value {value!r} is not finite and positive")
+        self.rows.append({"section": section, "item": item, "value": value, "unit": unit, "note": note})
+
+    def lines(self, section: str) -> list[str]:
+        """The Markdown table of ``section``'s rows."""
+        return format_table([r for r in self.rows if r["section"] == section])
+
+    def show(self, section: str) -> None:
+        """Print ``section``'s title and table."""
+        print(f"\n## {SECTION_TITLES[section]}")
+        print("\n".join(self.lines(section)), flush=True)
+
+
+# --------------------------------------------------------------------------- main
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
@@ -553,192 +585,298 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the benchmark described by parsed ``args`` (see :func:`add_arguments`): each
+    section measured and its table printed in turn, then ``cost.csv`` and ``cost.md`` written
+    (``--_memory-probe``: only the memory probe, in its own process)."""
     if getattr(args, "memory_probe", False):
         return memory_probe(args)
+    opts = resolve_options(args)
+    header = set_up(opts)
+    t_start = time.perf_counter()
+    print(f"# J-RAS cost benchmark ({header})", flush=True)
+    table = Table()
+    sites = measure_steps(opts, table)
+    cfg, slices = base_config(opts.largest, opts.method), sites[opts.largest]
+    measure_refresh(opts, table, cfg, slices)
+    measure_search(opts, table, cfg, slices)
+    if opts.flower_metrics:
+        measure_flower(opts.flower_metrics, table)
+    measure_memory(opts, table)
+    measure_transfer(table, cfg)
+    write_outputs(opts, table, header, t_start)
+    return 0
+
+
+@dataclass(frozen=True)
+class Options:
+    """What one run measures, resolved from its options (``--quick``: tiny sizes, few repeats)."""
+
+    settings: list[str]
+    """The ``--set`` items as given (passed on to the memory probe's process)."""
+    method: dict[str, object]
+    """The method-config overrides they make (dotted keys), applied to every measurement."""
+    threads: int
+    quick: bool
+    sizes: list[int]
+    bank_sizes: list[int]
+    index_sizes: list[int]
+    repeats: int
+    step_repeats: int
+    epoch_repeats: int
+    site_cases: int
+    """Cases of the synthetic site (~14 slices each)."""
+    copy_bytes: int
+    """Bytes of the numpy copy that measures the memory bandwidth."""
+    probe_size: int
+    probe_bank: int
+    """Image size and bank slices of the memory probe."""
+    out: Path
+    flower_metrics: str | None
+
+    @property
+    def largest(self) -> int:
+        """The largest image size: the size of the sections after the step times."""
+        return max(self.sizes)
+
+
+def resolve_options(args: argparse.Namespace) -> Options:
+    """The run's :class:`Options` from parsed ``args`` (nothing is set up yet)."""
+    from jras_core.config import parse_overrides
+
+    quick = args.quick
+    return Options(
+        settings=args.set, method=parse_overrides(args.set), threads=args.threads, quick=quick,
+        sizes=[32] if quick else args.sizes,
+        bank_sizes=[200] if quick else args.bank_sizes,
+        index_sizes=[1000, 10000] if quick else args.index_sizes,
+        repeats=args.repeats or (3 if quick else 7),
+        step_repeats=args.step_repeats or (6 if quick else 40),
+        epoch_repeats=1 if quick else 3,
+        site_cases=4 if quick else 15,  # ~14 slices per case: ~56 / ~200 slices
+        copy_bytes=(64 if quick else 512) * 2**20,
+        probe_size=32 if quick else 128,
+        probe_bank=200 if quick else 2000,
+        out=Path(args.out), flower_metrics=args.flower_metrics,
+    )
+
+
+def set_up(opts: Options) -> str:
+    """Quiet the method's logs, set torch's and FAISS's threads and create the output folder;
+    returns the run's description (the header of the printout and of ``cost.md``)."""
     import logging
 
     import torch
 
-    from jras_core.config import parse_overrides
-    from jras_core.models.batching import inference_batch_size
     from jras_core.retrieval.bank import faiss
 
     logging.getLogger("jras_core").setLevel(logging.WARNING)
-    method = parse_overrides(args.set)
-    torch.set_num_threads(args.threads)
-    faiss.omp_set_num_threads(args.threads)
-    quick = args.quick
-    sizes = [32] if quick else args.sizes
-    bank_sizes = [200] if quick else args.bank_sizes
-    index_sizes = [1000, 10000] if quick else args.index_sizes
-    repeats = args.repeats or (3 if quick else 7)
-    step_repeats = args.step_repeats or (6 if quick else 40)
-    site_cases = 4 if quick else 15  # ~14 slices per case: ~56 / ~200 slices
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, object]] = []
-    t_start = time.perf_counter()
+    torch.set_num_threads(opts.threads)
+    faiss.omp_set_num_threads(opts.threads)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    return (f"threads {opts.threads}, torch {torch.__version__}, faiss {faiss.__version__}, "
+            f"{os.cpu_count()} CPUs visible, OPENBLAS_CORETYPE {os.environ.get('OPENBLAS_CORETYPE', 'unset')}"
+            f"{', --quick' if opts.quick else ''}"
+            + "".join(f", --set {item}" for item in opts.settings))
 
-    def add(section: str, item: str, value: float, unit: str, note: str = "") -> None:
-        value = float(value)
-        if not (math.isfinite(value) and value > 0):
-            raise RuntimeError(f"{section}/{item}: measured value {value!r} is not finite and positive")
-        rows.append({"section": section, "item": item, "value": value, "unit": unit, "note": note})
 
-    def show(section: str) -> None:
-        print(f"\n## {SECTION_TITLES[section]}")
-        print("\n".join(format_table([r for r in rows if r["section"] == section])), flush=True)
+# --------------------------------------------------------------------------- sections
 
-    header = (f"threads {args.threads}, torch {torch.__version__}, faiss {faiss.__version__}, "
-              f"{os.cpu_count()} CPUs visible, OPENBLAS_CORETYPE {os.environ.get('OPENBLAS_CORETYPE', 'unset')}"
-              f"{', --quick' if quick else ''}"
-              + "".join(f", --set {item}" for item in args.set))
-    print(f"# J-RAS cost benchmark ({header})", flush=True)
 
-    # 1. step times ----------------------------------------------------------
-    site_by_size = {}
-    for size in sizes:
-        cfg = base_config(size, method)
-        slices = site_slices(cfg, site_cases)
-        site_by_size[size] = slices
-        st = step_times(cfg, slices, step_repeats)
-        note = f"batch {cfg.train.batch_size}, {cfg.segmenter.backbone} {cfg.segmenter.channels}"
-        add("step", f"phase A none, {size}px", st["phase_a_none"] * 1e3, "ms/step", note)
-        add("step", f"phase A J-RAS K={cfg.retrieval.k}, {size}px", st["phase_a_jras"] * 1e3, "ms/step", note)
-        add("step", f"phase A J-RAS / none, {size}px", st["phase_a_jras"] / st["phase_a_none"], "x", "wall time")
-        add("step", f"phase A J-RAS / none, {size}px, CPU time", st["ratio_phase_a"], "x",
-            f"process CPU time (robust to other load); median over {step_repeats} repeats of the ratio of "
-            "two steps timed next to each other")
-        if "phase_b_jras" in st:
-            note_b = (f"{cfg.contrastive.candidates} candidates, relevance {cfg.contrastive.relevance}, "
-                      f"keys {cfg.contrastive.keys}, pass 1 {cfg.retrieval.first_pass}, refresh excluded")
-            add("step", f"phase B J-RAS, {size}px", st["phase_b_jras"] * 1e3, "ms/step", note_b)
-            add("step", f"phase B J-RAS / phase A none, {size}px, CPU time",
-                st["cpu_phase_b_jras"] / st["cpu_phase_a_none"], "x", "process CPU time (robust to other load)")
-        aug = augment_times(cfg, slices, repeats)
-        note_aug = f"process CPU time, batch {cfg.train.batch_size}, augment.prob {cfg.augment.prob}"
-        add("step", f"intensity augmentation, {cfg.train.batch_size} images, {size}px", aug["single"] * 1e3, "ms/batch",
-            note_aug + " (none, and queries without guides)")
-        add("step", f"intensity augmentation, {cfg.train.batch_size} stacks of 1 + {cfg.retrieval.k}, {size}px",
-            aug["stacked"] * 1e3, "ms/batch", note_aug + " (query and guides, augment.guides shared)")
-        inf = inference_times(cfg, slices, repeats)
-        note_inf = (f"process CPU time per slice, batches of up to {inference_batch_size(size)}, "
-                    "post-processing included")
-        n = cfg.retrieval.test_passes
-        add("step", f"inference none, {size}px", inf["none"] * 1e3, "ms/slice", note_inf)
-        add("step", f"inference J-RAS, 1 retrieval round, {size}px", inf["passes_1"] * 1e3, "ms/slice",
-            note_inf + "; pass 1, retrieval, guided forward")
-        add("step", f"inference J-RAS, {n} retrieval round(s), {size}px", inf["passes_n"] * 1e3, "ms/slice",
-            note_inf + " (retrieval.test_passes)")
-        add("step", f"inference J-RAS ({n} round(s)) / none, {size}px", inf["passes_n"] / inf["none"], "x",
-            "process CPU time")
-    show("step")
+def measure_steps(opts: Options, table: Table) -> dict[int, SliceSet]:
+    """Section 1, at each image size: training steps, intensity augmentation and inference on
+    a synthetic site. Returns the site of each size (the later sections use the largest)."""
+    sites = {}
+    for size in opts.sizes:
+        cfg = base_config(size, opts.method)
+        slices = site_slices(cfg, opts.site_cases)
+        sites[size] = slices
+        add_step_rows(table, cfg, slices, opts.step_repeats)
+        add_augment_rows(table, cfg, slices, opts.repeats)
+        add_inference_rows(table, cfg, slices, opts.repeats)
+    table.show("step")
+    return sites
 
-    # 2. refresh vs epoch ----------------------------------------------------
-    size = max(sizes)
-    cfg = base_config(size, method)
-    slices = site_by_size[size]
-    epoch_repeats = 1 if quick else 3
-    ep = epoch_time(cfg, slices, epoch_repeats)
-    per_slice = (ep["seg_s"] + ep["retr_s"]) / len(slices)
-    paired = f"process CPU time, median over {epoch_repeats} repeats of the ratio to the none epoch of the same repeat"
-    add("refresh", f"local epoch (A+B), {len(slices)}-slice site, {size}px", ep["seg_s"] + ep["retr_s"], "s",
-        f"phase A {ep['seg_s']:.2f} s + phase B {ep['retr_s']:.2f} s, refresh excluded")
-    add("refresh", "local epoch per slice", per_slice * 1e3, "ms/slice")
-    add("refresh", f"local epoch none, {size}px", ep["none_s"], "s", "same site and batches, no retrieval")
-    add("refresh", "J-RAS epoch (A+B+refresh) / none epoch", ep["jras_s"] / ep["none_s"], "x",
-        f"wall time; site bank refresh {ep['site_refresh_s']:.2f} s included")
-    add("refresh", "J-RAS epoch / none epoch, CPU time", ep["ratio_later"], "x", paired)
-    if "ratio_first" in ep:
-        warmup = cfg.retrieval.first_pass == "warmup"
-        add("refresh", "J-RAS first epoch of a round / none epoch", ep["ratio_first"], "x",
-            paired + "; " + ("phase A without guides (first_pass warmup), then phase B" if warmup
-                             else "pass 1 run for the queries not yet in the prediction memory"))
-        for e in (1, 3):
-            first = ep["ratio_single"] if e == 1 else ep["ratio_first"]
-            add("refresh", f"J-RAS round of {e} local epoch(s) / none, CPU time",
-                (first + (e - 1) * ep["ratio_later"]) / e, "x", "first epoch + later epochs, from the ratios above")
+
+def add_step_rows(table: Table, cfg: JRASConfig, slices: SliceSet, repeats: int) -> None:
+    """Phase A of ``none`` and of J-RAS and phase B of J-RAS (:func:`step_times`, ``repeats``
+    repeats), in wall time and as CPU-time ratios."""
+    size = cfg.preprocess.size
+    st = step_times(cfg, slices, repeats)
+    note = f"batch {cfg.train.batch_size}, {cfg.segmenter.backbone} {cfg.segmenter.channels}"
+    table.add("step", f"phase A none, {size}px", st["phase_a_none"] * 1e3, "ms/step", note)
+    table.add("step", f"phase A J-RAS K={cfg.retrieval.k}, {size}px", st["phase_a_jras"] * 1e3, "ms/step", note)
+    table.add("step", f"phase A J-RAS / none, {size}px", st["phase_a_jras"] / st["phase_a_none"], "x", "wall time")
+    table.add("step", f"phase A J-RAS / none, {size}px, CPU time", st["ratio_phase_a"], "x",
+              f"process CPU time (robust to other load); median over {repeats} repeats of the ratio of "
+              "two steps timed next to each other")
+    if "phase_b_jras" in st:
+        note_b = (f"{cfg.contrastive.candidates} candidates, relevance {cfg.contrastive.relevance}, "
+                  f"keys {cfg.contrastive.keys}, pass 1 {cfg.retrieval.first_pass}, refresh excluded")
+        table.add("step", f"phase B J-RAS, {size}px", st["phase_b_jras"] * 1e3, "ms/step", note_b)
+        table.add("step", f"phase B J-RAS / phase A none, {size}px, CPU time",
+                  st["cpu_phase_b_jras"] / st["cpu_phase_a_none"], "x", "process CPU time (robust to other load)")
+
+
+def add_augment_rows(table: Table, cfg: JRASConfig, slices: SliceSet, repeats: int) -> None:
+    """The intensity augmentation of a batch of images and of a batch of guide stacks
+    (:func:`augment_times`)."""
+    size, batch = cfg.preprocess.size, cfg.train.batch_size
+    aug = augment_times(cfg, slices, repeats)
+    note_aug = f"process CPU time, batch {batch}, augment.prob {cfg.augment.prob}"
+    table.add("step", f"intensity augmentation, {batch} images, {size}px", aug["single"] * 1e3, "ms/batch",
+              note_aug + " (none, and queries without guides)")
+    table.add("step", f"intensity augmentation, {batch} stacks of 1 + {cfg.retrieval.k}, {size}px",
+              aug["stacked"] * 1e3, "ms/batch", note_aug + " (query and guides, augment.guides shared)")
+
+
+def add_inference_rows(table: Table, cfg: JRASConfig, slices: SliceSet, repeats: int) -> None:
+    """Inference per slice of ``none`` and of J-RAS with one and with ``retrieval.test_passes``
+    retrieval rounds (:func:`inference_times`)."""
+    from jras_core.models.batching import inference_batch_size
+
+    size, n = cfg.preprocess.size, cfg.retrieval.test_passes
+    inf = inference_times(cfg, slices, repeats)
+    note_inf = (f"process CPU time per slice, batches of up to {inference_batch_size(size)}, "
+                "post-processing included")
+    table.add("step", f"inference none, {size}px", inf["none"] * 1e3, "ms/slice", note_inf)
+    table.add("step", f"inference J-RAS, 1 retrieval round, {size}px", inf["passes_1"] * 1e3, "ms/slice",
+              note_inf + "; pass 1, retrieval, guided forward")
+    table.add("step", f"inference J-RAS, {n} retrieval round(s), {size}px", inf["passes_n"] * 1e3, "ms/slice",
+              note_inf + " (retrieval.test_passes)")
+    table.add("step", f"inference J-RAS ({n} round(s)) / none, {size}px", inf["passes_n"] / inf["none"], "x",
+              "process CPU time")
+
+
+def measure_refresh(opts: Options, table: Table, cfg: JRASConfig, slices: SliceSet) -> None:
+    """Section 2: local epochs on ``slices``, then the refresh of banks of ``--bank-sizes``
+    slices against an epoch over as many slices."""
     from jras_core.models import build_model
 
+    size = cfg.preprocess.size
+    per_slice = add_epoch_rows(table, cfg, slices, opts.epoch_repeats)
     model = build_model(cfg)
-    for n in bank_sizes:
-        t = refresh_time(cfg, model, slices, n, max(1, repeats // 2))
-        add("refresh", f"refresh, bank {n}", t, "s", f"{t / n * 1e3:.3f} ms/slice, {size}px")
-        add("refresh", f"refresh / epoch, bank {n}", 100.0 * t / (per_slice * n), "%",
-            f"vs an epoch over {n} slices (scaled per slice)")
-    show("refresh")
+    for n in opts.bank_sizes:
+        t = refresh_time(cfg, model, slices, n, max(1, opts.repeats // 2))
+        table.add("refresh", f"refresh, bank {n}", t, "s", f"{t / n * 1e3:.3f} ms/slice, {size}px")
+        table.add("refresh", f"refresh / epoch, bank {n}", 100.0 * t / (per_slice * n), "%",
+                  f"vs an epoch over {n} slices (scaled per slice)")
+    table.show("refresh")
 
-    # 3. search ----------------------------------------------------------------
+
+def add_epoch_rows(table: Table, cfg: JRASConfig, slices: SliceSet, repeats: int) -> float:
+    """A J-RAS epoch against a ``none`` epoch on ``slices`` (:func:`epoch_time`), with a
+    prediction memory also rounds of 1 and 3 epochs; returns the seconds per slice of a
+    J-RAS epoch (phase A + B, refresh excluded)."""
+    size = cfg.preprocess.size
+    ep = epoch_time(cfg, slices, repeats)
+    per_slice = (ep["seg_s"] + ep["retr_s"]) / len(slices)
+    paired = f"process CPU time, median over {repeats} repeats of the ratio to the none epoch of the same repeat"
+    table.add("refresh", f"local epoch (A+B), {len(slices)}-slice site, {size}px", ep["seg_s"] + ep["retr_s"], "s",
+              f"phase A {ep['seg_s']:.2f} s + phase B {ep['retr_s']:.2f} s, refresh excluded")
+    table.add("refresh", "local epoch per slice", per_slice * 1e3, "ms/slice")
+    table.add("refresh", f"local epoch none, {size}px", ep["none_s"], "s", "same site and batches, no retrieval")
+    table.add("refresh", "J-RAS epoch (A+B+refresh) / none epoch", ep["jras_s"] / ep["none_s"], "x",
+              f"wall time; site bank refresh {ep['site_refresh_s']:.2f} s included")
+    table.add("refresh", "J-RAS epoch / none epoch, CPU time", ep["ratio_later"], "x", paired)
+    if "ratio_first" in ep:
+        warmup = cfg.retrieval.first_pass == "warmup"
+        table.add("refresh", "J-RAS first epoch of a round / none epoch", ep["ratio_first"], "x",
+                  paired + "; " + ("phase A without guides (first_pass warmup), then phase B" if warmup
+                                   else "pass 1 run for the queries not yet in the prediction memory"))
+        for e in (1, 3):
+            first = ep["ratio_single"] if e == 1 else ep["ratio_first"]
+            table.add("refresh", f"J-RAS round of {e} local epoch(s) / none, CPU time",
+                      (first + (e - 1) * ep["ratio_later"]) / e, "x",
+                      "first epoch + later epochs, from the ratios above")
+    return per_slice
+
+
+def measure_search(opts: Options, table: Table, cfg: JRASConfig, slices: SliceSet) -> None:
+    """Section 3: FAISS against brute-force top-K at ``--index-sizes``, with the memory
+    bandwidth's floor of one scan of the index."""
     from jras_core.retrieval.bank import RetrievalBank
 
     d, nq = 128, 256
     margin = RetrievalBank(slices, cfg.labels.num_classes).max_per_owner
     k = 3 + margin
-    bw = memory_bandwidth((64 if quick else 512) * 2**20, repeats)
-    add("search", "memory bandwidth (numpy copy)", bw / 1e9, "GB/s", "read + write bytes / time")
-    for n in index_sizes:
-        s = search_times(n, d, k, nq, repeats)
+    bw = memory_bandwidth(opts.copy_bytes, opts.repeats)
+    table.add("search", "memory bandwidth (numpy copy)", bw / 1e9, "GB/s", "read + write bytes / time")
+    for n in opts.index_sizes:
+        s = search_times(n, d, k, nq, opts.repeats)
         floor = n * d * 4 / bw
         note = f"k={s['k']} (3 + own-case margin {margin}), d={d}, {nq} queries"
-        add("search", f"FAISS flat IP, N={n}", s["faiss_s"] * 1e3, "ms/batch", note)
-        add("search", f"torch mm + topk, N={n}", s["torch_s"] * 1e3, "ms/batch", note)
-        add("search", f"scan floor, N={n}", floor * 1e3, "ms/batch", f"{n * d * 4 / 2**20:.1f} MiB index / bandwidth")
-        add("search", f"FAISS == brute force top-k, N={n}", s["agree"], "bool", "same index sets (float ties allowed)")
-    show("search")
+        table.add("search", f"FAISS flat IP, N={n}", s["faiss_s"] * 1e3, "ms/batch", note)
+        table.add("search", f"torch mm + topk, N={n}", s["torch_s"] * 1e3, "ms/batch", note)
+        table.add("search", f"scan floor, N={n}", floor * 1e3, "ms/batch",
+                  f"{n * d * 4 / 2**20:.1f} MiB index / bandwidth")
+        table.add("search", f"FAISS == brute force top-k, N={n}", s["agree"], "bool",
+                  "same index sets (float ties allowed)")
+    table.show("search")
 
-    # 4. Flower round overhead (from a simulation's metrics) ----------------------
-    if args.flower_metrics:
-        startup = flower_startup(args.flower_metrics)
-        if startup and startup.get("wall_time_s"):
-            site_times = [t for t in (startup.get("client-time-s") or {}).values() if t is not None]
-            add("flower", "warm-up before round 1, wall time", startup["wall_time_s"], "s",
-                f"{startup.get('sites_ready', 0)} of {startup.get('sites', 0)} sites ready; worker start, imports, "
-                f"site data and bank (slowest site {max(site_times, default=0.0):.1f} s); not part of any round")
-        for r in flower_overhead(args.flower_metrics):
-            what = "client-cpu-s" if r["measure"] == "cpu" else "client-time-s"
-            note = (f"{r['sites']} sites; {what}: sum {r['compute_s']:.1f} s, "
-                    f"slowest site per phase {r['critical_s']:.1f} s")
-            add("flower", f"round {r['round']} wall time", r["wall_s"], "s", note)
-            server = f"; server-side work {r['server_s']:.2f} s" if math.isfinite(r["server_s"]) else ""
-            add("flower", f"round {r['round']} overhead", max(100.0 * r["overhead"], 1e-3), "%",
-                f"1 - ideal {r['ideal_s']:.1f} s / wall (per phase: slowest site, or compute / {os.cpu_count()} CPUs)"
-                + server)
-        show("flower")
 
-    # 5. memory ------------------------------------------------------------------
-    probe_size, probe_bank = (32, 200) if quick else (128, 2000)
-    mem = run_memory_probe(probe_size, probe_bank, site_cases, args.threads, args.set)
-    add("memory", "after imports (torch, MONAI, FAISS)", mem["after_imports_mb"], "MiB", "peak RSS (VmHWM)")
-    add("memory", f"peak: bank {mem['bank']} x {probe_size}px + 1 J-RAS epoch", mem["peak_mb"], "MiB",
-        f"site of {mem['site']} slices, separate process, peak RSS (VmHWM)")
-    show("memory")
+def measure_flower(path: str, table: Table) -> None:
+    """Section 4: the server's warm-up before round 1 and each round's overhead, from the
+    simulation's ``metrics.jsonl`` at ``path`` (:func:`flower_startup`, :func:`flower_overhead`)."""
+    startup = flower_startup(path)
+    if startup and startup.get("wall_time_s"):
+        site_times = [t for t in (startup.get("client-time-s") or {}).values() if t is not None]
+        table.add("flower", "warm-up before round 1, wall time", startup["wall_time_s"], "s",
+                  f"{startup.get('sites_ready', 0)} of {startup.get('sites', 0)} sites ready; worker start, imports, "
+                  f"site data and bank (slowest site {max(site_times, default=0.0):.1f} s); not part of any round")
+    for r in flower_overhead(path):
+        what = "client-cpu-s" if r["measure"] == "cpu" else "client-time-s"
+        note = (f"{r['sites']} sites; {what}: sum {r['compute_s']:.1f} s, "
+                f"slowest site per phase {r['critical_s']:.1f} s")
+        table.add("flower", f"round {r['round']} wall time", r["wall_s"], "s", note)
+        server = f"; server-side work {r['server_s']:.2f} s" if math.isfinite(r["server_s"]) else ""
+        table.add("flower", f"round {r['round']} overhead", max(100.0 * r["overhead"], 1e-3), "%",
+                  f"1 - ideal {r['ideal_s']:.1f} s / wall (per phase: slowest site, or compute / {os.cpu_count()} CPUs)"
+                  + server)
+    table.show("flower")
 
-    # 6. transfer ---------------------------------------------------------------
+
+def measure_memory(opts: Options, table: Table) -> None:
+    """Section 5: peak resident memory of a separate process that builds a bank and runs one
+    J-RAS epoch (:func:`run_memory_probe`)."""
+    mem = run_memory_probe(opts.probe_size, opts.probe_bank, opts.site_cases, opts.threads, opts.settings)
+    table.add("memory", "after imports (torch, MONAI, FAISS)", mem["after_imports_mb"], "MiB", "peak RSS (VmHWM)")
+    table.add("memory", f"peak: bank {mem['bank']} x {opts.probe_size}px + 1 J-RAS epoch", mem["peak_mb"], "MiB",
+              f"site of {mem['site']} slices, separate process, peak RSS (VmHWM)")
+    table.show("memory")
+
+
+def measure_transfer(table: Table, cfg: JRASConfig) -> None:
+    """Section 6: one site's model transfer per round, fp32 and fp16 (:func:`transfer_bytes`)."""
     tb = transfer_bytes(cfg)
     note = f"{tb['params']:,} float values (segmenter + retriever)"
-    add("transfer", "model, fp32, one way", tb["fp32"] / 2**20, "MiB", note)
-    add("transfer", "model, fp16, one way", tb["fp16"] / 2**20, "MiB", note)
-    add("transfer", "round (down + up), fp32", 2 * tb["fp32"] / 2**20, "MiB")
-    add("transfer", "round (down + up), fp16", 2 * tb["fp16"] / 2**20, "MiB")
-    show("transfer")
+    table.add("transfer", "model, fp32, one way", tb["fp32"] / 2**20, "MiB", note)
+    table.add("transfer", "model, fp16, one way", tb["fp16"] / 2**20, "MiB", note)
+    table.add("transfer", "round (down + up), fp32", 2 * tb["fp32"] / 2**20, "MiB")
+    table.add("transfer", "round (down + up), fp16", 2 * tb["fp16"] / 2**20, "MiB")
+    table.show("transfer")
 
-    # files ---------------------------------------------------------------------
-    with open(out / "cost.csv", "w", newline="") as fh:
+
+# --------------------------------------------------------------------------- files
+
+
+def write_outputs(opts: Options, table: Table, header: str, t_start: float) -> None:
+    """Write ``cost.csv`` and ``cost.md`` (the run's ``header``, its seconds since ``t_start``
+    and every section's table; the Flower section's a note without ``--flower-metrics``)."""
+    with open(opts.out / "cost.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=COLUMNS)
         w.writeheader()
-        w.writerows(rows)
+        w.writerows(table.rows)
     md = ["# J-RAS cost benchmark", "", header + f"; {time.perf_counter() - t_start:.0f} s in all.",
           "Timings depend on the machine and on what else ran on it; medians of repeats after a warm-up.", ""]
     for section, title in SECTION_TITLES.items():
-        if section == "flower" and not args.flower_metrics:
+        if section == "flower" and not opts.flower_metrics:
             md += [f"## {title}", "", FLOWER_NOTE, ""]
         else:
-            md += [f"## {title}", "", *format_table([r for r in rows if r["section"] == section]), ""]
-    (out / "cost.md").write_text("\n".join(md))
-    if not args.flower_metrics:
+            md += [f"## {title}", "", *table.lines(section), ""]
+    (opts.out / "cost.md").write_text("\n".join(md))
+    if not opts.flower_metrics:
         print(f"\n{FLOWER_NOTE}")
-    print(f"wrote {out / 'cost.csv'} and {out / 'cost.md'}")
-    return 0
+    print(f"wrote {opts.out / 'cost.csv'} and {opts.out / 'cost.md'}")
 
 
 if __name__ == "__main__":

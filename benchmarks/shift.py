@@ -120,6 +120,9 @@ DEFAULT_METHODS = ["local", "fedavg", "fedavg+aug", "fedprox", "fedbn", "jras-fe
                    "central"]
 QUICK = {"dataset": "synthetic", "heldout": "D", "methods": "fedavg+aug,jras-fedavg", "seeds": "0",
          "rounds": 2, "local_epochs": 1, "size": 32, "cases": 6, "support": 2, "ft_epochs": 1}
+DEFAULTS = {"dataset": "synthetic", "methods": ",".join(DEFAULT_METHODS), "seeds": "0,1,2", "rounds": 10,
+            "local_epochs": 1, "size": 128, "cases": 12, "support": 5, "ft_epochs": 5}
+"""The values of the options left unset (after :data:`QUICK`'s under ``--quick``)."""
 
 
 
@@ -501,6 +504,11 @@ def columns_for(class_names: Sequence[str], base: Sequence[str] = BASE_COLUMNS,
     return [*base, "dice_mean", *[f"dice_{c.lower()}" for c in class_names], *tail]
 
 
+def _run_key(row: Mapping[str, Any]) -> tuple[str, str, str]:
+    """The (method, held-out vendor, seed) run a ``results.csv`` row belongs to."""
+    return row["method"], row["heldout"], str(row["seed"])
+
+
 def read_rows(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
@@ -534,6 +542,11 @@ class Job:
     method: Method
     heldout: str
     seed: int
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """The (method, held-out vendor, seed) of the job's rows in ``results.csv`` (:func:`_run_key`)."""
+        return self.method.name, self.heldout, str(self.seed)
 
 
 def calibrate_site(site: Site, base_cfg: JRASConfig) -> dict[str, float]:
@@ -708,22 +721,112 @@ def interrupted(command: str, results_path: Path) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by parsed ``args`` (see :func:`add_arguments`)."""
-    import torch
+    plan = resolve_plan(args)
+    rows = [] if args.fresh else read_rows(plan.results_path)
+    todo = pending_jobs(args, plan, rows)
+    announce(args, plan, todo)
+    schedule = schedule_jobs(plan, todo, rows, args.reevaluate)
+    try:
+        run_jobs(plan, schedule, rows)
+    except KeyboardInterrupt:
+        return interrupted("shift", plan.results_path)
+    report_results(args, plan)
+    return 0
 
-    from benchmarks.report import as_number, write_report
-    from jras_core.config import ConfigError, JRASConfig
+
+@dataclass(frozen=True)
+class Plan:
+    """What one call of the benchmark runs, resolved from its options."""
+
+    dataset: str
+    config: Path
+    chosen: list[Method]
+    seeds: list[int]
+    st: Settings
+    base_cfg: JRASConfig
+    """The method config without a method's overrides (class names, calibration)."""
+    vds: list[VendorData]
+    heldout_vds: dict[str, VendorData]
+    """Each vendor's data as a held-out site (``--heldout-cases`` cases)."""
+    heldouts: list[str]
+    heldout_cases: int
+    jobs: list[Job]
+    """Every run, seed by seed: an interrupted benchmark has every vendor and method of its first seeds."""
+
+    @property
+    def methods(self) -> list[str]:
+        """The chosen methods' names."""
+        return [m.name for m in self.chosen]
+
+    @property
+    def vendors(self) -> list[str]:
+        """Every vendor of the dataset."""
+        return [v.vendor for v in self.vds]
+
+    @property
+    def class_names(self) -> list[str]:
+        """The segmented classes (without background)."""
+        return self.base_cfg.labels.names
+
+    @property
+    def class_keys(self) -> list[str]:
+        """The per-class Dice columns."""
+        return [f"dice_{c.lower()}" for c in self.class_names]
+
+    @property
+    def columns(self) -> list[str]:
+        """The columns of ``results.csv``."""
+        return columns_for(self.class_names)
+
+    @property
+    def results_path(self) -> Path:
+        """``results.csv`` in the output folder."""
+        return self.st.out / "results.csv"
+
+    @property
+    def sites_dir(self) -> Path:
+        """The folder of the site YAMLs of the federations."""
+        return self.st.out / "sites" / self.dataset.replace("/", "_")
+
+
+def resolve_plan(args: argparse.Namespace) -> Plan:
+    """The :class:`Plan` of parsed ``args`` (the options left unset filled in); a bad option
+    raises :class:`~jras_core.config.ConfigError` before anything runs. Creates the output
+    folder and sets torch's threads."""
+    from jras_core.config import JRASConfig
+
+    config, chosen, seeds = resolve_choices(args)
+    st = resolve_settings(args, config)
+    base_cfg = JRASConfig.from_yaml(config).with_overrides(
+        {**st.config_overrides, "preprocess.size": args.size, "train.epochs": args.local_epochs})
+    vds = vendor_sites(args.dataset, args.cases, args.size, args.data_seed)
+    heldout_cases = args.heldout_cases or args.cases
+    heldout_vds, heldouts = resolve_heldouts(args, vds, heldout_cases)
+    jobs = [Job(m, h, s) for s in seeds for h in heldouts for m in chosen]
+    check_init(st, chosen, jobs)
+    return Plan(args.dataset, config, chosen, seeds, st, base_cfg, vds, heldout_vds, heldouts, heldout_cases, jobs)
+
+
+def resolve_choices(args: argparse.Namespace) -> tuple[Path, list[Method], list[int]]:
+    """Fill in the options left unset (:data:`QUICK` under ``--quick``, then :data:`DEFAULTS`);
+    the method config file, the methods and the seeds."""
+    from jras_core.config import ConfigError
     from jras_core.files import PROJECT_ROOT
-    from jras_core.site import Site
 
-    fill_options(args, {"dataset": "synthetic", "methods": ",".join(DEFAULT_METHODS), "seeds": "0,1,2", "rounds": 10,
-                        "local_epochs": 1, "size": 128, "cases": 12, "support": 5, "ft_epochs": 5},
-                 QUICK, str(PROJECT_ROOT / "configs" / "demo.yaml"))
+    fill_options(args, DEFAULTS, QUICK, str(PROJECT_ROOT / "configs" / "demo.yaml"))
     config = resolve_config(args.config, PROJECT_ROOT / "configs" / "default.yaml")
     chosen = parse_methods(args.methods)
-    methods = [m.name for m in chosen]
     seeds = parse_seeds(args.seeds)
     if args.rounds < 1 or args.local_epochs < 1 or args.size < 16 or args.support < 1 or not seeds:
         raise ConfigError("--rounds, --local-epochs and --support must be >= 1, --size >= 16, --seeds non-empty")
+    return config, chosen, seeds
+
+
+def resolve_settings(args: argparse.Namespace, config: Path) -> Settings:
+    """The :class:`Settings` every run shares (method config ``config``); creates the output
+    folder and sets torch's threads for the training in this process."""
+    import torch
+
     from jras_core.config import parse_overrides
     from tools.options import method_sets
 
@@ -731,18 +834,18 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, args.threads))
-    st = Settings(config, overrides, args.rounds, args.local_epochs, args.size, args.support, args.ft_epochs,
-                  out, cpus_per_client=args.cpus_per_client, share_cores=args.share_cores,
-                  client_threads=args.client_threads, timeout=args.timeout or None, init=args.init)
-    base_cfg = JRASConfig.from_yaml(config).with_overrides(
-        {**overrides, "preprocess.size": args.size, "train.epochs": args.local_epochs})
-    class_names = base_cfg.labels.names
-    class_keys = [f"dice_{c.lower()}" for c in class_names]
-    columns = columns_for(class_names)
+    return Settings(config, overrides, args.rounds, args.local_epochs, args.size, args.support, args.ft_epochs,
+                    out, cpus_per_client=args.cpus_per_client, share_cores=args.share_cores,
+                    client_threads=args.client_threads, timeout=args.timeout or None, init=args.init)
 
-    vds = vendor_sites(args.dataset, args.cases, args.size, args.data_seed)
+
+def resolve_heldouts(args: argparse.Namespace, vds: Sequence[VendorData],
+                     heldout_cases: int) -> tuple[dict[str, VendorData], list[str]]:
+    """Each vendor's data as a held-out site (``heldout_cases`` cases with ``--heldout-cases``)
+    and the held-out vendors of ``--heldout`` (default: every vendor)."""
+    from jras_core.config import ConfigError
+
     by_vendor = {v.vendor: v for v in vds}
-    heldout_cases = args.heldout_cases or args.cases
     if args.heldout_cases is not None:
         if args.dataset != "synthetic":
             raise ConfigError(f"--heldout-cases applies to the synthetic vendors only (dataset {args.dataset})")
@@ -754,106 +857,222 @@ def run(args: argparse.Namespace) -> int:
     bad = [h for h in heldouts if h not in by_vendor]
     if bad:
         raise ConfigError(f"--heldout {', '.join(bad)}: not a vendor of {args.dataset} ({', '.join(by_vendor)})")
-    # seed by seed: an interrupted benchmark has every vendor and method of its first seeds
-    jobs = [Job(m, h, s) for s in seeds for h in heldouts for m in chosen]
-    if st.init:
-        others = [m.name for m in chosen if m.kind != "federated"]
-        if others:
-            raise ConfigError(f"--init applies to federated methods only, not {', '.join(others)}")
-        missing = sorted({str(p) for j in jobs if not (p := st.init_path(j.method, j.heldout, j.seed)).is_file()})
-        if missing:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise ConfigError(f"--init: checkpoint {missing[0]} not found{more}")
+    return heldout_vds, heldouts
 
-    results_path = out / "results.csv"
-    rows = [] if args.fresh else read_rows(results_path)
-    done = {(r["method"], r["heldout"], str(r["seed"])) for r in rows if r.get("role") == "heldout"}
+
+def check_init(st: Settings, chosen: Sequence[Method], jobs: Sequence[Job]) -> None:
+    """With ``--init``: every method federated and every job's checkpoint there."""
+    from jras_core.config import ConfigError
+
+    if not st.init:
+        return
+    others = [m.name for m in chosen if m.kind != "federated"]
+    if others:
+        raise ConfigError(f"--init applies to federated methods only, not {', '.join(others)}")
+    missing = sorted({str(p) for j in jobs if not (p := st.init_path(j.method, j.heldout, j.seed)).is_file()})
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConfigError(f"--init: checkpoint {missing[0]} not found{more}")
+
+
+def pending_jobs(args: argparse.Namespace, plan: Plan, rows: Sequence[Mapping[str, Any]]) -> list[Job]:
+    """The jobs this call runs: none with ``--report-only``, every one with ``--reevaluate``,
+    else those without a held-out row in ``rows`` (of ``results.csv``)."""
+    done = {_run_key(r) for r in rows if r.get("role") == "heldout"}
     if args.report_only:
-        todo = []
-    elif args.reevaluate:
-        todo = list(jobs)
-    else:
-        todo = [j for j in jobs if (j.method.name, j.heldout, str(j.seed)) not in done]
-    previous_wall = {(r["method"], r["heldout"], str(r["seed"])): r.get("wall_s") for r in rows
-                     if r.get("role") == "heldout"}
-    print(f"J-RAS vendor-shift benchmark: dataset {args.dataset} (vendors {', '.join(by_vendor)}), held-out "
-          f"{', '.join(heldouts)}, methods {', '.join(methods)}, seeds {', '.join(map(str, seeds))}; "
-          f"{args.rounds} rounds x {args.local_epochs} local epoch(s), {args.size} px, support {args.support} cases, "
-          f"config {config.name}.", flush=True)
-    if len(todo) < len(jobs):
-        print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already in {results_path}: skipped (--fresh reruns them)")
-    if heldout_cases != args.cases:
-        print(f"held-out vendors: {heldout_cases} cases, {args.support} of them the support bank, the rest evaluated")
+        return []
+    if args.reevaluate:
+        return list(plan.jobs)
+    return [j for j in plan.jobs if j.key not in done]
 
-    reused = reused_federations(todo, st, args.reevaluate)
+
+def announce(args: argparse.Namespace, plan: Plan, todo: Sequence[Job]) -> None:
+    """Print what the benchmark compares, and which of its runs are skipped."""
+    print(f"J-RAS vendor-shift benchmark: dataset {args.dataset} (vendors {', '.join(plan.vendors)}), held-out "
+          f"{', '.join(plan.heldouts)}, methods {', '.join(plan.methods)}, seeds {', '.join(map(str, plan.seeds))}; "
+          f"{args.rounds} rounds x {args.local_epochs} local epoch(s), {args.size} px, support {args.support} cases, "
+          f"config {plan.config.name}.", flush=True)
+    jobs = plan.jobs
+    if len(todo) < len(jobs):
+        print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already in {plan.results_path}: skipped "
+              "(--fresh reruns them)")
+    if plan.heldout_cases != args.cases:
+        print(f"held-out vendors: {plan.heldout_cases} cases, {args.support} of them the support bank, "
+              "the rest evaluated")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The runs of one call, in order, and what is known of them before the first starts."""
+
+    todo: list[Job]
+    reused: set[int]
+    """The jobs (by id) whose finished federation is evaluated again, not retrained."""
+    estimate: dict[int, float]
+    """Each job's expected seconds (by id; empty when nothing is trained)."""
+    previous_wall: dict[tuple[str, str, str], Any]
+    """The wall time ``results.csv`` holds for a run (by :func:`_run_key`)."""
+
+
+def schedule_jobs(plan: Plan, todo: list[Job], rows: Sequence[Mapping[str, Any]], reevaluate: bool) -> Schedule:
+    """Find the finished federations that ``todo`` evaluates again (:func:`reused_federations`)
+    and, when some job trains, calibrate on this machine and print the expected runtime."""
+    from jras_core.site import Site
+
+    previous_wall = {_run_key(r): r.get("wall_s") for r in rows if r.get("role") == "heldout"}
+    reused = reused_federations(todo, plan.st, reevaluate)
     estimate: dict[int, float] = {}
     to_train = [j for j in todo if id(j) not in reused]
     if len(to_train) < len(todo):
-        print(f"{len(todo) - len(to_train)} finished federations in {out / 'runs'}: evaluated again, not retrained")
+        print(f"{len(todo) - len(to_train)} finished federations in {plan.st.out / 'runs'}: evaluated again, "
+              "not retrained")
     if to_train:
-        estimate = expected_runtime(to_train, Site(site_config(vds[0], "calibration"), base_cfg), base_cfg, st,
-                                    len(vds) - 1)
+        estimate = expected_runtime(to_train, Site(site_config(plan.vds[0], "calibration"), plan.base_cfg),
+                                    plan.base_cfg, plan.st, len(plan.vds) - 1)
+    return Schedule(todo, reused, estimate, previous_wall)
 
-    trained_cache: dict[tuple, tuple[Trained, Method]] = {}
+
+def run_jobs(plan: Plan, schedule: Schedule, rows: list[dict[str, Any]]) -> None:
+    """Train (or take over) and evaluate each job in turn; ``results.csv`` (``rows`` before the
+    first) is rewritten after each, and each held-out vendor's first retrieval run draws its
+    gallery."""
+    cache: dict[tuple, tuple[Trained, Method]] = {}
     gallery_done: set[str] = set()
-    progress = Progress(todo, estimate)
-    try:
-        for i, job in enumerate(todo, 1):
-            m, h, seed = job.method, job.heldout, job.seed
-            cfg = st.method_cfg(m, seed)
-            train_vds = [v for v in vds if v.vendor != h]
-            names = [f"site-{v.vendor}" for v in train_vds]
-            sites = [Site(site_config(v, n), cfg) for v, n in zip(train_vds, names)]  # data loaded on first use
-            run_dir = st.run_dir(m, h, seed)
-            print(f"[{i}/{len(todo)}] {m.name}, held-out {h}, seed {seed} ...", flush=True)
-            key = (m.training_key, h, seed)
-            trained = reuse_training(trained_cache, key, m, sites, names, class_keys)
-            if trained is None:
-                yamls = [write_site_yaml(site_config(v, n), out / "sites" / args.dataset.replace("/", "_") / f"{n}.yaml")
-                         for v, n in zip(train_vds, names)] if m.kind == "federated" else []
-                trained = train_method(m, sites, names, yamls, st, seed, run_dir, class_keys, reused=id(job) in reused,
-                                       wall_before=as_number(previous_wall.get((m.name, h, str(seed)))),
-                                       init=st.init_path(m, h, seed))
-                trained_cache = {key: (trained, m)}  # only the last run is kept: a +ft or inference variant follows
-            t_eval = time.perf_counter()
-            held = heldout_site(heldout_vds[h], cfg, st.support)
-            metrics, model = evaluate_heldout(m, trained, held, st, class_keys)
-            # a federation evaluated again keeps the wall time of its first training and evaluation
-            wall = trained.wall_s + (0.0 if id(job) in reused else time.perf_counter() - t_eval)
-            common = {"method": m.name, "heldout": h, "seed": seed, "rounds": st.rounds, "local_epochs": st.local_epochs,
-                      "size": st.size, "wall_s": wall, "bytes_per_round": trained.bytes_per_round,
-                      "peak_rss_mb": max(trained.peak_rss_mb, _peak_rss()) if m.kind != "federated" else trained.peak_rss_mb}
-            rows = [r for r in rows if not (r["method"] == m.name and r["heldout"] == h and str(r["seed"]) == str(seed))]
-            rows.append({**common, "site": held.name, "role": "heldout", **metrics})
-            for r in trained.train_rows:
-                rows.append({**common, "role": "train", **r})
-            write_rows(results_path, rows, columns)
-            if m.uses_retrieval and model is not None and h not in gallery_done and not m.finetune:
-                from benchmarks.report import save_gallery
+    progress = Progress(schedule.todo, schedule.estimate)
+    for i, job in enumerate(schedule.todo, 1):
+        sites = job_sites(plan, job)
+        print(f"[{i}/{len(schedule.todo)}] {job.method.name}, held-out {job.heldout}, seed {job.seed} ...", flush=True)
+        trained = train_job(plan, schedule, job, sites, cache)
+        evaluated = evaluate_job(plan, schedule, job, sites.cfg, trained)
+        rows = record_job(plan, job, trained, evaluated, rows)
+        save_job_gallery(plan, job, evaluated, gallery_done)
+        print(f"{job_summary(trained, evaluated)}; {progress.finished(i)}", flush=True)
 
-                save_gallery(out / f"gallery-{h}.png", model, held, f"{m.name}, held-out vendor {h}, seed {seed}")
-                gallery_done.add(h)
-            print(f"    held-out Dice {metrics.get('dice_mean', float('nan')):.3f}"
-                  + (f" (guides {metrics['guide_dice']:.3f}, oracle {metrics['dice_oracle']:.3f}, random "
-                     f"{metrics['dice_random']:.3f})" if "guide_dice" in metrics else "")
-                  + f"; in-federation {_mean([r.get('dice_mean') for r in trained.train_rows]):.3f}; "
-                  f"{wall:.0f} s; {progress.finished(i)}", flush=True)
 
-    except KeyboardInterrupt:
-        return interrupted("shift", results_path)
+@dataclass(frozen=True)
+class JobSites:
+    """The training sites of a job, under its method's configuration."""
 
-    rows = read_rows(results_path)
-    report = write_report(out, rows, methods=methods, class_names=class_names, settings={
-        "dataset": args.dataset, "vendors": ", ".join(by_vendor), "heldout": ", ".join(heldouts),
-        "seeds": ", ".join(map(str, seeds)), "rounds": args.rounds, "local_epochs": args.local_epochs,
+    cfg: JRASConfig
+    vendors: list[VendorData]
+    names: list[str]
+    sites: list[Site]
+
+
+def job_sites(plan: Plan, job: Job) -> JobSites:
+    """The training sites of ``job``: every vendor but the held-out one (data loaded on first use)."""
+    from jras_core.site import Site
+
+    cfg = plan.st.method_cfg(job.method, job.seed)
+    train_vds = [v for v in plan.vds if v.vendor != job.heldout]
+    names = [f"site-{v.vendor}" for v in train_vds]
+    sites = [Site(site_config(v, n), cfg) for v, n in zip(train_vds, names)]  # data loaded on first use
+    return JobSites(cfg, train_vds, names, sites)
+
+
+def train_job(plan: Plan, schedule: Schedule, job: Job, ts: JobSites,
+              cache: dict[tuple, tuple[Trained, Method]]) -> Trained:
+    """``job``'s training run: the one in ``cache`` when the method before it trained alike
+    (:func:`reuse_training`), else trained now or a finished federation read back
+    (:func:`train_method`), which then replaces what ``cache`` held."""
+    from benchmarks.report import as_number
+
+    m, h, seed = job.method, job.heldout, job.seed
+    key = (m.training_key, h, seed)
+    trained = reuse_training(cache, key, m, ts.sites, ts.names, plan.class_keys)
+    if trained is not None:
+        return trained
+    yamls = [write_site_yaml(site_config(v, n), plan.sites_dir / f"{n}.yaml")
+             for v, n in zip(ts.vendors, ts.names)] if m.kind == "federated" else []
+    trained = train_method(m, ts.sites, ts.names, yamls, plan.st, seed, plan.st.run_dir(m, h, seed), plan.class_keys,
+                           reused=id(job) in schedule.reused,
+                           wall_before=as_number(schedule.previous_wall.get(
+                               (m.trains_as or m.name, h, str(seed)), schedule.previous_wall.get(job.key))),
+                           init=plan.st.init_path(m, h, seed))
+    cache.clear()  # only the last run is kept: a +ft or inference variant follows
+    cache[key] = (trained, m)
+    return trained
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """A job's evaluation on its held-out site."""
+
+    site: Site
+    metrics: dict[str, float]
+    model: JRASModel
+    """The (last) evaluated model."""
+    wall_s: float
+    """The run's wall time: its training and this evaluation."""
+
+
+def evaluate_job(plan: Plan, schedule: Schedule, job: Job, cfg: JRASConfig, trained: Trained) -> Evaluated:
+    """Evaluate ``trained`` on ``job``'s held-out site (method configuration ``cfg``;
+    :func:`evaluate_heldout`)."""
+    t_eval = time.perf_counter()
+    held = heldout_site(plan.heldout_vds[job.heldout], cfg, plan.st.support)
+    metrics, model = evaluate_heldout(job.method, trained, held, plan.st, plan.class_keys)
+    # a federation evaluated again keeps the wall time of its first training and evaluation
+    wall = trained.wall_s + (0.0 if id(job) in schedule.reused else time.perf_counter() - t_eval)
+    return Evaluated(held, metrics, model, wall)
+
+
+def record_job(plan: Plan, job: Job, trained: Trained, evaluated: Evaluated,
+               rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with ``job``'s (its held-out site's, then its training sites') in place of any
+    of the same run, written to ``results.csv``."""
+    m, st = job.method, plan.st
+    common = {"method": m.name, "heldout": job.heldout, "seed": job.seed, "rounds": st.rounds,
+              "local_epochs": st.local_epochs, "size": st.size, "wall_s": evaluated.wall_s,
+              "bytes_per_round": trained.bytes_per_round,
+              "peak_rss_mb": max(trained.peak_rss_mb, _peak_rss()) if m.kind != "federated" else trained.peak_rss_mb}
+    rows = [r for r in rows if _run_key(r) != job.key]
+    rows.append({**common, "site": evaluated.site.name, "role": "heldout", **evaluated.metrics})
+    for r in trained.train_rows:
+        rows.append({**common, "role": "train", **r})
+    write_rows(plan.results_path, rows, plan.columns)
+    return rows
+
+
+def save_job_gallery(plan: Plan, job: Job, evaluated: Evaluated, done: set[str]) -> None:
+    """The guide gallery of a held-out vendor (``gallery-<vendor>.png``), drawn by its first
+    retrieval method that is not fine-tuned; ``done``: the vendors drawn."""
+    m, h = job.method, job.heldout
+    if m.uses_retrieval and evaluated.model is not None and h not in done and not m.finetune:
+        from benchmarks.report import save_gallery
+
+        save_gallery(plan.st.out / f"gallery-{h}.png", evaluated.model, evaluated.site,
+                     f"{m.name}, held-out vendor {h}, seed {job.seed}")
+        done.add(h)
+
+
+def job_summary(trained: Trained, evaluated: Evaluated) -> str:
+    """A finished job's line: held-out Dice (and guide diagnostics), in-federation Dice, wall time."""
+    metrics = evaluated.metrics
+    return (f"    held-out Dice {metrics.get('dice_mean', float('nan')):.3f}"
+            + (f" (guides {metrics['guide_dice']:.3f}, oracle {metrics['dice_oracle']:.3f}, random "
+               f"{metrics['dice_random']:.3f})" if "guide_dice" in metrics else "")
+            + f"; in-federation {_mean([r.get('dice_mean') for r in trained.train_rows]):.3f}; "
+            f"{evaluated.wall_s:.0f} s")
+
+
+def report_results(args: argparse.Namespace, plan: Plan) -> None:
+    """Write ``report.md`` and the bar chart from ``results.csv`` (every run it holds of the
+    chosen methods) and print the report."""
+    from benchmarks.report import write_report
+
+    out = plan.st.out
+    rows = read_rows(plan.results_path)
+    report = write_report(out, rows, methods=plan.methods, class_names=plan.class_names, settings={
+        "dataset": args.dataset, "vendors": ", ".join(plan.vendors), "heldout": ", ".join(plan.heldouts),
+        "seeds": ", ".join(map(str, plan.seeds)), "rounds": args.rounds, "local_epochs": args.local_epochs,
         "size": args.size, "support": args.support,
-        "heldout_cases": heldout_cases if args.dataset == "synthetic" else None, "config": config.name,
+        "heldout_cases": plan.heldout_cases if args.dataset == "synthetic" else None, "config": plan.config.name,
         "overrides": "; ".join(args.set or []) or "none", "init": args.init,
         "command": reproduce_command(getattr(args, "argv", None) or sys.argv[3:]),
-    }, descriptions={m.name: m.description for m in chosen})
+    }, descriptions={m.name: m.description for m in plan.chosen})
     print(report)
-    print(f"\nwrote {results_path}, {out / 'report.md'} and figures in {out}")
-    return 0
+    print(f"\nwrote {plan.results_path}, {out / 'report.md'} and figures in {out}")
 
 
 def reproduce_command(argv: Sequence[str], command: str = "shift") -> str:
