@@ -412,12 +412,16 @@ def target_lines(rows: Sequence[Mapping[str, Any]], methods: Sequence[Method]) -
                          else "not measured (no federated method evaluated on it)"))
 
     by_name = {m.name: m for m in present}
-    fedavg = next((by_name[n] for n in FEDAVG_FOR_CENTRAL if n in by_name), None)
+    # FedAvg and central training compared under the same overrides (``fedavg+aug[x=1]`` with ``central[x=1]``)
+    pairs = [(m, by_name["central" + suffix]) for base in FEDAVG_FOR_CENTRAL for m in present
+             for name, bracket, rest in [m.name.partition("[")] for suffix in [bracket + rest]
+             if name == base and "central" + suffix in by_name]
+    fedavg, central = pairs[0] if pairs else (None, None)
     what = f"- {label}: FedAvg within {CENTRAL_GAP:.2f} of central training: "
     f_val = mean(fedavg, acdc) if fedavg else math.nan
-    c_val = mean(by_name["central"], acdc) if "central" in by_name else math.nan
+    c_val = mean(central, acdc) if central else math.nan
     if math.isfinite(f_val) and math.isfinite(c_val):
-        lines.append(what + f"{verdict(f_val >= c_val - CENTRAL_GAP)} ({fedavg.name} {f_val:.3f}, central "
+        lines.append(what + f"{verdict(f_val >= c_val - CENTRAL_GAP)} ({fedavg.name} {f_val:.3f}, {central.name} "
                      f"{c_val:.3f}: {f_val - c_val:+.3f})")
     else:
         lines.append(what + f"not measured (needs central and {' or '.join(FEDAVG_FOR_CENTRAL)})")
@@ -439,10 +443,12 @@ def target_lines(rows: Sequence[Mapping[str, Any]], methods: Sequence[Method]) -
     else:
         lines.append(what + "not measured (needs a J-RAS and a federated non-retrieval method evaluated on the "
                      "unseen sites)")
-    c_unseen = mean(by_name["central"], unseen) if "central" in by_name else math.nan
+    suffix = "".join(top_j.name.partition("[")[1:]) if top_j else ""
+    central = by_name.get("central" + suffix) or by_name.get("central")
+    c_unseen = mean(central, unseen) if central else math.nan
     if top_j and math.isfinite(c_unseen):
         lines.append(f"- Unseen sites, against central training (pooled data, not private; reported, not a target): "
-                     f"{top_j.name} {j_val:.3f}, central {c_unseen:.3f}: {j_val - c_unseen:+.3f}")
+                     f"{top_j.name} {j_val:.3f}, {central.name} {c_unseen:.3f}: {j_val - c_unseen:+.3f}")
     for site, ref in REFERENCE.items():
         what = f"- {HELDOUT_SITES[site]}: within {REFERENCE_TOLERANCE:.2f} of the challenge entry's {ref:.2f}: "
         top, value = best(jras, [site])
