@@ -62,6 +62,8 @@ class Method:
         description: one line for the report.
         trains_as: the method whose training runs (folder) this one shares: set for a
             variant whose overrides change inference only (:data:`INFERENCE_KEYS`).
+        server: run-config entries of the federation's server (e.g. ``strategy``,
+            ``server-momentum``), over the benchmark's own.
     """
 
     name: str
@@ -71,13 +73,15 @@ class Method:
     overrides: Mapping[str, Any] = field(default_factory=dict)
     finetune: bool = False
     trains_as: str | None = None
+    server: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def training_key(self) -> tuple:
         """Methods with equal keys share one training run (e.g. with and without fine-tuning,
         or, for a federation, with another inference option)."""
         training = {k: v for k, v in self.overrides.items() if not (self.kind == "federated" and _inference_only(k))}
-        return self.kind, self.strategy, json.dumps(training, sort_keys=True, default=str)
+        return (self.kind, self.strategy, json.dumps(training, sort_keys=True, default=str),
+                json.dumps(dict(self.server), sort_keys=True, default=str))
 
     @property
     def uses_retrieval(self) -> bool:
@@ -129,11 +133,13 @@ DEFAULTS = {"dataset": "synthetic", "methods": ",".join(DEFAULT_METHODS), "seeds
 def parse_methods(text: str, table: Mapping[str, Method] | None = None) -> list[Method]:
     """The methods of ``--methods``: comma-separated names of ``table`` (default :data:`METHODS`);
     a name may carry method-config overrides in brackets, ``jras-fedavg[retriever.pool_grid=4;
-    retrieval.k=5]`` (a lever study: the whole item is the method's name in the results). A
-    variant of inference options only shares the training run of its base method (or of the
-    method its base shares)."""
+    retrieval.k=5]`` (a lever study: the whole item is the method's name in the results), and
+    a federated one the server's run-config entries (keys without a dot),
+    ``fedavg+aug[strategy=fedavgm;server-momentum=0.9]``. A variant of inference options only
+    shares the training run of its base method (or of the method its base shares)."""
     from federation.protocol import parse_method_overrides
     from jras_core.config import ConfigError
+    from server.settings import ServerSettings
 
     table = METHODS if table is None else table
 
@@ -159,8 +165,16 @@ def parse_methods(text: str, table: Mapping[str, Method] | None = None) -> list[
             if not rest.endswith("]"):
                 raise ConfigError(f"--methods: {item!r}: overrides go in brackets, e.g. jras-fedavg[retrieval.k=5]")
             extra = parse_method_overrides(rest[:-1])
-            shares = method.kind == "federated" and all(_inference_only(k) for k in extra)
+            server = {k: extra.pop(k) for k in [k for k in extra if "." not in k]}
+            unknown = [k for k in server if k not in ServerSettings.KEYS]
+            if unknown or (server and method.kind != "federated"):
+                what = f"unknown server setting {unknown[0]!r}" if unknown else f"{base} has no server"
+                raise ConfigError(f"--methods: {item!r}: {what}; method-config keys are dotted (retrieval.k=5), "
+                                  f"server settings are run-config keys of a federated method (server-momentum=0.9)")
+            shares = method.kind == "federated" and not server and all(_inference_only(k) for k in extra)
             method = dataclasses.replace(method, name=item, overrides={**method.overrides, **extra},
+                                         server={**method.server, **server},
+                                         strategy=str(server.get("strategy", method.strategy)),
                                          description=f"{method.description}; with {rest[:-1]}",
                                          trains_as=(method.trains_as or base) if shares else None)
         if any(m.name == method.name for m in out):
@@ -379,6 +393,7 @@ def train_federated(method: Method, yamls: Sequence[Path], st: Settings, seed: i
         "seed": seed,
         "client-threads": st.client_threads,
         "min-nodes": len(yamls),
+        **method.server,
     }
     if init is not None:
         run_config["initial-weights"] = str(init)

@@ -17,7 +17,7 @@ from server.validation import (
     ExampleWeights,
 )
 
-StrategyName = Literal["fedavg", "fedprox", "fedbn", "fedadam", "fedmedian", "fedtrimmedavg", "krum"]
+StrategyName = Literal["fedavg", "fedprox", "fedbn", "fedadam", "fedavgm", "fedmedian", "fedtrimmedavg", "krum"]
 Aggregate = Literal["all", "segmenter"]
 DPMode = Literal["none", "fixed"]
 STRATEGIES: tuple[str, ...] = get_args(StrategyName)
@@ -35,13 +35,16 @@ class ServerSettings:
     Attributes:
         num_rounds: rounds to run in this run [``num-server-rounds``]; after a resume,
             rounds are numbered on from the checkpoint's round.
-        strategy: ``fedavg``, ``fedprox``, ``fedbn``, ``fedadam`` or a robust aggregation,
+        strategy: ``fedavg``, ``fedprox``, ``fedbn``, ``fedadam``, ``fedavgm`` (FedAvg with server
+            momentum) or a robust aggregation,
             ``fedmedian``, ``fedtrimmedavg`` or ``krum`` [``strategy``].
         aggregate: ``all`` (segmenter and retriever) or ``segmenter`` (each site keeps
             its own retriever) [``aggregate``].
         proximal_mu: FedProx weight of ``mu/2 ||w - w_global||^2`` [``proximal-mu``].
         server_lr, beta_1, beta_2, tau: FedAdam [``fedadam-eta``, ``fedadam-beta-1``,
             ``fedadam-beta-2``, ``fedadam-tau``].
+        server_learning_rate, server_momentum: FedAvgM's step on the averaged update and the
+            momentum of its heavy-ball buffer [``server-learning-rate``, ``server-momentum``].
         fraction_train, fraction_evaluate: fraction of connected sites sampled per round.
         min_nodes: minimum sites to sample and to wait for [``min-nodes``].
         output_dir: folder of run folders [``output-dir``].
@@ -102,6 +105,8 @@ class ServerSettings:
     beta_1: Annotated[StrictFloat, Field(ge=0, lt=1)] = Field(0.9, alias="fedadam-beta-1")
     beta_2: Annotated[StrictFloat, Field(ge=0, lt=1)] = Field(0.99, alias="fedadam-beta-2")
     tau: Annotated[StrictFloat, Field(gt=0)] = Field(1e-3, alias="fedadam-tau")
+    server_learning_rate: Annotated[StrictFloat, Field(gt=0)] = Field(1.0, alias="server-learning-rate")
+    server_momentum: Annotated[StrictFloat, Field(ge=0, lt=1)] = Field(0.9, alias="server-momentum")
     fraction_train: Annotated[StrictFloat, Field(gt=0, le=1)] = Field(1.0, alias="fraction-train")
     fraction_evaluate: Annotated[StrictFloat, Field(ge=0, le=1)] = Field(1.0, alias="fraction-evaluate")
     min_nodes: Annotated[StrictInt, Field(ge=1)] = Field(2, alias="min-nodes")

@@ -36,7 +36,7 @@ All strategies share :class:`JRASStrategyMixin`, which adds to Flower's own:
   text), timeouts, rejected replies and bytes of arrays sent and received go to a
   :class:`~server.tracking.RoundRecorder` (:mod:`server.bookkeeping`).
 
-:func:`build_strategy` picks FedAvg (default), FedProx, FedBN, FedAdam or a robust
+:func:`build_strategy` picks FedAvg (default), FedProx, FedBN, FedAdam, FedAvgM or a robust
 aggregation (FedMedian, FedTrimmedAvg, Krum) from :class:`~server.settings.ServerSettings`;
 :func:`server.privacy.with_privacy` wraps it in Flower's server-side fixed-clipping DP when
 ``dp = "fixed"``.
@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, Krum
 
 from federation.protocol import Arrays, weighted_average
 from federation.records import arrays_to_record, record_to_arrays
@@ -80,6 +80,7 @@ from server.validation import DEFAULT_NORM_BOUND_FACTOR, DEFAULT_WEIGHTING, Exam
 
 __all__ = [
     "JRASFedAdam",
+    "JRASFedAvgM",
     "JRASFedAvg",
     "JRASFedBN",
     "JRASFedMedian",
@@ -193,6 +194,20 @@ class JRASStrategyMixin:
 
     def postprocess_aggregate(self, aggregated: Arrays, replies: list[Message]) -> Arrays:
         """Hook for subclasses: adjust the aggregated shared entries."""
+        return aggregated
+
+    def average_buffers_plainly(self, aggregated: Arrays, replies: list[Message]) -> Arrays:
+        """``aggregated`` with its buffer entries replaced by the replies' weighted mean: a
+        server optimiser's step is for trained parameters (it could e.g. make a variance
+        negative)."""
+        keys = [k for k in aggregated if k in self.buffer_keys]
+        if not keys or not replies:
+            return aggregated
+        client_arrays = [record_to_arrays(next(iter(m.content.array_records.values()))) for m in replies]
+        key = self._weighted_by_key()
+        weights = [float(next(iter(m.content.metric_records.values()))[key]) for m in replies]
+        aggregated = dict(aggregated)
+        aggregated.update(weighted_average(client_arrays, weights, keys))
         return aggregated
 
     # ------------------------------------------------------------------ validation
@@ -337,14 +352,7 @@ class JRASFedAdam(JRASStrategyMixin, FedAdam):
         return messages
 
     def postprocess_aggregate(self, aggregated: Arrays, replies: list[Message]) -> Arrays:
-        keys = [k for k in aggregated if k in self.buffer_keys]
-        if not keys or not replies:
-            return aggregated
-        client_arrays = [record_to_arrays(next(iter(m.content.array_records.values()))) for m in replies]
-        weights = [float(next(iter(m.content.metric_records.values()))[self.weighted_by_key]) for m in replies]
-        aggregated = dict(aggregated)
-        aggregated.update(weighted_average(client_arrays, weights, keys))
-        return aggregated
+        return self.average_buffers_plainly(aggregated, replies)
 
     def state_arrays(self) -> Arrays:
         out: Arrays = {}
@@ -360,6 +368,36 @@ class JRASFedAdam(JRASStrategyMixin, FedAdam):
         self.v_t = v or None
 
 
+class JRASFedAvgM(JRASStrategyMixin, FedAvgM):
+    """FedAvg with server momentum (FedAvgM): the averaged update is a pseudo-gradient that
+    a heavy-ball buffer accumulates, ``v <- momentum * v + (w - mean_i w_i)``, and the
+    global model steps ``w <- w - server_learning_rate * v``. Buffers (running statistics,
+    counters) are plainly averaged, as under :class:`JRASFedAdam`.
+
+    Its momentum buffer is saved in checkpoints and restored on resume.
+    """
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        messages = super().configure_train(server_round, arrays, config, grid)
+        # the step starts from the model the sites received (the global model may have been
+        # replaced between rounds, e.g. on resume, and its buffers are averaged plainly)
+        self.current_arrays = shared_record(arrays, self.local_keys)
+        return messages
+
+    def postprocess_aggregate(self, aggregated: Arrays, replies: list[Message]) -> Arrays:
+        return self.average_buffers_plainly(aggregated, replies)
+
+    def state_arrays(self) -> Arrays:
+        keys = list(self.current_arrays.keys()) if self.current_arrays is not None else []
+        if self.momentum_vector is None or len(keys) != len(self.momentum_vector):
+            return {}
+        return {f"momentum.{k}": np.asarray(v) for k, v in zip(keys, self.momentum_vector, strict=True)}
+
+    def load_state_arrays(self, arrays: Arrays) -> None:
+        momentum = {k[len("momentum."):]: v for k, v in arrays.items() if k.startswith("momentum.")}
+        self.momentum_vector = list(momentum.values()) or None
+
+
 def build_strategy(
     settings: ServerSettings,
     local_keys: Iterable[str] = (),
@@ -373,7 +411,7 @@ def build_strategy(
         settings: server settings from the run config.
         local_keys: state keys that stay at the sites (normalisation entries for FedBN,
             ``retr.*`` when only the segmenter is aggregated).
-        buffer_keys: state keys that are buffers (FedAdam averages them plainly).
+        buffer_keys: state keys that are buffers (FedAdam and FedAvgM average them plainly).
         round_offset: rounds already done (resume).
         recorder: per-round bookkeeping.
     """
@@ -404,6 +442,9 @@ def build_strategy(
         strategy = JRASFedAdam(
             **common, eta=settings.server_lr, beta_1=settings.beta_1, beta_2=settings.beta_2, tau=settings.tau
         )
+    elif name == "fedavgm":
+        strategy = JRASFedAvgM(**common, server_learning_rate=settings.server_learning_rate,
+                               server_momentum=settings.server_momentum)
     else:
         raise ValueError(f"unknown strategy {name!r}")
     strategy.setup_jras(local_keys, round_offset, recorder, settings.max_update_norm, buffer_keys, settings.round_timeout,

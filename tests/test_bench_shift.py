@@ -345,3 +345,19 @@ def test_runtime_estimate_follows_the_calibration_and_the_worker_pool(tmp_path: 
     # 3 sites on 2 cores: Ray's 2 workers take two waves, sharing the cores takes one
     shared = shift.estimate_job_s(job, calib, _settings(tmp_path, share_cores=True), 3, 2)
     assert shared - shift.FLOWER_START_S == pytest.approx((base - shift.FLOWER_START_S) * 1.5 / 2)
+
+
+def test_methods_carry_server_settings_in_brackets():
+    """Keys without a dot in a method's brackets are the server's run-config entries: they
+    pick the strategy, give the federation its own training run and reach the run config;
+    an unknown one, or one on a method without a server, is refused."""
+    from jras_core.config import ConfigError
+
+    plain, momentum = shift.parse_methods("fedavg+aug,fedavg+aug[strategy=fedavgm;server-momentum=0.5;train.lr=0.002]")
+    assert momentum.strategy == "fedavgm" and momentum.server == {"strategy": "fedavgm", "server-momentum": 0.5}
+    assert momentum.overrides["train.lr"] == 0.002 and "server-momentum" not in momentum.overrides
+    assert momentum.training_key != plain.training_key and momentum.trains_as is None
+    with pytest.raises(ConfigError, match="unknown server setting 'server-mom'"):
+        shift.parse_methods("fedavg+aug[server-mom=0.5]")
+    with pytest.raises(ConfigError, match="central has no server"):
+        shift.parse_methods("central[server-momentum=0.5]")

@@ -241,3 +241,37 @@ def test_poisoned_site_robust_vs_fedavg(tmp_path, sites, in_process_grid):
     assert distance["fedavg"] > 100 * distance["fedmedian"]
     assert distance["fedavg"] > 100 * distance["krum"]
     assert distance["fedavg"] > 100 * distance["fedavg+norm-bound"]
+
+
+def test_fedavgm_steps_along_the_averaged_update_and_keeps_its_momentum(tmp_path, site_dir, in_process_grid):
+    """One FedAvgM round at server learning rate 0.5 lands halfway between the initial model
+    and FedAvg's aggregate of the same round (the sites train identically from the same
+    model); buffers are FedAvg's plain mean; the momentum buffer is checkpointed and restored."""
+    from server.checkpoint import load_checkpoint
+    from server.settings import ServerSettings
+    from server.strategies import build_strategy
+
+    sites = write_sites(tmp_path, "AB", cases=4)
+    common = {"num-server-rounds": 1, "fraction-evaluate": 0.0}
+    rc_avg = base_run_config(tmp_path, sites, **common, **{"run-name": "avg"})
+    run_server(in_process_grid, rc_avg)
+    rc_m = base_run_config(tmp_path, sites, strategy="fedavgm", **common,
+                           **{"run-name": "avgm", "server-learning-rate": 0.5, "server-momentum": 0.9})
+    run_server(in_process_grid, rc_m)
+    model = build_model(tiny_method(rc_m))
+    initial = protocol.state_to_arrays(model.state_dict())
+    avg, avgm = load_checkpoint(run_dir(rc_avg)), load_checkpoint(run_dir(rc_m))
+    buffers = protocol.buffer_keys(model)
+    params = [k for k, _ in model.named_parameters()]
+    assert any(not np.allclose(avg.arrays[k], initial[k]) for k in params)
+    for k in params:
+        np.testing.assert_allclose(avgm.arrays[k], (initial[k] + avg.arrays[k]) / 2, rtol=1e-5, atol=1e-6)
+    for k in buffers:
+        np.testing.assert_allclose(avgm.arrays[k], avg.arrays[k], rtol=1e-6)
+    momentum = {k[len("momentum."):]: v for k, v in avgm.strategy_state.items() if k.startswith("momentum.")}
+    assert set(momentum) >= set(params)
+    k = params[0]
+    np.testing.assert_allclose(momentum[k], initial[k] - avg.arrays[k], rtol=1e-5, atol=1e-6)
+    strat = build_strategy(ServerSettings.from_run_config(rc_m), buffer_keys=buffers)
+    strat.load_state_arrays(avgm.strategy_state)
+    assert strat.momentum_vector is not None and len(strat.momentum_vector) == len(momentum)
