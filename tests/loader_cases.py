@@ -55,6 +55,20 @@ def write_case(
     return case, f"{case}.nii.gz", f"{case}_gt.nii.gz"
 
 
+def header_only_nifti(path: Path, shape: tuple[int, ...], dtype=np.uint8) -> Path:
+    """A gzipped NIfTI file of a header that declares ``shape`` voxels of ``dtype`` and no
+    voxel data (a few dozen bytes on disk)."""
+    import gzip
+
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header["vox_offset"] = 352
+    with gzip.open(path, "wb") as fh:
+        fh.write(header.binaryblock + b"\0" * 4)
+    return path
+
+
 # One bad case of each kind: each returns the manifest rows and the file the error must name.
 
 

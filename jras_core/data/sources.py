@@ -48,6 +48,9 @@ class DataSourceConfig:
         label_map: ``{old: new}`` mask label remap; for ``acdc`` the default is
             ACDC -> M&Ms and ``{}`` keeps the ACDC labels.
         skip_bad: skip bad cases with a warning instead of failing.
+        max_volume_mib: the largest volume (one image or mask file) read, in MiB as read
+            (float64 voxels); a file whose header declares more is refused before its data
+            is read, naming the file, its shape and the limit.
 
     Types, ranges and the shapes of ``where``, ``exclude`` and ``label_map`` are checked
     when the config is made; :meth:`validate` checks that the source is complete and that
@@ -66,6 +69,7 @@ class DataSourceConfig:
     size: Annotated[StrictInt, Field(ge=16)] = 128
     label_map: dict | None = None
     skip_bad: StrictBool = False
+    max_volume_mib: Annotated[StrictInt, Field(ge=1)] = loaders.MAX_VOLUME_MIB
 
     @field_validator("where", "exclude")
     @classmethod
@@ -234,6 +238,7 @@ def load_volumes(src: DataSourceConfig, num_classes: int, root: Path | None = No
             vendors=vendors,
             where=where,
             exclude=exclude,
+            max_volume_mib=src.max_volume_mib,
         )
     if src.kind == "mnms":
         return loaders.load_mnms(
@@ -243,6 +248,7 @@ def load_volumes(src: DataSourceConfig, num_classes: int, root: Path | None = No
             label_map,
             skip_bad=src.skip_bad,
             vendors=vendors,
+            max_volume_mib=src.max_volume_mib,
         )
     if src.kind == "acdc":
         return loaders.load_acdc(
@@ -251,9 +257,11 @@ def load_volumes(src: DataSourceConfig, num_classes: int, root: Path | None = No
             loaders.ACDC_TO_MNMS if label_map is None else label_map,
             skip_bad=src.skip_bad,
             vendor=src.vendor or "ACDC",
+            max_volume_mib=src.max_volume_mib,
         )
     if src.kind == "folder":
         return loaders.load_image_folder(
-            path, num_classes, vendor=src.vendor or "", label_map=label_map, skip_bad=src.skip_bad
+            path, num_classes, vendor=src.vendor or "", label_map=label_map, skip_bad=src.skip_bad,
+            max_volume_mib=src.max_volume_mib,
         )
     raise DataError(f"unknown data source kind {src.kind!r}")
