@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import field
 from pathlib import Path
@@ -18,11 +19,11 @@ from typing import Annotated, Any
 
 import numpy as np
 import torch
-from pydantic import Field, StrictFloat, StrictInt, StrictStr
+from pydantic import Field, StrictFloat, StrictInt, StrictStr, field_validator
 
 from jras_core.config import ConfigError, JRASConfig, Section, config_class, load_yaml, validate_as
 from jras_core.data.slices import SliceSet, build_slice_set
-from jras_core.data.sources import DataSourceConfig, load_volumes
+from jras_core.data.sources import DataSourceConfig, load_volumes, source_digest
 from jras_core.files import resolve_path
 from jras_core.models.jras import JRASModel
 from jras_core.retrieval.bank import RetrievalBank
@@ -34,13 +35,38 @@ from jras_core.training.joint import JRASTrainer
 
 log = logging.getLogger(__name__)
 
+SITE_NAME_MAX = 64
+"""Longest site name."""
+
+_SITE_NAME = re.compile(rf"[A-Za-z0-9_-][A-Za-z0-9._-]{{0,{SITE_NAME_MAX - 1}}}")
+
+
+def check_site_name(name: str) -> str:
+    """``name`` if it is a safe site name, else ValueError: letters, digits, ``-``, ``_`` and
+    ``.`` (not first), at most :data:`SITE_NAME_MAX` characters. A site's name becomes part of
+    file names (its slice cache, per-site results), so it must not hold a path."""
+    if not _SITE_NAME.fullmatch(name):
+        raise ValueError(
+            f"{name!r} is not a valid site name: use letters, digits, '-', '_' and '.' "
+            f"(not first), at most {SITE_NAME_MAX} characters"
+        )
+    return name
+
+
+def safe_site_name(text: str) -> str:
+    """A valid site name made from ``text`` (e.g. a file's stem): other characters become
+    ``_``, a leading ``.`` is dropped, the length is cut to :data:`SITE_NAME_MAX`."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", text).lstrip(".")[:SITE_NAME_MAX]
+    return name or "site"
+
 
 @config_class
 class SiteConfig:
     """One site (hospital) as described by its YAML file.
 
     Attributes:
-        name: site name, unique in a federation.
+        name: site name, unique in a federation: letters, digits, ``-``, ``_`` and ``.``
+            (not first), at most 64 characters.
         data: where the site's annotated volumes come from.
         vendor: scanner vendor label used in reports.
         val_fraction: fraction of cases held out for validation (split by case).
@@ -65,6 +91,11 @@ class SiteConfig:
     bank_dir: StrictStr | None = None
     key_file: StrictStr | None = None
     cache_dir: StrictStr | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        return check_site_name(value)
 
     def validate(self, root: Path | None = None, source: str = "site config") -> None:
         """Raise :class:`ConfigError` (naming ``source``) if the values are invalid or the
@@ -133,10 +164,18 @@ class Site:
 
     # ------------------------------------------------------------------ data
     def _cache_path(self) -> Path | None:
+        """The slice cache file: named by a digest of the data source's config and the bytes
+        of every file it reads (:func:`~jras_core.data.sources.source_digest`), the
+        preprocessing and the label set, so that an edited image or mask, or other settings,
+        never reuse slices built before."""
         if not self.config.cache_dir:
             return None
         key = json.dumps(
-            {"data": vars(self.config.data), "pre": vars(self.method.preprocess), "labels": self.method.labels.names},
+            {
+                "data": source_digest(self.config.data, self.root),
+                "pre": vars(self.method.preprocess),
+                "labels": self.method.labels.names,
+            },
             sort_keys=True,
             default=str,
         )

@@ -55,14 +55,14 @@ def checkpoint_model(args: argparse.Namespace):
 def collect_sites(args: argparse.Namespace, cfg: JRASConfig) -> list[Site]:
     """Sites from ``--site`` YAMLs, ``--manifest`` CSVs and ``--synthetic`` vendors."""
     from jras_core.data.sources import DataSourceConfig
-    from jras_core.site import Site, SiteConfig
+    from jras_core.site import Site, SiteConfig, safe_site_name
 
     configs: list[tuple[SiteConfig, Path | None]] = []
     for path in args.site or []:
         configs.append((SiteConfig.from_yaml(path), Path(path).parent))
     for path in args.manifest or []:
         data = DataSourceConfig(kind="manifest", path=str(Path(path).resolve()), skip_bad=args.skip_bad)
-        configs.append((SiteConfig(name=Path(path).stem, data=data), None))
+        configs.append((SiteConfig(name=safe_site_name(Path(path).stem), data=data), None))
     for vendor in (args.synthetic.split(",") if args.synthetic else []):
         configs.append((synthetic_site(vendor.strip(), args.cases, args.seed, cfg.preprocess.size), None))
     if not configs:

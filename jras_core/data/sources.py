@@ -8,6 +8,7 @@ reads it into a list of :class:`~jras_core.data.volume.Volume`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -201,6 +202,48 @@ def _as_label(value: Any) -> int:
     if number < 0 or (isinstance(value, float) and not value.is_integer()):
         raise ValueError(value)
     return number
+
+
+def source_files(src: DataSourceConfig, root: Path | None = None) -> list[Path]:
+    """The files a data source reads, sorted (none for a synthetic source, which its config
+    determines): a manifest and the image and mask files of the rows its filters keep; an
+    M&Ms info CSV and the NIfTI files under its root; an ACDC root's ``Info.cfg`` and NIfTI
+    files; an image folder's pictures. Files that do not exist are left out (reading them
+    reports them)."""
+    if src.kind == "synthetic":
+        return []
+    path = src.resolve(src.path, root)
+    files: set[Path] = set()
+    if src.kind == "manifest":
+        files.add(path)
+        where, exclude = src.row_filters()
+        rows = loaders.select_manifest_rows(path, [src.vendor] if src.vendor else None, where, exclude)
+        for _, row in rows:
+            for col in ("image", "mask"):
+                if row[col] and "\x00" not in row[col]:
+                    files.add(resolve_path(row[col], [path.parent]))
+    elif src.kind in ("mnms", "acdc"):
+        files.update(path.rglob("*.nii.gz"))
+        files.update(path.rglob("*.nii"))
+        if src.kind == "mnms":
+            files.add(src.resolve(src.info_csv, root))
+        else:
+            files.update(path.rglob("Info.cfg"))
+    elif src.kind == "folder":
+        files.update(p for p in path.iterdir() if p.suffix.lower() in loaders.IMAGE_SUFFIXES)
+    return sorted(p for p in files if p.is_file())
+
+
+def source_digest(src: DataSourceConfig, root: Path | None = None) -> str:
+    """SHA-256 (hex) of the source's config and of the path and bytes of every file it reads
+    (:func:`source_files`): it changes when any of those files is edited, added or removed,
+    so that data derived from the source (a slice cache) can be keyed by it."""
+    digest = hashlib.sha256(repr(sorted(dataclasses.asdict(src).items(), key=str)).encode())
+    for path in source_files(src, root):
+        digest.update(str(path).encode() + b"\0")
+        with open(path, "rb") as fh:
+            digest.update(hashlib.file_digest(fh, "sha256").digest())
+    return digest.hexdigest()
 
 
 def load_volumes(src: DataSourceConfig, num_classes: int, root: Path | None = None) -> list[Volume]:
