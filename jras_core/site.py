@@ -24,6 +24,7 @@ from pydantic import Field, StrictFloat, StrictInt, StrictStr, field_validator
 from jras_core.config import ConfigError, JRASConfig, Section, config_class, load_yaml, validate_as
 from jras_core.data.slices import SliceSet, build_slice_set
 from jras_core.data.sources import DataSourceConfig, load_volumes, source_digest
+from jras_core.data.volume import DataError
 from jras_core.files import resolve_path
 from jras_core.models.jras import JRASModel
 from jras_core.retrieval.bank import RetrievalBank
@@ -194,8 +195,11 @@ class Site:
                     log.warning("site %s: ignoring unreadable slice cache %s (%s); rebuilding it",
                                 self.name, cache, type(exc).__name__)
             if self._slices is None:
-                volumes = load_volumes(self.config.data, self.method.labels.num_classes, self.root)
-                self._slices = build_slice_set(volumes, self.method.preprocess, self.method.labels.num_classes)
+                try:
+                    volumes = load_volumes(self.config.data, self.method.labels.num_classes, self.root)
+                    self._slices = build_slice_set(volumes, self.method.preprocess, self.method.labels.num_classes)
+                except DataError as exc:
+                    raise DataError(f"site {self.name}: {exc}") from None
                 if cache is not None:
                     cache.parent.mkdir(parents=True, exist_ok=True)
                     self._slices.save(cache)

@@ -89,6 +89,15 @@ def test_a_cache_built_before_the_data_changed_is_not_used(tmp_path):
         site.slices  # noqa: B018
 
 
+def test_a_site_whose_masks_are_all_empty_names_itself_and_its_files(tmp_path):
+    image, mask = toy_pair()
+    rows = [write_case(tmp_path, f"e{i}", image, mask * 0) for i in range(2)]
+    write_manifest(tmp_path, rows)
+    path = _yaml(tmp_path, "name: empty\ndata: {kind: manifest, path: manifest.csv}\n")
+    with pytest.raises(DataError, match=r"site empty: none of the 2 volume\(s\) has a labelled slice .*e0\.nii\.gz"):
+        Site(SiteConfig.from_yaml(path), CFG, root=tmp_path).slices  # noqa: B018
+
+
 def test_site_names_are_safe_file_name_parts(tmp_path):
     """A site name becomes part of file names (its slice cache): a path is refused, naming
     the YAML, before anything is written."""
