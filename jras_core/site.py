@@ -209,10 +209,25 @@ class Site:
     def _splits(self) -> tuple[SliceSet, SliceSet]:
         if self._split is None:
             if self.config.support_cases is not None:
-                self._split = self.slices.first_cases(self.config.support_cases, self.config.split_seed)
+                try:
+                    self._split = self.slices.first_cases(self.config.support_cases, self.config.split_seed)
+                except DataError as exc:
+                    raise DataError(f"site {self.name}: {exc} (support_cases in the site YAML)") from None
             else:
                 self._split = self.slices.split_by_case(self.config.val_fraction, self.config.split_seed)
         return self._split
+
+    @property
+    def no_validation(self) -> str | None:
+        """Why the site has no validation slices, or None when it has some. A site of one
+        case trains on it and is not evaluated (a case is never split)."""
+        if len(self.val_set) > 0:
+            return None
+        cases = len(self.slices.cases)
+        if cases < 2:
+            return (f"site {self.name}: no validation cases: the site has {cases} case, and a case is never "
+                    "split between training and validation (add cases to evaluate it)")
+        return f"site {self.name}: no validation cases (val_fraction is {self.config.val_fraction})"
 
     @property
     def train_set(self) -> SliceSet:
@@ -265,8 +280,8 @@ class Site:
 
     def evaluate(self, model: JRASModel, diagnostics: bool = True) -> dict[str, float]:
         """Dice/HD95 on the validation split, retrieving from the site's own bank."""
-        if len(self.val_set) == 0:
-            raise ConfigError(f"site {self.name}: no validation slices (val_fraction is 0)")
+        if self.no_validation is not None:
+            raise ConfigError(self.no_validation)
         bank = None
         if self.method.uses_retrieval:
             bank = self.bank

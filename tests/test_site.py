@@ -98,6 +98,18 @@ def test_a_site_whose_masks_are_all_empty_names_itself_and_its_files(tmp_path):
         Site(SiteConfig.from_yaml(path), CFG, root=tmp_path).slices  # noqa: B018
 
 
+def test_a_site_of_one_case_trains_on_it_and_says_why_it_cannot_evaluate(tmp_path):
+    path = _yaml(tmp_path, "name: solo\ndata: {kind: synthetic, vendor: A, cases: 1, size: 32}\n")
+    site = Site(SiteConfig.from_yaml(path), CFG, root=tmp_path)
+    assert len(site.train_set) == len(site.slices) > 0 and len(site.val_set) == 0
+    assert "site solo: no validation cases: the site has 1 case" in site.no_validation
+    with pytest.raises(ConfigError, match="site solo: no validation cases: the site has 1 case"):
+        site.evaluate(build_model(CFG))
+    two = Site(SiteConfig.from_yaml(_yaml(tmp_path, "name: duo\ndata: {kind: synthetic, vendor: A, cases: 2, size: 32}\n")),
+               CFG, root=tmp_path)
+    assert two.no_validation is None and len(two.val_set) > 0
+
+
 def test_site_names_are_safe_file_name_parts(tmp_path):
     """A site name becomes part of file names (its slice cache): a path is refused, naming
     the YAML, before anything is written."""

@@ -77,11 +77,20 @@ def collect_sites(args: argparse.Namespace, cfg: JRASConfig) -> list[Site]:
 
 
 def print_table(results: dict[str, dict[str, float]], names: Sequence[str]) -> None:
+    if not results:
+        return
     cols = ["dice_mean"] + [f"dice_{n.lower()}" for n in names] + ["hd95_mean", "guide_dice", "dice_oracle", "dice_random"]
     present = [c for c in cols if any(c in m for m in results.values())]
     print("site".ljust(16) + "".join(c.rjust(13) for c in present))
     for site, m in results.items():
         print(site.ljust(16) + "".join(f"{m.get(c, float('nan')):13.3f}" for c in present))
+
+
+def print_not_evaluated(sites: Sequence[Site], results: dict[str, dict[str, float]]) -> None:
+    """One line per site missing from ``results``, saying why (e.g. a site of one case)."""
+    for site in sites:
+        if site.name not in results and site.no_validation is not None:
+            print(f"{site.no_validation}; not evaluated")
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -124,6 +133,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _, results = train_centralised(sites, cfg, out, progress=not args.quiet, eval_every=args.eval_every)
     print_table(results, cfg.labels.names)
+    print_not_evaluated(sites, results)
     print(f"model, metrics and TensorBoard logs in {out}")
     return 0
 
@@ -135,6 +145,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     sites = collect_sites(args, cfg)
     results = evaluate_sites(model, sites, cfg)
     print_table(results, cfg.labels.names)
+    print_not_evaluated(sites, results)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     return 0
