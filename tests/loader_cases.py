@@ -56,16 +56,20 @@ def write_case(
 
 
 def header_only_nifti(path: Path, shape: tuple[int, ...], dtype=np.uint8) -> Path:
-    """A gzipped NIfTI file of a header that declares ``shape`` voxels of ``dtype`` and no
-    voxel data (a few dozen bytes on disk)."""
+    """A NIfTI file of a header that declares ``shape`` voxels of ``dtype`` and no voxel data:
+    gzipped (``.nii.gz``, a few dozen bytes) or plain (``.nii``, 352 bytes)."""
     import gzip
 
     header = nib.Nifti1Header()
     header.set_data_shape(shape)
     header.set_data_dtype(dtype)
     header["vox_offset"] = 352
-    with gzip.open(path, "wb") as fh:
-        fh.write(header.binaryblock + b"\0" * 4)
+    data = header.binaryblock + b"\0" * 4
+    if path.name.endswith(".gz"):
+        with gzip.open(path, "wb") as fh:
+            fh.write(data)
+    else:
+        path.write_bytes(data)
     return path
 
 
