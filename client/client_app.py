@@ -19,7 +19,10 @@ per-site results can be named after the ``sites`` list.
 
 A problem with the site's own input (its YAML, its data, its bank: ``ConfigError`` or
 ``DataError``) is logged here and sent to the coordinator as an error reply whose text
-names the file and the fix; the server logs it and counts the site as failed.
+names the file and the fix; the server logs it and counts the site as failed. Any other
+exception is logged here with its traceback and replied as an error too. A reply's text
+names files relative to the site YAML's folder, or by their name alone: it never tells
+the coordinator where the site's files are (the site's own log keeps the full paths).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from federation.protocol import (
 from federation.records import arrays_to_record, record_to_arrays
 from jras_core.config import ConfigError
 from jras_core.data.volume import DataError
-from jras_core.files import PROJECT_ROOT, resolve_path
+from jras_core.files import PROJECT_ROOT, redact_paths, resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,9 @@ LOCAL_STATE_KEY = "jras-local"
 
 INPUT_ERROR_CODE = 100
 """Error code of a reply that reports bad site input (Flower's own codes are below 100)."""
+
+FAILURE_CODE = 101
+"""Error code of a reply that reports any other exception of the ClientApp."""
 
 PARTITION_METRIC = "partition-id"
 """Reply metric naming a simulated node's partition (index into the run config's ``sites``)."""
@@ -138,19 +144,36 @@ def _identify(metrics: dict[str, float], context: Context) -> dict[str, float]:
     return metrics
 
 
+def _site_folder(context: Context) -> Path | None:
+    """The folder of this node's site YAML, or None when the node has no valid site."""
+    try:
+        return site_config_path(context).parent
+    except Exception:  # noqa: BLE001 - a node without a site: paths are reduced to names
+        return None
+
+
+def reply_text(exc: BaseException, context: Context) -> str:
+    """``Type: message`` of an exception, for a reply to the coordinator: absolute paths
+    become relative to the site YAML's folder, or file names (:func:`redact_paths`)."""
+    return redact_paths(" ".join(f"{type(exc).__name__}: {exc}".split()), _site_folder(context))
+
+
 def reports_input_errors(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
-    """Turn a ``ConfigError``/``DataError`` of ``handler`` into an error reply ``Type: message``
-    (logged here without a traceback); other exceptions propagate to Flower, which replies
-    with an error too."""
+    """Turn an exception of ``handler`` into an error reply ``Type: message`` with site-relative
+    file names (:func:`reply_text`): a ``ConfigError``/``DataError`` (code
+    :data:`INPUT_ERROR_CODE`) is logged here without a traceback, any other exception
+    (code :data:`FAILURE_CODE`) with it; the local log keeps the full paths."""
 
     @functools.wraps(handler)
     def wrapped(msg: Message, context: Context) -> Message:
         try:
             return handler(msg, context)
         except (ConfigError, DataError) as exc:
-            text = f"{type(exc).__name__}: {exc}"
-            log.error("%s refused: %s", msg.metadata.message_type, text)
-            return Message(Error(code=INPUT_ERROR_CODE, reason=text), reply_to=msg)
+            log.error("%s refused: %s: %s", msg.metadata.message_type, type(exc).__name__, exc)
+            return Message(Error(code=INPUT_ERROR_CODE, reason=reply_text(exc, context)), reply_to=msg)
+        except Exception as exc:  # noqa: BLE001 - replied without the site's paths, logged in full
+            log.exception("%s failed", msg.metadata.message_type)
+            return Message(Error(code=FAILURE_CODE, reason=reply_text(exc, context)), reply_to=msg)
 
     return wrapped
 
@@ -163,9 +186,8 @@ def _evaluate_first(runner: SiteRunner, arrays: Arrays, local: Arrays | None, po
     try:
         metrics = runner.evaluate(arrays, local, policy)
     except (ConfigError, DataError) as exc:
-        text = f"{type(exc).__name__}: {exc}"
-        log.error("evaluation before training refused: %s", text)
-        return RecordDict({EVALUATION_ERROR: ConfigRecord({"error": text})}), {}
+        log.error("evaluation before training refused: %s: %s", type(exc).__name__, exc)
+        return RecordDict({EVALUATION_ERROR: ConfigRecord({"error": reply_text(exc, context)})}), {}
     spent = {key: metrics.pop(key) for key in ("client-time-s", "client-cpu-s")}
     return RecordDict({EVALUATION: MetricRecord(_identify(metrics, context))}), spent
 

@@ -8,6 +8,7 @@ given relative to a config file or a project folder goes through :func:`resolve_
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -89,3 +90,36 @@ def resolve_path(value: str | Path, roots: Iterable[str | Path] = ()) -> Path:
         if (root / path).exists():
             return (root / path).resolve()
     return (roots[0] / path).resolve() if roots else path.resolve()
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/-])(?:/[^\s'\"`,;:()\[\]{}<>|]+)+/?")
+"""A POSIX absolute path inside a message: ``/`` not preceded by a word character, ``.``, ``~``,
+``:`` (a URL) or ``-``, up to whitespace, a quote or punctuation that ends a path in a message."""
+
+
+def redact_paths(text: str, root: str | Path | None = None) -> str:
+    """``text`` with every absolute path made relative to ``root`` when it lies under ``root``,
+    else reduced to its file name (``.../name``), so that a message can leave the machine
+    without telling where its files are (e.g. an error reply to the coordinator).
+
+    Args:
+        text: a message, e.g. ``"/srv/site/data/c1_gt.nii.gz: mask labels [7] ..."``.
+        root: the folder names are kept relative to (e.g. the site YAML's folder).
+
+    Returns:
+        e.g. ``"data/c1_gt.nii.gz: mask labels [7] ..."`` with ``root`` ``/srv/site``.
+    """
+    base = Path(os.path.abspath(root)) if root is not None else None
+    if base is not None and base != Path(base.anchor):  # the root itself, even with spaces in it
+        text = text.replace(f"{base}{os.sep}", "").replace(str(base), ".")
+
+    def relative(match: re.Match) -> str:
+        path = Path(os.path.normpath(match.group(0)))
+        if base is not None:
+            try:
+                return path.relative_to(base).as_posix() or "."
+            except ValueError:
+                pass
+        return f".../{path.name}" if path.name else "..."
+
+    return _ABSOLUTE_PATH.sub(relative, text)

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import field
 from pathlib import Path
@@ -18,11 +19,12 @@ from typing import Annotated, Any
 
 import numpy as np
 import torch
-from pydantic import Field, StrictFloat, StrictInt, StrictStr
+from pydantic import Field, StrictFloat, StrictInt, StrictStr, field_validator
 
 from jras_core.config import ConfigError, JRASConfig, Section, config_class, load_yaml, validate_as
 from jras_core.data.slices import SliceSet, build_slice_set
-from jras_core.data.sources import DataSourceConfig, load_volumes
+from jras_core.data.sources import DataSourceConfig, load_volumes, source_digest
+from jras_core.data.volume import DataError
 from jras_core.files import resolve_path
 from jras_core.models.jras import JRASModel
 from jras_core.retrieval.bank import RetrievalBank
@@ -34,13 +36,38 @@ from jras_core.training.joint import JRASTrainer
 
 log = logging.getLogger(__name__)
 
+SITE_NAME_MAX = 64
+"""Longest site name."""
+
+_SITE_NAME = re.compile(rf"[A-Za-z0-9_-][A-Za-z0-9._-]{{0,{SITE_NAME_MAX - 1}}}")
+
+
+def check_site_name(name: str) -> str:
+    """``name`` if it is a safe site name, else ValueError: letters, digits, ``-``, ``_`` and
+    ``.`` (not first), at most :data:`SITE_NAME_MAX` characters. A site's name becomes part of
+    file names (its slice cache, per-site results), so it must not hold a path."""
+    if not _SITE_NAME.fullmatch(name):
+        raise ValueError(
+            f"{name!r} is not a valid site name: use letters, digits, '-', '_' and '.' "
+            f"(not first), at most {SITE_NAME_MAX} characters"
+        )
+    return name
+
+
+def safe_site_name(text: str) -> str:
+    """A valid site name made from ``text`` (e.g. a file's stem): other characters become
+    ``_``, a leading ``.`` is dropped, the length is cut to :data:`SITE_NAME_MAX`."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", text).lstrip(".")[:SITE_NAME_MAX]
+    return name or "site"
+
 
 @config_class
 class SiteConfig:
     """One site (hospital) as described by its YAML file.
 
     Attributes:
-        name: site name, unique in a federation.
+        name: site name, unique in a federation: letters, digits, ``-``, ``_`` and ``.``
+            (not first), at most 64 characters.
         data: where the site's annotated volumes come from.
         vendor: scanner vendor label used in reports.
         val_fraction: fraction of cases held out for validation (split by case).
@@ -65,6 +92,11 @@ class SiteConfig:
     bank_dir: StrictStr | None = None
     key_file: StrictStr | None = None
     cache_dir: StrictStr | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        return check_site_name(value)
 
     def validate(self, root: Path | None = None, source: str = "site config") -> None:
         """Raise :class:`ConfigError` (naming ``source``) if the values are invalid or the
@@ -133,10 +165,18 @@ class Site:
 
     # ------------------------------------------------------------------ data
     def _cache_path(self) -> Path | None:
+        """The slice cache file: named by a digest of the data source's config and the bytes
+        of every file it reads (:func:`~jras_core.data.sources.source_digest`), the
+        preprocessing and the label set, so that an edited image or mask, or other settings,
+        never reuse slices built before."""
         if not self.config.cache_dir:
             return None
         key = json.dumps(
-            {"data": vars(self.config.data), "pre": vars(self.method.preprocess), "labels": self.method.labels.names},
+            {
+                "data": source_digest(self.config.data, self.root),
+                "pre": vars(self.method.preprocess),
+                "labels": self.method.labels.names,
+            },
             sort_keys=True,
             default=str,
         )
@@ -155,8 +195,11 @@ class Site:
                     log.warning("site %s: ignoring unreadable slice cache %s (%s); rebuilding it",
                                 self.name, cache, type(exc).__name__)
             if self._slices is None:
-                volumes = load_volumes(self.config.data, self.method.labels.num_classes, self.root)
-                self._slices = build_slice_set(volumes, self.method.preprocess, self.method.labels.num_classes)
+                try:
+                    volumes = load_volumes(self.config.data, self.method.labels.num_classes, self.root)
+                    self._slices = build_slice_set(volumes, self.method.preprocess, self.method.labels.num_classes)
+                except DataError as exc:
+                    raise DataError(f"site {self.name}: {exc}") from None
                 if cache is not None:
                     cache.parent.mkdir(parents=True, exist_ok=True)
                     self._slices.save(cache)
@@ -166,10 +209,25 @@ class Site:
     def _splits(self) -> tuple[SliceSet, SliceSet]:
         if self._split is None:
             if self.config.support_cases is not None:
-                self._split = self.slices.first_cases(self.config.support_cases, self.config.split_seed)
+                try:
+                    self._split = self.slices.first_cases(self.config.support_cases, self.config.split_seed)
+                except DataError as exc:
+                    raise DataError(f"site {self.name}: {exc} (support_cases in the site YAML)") from None
             else:
                 self._split = self.slices.split_by_case(self.config.val_fraction, self.config.split_seed)
         return self._split
+
+    @property
+    def no_validation(self) -> str | None:
+        """Why the site has no validation slices, or None when it has some. A site of one
+        case trains on it and is not evaluated (a case is never split)."""
+        if len(self.val_set) > 0:
+            return None
+        cases = len(self.slices.cases)
+        if cases < 2:
+            return (f"site {self.name}: no validation cases: the site has {cases} case, and a case is never "
+                    "split between training and validation (add cases to evaluate it)")
+        return f"site {self.name}: no validation cases (val_fraction is {self.config.val_fraction})"
 
     @property
     def train_set(self) -> SliceSet:
@@ -222,8 +280,8 @@ class Site:
 
     def evaluate(self, model: JRASModel, diagnostics: bool = True) -> dict[str, float]:
         """Dice/HD95 on the validation split, retrieving from the site's own bank."""
-        if len(self.val_set) == 0:
-            raise ConfigError(f"site {self.name}: no validation slices (val_fraction is 0)")
+        if self.no_validation is not None:
+            raise ConfigError(self.no_validation)
         bank = None
         if self.method.uses_retrieval:
             bank = self.bank

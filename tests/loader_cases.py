@@ -55,6 +55,24 @@ def write_case(
     return case, f"{case}.nii.gz", f"{case}_gt.nii.gz"
 
 
+def header_only_nifti(path: Path, shape: tuple[int, ...], dtype=np.uint8) -> Path:
+    """A NIfTI file of a header that declares ``shape`` voxels of ``dtype`` and no voxel data:
+    gzipped (``.nii.gz``, a few dozen bytes) or plain (``.nii``, 352 bytes)."""
+    import gzip
+
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header["vox_offset"] = 352
+    data = header.binaryblock + b"\0" * 4
+    if path.name.endswith(".gz"):
+        with gzip.open(path, "wb") as fh:
+            fh.write(data)
+    else:
+        path.write_bytes(data)
+    return path
+
+
 # One bad case of each kind: each returns the manifest rows and the file the error must name.
 
 

@@ -60,6 +60,25 @@ def test_train_eval_bank_build(tmp_path: Path, capsys):
     assert len(bank) > 0 and bank.embeddings.shape == (len(bank), 16)
 
 
+@pytest.mark.slow
+def test_a_site_of_one_case_trains_and_is_reported_as_not_evaluated(tmp_path: Path, capsys):
+    """A manifest of a single case trains (its one case cannot also validate) and the
+    command says so instead of failing after training."""
+    assert main(["data", "synth", "--vendor", "A", "--cases", "1", "--size", "32", "--out", str(tmp_path / "one")]) == 0
+    out = tmp_path / "run"
+    assert main(["train", "--manifest", str(tmp_path / "one" / "manifest.csv"), "--set", "train.epochs=1", *TINY,
+                 "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "site manifest: no validation cases: the site has 1 case" in printed and "not evaluated" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["sites"] == {} and "has 1 case" in metrics["not_evaluated"]["manifest"]
+    assert (out / "model.pt").is_file()
+    assert main(["eval", "--checkpoint", str(out / "model.pt"), "--manifest", str(tmp_path / "one" / "manifest.csv"),
+                 "--out", str(tmp_path / "eval.json")]) == 0
+    assert "not evaluated" in capsys.readouterr().out
+    assert json.loads((tmp_path / "eval.json").read_text()) == {}
+
+
 def test_cli_reports_bad_input_clearly(tmp_path: Path, capsys):
     bad = tmp_path / "site.yaml"
     bad.write_text("name: x\ndata:\n  kind: manifest\n  path: nowhere.csv\n")

@@ -82,3 +82,91 @@ def test_bank_build_and_site_init_with_a_checkpoint_write_encrypted_embedded_ban
         BankStore(tmp_path / "b2", key=load_key_file(key_path)).load()
     bank = RetrievalBank.load(tmp_path / "b2", store=BankStore(tmp_path / "b2", key=load_key_file(other_key)))
     assert bank.embeddings.shape == (len(bank), 16)
+
+
+def _bank_arrays(bank_dir, key_path):
+    arrays, _ = BankStore(bank_dir, key=load_key_file(key_path)).load()
+    return arrays
+
+
+@posix_only
+def test_site_init_refuses_to_re_key_an_existing_bank(tmp_path, capsys):
+    """`--key-file OTHER` on a site whose bank is encrypted with its own key would make the
+    site's configured key fail: refused (a new key file is not even created), by `site init`
+    and `bank build` alike, and the bank is left as it was."""
+    yaml_path = site_yaml(tmp_path)
+    argv = ["site", "init", "--site", str(yaml_path), "--set", "preprocess.size=32"]
+    assert main(argv) == 0
+    key_path = yaml_path.parent / "secrets" / "bank.key"
+    bank_file = yaml_path.parent / "bank" / "bank.enc"
+    before = bank_file.read_bytes()
+    capsys.readouterr()
+    new_key = tmp_path / "new.key"
+    assert main([*argv, "--key-file", str(new_key)]) == 2
+    err = capsys.readouterr().err
+    assert str(bank_file) in err and "--rekey" in err and err.count("\n") == 1
+    assert not new_key.exists()
+    other = generate_key_file(tmp_path / "other.key")
+    assert main([*argv, "--key-file", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "encrypted with another key" in err and str(other) in err and "--rekey" in err
+    assert bank_file.read_bytes() == before
+    _bank_arrays(bank_file.parent, key_path)  # the site's own key still reads it
+    # the same key rebuilds it as before
+    assert main(argv) == 0
+    _bank_arrays(bank_file.parent, key_path)
+
+
+def test_bank_build_refuses_a_bank_of_another_key(tmp_path, capsys):
+    from jras_core.checkpoint import save_model
+    from jras_core.config import JRASConfig
+    from jras_core.models.jras import build_model
+
+    cfg = JRASConfig().with_overrides({"preprocess.size": 32, "segmenter.channels": [8, 16, 32],
+                                       "retriever.channels": [8, 16], "retriever.embed_dim": 16})
+    ckpt = save_model(tmp_path / "model.pt", build_model(cfg), cfg)
+    yaml_path = site_yaml(tmp_path)
+    generate_key_file(yaml_path.parent / "secrets" / "bank.key")
+    build = ["bank", "build", "--checkpoint", str(ckpt), "--site", str(yaml_path)]
+    assert main(build) == 0
+    before = (yaml_path.parent / "bank" / "bank.enc").read_bytes()
+    other = generate_key_file(tmp_path / "other.key")
+    assert main([*build, "--key-file", str(other)]) == 2
+    assert "encrypted with another key" in capsys.readouterr().err
+    assert (yaml_path.parent / "bank" / "bank.enc").read_bytes() == before
+
+
+@posix_only
+def test_site_init_rekey_decrypts_with_the_old_key_and_keeps_the_bank(tmp_path, capsys):
+    yaml_path = site_yaml(tmp_path)
+    argv = ["site", "init", "--site", str(yaml_path), "--set", "preprocess.size=32"]
+    assert main(argv) == 0
+    key_path = yaml_path.parent / "secrets" / "bank.key"
+    bank_dir = yaml_path.parent / "bank"
+    original = _bank_arrays(bank_dir, key_path)
+    before = (bank_dir / "bank.enc").read_bytes()
+    capsys.readouterr()
+    # a wrong old key changes nothing
+    wrong = generate_key_file(tmp_path / "wrong.key")
+    new_key = tmp_path / "new.key"
+    assert main([*argv, "--rekey", "--key-file", str(new_key), "--old-key-file", str(wrong)]) == 2
+    assert "cannot decrypt bank" in capsys.readouterr().err
+    assert (bank_dir / "bank.enc").read_bytes() == before
+    # the site's key_file is the old key by default; the new key file is created
+    assert main([*argv, "--rekey", "--key-file", str(new_key)]) == 0
+    out = capsys.readouterr().out
+    assert "re-encrypted" in out and f"set key_file: {new_key} in {yaml_path}" in out
+    assert stat.S_IMODE(new_key.stat().st_mode) == 0o600
+    with pytest.raises(BankDecryptError):
+        _bank_arrays(bank_dir, key_path)
+    rekeyed = _bank_arrays(bank_dir, new_key)
+    assert set(rekeyed) == set(original)
+    assert all((rekeyed[k] == original[k]).all() for k in original)
+    assert sorted(p.name for p in bank_dir.iterdir()) == ["bank.enc"]  # written atomically, no leftovers
+    # back to the site's own key with --old-key-file
+    assert main([*argv, "--rekey", "--old-key-file", str(new_key)]) == 0
+    assert "set key_file" not in capsys.readouterr().out
+    _bank_arrays(bank_dir, key_path)
+    # the same key twice is not a re-key
+    assert main([*argv, "--rekey"]) == 2
+    assert "are the same" in capsys.readouterr().err

@@ -89,6 +89,53 @@ def test_client_site_selection_errors(tmp_path, site_dir, task_identity):
     assert reply.has_error() and "site-config" in reply.error.reason
 
 
+def _manifest_site(folder, data, name="m", extra=""):
+    """A site YAML in ``folder`` over a manifest in ``data`` of two toy cases, the second with
+    mask label 7 (a DataError naming that mask)."""
+    from loader_cases import toy_pair, write_case, write_manifest
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data.mkdir(parents=True, exist_ok=True)
+    image, mask = toy_pair()
+    bad = mask.copy()
+    bad[3, 3, 1] = 7
+    manifest = write_manifest(data, [write_case(data, "c0", image, mask), write_case(data, "c1", image, bad)])
+    site = folder / f"{name}.yaml"
+    site.write_text(f"name: {name}\n{extra}data: {{kind: manifest, path: {manifest}}}\n")
+    return site
+
+
+def test_error_replies_name_files_relative_to_the_site(tmp_path, site_dir, task_identity):
+    """What an error reply carries to the coordinator (its metrics.jsonl) holds no absolute
+    path: files under the site's folder are named relative to it, others by their name."""
+    import re
+
+    from client.client_app import FAILURE_CODE, INPUT_ERROR_CODE
+    from client.client_app import app as client_app
+
+    rc = base_run_config(tmp_path, [str(site_dir / "site-A.yaml")])
+    msg = _train_message(tiny_method(rc), {"server-round": 1})
+    absolute = re.compile(r"(^|[\s'\"(])/\w")
+    inside = _manifest_site(tmp_path / "site", tmp_path / "site" / "data")
+    outside = _manifest_site(tmp_path / "other", tmp_path / "elsewhere" / "data")
+    (tmp_path / "blocked").mkdir()
+    (tmp_path / "blocked" / "cache").write_text("a file where the cache folder should be")
+    blocked = tmp_path / "blocked" / "b.yaml"
+    blocked.write_text("name: b\ncache_dir: cache\ndata: {kind: synthetic, vendor: A, cases: 2, size: 32}\n")
+    cases = [
+        (inside, INPUT_ERROR_CODE, "DataError: site m: data/c1_gt.nii.gz: mask labels [7] outside"),
+        (outside, INPUT_ERROR_CODE, "DataError: site m: .../c1_gt.nii.gz: mask labels [7] outside"),
+        (blocked, FAILURE_CODE, "FileExistsError:"),
+    ]
+    for yaml_path, code, start in cases:
+        site_runner.clear_cache()
+        reply = client_app(msg, _context(rc, {"site-config": str(yaml_path)}))
+        assert reply.has_error() and reply.error.code == code
+        assert reply.error.reason.startswith(start), reply.error.reason
+        assert str(tmp_path) not in reply.error.reason and not absolute.search(reply.error.reason), reply.error.reason
+    site_runner.clear_cache()
+
+
 def test_fedprox_client_uses_proximal_term(tmp_path, site_dir, task_identity, monkeypatch):
     from client.client_app import app as client_app
     from jras_core.site import Site

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from loader_cases import (
     HEADER,
     fractional_mask_case,
+    header_only_nifti,
     label_seven_case,
     missing_file_case,
     nan_image_case,
@@ -124,3 +125,38 @@ def test_volume_checks_match_the_data(nan_at, labels, mask_shape):
             assert bad and "img" in str(exc), str(exc)
         else:
             assert not bad and np.array_equal(vols[0].mask, mask.astype(np.int64))
+
+
+@pytest.mark.parametrize("name", ["huge.nii.gz", "huge.nii"])
+def test_a_volume_over_the_size_limit_is_refused_from_its_header(tmp_path, name):
+    """A tiny file (compressed, or plain as a sparse file would be) declaring 12000 x 12000 x 8
+    voxels (8.6 GiB when read) is refused from its header: the error names the file, its
+    shape and the limit, and no voxel memory is allocated."""
+    import time
+    import tracemalloc
+
+    huge = header_only_nifti(tmp_path / name, (12000, 12000, 8))
+    assert huge.stat().st_size < 1024
+    path = write_manifest(tmp_path, [("huge", huge.name, huge.name)])
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(DataError) as info:
+            load_manifest(path, num_classes=4)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    message = str(info.value)
+    assert str(huge) in message and "12000 x 12000 x 8" in message and "8.58 GiB" in message
+    assert "limit of 512.0 MiB" in message and "max_volume_mib" in message
+    assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB allocated while refusing"
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_the_volume_size_limit_is_configurable(tmp_path):
+    image, mask = toy_pair(64, 64, 8)  # 32768 voxels: 0.25 MiB as float64
+    path = write_manifest(tmp_path, [write_case(tmp_path, "c", image, mask)])
+    assert len(load_manifest(path, num_classes=4, max_volume_mib=1)) == 1
+    with pytest.raises(DataError, match=r"c\.nii\.gz: header declares 64 x 64 x 8 voxels of float32"):
+        load_manifest(path, num_classes=4, max_volume_mib=0.1)
+    assert len(load_manifest(path, num_classes=4, max_volume_mib=None)) == 1

@@ -86,3 +86,11 @@ def test_damaged_png_gives_data_error(damage):
         (folder / "scan.png").write_bytes(damage_bytes(_PNG_BYTES, *damage))
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "scan_mask.png")
         only_our_error(lambda: load_image_folder(folder, num_classes=2), DataError, "scan")
+
+
+def test_an_image_over_the_size_limit_is_refused_before_decoding(tmp_path):
+    Image.fromarray(np.zeros((200, 300, 3), dtype=np.uint8)).save(tmp_path / "a.png")  # 1.37 MiB as float64
+    Image.fromarray(np.zeros((200, 300), dtype=np.uint8)).save(tmp_path / "a_mask.png")
+    with pytest.raises(DataError, match=r"a\.png: header declares 200 x 300 x 3 voxels of RGB .*limit of 1\.0 MiB"):
+        load_image_folder(tmp_path, max_volume_mib=1)
+    assert load_image_folder(tmp_path, max_volume_mib=2)[0].image.shape == (200, 300, 1)

@@ -8,7 +8,7 @@ from loader_cases import needs_mnms
 
 from jras_core.config import PreprocessConfig
 from jras_core.data.slices import SliceSet, build_slice_set, preprocess_volume
-from jras_core.data.volume import Volume
+from jras_core.data.volume import DataError, Volume
 
 
 def _volume(h=80, w=60, z=4, spacing=(2.0, 1.0, 8.0), case="c0"):
@@ -53,3 +53,15 @@ def test_split_by_case_keeps_cases_whole(mnms_slices, val_fraction, seed):
     assert train_cases and val_cases
     assert not train_cases & val_cases
     assert len(train) + len(val) == len(mnms_slices)
+
+
+def test_a_site_of_empty_masks_is_an_error_naming_its_files():
+    cfg = PreprocessConfig(size=32)
+    volumes = [
+        Volume(np.ones((40, 40, 2), np.float32), np.zeros((40, 40, 2), np.int64), (1.0, 1.0, 5.0),
+               case=f"c{i}", source=f"/data/site/c{i}.nii.gz")
+        for i in range(5)
+    ]
+    with pytest.raises(DataError, match=r"none of the 5 volume\(s\) has a labelled slice .*"
+                       r"/data/site/c0\.nii\.gz, /data/site/c1\.nii\.gz, /data/site/c2\.nii\.gz and 2 more"):
+        build_slice_set(volumes, cfg, 4)

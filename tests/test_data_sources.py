@@ -6,10 +6,18 @@ import sys
 import types
 
 import pytest
-from loader_cases import BUSI, group_manifest, needs_busi, toy_pair, write_case, write_manifest
+from loader_cases import (
+    BUSI,
+    group_manifest,
+    header_only_nifti,
+    needs_busi,
+    toy_pair,
+    write_case,
+    write_manifest,
+)
 
 from jras_core.config import ConfigError
-from jras_core.data import DataSourceConfig, load_volumes
+from jras_core.data import DataError, DataSourceConfig, load_volumes
 
 
 def test_site_yaml_filter_errors_name_yaml_and_manifest(tmp_path):
@@ -96,3 +104,14 @@ def test_load_volumes_synthetic_dispatch(monkeypatch):
 def test_load_volumes_folder():
     vols = load_volumes(DataSourceConfig(kind="folder", path=str(BUSI), vendor="busi"), 2)
     assert len(vols) == 40 and vols[0].vendor == "busi"
+
+
+def test_max_volume_mib_of_a_site_yaml_limits_what_is_read(tmp_path):
+    big = header_only_nifti(tmp_path / "big.nii.gz", (1024, 1024, 80))  # 640 MiB as float64
+    manifest = write_manifest(tmp_path, [("big", big.name, big.name)])
+    with pytest.raises(DataError, match=r"big\.nii\.gz: header declares 1024 x 1024 x 80 .*limit of 512\.0 MiB"):
+        load_volumes(DataSourceConfig(kind="manifest", path=str(manifest)), 4)
+    with pytest.raises(DataError, match=r"big\.nii\.gz: header declares .*limit of 100\.0 MiB"):
+        load_volumes(DataSourceConfig(kind="manifest", path=str(manifest), max_volume_mib=100), 4)
+    with pytest.raises(ConfigError, match="max_volume_mib"):
+        DataSourceConfig.from_dict({"kind": "manifest", "path": str(manifest), "max_volume_mib": 0})

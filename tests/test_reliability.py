@@ -410,7 +410,8 @@ def test_bad_input_in_the_cli(tmp_path, capsys):
 
 def test_bad_input_at_a_site_reaches_the_server(tmp_path, in_process_grid, caplog):
     """The same bad inputs behind ClientApps: each site replies with an error whose text
-    names the file; the server logs and records it per site; the good sites' round goes on."""
+    names the file (never by its absolute path); the server logs and records it per site;
+    the good sites' round goes on."""
     bad = bad_sites(tmp_path)
     good = write_sites(tmp_path, "AB", cases=4)
     sites = good + [str(p) for p, _ in bad.values()]
@@ -423,4 +424,5 @@ def test_bad_input_at_a_site_reaches_the_server(tmp_path, in_process_grid, caplo
     for i, (what, (_, culprit)) in enumerate(bad.items()):
         text = r1["errors"][f"node-{100 + len(good) + i}"]["train"]
         assert text.startswith(("ConfigError: ", "DataError: ")) and culprit in text, (what, text)
+        assert str(tmp_path) not in text, (what, text)  # the site's file names only, never its paths
         assert any(culprit in m for m in server_messages(caplog)), what

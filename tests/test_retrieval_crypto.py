@@ -231,3 +231,22 @@ def test_crash_during_write_keeps_previous_bank(tmp_path, key_file, monkeypatch)
     assert store.path.read_bytes() == before
     assert sorted(p.name for p in store.directory.iterdir()) == ["bank.enc"]  # temporary removed
     _same(_bank(), RetrievalBank.load(store.directory, store=BankStore(store.directory, key=key)))
+
+
+def test_a_bank_of_another_key_is_not_replaced_but_can_be_re_keyed(tmp_path, key_file):
+    bank = _bank()
+    old = load_key_file(key_file)
+    new = BankKey(os.urandom(32), source="new.key")
+    bank.save(tmp_path / "bank", store=BankStore(tmp_path / "bank", key=old))
+    before = (tmp_path / "bank" / "bank.enc").read_bytes()
+    with pytest.raises(BankKeyError, match=r"bank\.enc: the bank here is encrypted with another key than new\.key"):
+        bank.save(tmp_path / "bank", store=BankStore(tmp_path / "bank", key=new))
+    assert (tmp_path / "bank" / "bank.enc").read_bytes() == before
+    with pytest.raises(BankDecryptError):  # a wrong old key re-keys nothing
+        BankStore(tmp_path / "bank", key=new).rekey(os.urandom(32))
+    assert (tmp_path / "bank" / "bank.enc").read_bytes() == before
+    BankStore(tmp_path / "bank", key=new).rekey(old)
+    _same(bank, RetrievalBank.load(tmp_path / "bank", store=BankStore(tmp_path / "bank", key=new)))
+    with pytest.raises(BankDecryptError):
+        BankStore(tmp_path / "bank", key=old).load()
+    bank.save(tmp_path / "bank", store=BankStore(tmp_path / "bank", key=new))  # its own key replaces it

@@ -14,10 +14,12 @@ from bank_sites import site_yaml
 from fuzzing import FEW, any_value
 from hypothesis import given
 from hypothesis import strategies as st
+from loader_cases import save_nifti, toy_pair, write_case, write_manifest
 from shared_data import SHARED
 from tiny_methods import TINY
 
 from jras_core.config import ConfigError, JRASConfig
+from jras_core.data.volume import DataError
 from jras_core.models.jras import build_model
 from jras_core.retrieval.crypto import ENV_VAR, generate_key_file
 from jras_core.site import Site, SiteConfig
@@ -65,6 +67,67 @@ def test_cache_is_written_beside_the_yaml_and_reused(tmp_path):
     # another preprocessing gets another cache entry, never a stale one
     Site(SiteConfig.from_yaml(path), CFG.with_overrides({"preprocess.size": 48}), root=tmp_path).slices
     assert len(list((tmp_path / "cache").glob("s-*.pt"))) == 2
+
+
+def test_a_cache_built_before_the_data_changed_is_not_used(tmp_path):
+    """The cache is keyed by the bytes of the data files: a mask edited to hold label 7 after
+    the cache was built is read again, and its bad label is reported."""
+    native = CFG.with_overrides({"preprocess.fov_mm": None})  # the toy cases' native spacing
+    image, mask = toy_pair()
+    rows = [write_case(tmp_path, f"c{i}", image, mask) for i in range(2)]
+    write_manifest(tmp_path, rows)
+    path = _yaml(tmp_path, "name: m\ncache_dir: cache\ndata: {kind: manifest, path: manifest.csv}\n")
+    assert len(Site(SiteConfig.from_yaml(path), native, root=tmp_path).slices) > 0
+    (cached,) = (tmp_path / "cache").glob("m-*.pt")
+    assert Site(SiteConfig.from_yaml(path), native, root=tmp_path)._cache_path() == cached
+    edited = mask.copy()
+    edited[3, 3, 1] = 7
+    save_nifti(tmp_path / rows[1][2], edited)
+    site = Site(SiteConfig.from_yaml(path), native, root=tmp_path)
+    assert site._cache_path() != cached
+    with pytest.raises(DataError, match=r"c1_gt\.nii\.gz: mask labels \[7\] outside"):
+        site.slices  # noqa: B018
+
+
+def test_a_site_whose_masks_are_all_empty_names_itself_and_its_files(tmp_path):
+    image, mask = toy_pair()
+    rows = [write_case(tmp_path, f"e{i}", image, mask * 0) for i in range(2)]
+    write_manifest(tmp_path, rows)
+    path = _yaml(tmp_path, "name: empty\ndata: {kind: manifest, path: manifest.csv}\n")
+    with pytest.raises(DataError, match=r"site empty: none of the 2 volume\(s\) has a labelled slice .*e0\.nii\.gz"):
+        Site(SiteConfig.from_yaml(path), CFG, root=tmp_path).slices  # noqa: B018
+
+
+def test_a_site_of_one_case_trains_on_it_and_says_why_it_cannot_evaluate(tmp_path):
+    path = _yaml(tmp_path, "name: solo\ndata: {kind: synthetic, vendor: A, cases: 1, size: 32}\n")
+    site = Site(SiteConfig.from_yaml(path), CFG, root=tmp_path)
+    assert len(site.train_set) == len(site.slices) > 0 and len(site.val_set) == 0
+    assert "site solo: no validation cases: the site has 1 case" in site.no_validation
+    with pytest.raises(ConfigError, match="site solo: no validation cases: the site has 1 case"):
+        site.evaluate(build_model(CFG))
+    two = Site(SiteConfig.from_yaml(_yaml(tmp_path, "name: duo\ndata: {kind: synthetic, vendor: A, cases: 2, size: 32}\n")),
+               CFG, root=tmp_path)
+    assert two.no_validation is None and len(two.val_set) > 0
+
+
+def test_site_names_are_safe_file_name_parts(tmp_path):
+    """A site name becomes part of file names (its slice cache): a path is refused, naming
+    the YAML, before anything is written."""
+    body = "cache_dir: cache\ndata: {kind: synthetic, vendor: A, cases: 2, size: 32}\n"
+    for bad in ("../../../../tmp/x", "a/b", ".hidden", "", "x" * 65, "tab\tname", "caf\u00e9"):
+        with pytest.raises(ConfigError, match=r"site\.yaml: name: .*(site name|empty)"):
+            SiteConfig.from_yaml(_yaml(tmp_path, yaml.safe_dump({"name": bad}) + body))
+    assert not (tmp_path / "cache").exists()
+    for good in ("acdc-DCM", "site_1.v2", "A", "x" * 64):
+        assert SiteConfig.from_yaml(_yaml(tmp_path, yaml.safe_dump({"name": good}) + body)).name == good
+
+
+def test_safe_site_name_makes_a_valid_name():
+    from jras_core.site import check_site_name, safe_site_name
+
+    for text in ("my manifest", "..hidden", "a/b\\c", "", "ü" * 100):
+        assert check_site_name(safe_site_name(text)) == safe_site_name(text)
+    assert safe_site_name("acdc-DCM") == "acdc-DCM"
 
 
 def test_splits_are_by_case_and_support_sites_hold_out():

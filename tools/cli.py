@@ -55,14 +55,14 @@ def checkpoint_model(args: argparse.Namespace):
 def collect_sites(args: argparse.Namespace, cfg: JRASConfig) -> list[Site]:
     """Sites from ``--site`` YAMLs, ``--manifest`` CSVs and ``--synthetic`` vendors."""
     from jras_core.data.sources import DataSourceConfig
-    from jras_core.site import Site, SiteConfig
+    from jras_core.site import Site, SiteConfig, safe_site_name
 
     configs: list[tuple[SiteConfig, Path | None]] = []
     for path in args.site or []:
         configs.append((SiteConfig.from_yaml(path), Path(path).parent))
     for path in args.manifest or []:
         data = DataSourceConfig(kind="manifest", path=str(Path(path).resolve()), skip_bad=args.skip_bad)
-        configs.append((SiteConfig(name=Path(path).stem, data=data), None))
+        configs.append((SiteConfig(name=safe_site_name(Path(path).stem), data=data), None))
     for vendor in (args.synthetic.split(",") if args.synthetic else []):
         configs.append((synthetic_site(vendor.strip(), args.cases, args.seed, cfg.preprocess.size), None))
     if not configs:
@@ -77,11 +77,20 @@ def collect_sites(args: argparse.Namespace, cfg: JRASConfig) -> list[Site]:
 
 
 def print_table(results: dict[str, dict[str, float]], names: Sequence[str]) -> None:
+    if not results:
+        return
     cols = ["dice_mean"] + [f"dice_{n.lower()}" for n in names] + ["hd95_mean", "guide_dice", "dice_oracle", "dice_random"]
     present = [c for c in cols if any(c in m for m in results.values())]
     print("site".ljust(16) + "".join(c.rjust(13) for c in present))
     for site, m in results.items():
         print(site.ljust(16) + "".join(f"{m.get(c, float('nan')):13.3f}" for c in present))
+
+
+def print_not_evaluated(sites: Sequence[Site], results: dict[str, dict[str, float]]) -> None:
+    """One line per site missing from ``results``, saying why (e.g. a site of one case)."""
+    for site in sites:
+        if site.name not in results and site.no_validation is not None:
+            print(f"{site.no_validation}; not evaluated")
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -124,6 +133,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _, results = train_centralised(sites, cfg, out, progress=not args.quiet, eval_every=args.eval_every)
     print_table(results, cfg.labels.names)
+    print_not_evaluated(sites, results)
     print(f"model, metrics and TensorBoard logs in {out}")
     return 0
 
@@ -135,6 +145,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     sites = collect_sites(args, cfg)
     results = evaluate_sites(model, sites, cfg)
     print_table(results, cfg.labels.names)
+    print_not_evaluated(sites, results)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     return 0
@@ -157,11 +168,43 @@ def cmd_bank_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def rekey_site_bank(args: argparse.Namespace, site: Site, key_file: Path | None) -> int:
+    """``jras site init --rekey``: re-encrypt the site's existing bank from its old key (the
+    site's key_file, else ``$JRAS_BANK_KEY``, or ``--old-key-file``) to the new one
+    (``--key-file``, created if missing), atomically; the bank's content is kept."""
+    from jras_core.retrieval.crypto import ENV_VAR, generate_key_file, resolve_key
+    from jras_core.retrieval.store import BankStore
+
+    if args.checkpoint:
+        raise ConfigError("jras site init: --rekey re-encrypts the existing bank as it is; embed it with "
+                          "--checkpoint in a second run, without --rekey")
+    old_source = Path(args.old_key_file) if args.old_key_file else site.key_path
+    old_key = resolve_key(old_source)
+    if old_key is None:
+        raise ConfigError(f"{args.site}: --rekey needs the old key: the site's key_file, --old-key-file FILE "
+                          f"or ${ENV_VAR}")
+    if key_file is None:
+        raise ConfigError(f"{args.site}: --rekey needs the new key: --key-file FILE")
+    if not key_file.exists():
+        generate_key_file(key_file)
+        print(f"{site.name}: key file {key_file} (new, mode 0600; back it up: the bank cannot be read without it)")
+    store = BankStore(Path(args.out) if args.out else site.bank_path, key=resolve_key(key_file))
+    path = store.rekey(old_key)
+    print(f"{site.name}: bank {path} re-encrypted from {old_key.source} to {key_file}")
+    if site.key_path is None or key_file.resolve() != site.key_path.resolve():
+        print(f"{site.name}: set key_file: {key_file} in {args.site} (the site reads its bank with that key)")
+    return 0
+
+
 def cmd_site_init(args: argparse.Namespace) -> int:
-    """Create the site's key file (if missing) and its encrypted bank of training slices."""
-    from jras_core.retrieval.crypto import ENV_VAR, generate_key_file, key_from_env
+    """Create the site's key file (if missing) and its encrypted bank of training slices; with
+    ``--rekey``, re-encrypt the existing bank with a new key instead."""
+    from jras_core.retrieval.crypto import ENV_VAR, BankKeyError, generate_key_file, key_from_env
+    from jras_core.retrieval.store import ENCRYPTED_BANK_FILE
     from jras_core.site import Site, SiteConfig
 
+    if args.old_key_file and not args.rekey:
+        raise ConfigError("jras site init: --old-key-file is for --rekey")
     model = None
     if args.checkpoint:
         model, cfg = checkpoint_model(args)
@@ -171,11 +214,20 @@ def cmd_site_init(args: argparse.Namespace) -> int:
     if args.out is None and site.bank_path is None:
         raise ConfigError(f"{args.site}: no bank directory: set bank_dir in the site YAML or pass --out DIR")
     key_file = Path(args.key_file) if args.key_file else site.key_path
+    if args.rekey:
+        return rekey_site_bank(args, site, key_file)
     if key_file is None and key_from_env() is None:
         raise ConfigError(
             f"{args.site}: no bank key: set key_file in the site YAML, pass --key-file FILE, or set ${ENV_VAR}"
         )
     if key_file is not None:
+        existing_bank = Path(args.out or site.bank_path) / ENCRYPTED_BANK_FILE
+        if not key_file.exists() and existing_bank.is_file():
+            raise BankKeyError(
+                f"{existing_bank}: an encrypted bank is here, and a new key {key_file} would not read it; "
+                "refusing to replace it. To move the bank to a new key, add --rekey (it decrypts with the old "
+                "key first); to rebuild it, delete it first"
+            )
         if key_file.exists():
             print(f"{site.name}: key file {key_file} (existing)")
         else:
@@ -184,6 +236,7 @@ def cmd_site_init(args: argparse.Namespace) -> int:
     else:
         print(f"{site.name}: bank key from ${ENV_VAR}")
     store = site.bank_store(args.out, key_file=key_file)
+    store.check_key_matches()  # before the data is read: an existing bank of another key is refused
     bank = site.bank
     if model is not None:
         bank.refresh(model.retr)
@@ -387,12 +440,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Creates the key file (key_file in the site YAML, or --key-file) with mode 0600 if it "
         "does not exist, then builds the bank of the site's training slices and stores it encrypted "
         "(AES-256-GCM) in bank_dir (or --out). With --checkpoint, the bank is embedded with its retriever. "
+        "An existing bank encrypted with another key is never replaced: --rekey re-encrypts it with the new "
+        "key (--key-file), decrypting it with the old one (the site's key_file, or --old-key-file) first. "
         "The key is never printed.",
     )
     init.add_argument("--site", required=True, metavar="YAML", help="site config")
     init.add_argument("--checkpoint", help="embed the bank with this checkpoint's retriever (default: not embedded)")
     init.add_argument("--key-file", metavar="FILE", help="key file (default: the site's key_file, else $JRAS_BANK_KEY)")
     init.add_argument("--out", metavar="DIR", help="bank directory (default: the site's bank_dir)")
+    init.add_argument("--rekey", action="store_true",
+                      help="re-encrypt the existing bank with --key-file (created if missing), after decrypting it "
+                      "with the old key; the bank's content is kept, nothing is rebuilt")
+    init.add_argument("--old-key-file", metavar="FILE",
+                      help="with --rekey: the bank's current key (default: the site's key_file, else $JRAS_BANK_KEY)")
     add_method_args(init, "method config without --checkpoint (default: built-in defaults)")
     init.set_defaults(func=cmd_site_init)
 

@@ -255,7 +255,13 @@ def build_slice_set(
         volume_ids.append(np.full(keep.size, len(infos) - 1))
         slice_pos.append(keep)
     if not images:
-        raise DataError("none of the volumes has a labelled slice")
+        names = [vol.source or vol.key for vol in volumes]
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise DataError(
+            f"none of the {len(names)} volume(s) has a labelled slice after preprocessing ({shown}): "
+            "their masks are all background, or their labels vanish when resampled to "
+            f"preprocess.size {cfg.size} over preprocess.fov_mm {cfg.fov_mm}"
+        )
     return SliceSet(
         images=torch.from_numpy(np.concatenate(images))[:, None].contiguous(),
         masks=torch.from_numpy(np.concatenate(masks)).contiguous(),

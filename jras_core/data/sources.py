@@ -8,6 +8,7 @@ reads it into a list of :class:`~jras_core.data.volume.Volume`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -48,6 +49,9 @@ class DataSourceConfig:
         label_map: ``{old: new}`` mask label remap; for ``acdc`` the default is
             ACDC -> M&Ms and ``{}`` keeps the ACDC labels.
         skip_bad: skip bad cases with a warning instead of failing.
+        max_volume_mib: the largest volume (one image or mask file) read, in MiB as read
+            (float64 voxels); a file whose header declares more is refused before its data
+            is read, naming the file, its shape and the limit.
 
     Types, ranges and the shapes of ``where``, ``exclude`` and ``label_map`` are checked
     when the config is made; :meth:`validate` checks that the source is complete and that
@@ -66,6 +70,7 @@ class DataSourceConfig:
     size: Annotated[StrictInt, Field(ge=16)] = 128
     label_map: dict | None = None
     skip_bad: StrictBool = False
+    max_volume_mib: Annotated[StrictInt, Field(ge=1)] = loaders.MAX_VOLUME_MIB
 
     @field_validator("where", "exclude")
     @classmethod
@@ -199,6 +204,48 @@ def _as_label(value: Any) -> int:
     return number
 
 
+def source_files(src: DataSourceConfig, root: Path | None = None) -> list[Path]:
+    """The files a data source reads, sorted (none for a synthetic source, which its config
+    determines): a manifest and the image and mask files of the rows its filters keep; an
+    M&Ms info CSV and the NIfTI files under its root; an ACDC root's ``Info.cfg`` and NIfTI
+    files; an image folder's pictures. Files that do not exist are left out (reading them
+    reports them)."""
+    if src.kind == "synthetic":
+        return []
+    path = src.resolve(src.path, root)
+    files: set[Path] = set()
+    if src.kind == "manifest":
+        files.add(path)
+        where, exclude = src.row_filters()
+        rows = loaders.select_manifest_rows(path, [src.vendor] if src.vendor else None, where, exclude)
+        for _, row in rows:
+            for col in ("image", "mask"):
+                if row[col] and "\x00" not in row[col]:
+                    files.add(resolve_path(row[col], [path.parent]))
+    elif src.kind in ("mnms", "acdc"):
+        files.update(path.rglob("*.nii.gz"))
+        files.update(path.rglob("*.nii"))
+        if src.kind == "mnms":
+            files.add(src.resolve(src.info_csv, root))
+        else:
+            files.update(path.rglob("Info.cfg"))
+    elif src.kind == "folder":
+        files.update(p for p in path.iterdir() if p.suffix.lower() in loaders.IMAGE_SUFFIXES)
+    return sorted(p for p in files if p.is_file())
+
+
+def source_digest(src: DataSourceConfig, root: Path | None = None) -> str:
+    """SHA-256 (hex) of the source's config and of the path and bytes of every file it reads
+    (:func:`source_files`): it changes when any of those files is edited, added or removed,
+    so that data derived from the source (a slice cache) can be keyed by it."""
+    digest = hashlib.sha256(repr(sorted(dataclasses.asdict(src).items(), key=str)).encode())
+    for path in source_files(src, root):
+        digest.update(str(path).encode() + b"\0")
+        with open(path, "rb") as fh:
+            digest.update(hashlib.file_digest(fh, "sha256").digest())
+    return digest.hexdigest()
+
+
 def load_volumes(src: DataSourceConfig, num_classes: int, root: Path | None = None) -> list[Volume]:
     """Read the volumes of a data source.
 
@@ -234,6 +281,7 @@ def load_volumes(src: DataSourceConfig, num_classes: int, root: Path | None = No
             vendors=vendors,
             where=where,
             exclude=exclude,
+            max_volume_mib=src.max_volume_mib,
         )
     if src.kind == "mnms":
         return loaders.load_mnms(
@@ -243,6 +291,7 @@ def load_volumes(src: DataSourceConfig, num_classes: int, root: Path | None = No
             label_map,
             skip_bad=src.skip_bad,
             vendors=vendors,
+            max_volume_mib=src.max_volume_mib,
         )
     if src.kind == "acdc":
         return loaders.load_acdc(
@@ -251,9 +300,11 @@ def load_volumes(src: DataSourceConfig, num_classes: int, root: Path | None = No
             loaders.ACDC_TO_MNMS if label_map is None else label_map,
             skip_bad=src.skip_bad,
             vendor=src.vendor or "ACDC",
+            max_volume_mib=src.max_volume_mib,
         )
     if src.kind == "folder":
         return loaders.load_image_folder(
-            path, num_classes, vendor=src.vendor or "", label_map=label_map, skip_bad=src.skip_bad
+            path, num_classes, vendor=src.vendor or "", label_map=label_map, skip_bad=src.skip_bad,
+            max_volume_mib=src.max_volume_mib,
         )
     raise DataError(f"unknown data source kind {src.kind!r}")

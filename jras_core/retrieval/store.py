@@ -18,7 +18,7 @@ import numpy as np
 
 from jras_core.data.volume import DataError
 from jras_core.files import atomic_write_bytes
-from jras_core.retrieval.crypto import ENV_VAR, BankKey, BankKeyError, is_encrypted
+from jras_core.retrieval.crypto import ENV_VAR, BankDecryptError, BankKey, BankKeyError, is_encrypted
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +82,29 @@ class BankStore:
         meta = json.loads(arrays.pop("__meta__").tobytes().decode())
         return arrays, meta
 
+    def check_key_matches(self) -> None:
+        """Refuse (:class:`BankKeyError`) when an encrypted bank is in the directory that this
+        store's key does not decrypt: replacing it would silently re-key the site's bank (its
+        configured key would no longer read it). Nothing to check without a key or a bank."""
+        if self._key is None or not self.encrypted_path.is_file():
+            return
+        try:
+            self._key.decrypt(self.encrypted_path.read_bytes(), self.encrypted_path)
+        except BankDecryptError:
+            raise BankKeyError(
+                f"{self.encrypted_path}: the bank here is encrypted with another key than {self._key.source} "
+                f"(or is damaged); refusing to replace it. To move the bank to this key, run `jras site init "
+                f"--rekey` (it decrypts with the old key first); to rebuild it, delete it first"
+            ) from None
+
     def save(self, arrays: dict[str, np.ndarray], meta: dict) -> Path:
         """Write the bank as one file, atomically (encrypted when the store has a key).
 
         Writing an encrypted bank removes a plaintext one left in the directory; writing a
-        plaintext bank where an encrypted one is refuses (that would silently drop encryption).
+        plaintext bank where an encrypted one is refuses (that would silently drop encryption),
+        and so does writing over an encrypted bank of another key (:meth:`check_key_matches`).
         """
+        self.check_key_matches()
         payload = self.encode(arrays, meta)
         if self._key is None:
             if self.encrypted_path.is_file():
@@ -123,3 +140,25 @@ class BankStore:
         if self._key is not None:
             data = self._key.decrypt(data, self.path)  # all-or-nothing: nothing is decoded on failure
         return self.decode(data)
+
+    def rekey(self, old_key: bytes | BankKey) -> Path:
+        """Re-encrypt the directory's bank from ``old_key`` to this store's key, atomically:
+        the bank is decrypted with ``old_key`` first (a wrong old key changes nothing, a
+        :class:`~jras_core.retrieval.crypto.BankDecryptError`), and its content is kept as is.
+
+        Returns:
+            the bank file.
+        """
+        if self._key is None:
+            raise BankKeyError(f"{self.directory}: re-keying a bank needs the new key")
+        old = BankKey(old_key)
+        if old == self._key:
+            raise BankKeyError(
+                f"{self.encrypted_path}: the old key ({old.source}) and the new key ({self._key.source}) are the same"
+            )
+        if not self.encrypted_path.is_file():
+            raise DataError(f"{self.encrypted_path}: no encrypted bank here to re-key")
+        payload = old.decrypt(self.encrypted_path.read_bytes(), self.encrypted_path)
+        atomic_write_bytes(self.encrypted_path, self._key.encrypt(payload))
+        del payload
+        return self.encrypted_path

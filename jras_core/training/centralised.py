@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 
 def evaluate_sites(model: JRASModel, sites: Sequence[Site], cfg: JRASConfig,
                    pooled_bank: RetrievalBank | None = None, diagnostics: bool = True) -> dict[str, dict[str, float]]:
-    """Evaluate every site's validation split.
+    """Evaluate every site's validation split; a site without one (e.g. a site of one case,
+    which trains on it) is left out of the result, with a warning saying why
+    (:attr:`Site.no_validation <jras_core.site.Site.no_validation>`).
 
     Training sites retrieve from ``pooled_bank`` (own case excluded); a site with
     ``support_cases`` (never trained on) retrieves from its own support bank, with the
@@ -34,6 +36,9 @@ def evaluate_sites(model: JRASModel, sites: Sequence[Site], cfg: JRASConfig,
     """
     results = {}
     for site in sites:
+        if site.no_validation is not None:
+            log.warning("%s; not evaluated", site.no_validation)
+            continue
         if site.config.support_cases is not None:  # adapted, then evaluated as the site itself does
             site_model = adapt_to_site(model, site.train_set, cfg, site.bank if cfg.uses_retrieval else None)
             results[site.name] = site.evaluate(site_model, diagnostics=diagnostics)
@@ -79,7 +84,10 @@ def train_centralised(
     if out_dir:
         out = Path(out_dir)
         save_model(out / "model.pt", model, cfg, sites=[s.name for s in sites])
-        (out / "metrics.json").write_text(json.dumps({"train_time_s": train_time, "sites": results}, indent=2))
+        skipped = {s.name: s.no_validation for s in sites if s.name not in results}
+        (out / "metrics.json").write_text(
+            json.dumps({"train_time_s": train_time, "sites": results, "not_evaluated": skipped}, indent=2)
+        )
         for name, m in results.items():
             for key, value in m.items():
                 writer.add_scalar(f"final/{name}/{key}", value, cfg.train.epochs)

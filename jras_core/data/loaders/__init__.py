@@ -19,7 +19,7 @@ file, CSV and NIfTI reading, checks) is in :mod:`~jras_core.data.loaders.common`
 """
 
 from jras_core.data.loaders.acdc import ACDC_TO_MNMS, load_acdc
-from jras_core.data.loaders.common import MNMS_LABELS, remap_labels
+from jras_core.data.loaders.common import MAX_VOLUME_MIB, MNMS_LABELS, check_volume_size, remap_labels
 from jras_core.data.loaders.image_folder import IMAGE_SUFFIXES, load_image_folder
 from jras_core.data.loaders.manifest import (
     MANIFEST_COLUMNS,
@@ -34,9 +34,11 @@ __all__ = [
     "ACDC_TO_MNMS",
     "IMAGE_SUFFIXES",
     "MANIFEST_COLUMNS",
+    "MAX_VOLUME_MIB",
     "MANIFEST_FIELDS",
     "MNMS_LABELS",
     "RowFilter",
+    "check_volume_size",
     "load_acdc",
     "load_image_folder",
     "load_manifest",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from jras_core.data.loaders.common import _collect, _frame_index, _read_nifti_pair
+from jras_core.data.loaders.common import MAX_VOLUME_MIB, _collect, _frame_index, _read_nifti_pair
 from jras_core.data.volume import DataError, Volume
 
 ACDC_TO_MNMS: dict[int, int] = {0: 0, 1: 3, 2: 2, 3: 1}
@@ -33,6 +33,7 @@ def load_acdc(
     skip_bad: bool = False,
     vendor: str = "ACDC",
     phases: Sequence[str] = ("ED", "ES"),
+    max_volume_mib: float | None = MAX_VOLUME_MIB,
 ) -> list[Volume]:
     """Read the official ACDC layout.
 
@@ -48,6 +49,8 @@ def load_acdc(
         skip_bad: skip bad cases with a warning instead of raising.
         vendor: vendor label given to every volume.
         phases: which of ``ED``/``ES`` to read.
+        max_volume_mib: refuse a NIfTI file whose header declares more than this many MiB
+            as read (float64), before reading its data (``None``: no limit).
 
     Returns:
         One :class:`Volume` per patient and phase, image/mask ``(H, W, Z)``.
@@ -77,6 +80,7 @@ def load_acdc(
                     mask_path,
                     num_classes,
                     label_map,
+                    max_mib=max_volume_mib,
                     case=patient,
                     phase=phase.upper(),
                     vendor=vendor,

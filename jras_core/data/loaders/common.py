@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,6 +20,10 @@ log = logging.getLogger(__name__)
 
 MNMS_LABELS: dict[int, str] = {0: "background", 1: "LV", 2: "MYO", 3: "RV"}
 """Label convention used throughout the project (M&Ms): 1 LV blood pool, 2 myocardium, 3 RV."""
+
+MAX_VOLUME_MIB = 512
+"""Default limit on one volume's size in memory as read (float64 voxels), MiB; a file whose
+header declares more is refused before its data is read."""
 
 _T = TypeVar("_T")
 
@@ -79,13 +84,51 @@ def _require_file(path: Path, what: str) -> None:
         raise DataError(f"{path}: {what} file not found")
 
 
-def _read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
-    """Read a NIfTI file: (data as float64 array of its stored shape, header zooms)."""
+def _size(nbytes: float) -> str:
+    """``nbytes`` in GiB from 1 GiB on, else in MiB."""
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def check_volume_size(path: Path, shape: Sequence[int], dtype: Any, max_mib: float | None) -> None:
+    """Refuse a volume whose declared ``shape`` is over ``max_mib`` MiB when read as float64.
+
+    Called with the header's shape before any voxel is read, so a small file that declares
+    a huge volume (a compressed or sparse file) costs no memory.
+
+    Raises:
+        DataError: naming the file, its declared shape and dtype, its size as read and the limit.
+    """
+    if max_mib is None:
+        return
+    voxels = math.prod(int(d) for d in shape)
+    nbytes = voxels * 8  # read as float64
+    if nbytes > max_mib * 2**20:
+        dims = " x ".join(str(int(d)) for d in shape)
+        raise DataError(
+            f"{path}: header declares {dims} voxels of {dtype} ({_size(nbytes)} when read), over the "
+            f"limit of {_size(max_mib * 2**20)} per volume; if the volume is genuine, raise "
+            f"data.max_volume_mib in the site YAML"
+        )
+
+
+def _read_nifti(path: Path, max_mib: float | None = MAX_VOLUME_MIB) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Read a NIfTI file: (data as float64 array of its stored shape, header zooms).
+
+    The header is read first and a volume over ``max_mib`` MiB (as float64) is refused
+    (:func:`check_volume_size`) before any voxel data is read or allocated.
+    """
     import nibabel as nib
 
     _require_file(path, "NIfTI")
     try:
-        img = nib.load(str(path))
+        img = nib.load(str(path))  # the header only: nibabel reads voxel data lazily
+        shape, dtype = tuple(img.shape), img.header.get_data_dtype()
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types on corrupt files
+        raise DataError(
+            f"{path}: unreadable or truncated NIfTI header ({_one_line(exc)}); re-export or replace it"
+        ) from None
+    check_volume_size(path, shape, dtype, max_mib)
+    try:
         data = np.asarray(img.get_fdata(dtype=np.float64))
         zooms = tuple(float(z) for z in img.header.get_zooms())
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types on corrupt files
@@ -184,11 +227,14 @@ def _read_nifti_pair(
     mask_path: Path,
     num_classes: int,
     label_map: Mapping[int, int] | None,
+    *,
+    max_mib: float | None = MAX_VOLUME_MIB,
     **meta: Any,
 ) -> Volume:
-    """Read a 3-D NIfTI image and its mask (2-D becomes Z=1, a singleton 4th axis is dropped)."""
-    image, zooms = _read_nifti(image_path)
-    mask, _ = _read_nifti(mask_path)
+    """Read a 3-D NIfTI image and its mask (2-D becomes Z=1, a singleton 4th axis is dropped);
+    either file over ``max_mib`` MiB as read is refused before its data is read."""
+    image, zooms = _read_nifti(image_path, max_mib)
+    mask, _ = _read_nifti(mask_path, max_mib)
     image = _as_3d(image, image_path)
     mask = _as_3d(mask, mask_path)
     spacing = _spacing3(zooms, image_path)

@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 
 from jras_core.data.loaders.common import (
+    MAX_VOLUME_MIB,
     _collect,
     _make_volume,
     _mask_int64,
     _one_line,
+    check_volume_size,
     remap_labels,
 )
 from jras_core.data.volume import DataError, Volume
@@ -21,16 +23,21 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".ti
 """File types read by :func:`load_image_folder`."""
 
 
-def _read_picture(path: Path) -> np.ndarray:
-    """A 2-D image file as an ``(H, W)`` or ``(H, W, channels)`` array."""
+def _read_picture(path: Path, max_mib: float | None = MAX_VOLUME_MIB) -> np.ndarray:
+    """A 2-D image file as an ``(H, W)`` or ``(H, W, channels)`` array; an image whose header
+    declares more than ``max_mib`` MiB as read (float64) is refused before it is decoded."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
+            width, height = im.size
+            check_volume_size(path, (height, width, len(im.getbands())), im.mode, max_mib)
             im.load()
             if im.mode == "P":
                 im = im.convert("RGB")
             data = np.asarray(im)
+    except DataError:
+        raise
     except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError
         raise DataError(
             f"{path}: unreadable or truncated image ({_one_line(exc)}); re-export or replace it"
@@ -81,6 +88,7 @@ def load_image_folder(
     label_map: Mapping[int, int] | None = None,
     skip_bad: bool = False,
     mask_suffix: str = "_mask",
+    max_volume_mib: float | None = MAX_VOLUME_MIB,
 ) -> list[Volume]:
     """Read a folder of 2-D ``NAME.png`` images with ``NAME_mask.png`` masks (e.g. BUSI).
 
@@ -96,6 +104,8 @@ def load_image_folder(
         label_map: optional remap of the raw mask values.
         skip_bad: skip bad images with a warning instead of raising.
         mask_suffix: the suffix that marks a mask file.
+        max_volume_mib: refuse an image whose header declares more than this many MiB as
+            read (float64), before decoding it (``None``: no limit).
 
     Returns:
         One :class:`Volume` per image, case ``NAME``, image ``(H, W, 1)`` float32,
@@ -115,10 +125,10 @@ def load_image_folder(
         masks = _mask_files(image_path.stem, mask_suffix, files)
         if not masks:
             raise DataError(f"{image_path}: mask file {image_path.stem}{mask_suffix}.* not found")
-        image = _gray(_read_picture(image_path))
+        image = _gray(_read_picture(image_path, max_volume_mib))
         merged = None
         for mask_path in masks:
-            labels = _picture_labels(_read_picture(mask_path), num_classes, label_map, mask_path)
+            labels = _picture_labels(_read_picture(mask_path, max_volume_mib), num_classes, label_map, mask_path)
             if labels.shape != image.shape:
                 raise DataError(
                     f"{image_path}: image shape {image.shape} does not match mask shape "

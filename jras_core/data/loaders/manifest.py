@@ -6,7 +6,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from jras_core.data.loaders.common import _collect, _read_csv, _read_nifti_pair, _require_file
+from jras_core.data.loaders.common import (
+    MAX_VOLUME_MIB,
+    _collect,
+    _read_csv,
+    _read_nifti_pair,
+    _require_file,
+)
 from jras_core.data.volume import DataError, Volume
 from jras_core.files import resolve_path
 
@@ -114,6 +120,7 @@ def load_manifest(
     vendors: Sequence[str] | None = None,
     where: RowFilter | None = None,
     exclude: RowFilter | None = None,
+    max_volume_mib: float | None = MAX_VOLUME_MIB,
 ) -> list[Volume]:
     """Read the volumes listed in a manifest CSV.
 
@@ -131,6 +138,8 @@ def load_manifest(
         where: ``{column: value or [values]}``: keep only rows whose value is listed
             (see :func:`select_manifest_rows`).
         exclude: ``{column: value or [values]}``: drop the rows whose value is listed.
+        max_volume_mib: refuse a NIfTI file whose header declares more than this many MiB
+            as read (float64), before reading its data (``None``: no limit).
 
     Returns:
         One :class:`Volume` per kept row, image ``(H, W, Z)`` float32, mask ``(H, W, Z)``
@@ -155,6 +164,7 @@ def load_manifest(
             mask_path,
             num_classes,
             label_map,
+            max_mib=max_volume_mib,
             case=row["case"],
             phase=row["phase"],
             vendor=row["vendor"],

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from jras_core.data.loaders.common import (
+    MAX_VOLUME_MIB,
     _collect,
     _frame_index,
     _make_volume,
@@ -75,6 +76,7 @@ def load_mnms(
     skip_bad: bool = False,
     vendors: Sequence[str] | None = None,
     phases: Sequence[str] = ("ED", "ES"),
+    max_volume_mib: float | None = MAX_VOLUME_MIB,
 ) -> list[Volume]:
     """Read the official M&Ms layout.
 
@@ -83,7 +85,9 @@ def load_mnms(
     ``Training/Labeled``). The info CSV gives per case the vendor, centre and the
     0-based ED/ES frame indices (columns like ``External code, VendorName, Vendor,
     Centre, ED, ES``). Cases listed in the CSV but absent under ``root`` are
-    ignored; cases without ground truth are skipped with a log message.
+    ignored; cases without ground truth are skipped with a log message. A 4-D file whose
+    header declares more than ``max_volume_mib`` MiB as read (float64) is refused before
+    its data is read (``None``: no limit).
 
     Returns:
         One :class:`Volume` per case and phase, image/mask ``(H, W, Z)``.
@@ -120,8 +124,8 @@ def load_mnms(
     def read(item: tuple[str, dict[str, str], Path, Path]) -> list[Volume]:
         code, row, image_path, mask_path = item
         frames = {p: _frame_index(row[cols[p.lower()]], p, info_csv, code) for p in phases}
-        image4, zooms = _read_nifti(image_path)
-        mask4, _ = _read_nifti(mask_path)
+        image4, zooms = _read_nifti(image_path, max_volume_mib)
+        mask4, _ = _read_nifti(mask_path, max_volume_mib)
         spacing = _spacing3(zooms, image_path)
         out = []
         for phase, frame in frames.items():
