@@ -79,8 +79,9 @@ def _require_file(path: Path, what: str) -> None:
         raise DataError(f"{path}: {what} file not found")
 
 
-def _read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
-    """Read a NIfTI file: (data as float64 array of its stored shape, header zooms)."""
+def _load_nifti(path: Path) -> tuple[Any, np.ndarray, tuple[float, ...]]:
+    """Read a NIfTI file: (the nibabel image, its data as a float64 array of the stored shape,
+    the header zooms)."""
     import nibabel as nib
 
     _require_file(path, "NIfTI")
@@ -92,7 +93,32 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
         raise DataError(
             f"{path}: unreadable or truncated NIfTI file ({_one_line(exc)}); re-export or replace it"
         ) from None
+    return img, data, zooms
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Read a NIfTI file: (data as float64 array of its stored shape, header zooms)."""
+    _, data, zooms = _load_nifti(path)
     return data, zooms
+
+
+def read_nifti_image(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float], Any]:
+    """Read an unlabelled image as the readers read a labelled one.
+
+    A 2-D image becomes one slice and a singleton fourth axis is dropped; a 4-D series
+    (e.g. a whole cine) is an error, as are NaN or infinite intensities and invalid spacing.
+
+    Returns:
+        image ``(H, W, Z)`` float32, spacing ``(sx, sy, sz)`` in mm from the header, and the
+        nibabel image (its ``shape``, ``affine`` and ``header`` describe the file's grid).
+
+    Raises:
+        DataError: naming the file and the problem.
+    """
+    path = Path(path)
+    img, data, zooms = _load_nifti(path)
+    image = _image_float32(_as_3d(data, path), path)
+    return image, _spacing3(zooms, path), img
 
 
 def _as_3d(data: np.ndarray, path: Path) -> np.ndarray:
