@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from shared_data import SHARED, needs
-from tiny_methods import TINY
+from tiny_methods import TINY, train_acdc_site
 
 from jras_core.checkpoint import save_model
 from jras_core.config import JRASConfig
@@ -20,7 +20,6 @@ from jras_core.data.volume import DataError
 from jras_core.measures import measure_volume
 from jras_core.models.jras import build_model
 from jras_core.predict import collect_inputs, describe_file, mask_image, write_mask
-from jras_core.site import Site, SiteConfig
 from tools.cli import main
 
 ACDC = SHARED / "acdc"
@@ -116,11 +115,6 @@ def test_written_mask_has_the_input_grid(tmp_path: Path, shape: tuple[int, ...])
 # --------------------------------------------------------------------------- `jras predict` end to end
 
 
-BANK_SITE = ("name: bank\ndata:\n  kind: manifest\n  path: {manifest}\n"
-             "  where: {{case: [patient001, patient002, patient061]}}\nval_fraction: 0.0\n")
-"""A site whose bank is three ACDC patients (read in place), all of them training slices."""
-
-
 @pytest.fixture
 def tiny_checkpoint(tmp_path: Path) -> Path:
     """An untrained tiny J-RAS model's checkpoint (for what needs no trained weights)."""
@@ -140,20 +134,9 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A tiny J-RAS model trained for a few seconds on the bank site (32 px over 240 mm, two
-    retrieval passes): enough to find the heart's structures. Returns its checkpoint and the site."""
-    folder = tmp_path_factory.mktemp("trained")
-    site_yaml = folder / "site.yaml"
-    site_yaml.write_text(BANK_SITE.format(manifest=ACDC / "manifest.csv"))
-    cfg = JRASConfig().with_overrides({
-        "preprocess.size": 32, "preprocess.fov_mm": 240.0, "segmenter.channels": [8, 16, 32],
-        "retriever.channels": [4, 8], "retriever.embed_dim": 8, "train.batch_size": 16, "train.epochs": 12,
-        "contrastive.steps_per_epoch": 1, "augment.intensity": False, "retrieval.test_passes": 2,
-    })
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    Site(SiteConfig.from_yaml(site_yaml), cfg, site_yaml.parent).train(model)
-    return save_model(folder / "model.pt", model, cfg), site_yaml
+    """A tiny model trained for a few seconds on three ACDC patients, its site's bank."""
+    return train_acdc_site(tmp_path_factory.mktemp("trained"), ACDC / "manifest.csv",
+                           ["patient001", "patient002", "patient061"])
 
 
 def _bad(tmp_path: Path) -> Path:
