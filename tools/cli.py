@@ -3,7 +3,8 @@
 Subcommands: ``data synth``, ``train``, ``eval``, ``predict``, ``bank build``, ``site init``, ``demo`` (a simulated
 federation), ``pki ca`` / ``pki server-cert`` / ``pki node-key`` (deployment keys), ``bench cost``
 (cost benchmark), ``bench rounds`` (round time through Flower), ``bench shift`` (vendor-shift
-benchmark), ``bench real`` (an ACDC federation evaluated in distribution and on unseen sites).
+benchmark), ``bench real`` (an ACDC federation evaluated in distribution and on unseen sites), ``bench ef``
+(ejection fraction from predicted masks against the ground truth).
 Run ``jras <command> --help`` for the options of each.
 """
 
@@ -320,6 +321,12 @@ def cmd_bench_real(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_bench_ef(args: argparse.Namespace) -> int:
+    from benchmarks.ef import run
+
+    return run(args)
+
+
 def cmd_pki_ca(args: argparse.Namespace) -> int:
     from tools.pki import create_ca
 
@@ -375,6 +382,12 @@ def _add_shift_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_real_arguments(p: argparse.ArgumentParser) -> None:
     from benchmarks.real import add_arguments
+
+    add_arguments(p)
+
+
+def _add_ef_arguments(p: argparse.ArgumentParser) -> None:
+    from benchmarks.ef import add_arguments
 
     add_arguments(p)
 
@@ -533,6 +546,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_rounds_arguments(rounds)
     rounds.set_defaults(func=cmd_bench_rounds)
+    ef = bench.add_parser(
+        "ef",
+        help="ejection fraction from predicted masks against the ground truth, at sites' evaluated cases",
+        description="Predicts the volumes `jras eval` evaluates at each site as `jras predict` does (the site's "
+        "bank, labels on each volume's own grid), measures predicted and ground-truth masks, and reports per ED/ES "
+        "pair the predicted and true LV and RV ejection fraction (and LV EDV, ESV) with the absolute errors, and "
+        "their mean per site. Writes ef.csv and ef.md to --out.",
+    )
+    _add_ef_arguments(ef)
+    ef.set_defaults(func=cmd_bench_ef)
 
     pki = sub.add_parser("pki", help="keys and certificates of a TLS + node-authenticated deployment")
     pki_sub = pki.add_subparsers(dest="pki_command", required=True)
