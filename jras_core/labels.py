@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -18,3 +20,10 @@ def one_hot_fg(masks: torch.Tensor, num_classes: int) -> torch.Tensor:
     for c in range(1, num_classes):  # one comparison with a scalar per class, written in place
         torch.eq(masks, c, out=out[..., c - 1, :, :])
     return out
+
+
+def label_ids(names: Sequence[str]) -> dict[str, int]:
+    """Label id of every foreground class name of a label set (``labels.names``): class
+    ``names[i]`` is label ``i + 1`` (0 is background). Names are keyed upper-cased and
+    stripped, so lookups are case-insensitive."""
+    return {n.strip().upper(): i + 1 for i, n in enumerate(names)}

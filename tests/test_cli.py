@@ -18,7 +18,7 @@ TINY = ["--set", "preprocess.size=32", "--set", "segmenter.channels=[8,16,32]",
 def test_help_lists_commands():
     out = subprocess.run([sys.executable, "-m", "tools.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for cmd in ("train", "eval", "bank", "data", "demo"):
+    for cmd in ("train", "eval", "predict", "bank", "data", "demo"):
         assert cmd in out.stdout
 
 

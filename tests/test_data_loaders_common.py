@@ -160,3 +160,21 @@ def test_the_volume_size_limit_is_configurable(tmp_path):
     with pytest.raises(DataError, match=r"c\.nii\.gz: header declares 64 x 64 x 8 voxels of float32"):
         load_manifest(path, num_classes=4, max_volume_mib=0.1)
     assert len(load_manifest(path, num_classes=4, max_volume_mib=None)) == 1
+
+
+def test_read_nifti_image_reads_an_unlabelled_image_and_names_bad_ones(tmp_path):
+    from jras_core.data.loaders import read_nifti_image
+
+    image, _ = toy_pair()
+    affine = np.diag([1.5, 1.25, 8.0, 1.0])
+    nib.save(nib.Nifti1Image(image[:, :, 0], affine), str(tmp_path / "flat.nii.gz"))
+    data, spacing, img = read_nifti_image(tmp_path / "flat.nii.gz")
+    assert data.shape == (12, 10, 1) and data.dtype == np.float32
+    assert spacing == (1.5, 1.25, 1.0)  # a 2-D image's missing third zoom is 1 mm
+    assert img.shape == (12, 10)
+    np.testing.assert_allclose(img.affine, affine)
+    nib.save(nib.Nifti1Image(np.repeat(image[..., None], 2, axis=3), affine), str(tmp_path / "cine.nii.gz"))
+    with pytest.raises(DataError, match=r"cine.nii.gz: expected a 2-D or 3-D volume"):
+        read_nifti_image(tmp_path / "cine.nii.gz")
+    with pytest.raises(DataError, match="missing.nii.gz: NIfTI file not found"):
+        read_nifti_image(tmp_path / "missing.nii.gz")

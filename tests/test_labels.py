@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jras_core.labels import one_hot_fg
+from jras_core.labels import label_ids, one_hot_fg
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.long])
@@ -15,3 +15,8 @@ def test_one_hot_fg_matches_torch_one_hot(dtype):
     out = one_hot_fg(masks, 4)
     assert out.dtype == torch.float32 and torch.equal(out, expected)
     assert torch.equal(one_hot_fg(masks[0, 0], 4), expected[0, 0])  # (H, W) -> (C_fg, H, W)
+
+
+def test_label_ids_follow_the_label_set_order_case_insensitively():
+    assert label_ids(["LV", "MYO", "RV"]) == {"LV": 1, "MYO": 2, "RV": 3}
+    assert label_ids(["rv", " Myo ", "lv"]) == {"RV": 1, "MYO": 2, "LV": 3}

@@ -1,9 +1,10 @@
 """The ``jras`` command line.
 
-Subcommands: ``data synth``, ``train``, ``eval``, ``bank build``, ``site init``, ``demo`` (a simulated
+Subcommands: ``data synth``, ``train``, ``eval``, ``predict``, ``bank build``, ``site init``, ``demo`` (a simulated
 federation), ``pki ca`` / ``pki server-cert`` / ``pki node-key`` (deployment keys), ``bench cost``
 (cost benchmark), ``bench rounds`` (round time through Flower), ``bench shift`` (vendor-shift
-benchmark), ``bench real`` (an ACDC federation evaluated in distribution and on unseen sites).
+benchmark), ``bench real`` (an ACDC federation evaluated in distribution and on unseen sites), ``bench ef``
+(ejection fraction from predicted masks against the ground truth).
 Run ``jras <command> --help`` for the options of each.
 """
 
@@ -148,6 +149,49 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print_not_evaluated(sites, results)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from jras_core.measures import missing_structures
+    from jras_core.predict import Predictor, collect_inputs, predict_inputs
+    from jras_core.site import Site, SiteConfig
+
+    inputs = collect_inputs(args.inputs)
+    model, cfg = checkpoint_model(args)
+    if args.site:
+        site = Site(SiteConfig.from_yaml(args.site), cfg, Path(args.site).parent)
+        predictor = Predictor.for_site(model, cfg, site)
+    elif cfg.uses_retrieval:
+        raise ConfigError(f"{args.checkpoint}: a retrieval method (segmenter.fusion "
+                          f"{cfg.segmenter.fusion}) predicts with a site's bank: give the site with --site SITE.yaml")
+    else:
+        predictor = Predictor(model, cfg, None)
+    absent = missing_structures(cfg.labels.names)
+    if absent:
+        print(f"jras predict: the label set {list(cfg.labels.names)} has no {', '.join(absent)}: "
+              "the measures of those structures are left empty", file=sys.stderr)
+    out = Path(args.out)
+    guides = "with retrieved guides" if predictor.use_guides else "without guides"
+    print(f"segmenting {len(inputs)} volume(s) {guides} -> {out}", flush=True)
+
+    def failed(path: Path, problem: str) -> None:
+        print(f"jras predict: {'stopped at' if args.on_error == 'stop' else 'skipped'} {path}: {problem}",
+              file=sys.stderr, flush=True)
+
+    report = predict_inputs(predictor, inputs, out, on_error=args.on_error, progress=not args.quiet,
+                            on_failure=failed)
+    if report.done:
+        print(f"masks:        {out / 'masks'} ({len(report.done)})")
+        print(f"overlays:     {out / 'overlays'}")
+        print(f"measurements: {report.measurements} ({len(report.pairs)} ED/ES pair(s))")
+    for pair in report.pairs:
+        print(f"  {pair.case}: LV EF {pair.lv.ef_pct:.1f}% (EDV {pair.lv.edv_ml:.1f} ml, ESV {pair.lv.esv_ml:.1f} ml; "
+              f"phases by {pair.rule})")
+    if report.failed:
+        print(f"jras predict: {len(report.failed)} input(s) failed: "
+              + ", ".join(str(p) for p, _ in report.failed), file=sys.stderr)
+        return 2 if report.stopped or not report.done else 1
     return 0
 
 
@@ -330,6 +374,12 @@ def cmd_bench_real(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_bench_ef(args: argparse.Namespace) -> int:
+    from benchmarks.ef import run
+
+    return run(args)
+
+
 def cmd_pki_ca(args: argparse.Namespace) -> int:
     from tools.pki import create_ca
 
@@ -389,6 +439,12 @@ def _add_real_arguments(p: argparse.ArgumentParser) -> None:
     add_arguments(p)
 
 
+def _add_ef_arguments(p: argparse.ArgumentParser) -> None:
+    from benchmarks.ef import add_arguments
+
+    add_arguments(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jras",
@@ -423,6 +479,37 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--support", type=int, default=5)
     ev.add_argument("--out", help="write the metrics as JSON here")
     ev.set_defaults(func=cmd_eval)
+
+    pred = sub.add_parser(
+        "predict",
+        help="segment NIfTI volumes with a checkpoint; write masks, overlays and cardiac measurements",
+        description="Segments each input volume as `jras eval` predicts (the checkpoint's preprocessing, "
+        "two-pass retrieval from the site's bank, post-processing) and maps the labels back to the input's own "
+        "grid. Writes OUT/masks/<input>_seg.nii.gz (the input's shape, affine and header; labels as the "
+        "checkpoint's label set, 1 LV, 2 MYO, 3 RV by default), OUT/overlays/<case>.png (mid-ventricular slice "
+        "of each volume) and OUT/measurements.csv (LV and RV blood-pool volume, myocardial volume and mass at "
+        "1.05 g/ml per volume; EDV, ESV, stroke volume and ejection fraction of LV and RV per ED/ES pair of a "
+        "case). ED and ES come from a manifest's phase column, the file name (<case>_ED, <case>_sa_ES) or "
+        "ACDC's Info.cfg (<case>_frameNN); a case of two volumes without them takes the one with the larger LV "
+        "as ED; the CSV's phase_rule column says which. Files are written atomically as each volume is done. "
+        "Exit status: 0 all done, 1 some inputs skipped, 2 stopped or nothing done.",
+    )
+    pred.add_argument("inputs", nargs="+", metavar="INPUT",
+                      help="NIfTI image (.nii, .nii.gz), folder of them (label maps *_gt, *_seg, *_mask skipped) or "
+                      "manifest CSV with an 'image' column (optional 'case', 'phase'; a 'mask' column is ignored)")
+    pred.add_argument("--checkpoint", required=True, help="model checkpoint (jras train's model.pt or a federation's)")
+    pred.add_argument("--site", metavar="YAML",
+                      help="the site whose bank the guides come from (needed by retrieval methods); a site with "
+                      "support_cases adapts the model to itself first, as in evaluation")
+    pred.add_argument("--out", required=True, metavar="DIR", help="output folder (files of the same names are replaced)")
+    pred.add_argument("--on-error", choices=["skip", "stop"], default="skip",
+                      help="at a bad or unreadable input: skip it and go on (default) or stop; either way it is named "
+                      "and what was written before stays")
+    pred.add_argument("--quiet", action="store_true", help="no progress bar")
+    pred.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config value of the checkpoint, e.g. --set retrieval.test_passes=2 (repeatable)")
+    add_device_args(pred)
+    pred.set_defaults(func=cmd_predict)
 
     bank = sub.add_parser("bank", help="retrieval bank utilities").add_subparsers(dest="bank_command", required=True)
     build = bank.add_parser("build", help="embed a site's pairs with a checkpoint's retriever and store the bank")
@@ -519,6 +606,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_rounds_arguments(rounds)
     rounds.set_defaults(func=cmd_bench_rounds)
+    ef = bench.add_parser(
+        "ef",
+        help="ejection fraction from predicted masks against the ground truth, at sites' evaluated cases",
+        description="Predicts the volumes `jras eval` evaluates at each site as `jras predict` does (the site's "
+        "bank, labels on each volume's own grid), measures predicted and ground-truth masks, and reports per ED/ES "
+        "pair the predicted and true LV and RV ejection fraction (and LV EDV, ESV) with the absolute errors, and "
+        "their mean per site. Writes ef.csv and ef.md to --out.",
+    )
+    _add_ef_arguments(ef)
+    ef.set_defaults(func=cmd_bench_ef)
 
     pki = sub.add_parser("pki", help="keys and certificates of a TLS + node-authenticated deployment")
     pki_sub = pki.add_subparsers(dest="pki_command", required=True)

@@ -179,6 +179,56 @@ class SliceSet:
         return SliceSet(**data)
 
 
+def resampled_shape(hw: tuple[int, int], spacing: Sequence[float], cfg: PreprocessConfig) -> tuple[int, int]:
+    """In-plane size ``(H', W')`` of an ``(H, W)`` slice of ``spacing`` after resampling to the
+    spacing ``cfg.fov_mm / cfg.size`` (unchanged when ``cfg.fov_mm`` is None), before crop/pad."""
+    h, w = hw
+    if cfg.fov_mm is None:
+        return h, w
+    target = cfg.fov_mm / cfg.size
+    return max(1, int(round(h * float(spacing[0]) / target))), max(1, int(round(w * float(spacing[1]) / target)))
+
+
+def restore_labels(
+    labels: torch.Tensor | np.ndarray, shape: tuple[int, int, int], spacing: Sequence[float],
+    cfg: PreprocessConfig, num_classes: int,
+) -> np.ndarray:
+    """Map labels predicted on :func:`preprocess_volume`'s grid back to the volume's own grid.
+
+    The inverse of its spatial steps: the crop/pad to ``cfg.size`` is undone by MONAI's
+    inverse of the same transform (the region the crop cut away, or the padding, becomes
+    background), then each class's one-hot map is resampled to the native in-plane size
+    (bilinear) and every voxel takes the class of largest value, which keeps the label
+    boundaries smooth where nearest-neighbour resampling would make them blocky.
+
+    Args:
+        labels: ``(Z, S, S)`` integer labels ``0..num_classes-1`` (``S`` = ``cfg.size``).
+        shape: the volume's native ``(H, W, Z)``.
+        spacing: its native voxel size ``(sx, sy, sz)`` in mm.
+        cfg: the preprocessing that produced the ``S x S`` slices.
+        num_classes: number of classes including background.
+
+    Returns:
+        ``(H, W, Z)`` uint8 labels.
+    """
+    from monai.data import MetaTensor
+
+    labels = torch.as_tensor(np.asarray(labels)).long()
+    h, w, z = (int(v) for v in shape)
+    if labels.shape != (z, cfg.size, cfg.size):
+        raise ValueError(f"labels of shape {tuple(labels.shape)} for {z} slices of {cfg.size} px")
+    onehot = torch.nn.functional.one_hot(labels, num_classes).permute(3, 1, 2, 0).float()  # (C, S, S, Z)
+    new_hw = resampled_shape((h, w), spacing, cfg)
+    crop = ResizeWithPadOrCrop((cfg.size, cfg.size, -1))
+    record = crop(MetaTensor(torch.zeros(1, *new_hw, z)))  # the forward step, for its inverse
+    tracked = MetaTensor(onehot)
+    tracked.applied_operations = list(record.applied_operations)
+    maps = crop.inverse(tracked).as_tensor()  # (C, H', W', Z)
+    if new_hw != (h, w):
+        maps = torch.as_tensor(Resize((h, w, z), mode="trilinear", anti_aliasing=False)(maps))
+    return maps.argmax(dim=0).numpy().astype(np.uint8)
+
+
 def preprocess_volume(vol: Volume, cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray, tuple]:
     """Resample in-plane, crop/pad to ``cfg.size`` and normalise intensities.
 
@@ -192,15 +242,14 @@ def preprocess_volume(vol: Volume, cfg: PreprocessConfig) -> tuple[np.ndarray, n
     image = vol.image.astype(np.float32)[None]  # (1, H, W, Z)
     mask = vol.mask.astype(np.float32)[None]
     sx, sy, sz = (float(s) for s in vol.spacing)
+    h, w, z = image.shape[1:]
+    new_hw = resampled_shape((h, w), vol.spacing, cfg)
+    if new_hw != (h, w):
+        spatial = (*new_hw, z)
+        image = np.asarray(Resize(spatial, mode="trilinear", anti_aliasing=True)(image))
+        mask = np.asarray(Resize(spatial, mode="nearest")(mask))
     if cfg.fov_mm is not None:
-        target = cfg.fov_mm / cfg.size
-        h, w, z = image.shape[1:]
-        new_hw = (max(1, int(round(h * sx / target))), max(1, int(round(w * sy / target))))
-        if new_hw != (h, w):
-            spatial = (*new_hw, z)
-            image = np.asarray(Resize(spatial, mode="trilinear", anti_aliasing=True)(image))
-            mask = np.asarray(Resize(spatial, mode="nearest")(mask))
-        sx = sy = target
+        sx = sy = cfg.fov_mm / cfg.size
     crop = ResizeWithPadOrCrop((cfg.size, cfg.size, -1))
     image = np.asarray(crop(image))
     mask = np.asarray(crop(mask))

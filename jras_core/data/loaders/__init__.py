@@ -19,7 +19,7 @@ file, CSV and NIfTI reading, checks) is in :mod:`~jras_core.data.loaders.common`
 """
 
 from jras_core.data.loaders.acdc import ACDC_TO_MNMS, load_acdc
-from jras_core.data.loaders.common import MAX_VOLUME_MIB, MNMS_LABELS, check_volume_size, remap_labels
+from jras_core.data.loaders.common import MAX_VOLUME_MIB, MNMS_LABELS, check_volume_size, read_nifti_image, remap_labels
 from jras_core.data.loaders.image_folder import IMAGE_SUFFIXES, load_image_folder
 from jras_core.data.loaders.manifest import (
     MANIFEST_COLUMNS,
@@ -43,6 +43,7 @@ __all__ = [
     "load_image_folder",
     "load_manifest",
     "load_mnms",
+    "read_nifti_image",
     "remap_labels",
     "select_manifest_rows",
 ]

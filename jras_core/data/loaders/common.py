@@ -111,8 +111,9 @@ def check_volume_size(path: Path, shape: Sequence[int], dtype: Any, max_mib: flo
         )
 
 
-def _read_nifti(path: Path, max_mib: float | None = MAX_VOLUME_MIB) -> tuple[np.ndarray, tuple[float, ...]]:
-    """Read a NIfTI file: (data as float64 array of its stored shape, header zooms).
+def _load_nifti(path: Path, max_mib: float | None = MAX_VOLUME_MIB) -> tuple[Any, np.ndarray, tuple[float, ...]]:
+    """Read a NIfTI file: (the nibabel image, its data as a float64 array of the stored shape,
+    the header zooms).
 
     The header is read first and a volume over ``max_mib`` MiB (as float64) is refused
     (:func:`check_volume_size`) before any voxel data is read or allocated.
@@ -135,7 +136,34 @@ def _read_nifti(path: Path, max_mib: float | None = MAX_VOLUME_MIB) -> tuple[np.
         raise DataError(
             f"{path}: unreadable or truncated NIfTI file ({_one_line(exc)}); re-export or replace it"
         ) from None
+    return img, data, zooms
+
+
+def _read_nifti(path: Path, max_mib: float | None = MAX_VOLUME_MIB) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Read a NIfTI file: (data as float64 array of its stored shape, header zooms); see
+    :func:`_load_nifti`."""
+    _, data, zooms = _load_nifti(path, max_mib)
     return data, zooms
+
+
+def read_nifti_image(path: str | Path, max_mib: float | None = MAX_VOLUME_MIB) -> tuple[np.ndarray, tuple[float, float, float], Any]:
+    """Read an unlabelled image as the readers read a labelled one.
+
+    A 2-D image becomes one slice and a singleton fourth axis is dropped; a 4-D series
+    (e.g. a whole cine) is an error, as are NaN or infinite intensities and invalid spacing,
+    and so is a volume over ``max_mib`` MiB as float64 (refused from its header).
+
+    Returns:
+        image ``(H, W, Z)`` float32, spacing ``(sx, sy, sz)`` in mm from the header, and the
+        nibabel image (its ``shape``, ``affine`` and ``header`` describe the file's grid).
+
+    Raises:
+        DataError: naming the file and the problem.
+    """
+    path = Path(path)
+    img, data, zooms = _load_nifti(path, max_mib)
+    image = _image_float32(_as_3d(data, path), path)
+    return image, _spacing3(zooms, path), img
 
 
 def _as_3d(data: np.ndarray, path: Path) -> np.ndarray:
