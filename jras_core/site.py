@@ -22,7 +22,7 @@ import torch
 from pydantic import Field, StrictFloat, StrictInt, StrictStr, field_validator
 
 from jras_core.config import ConfigError, JRASConfig, Section, config_class, load_yaml, validate_as
-from jras_core.data.slices import SliceSet, build_slice_set
+from jras_core.data.slices import PREPROCESS_VERSION, SliceSet, build_slice_set
 from jras_core.data.sources import DataSourceConfig, load_volumes, source_digest
 from jras_core.data.volume import DataError
 from jras_core.files import resolve_path
@@ -167,14 +167,16 @@ class Site:
     def _cache_path(self) -> Path | None:
         """The slice cache file: named by a digest of the data source's config and the bytes
         of every file it reads (:func:`~jras_core.data.sources.source_digest`), the
-        preprocessing and the label set, so that an edited image or mask, or other settings,
-        never reuse slices built before."""
+        preprocessing (its settings and :data:`~jras_core.data.slices.PREPROCESS_VERSION`) and
+        the label set, so that an edited image or mask, or other settings, never reuse slices
+        built before."""
         if not self.config.cache_dir:
             return None
         key = json.dumps(
             {
                 "data": source_digest(self.config.data, self.root),
                 "pre": vars(self.method.preprocess),
+                "version": PREPROCESS_VERSION,
                 "labels": self.method.labels.names,
             },
             sort_keys=True,

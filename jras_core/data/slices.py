@@ -229,6 +229,29 @@ def restore_labels(
     return maps.argmax(dim=0).numpy().astype(np.uint8)
 
 
+PREPROCESS_VERSION = 2
+"""The version of :func:`preprocess_volume`'s output, part of a site's slice-cache key: slices
+cached by an earlier version are built again. 2: masks resampled on the images' grid
+(:func:`_resample_labels`)."""
+
+
+def _resample_labels(mask: np.ndarray, spatial: Sequence[int]) -> np.ndarray:
+    """Resample an integer label volume ``(H, W, Z)`` to ``spatial`` on the grid the images
+    take (linear interpolation of pixel centres): each present class's indicator map is
+    resampled linearly and every voxel takes the class of largest value. Nearest-neighbour
+    resampling (torch's ``nearest``) samples at the corner of each output pixel instead, which
+    shifts the labels against their image by up to half a pixel, by a different amount at
+    each voxel size.
+
+    Returns:
+        ``(*spatial)`` labels of ``mask``'s class values.
+    """
+    classes = np.unique(mask)
+    maps = np.stack([(mask == c).astype(np.float32) for c in classes])  # (C, H, W, Z)
+    maps = np.asarray(Resize(tuple(spatial), mode="trilinear", anti_aliasing=False)(maps))
+    return classes[maps.argmax(axis=0)]
+
+
 def preprocess_volume(vol: Volume, cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray, tuple]:
     """Resample in-plane, crop/pad to ``cfg.size`` and normalise intensities.
 
@@ -247,7 +270,7 @@ def preprocess_volume(vol: Volume, cfg: PreprocessConfig) -> tuple[np.ndarray, n
     if new_hw != (h, w):
         spatial = (*new_hw, z)
         image = np.asarray(Resize(spatial, mode="trilinear", anti_aliasing=True)(image))
-        mask = np.asarray(Resize(spatial, mode="nearest")(mask))
+        mask = _resample_labels(mask[0], spatial)[None].astype(np.float32)
     if cfg.fov_mm is not None:
         sx = sy = cfg.fov_mm / cfg.size
     crop = ResizeWithPadOrCrop((cfg.size, cfg.size, -1))
