@@ -518,8 +518,10 @@ class AdaptConfig:
     epochs: Annotated[StrictInt, Field(ge=0)] = 20
     """Most fine-tuning epochs over the site's annotated cases kept for fitting (0: AdaBN only,
     no fine-tuning)."""
-    patience: Annotated[StrictInt, Field(ge=1)] = 4
-    """Stop after this many epochs without a better validation Dice than the best so far."""
+    patience: Annotated[StrictInt, Field(ge=1)] = 6
+    """Stop after this many epochs without a better validation Dice than the best so far. The
+    first epochs may score below the start before the best one (LGE sample: epochs 1-4 below
+    epoch 0, epoch 7 best; ``docs/results/adapt.md``)."""
     lr: Annotated[StrictFloat, Field(gt=0)] = 1e-3
     """Learning rate of the fine-tuning (segmenter, and retriever with ``tune_retriever``).
     Early stopping, not a small rate, guards against overfitting a few cases: at 1e-4 the
