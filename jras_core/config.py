@@ -529,9 +529,15 @@ class AdaptConfig:
     (``docs/results/adapt.md``)."""
     val_fraction: Annotated[StrictFloat, Field(ge=0.0, lt=1.0)] = 0.3
     """Share of the site's annotated cases held out to choose the epoch (at least one case;
-    with a single case, one of its volumes; with a single volume, nothing is fine-tuned).
+    with a single case and ``min_cases: 1``, one of its volumes; with a single volume,
+    nothing is fine-tuned).
     0: no validation, ``epochs`` epochs on every case and the last one kept (no early stopping,
     no guarantee against overfitting)."""
+    min_cases: Annotated[StrictInt, Field(ge=1)] = 2
+    """Fewest annotated cases a site fine-tunes with; with fewer, AdaBN only. 1 lets a one-case
+    site fine-tune, one of its volumes held out to pick the epoch: measured on M&Ms B, that
+    volume (the same patient's other phase) rose while the other patients fell (-0.079
+    against no fine-tuning; ``docs/results/adapt.md``)."""
     tune_retriever: StrictBool = False
     """Also train the retriever (phase B, contrastive) while fine-tuning; retriever methods with
     ``retriever.mode: learned`` only."""

@@ -112,7 +112,7 @@ def test_adaptation_options_are_validated(tmp_path: Path):
                                        "adapt.val_fraction": 0.0, "adapt.tune_retriever": True})
     assert (cfg.adapt.epochs, cfg.adapt.patience, cfg.adapt.lr, cfg.adapt.val_fraction) == (0, 1, 5e-5, 0.0)
     for key, bad, problem in [("adapt.epochs", -1, ">= 0"), ("adapt.patience", 0, ">= 1"), ("adapt.lr", 0.0, "> 0"),
-                              ("adapt.val_fraction", 1.0, "< 1"), ("adapt.tune_retriever", "maybe", "true or false")]:
+                              ("adapt.val_fraction", 1.0, "< 1"), ("adapt.min_cases", 0, ">= 1"), ("adapt.tune_retriever", "maybe", "true or false")]:
         with pytest.raises(ConfigError, match=rf"{key}: .*{problem}") as info:
             JRASConfig().with_overrides({key: bad}, source="--set")
         assert str(info.value).startswith("--set: ") and "\n" not in str(info.value)

@@ -106,6 +106,13 @@ def test_fine_tuning_that_only_hurts_returns_the_unadapted_start(trained_model, 
 def test_a_one_case_site_holds_out_a_volume_and_a_one_volume_site_is_not_fine_tuned(trained_model, site_slices):
     cfg = CFG.with_overrides({"adapt.epochs": 2, "adapt.patience": 2})
     one = site_slices.select_cases([site_slices.cases[1]])
+    # by default a one-case site is not fine-tuned (AdaBN only)
+    adapted, record = adapt_site(trained_model, one, cfg, RetrievalBank(one, 4, exclude="auto"))
+    assert record.epochs_run == 0 and "fewer than adapt.min_cases (2)" in record.note
+    params = dict(trained_model.named_parameters())
+    assert all(torch.equal(p.cpu(), params[k].cpu()) for k, p in adapted.named_parameters())
+    # min_cases 1: one of its volumes picks the epoch
+    cfg = cfg.with_overrides({"adapt.min_cases": 1})
     adapted, record = adapt_site(trained_model, one, cfg, RetrievalBank(one, 4, exclude="auto"))
     assert record.holdout == "volume" and record.fit_cases == 1 and record.val_cases == 1
     assert record.epochs_run >= 1 and math.isfinite(record.val_dice_best)
@@ -113,7 +120,6 @@ def test_a_one_case_site_holds_out_a_volume_and_a_one_volume_site_is_not_fine_tu
     volume = one.subset(torch.nonzero(one.volume_ids == one.volume_ids[0]).flatten())
     adapted, record = adapt_site(trained_model, volume, cfg, None)
     assert record.holdout == "none" and record.epochs_run == 0 and "not fine-tuned" in record.note
-    params = dict(trained_model.named_parameters())
     assert all(torch.equal(p.cpu(), params[k].cpu()) for k, p in adapted.named_parameters())  # AdaBN only
 
 

@@ -7,10 +7,11 @@ federation's personalisation (run config ``personalise``) call. It
 1. re-estimates the batch-norm statistics on all the site's images (AdaBN,
    :func:`~jras_core.training.adapt.recalibrate_norm`) when ``adapt.norm_stats`` says so;
 2. holds out part of the site's annotated data to choose the epoch (:func:`holdout_split`):
-   ``adapt.val_fraction`` of its **cases** (at least one, at least one left to fit); a site
-   with a single case holds out one of that case's **volumes** (e.g. ES when ED is fitted;
-   slices of one volume are too alike to judge overfitting); a site with a single volume has
-   nothing to judge by and is **not fine-tuned** (AdaBN only);
+   ``adapt.val_fraction`` of its **cases** (at least one, at least one left to fit). A site
+   with fewer than ``adapt.min_cases`` cases (default 2) is **not fine-tuned** (AdaBN only):
+   one patient's other volume is too alike to the fitted one to judge overfitting to that
+   patient. With ``min_cases: 1`` a single case holds out one of its **volumes** (e.g. ES when
+   ED is fitted); a single volume is never fine-tuned (slices of one volume judge nothing);
 3. fine-tunes the segmenter (phase A of :class:`~jras_core.training.joint.JRASTrainer`, with
    guides from a bank of the fitted cases alone) and, with ``adapt.tune_retriever``, the
    retriever (phase B) at ``adapt.lr``, for at most ``adapt.epochs`` epochs, scoring the
@@ -196,8 +197,11 @@ def adapt_site(
     fit, val, unit = holdout_split(slices, a.val_fraction, cfg.train.seed)
     unit_ids = (lambda s: set(s.volume_ids.tolist())) if unit == "volume" else (lambda s: set(s.case_ids.tolist()))
     record = Adaptation(norm, unit, len(unit_ids(fit)), len(unit_ids(val)), len(fit), len(val))
+    n_cases = len(set(slices.case_ids.tolist()))
     if a.epochs == 0:
         record.note = "adapt.epochs is 0: AdaBN only"
+    elif a.val_fraction > 0 and n_cases < a.min_cases:
+        record.note = f"{n_cases} annotated case(s), fewer than adapt.min_cases ({a.min_cases}): not fine-tuned"
     elif unit == "none" and a.val_fraction > 0:
         record.note = "a single annotated volume: nothing to hold out, not fine-tuned"
     if record.note:
