@@ -425,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Re-estimates the batch-norm statistics on the site's images (adapt.norm_stats), then fine-tunes "
         "the segmenter (and the retriever with adapt.tune_retriever) on the site's annotated cases: its support "
         "cases (support_cases in the site YAML), else its training split. adapt.val_fraction of those cases are held "
-        "out (one volume of a single case; nothing, and no fine-tuning, with a single volume) and scored after each "
+        "out (a site with fewer than adapt.min_cases cases, default 2, is not fine-tuned) and scored after each "
         "epoch as inference predicts; training stops after adapt.patience epochs without improvement and the best "
         "weights are kept, the unadapted start (epoch 0) included. Writes a checkpoint that jras eval --checkpoint "
         "reads, with the adaptation's record (epochs run, best epoch, validation Dice before and after) in its "
