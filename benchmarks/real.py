@@ -92,7 +92,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
 ]}
 DEFAULT_METHODS = list(METHODS)
 DEFAULTS = {"split": "group", "methods": ",".join(DEFAULT_METHODS), "seeds": "0,1,2", "rounds": 10,
-            "local_epochs": 2, "ft_epochs": 5, "out": "runs/bench-real"}
+            "local_epochs": 2, "ft_epochs": None, "out": "runs/bench-real"}
 QUICK = {"methods": "fedavg+aug,jras-fedavg", "seeds": "0", "rounds": 1, "local_epochs": 1, "size": 32, "cases": 2,
          "ft_epochs": 1, "out": "runs/bench-real-quick"}
 
@@ -232,6 +232,8 @@ def run(args: argparse.Namespace) -> int:
     base_cfg = JRASConfig.from_yaml(config).with_overrides(overrides)
     if args.size is None:
         args.size = base_cfg.preprocess.size
+    if args.ft_epochs is None:
+        args.ft_epochs = base_cfg.adapt.epochs
     if args.rounds < 1 or args.local_epochs < 1 or args.ft_epochs < 1 or args.size < 16 or not seeds:
         raise ConfigError("--rounds, --local-epochs and --ft-epochs must be >= 1, --size >= 16, --seeds non-empty")
     if args.cases is not None and args.cases < 2:
@@ -495,8 +497,8 @@ def write_report(out: Path, rows: Sequence[Mapping[str, Any]], cases: Sequence[M
               + (f", {settings['cases']} patients each" if settings.get("cases") else "")
               + f"; held-out sites: {', '.join(HELDOUT_SITES)}, each with a support bank of its own annotated "
               f"patients, evaluated on its other patients. Seeds {settings['seeds']}; {settings['rounds']} rounds x "
-              f"{settings['local_epochs']} local epoch(s), {settings['size']} px; fine-tuning {settings['ft_epochs']} "
-              f"epoch(s); method config `{settings['config']}`, overrides: {settings['overrides']}."), "",
+              f"{settings['local_epochs']} local epoch(s), {settings['size']} px; fine-tuning at most {settings['ft_epochs']} "
+              f"epoch(s), stopped early on held-out support patients; method config `{settings['config']}`, overrides: {settings['overrides']}."), "",
              f"Reproduce: `{settings['command']}`", "", "## Methods", ""]
     lines += markdown_table(["method", "what", "training run"],
                             [[m.name, m.description, m.trains_as or "own"] for m in present])
@@ -602,8 +604,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, help="image side in pixels (default: the method config's)")
     p.add_argument("--cases", type=int, help="keep each site's first N patients (site YAMLs written to OUT/sites; "
                    "a held-out site's support shrinks to at most N - 1): a small run (default: every patient)")
-    p.add_argument("--ft-epochs", type=int, help="fine-tuning epochs of the +ft methods on a held-out site's "
-                   "support patients (default 5)")
+    p.add_argument("--ft-epochs", type=int, help="most fine-tuning epochs of the +ft methods on a held-out site's "
+                   "support patients, which stop early on support patients held out (default: the method config's "
+                   "adapt.epochs; adapt.* via --set)")
     shift.add_method_config_arguments(p, "configs/real.yaml")
     p.add_argument("--quick", action="store_true", help="a smoke run in under 5 minutes on 2 cores: 2 patients "
                    "per site, fedavg+aug vs jras-fedavg, seed 0, 1 round x 1 local epoch, 32 px, configs/demo.yaml, "

@@ -125,7 +125,7 @@ DEFAULT_METHODS = ["local", "fedavg", "fedavg+aug", "fedprox", "fedbn", "jras-fe
 QUICK = {"dataset": "synthetic", "heldout": "D", "methods": "fedavg+aug,jras-fedavg", "seeds": "0",
          "rounds": 2, "local_epochs": 1, "size": 32, "cases": 6, "support": 2, "ft_epochs": 1}
 DEFAULTS = {"dataset": "synthetic", "methods": ",".join(DEFAULT_METHODS), "seeds": "0,1,2", "rounds": 10,
-            "local_epochs": 1, "size": 128, "cases": 12, "support": 5, "ft_epochs": 5}
+            "local_epochs": 1, "size": 128, "cases": 12, "support": 5, "ft_epochs": None}
 """The values of the options left unset (after :data:`QUICK`'s under ``--quick``)."""
 
 
@@ -186,8 +186,10 @@ def parse_methods(text: str, table: Mapping[str, Method] | None = None) -> list[
 
 
 BASE_COLUMNS = ["method", "heldout", "site", "role", "seed"]
+FINETUNE = ["ft_epochs_run", "ft_best_epoch", "ft_val_dice_start", "ft_val_dice_best"]
+"""What a ``+ft`` method's fine-tuning did at the held-out site (:class:`jras_core.training.finetune.Adaptation`)."""
 TAIL_COLUMNS = ["hd95_mean", "guide_dice", "dice_oracle", "dice_random", "dice_noguide", "rounds", "local_epochs",
-                "size", "wall_s", "bytes_per_round", "peak_rss_mb"]
+                "size", "wall_s", "bytes_per_round", "peak_rss_mb", *FINETUNE]
 MNMS_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnms-sample" / "manifest.csv"
 """The M&Ms sample fixture beside the project folder (``--dataset mnms-sample``)."""
 
@@ -285,7 +287,8 @@ class Settings:
     local_epochs: int
     size: int
     support: int
-    ft_epochs: int
+    ft_epochs: int | None
+    """Most fine-tuning epochs of the ``+ft`` methods (None: the method config's ``adapt.epochs``)."""
     out: Path
     cpus_per_client: int = 1
     share_cores: bool = False
@@ -487,25 +490,32 @@ def load_state(model: JRASModel, state: Mapping[str, Any]) -> None:
 def evaluate_heldout(method: Method, trained: Trained, site: Site, st: Settings,
                      class_keys: Sequence[str]) -> tuple[dict[str, float], JRASModel]:
     """The held-out site's metrics with the trained model(s): AdaBN under FedBN or with
-    ``adapt.norm_stats``, fine-tuning for ``+ft`` methods, then evaluation retrieving from its
-    support bank. Local-only reports the mean over the local models."""
+    ``adapt.norm_stats``, for ``+ft`` methods then fine-tuning on its support cases with early
+    stopping (:func:`jras_core.training.finetune.adapt_site`, at most ``st.ft_epochs`` epochs,
+    default ``adapt.epochs``), then evaluation retrieving from its support bank. Local-only
+    reports the mean over the local models."""
     import numpy as np
 
     from jras_core.models.jras import build_model
     from jras_core.training.adapt import adapt_to_site, recalibrate_norm
+    from jras_core.training.finetune import adapt_site
 
     results, model = [], None
     for state in trained.states:
         model = build_model(site.method)
         load_state(model, state)
         bank = site.bank if site.method.uses_retrieval else None
-        if method.strategy == "fedbn" and method.kind == "federated":
+        fedbn = method.strategy == "fedbn" and method.kind == "federated"  # no shared statistics to keep
+        tuned: dict[str, float] = {}
+        if method.finetune:
+            cfg = site.method if st.ft_epochs is None else site.method.with_overrides({"adapt.epochs": st.ft_epochs})
+            model, record = adapt_site(model, site.train_set, cfg, bank, norm_stats=True if fedbn else None)
+            tuned = record.metrics(prefix="ft_", sep="_")
+        elif fedbn:
             recalibrate_norm(model, site.train_set, site.method, bank)
         else:
             model = adapt_to_site(model, site.train_set, site.method, bank)
-        if method.finetune:
-            site.train(model, epochs=st.ft_epochs)
-        results.append(_metrics_of(site.evaluate(model), class_keys))
+        results.append({**_metrics_of(site.evaluate(model), class_keys), **tuned})
     keys = results[0].keys()
     return {k: float(np.nanmean([r.get(k, float("nan")) for r in results])) for k in keys}, model
 
@@ -1130,7 +1140,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heldout-cases", type=int, help="cases of each held-out synthetic vendor: --support of them form "
                    "its bank, the others are evaluated (default: --cases; more cases, less evaluation noise, "
                    "no extra training)")
-    p.add_argument("--ft-epochs", type=int, help="fine-tuning epochs of the +ft methods (default 5)")
+    p.add_argument("--ft-epochs", type=int, help="most fine-tuning epochs of the +ft methods, which stop early on "
+                   "support cases held out (default: the method config's adapt.epochs; adapt.* via --set)")
     p.add_argument("--init", metavar="CHECKPOINT", help="start every federated run from this checkpoint's weights "
                    "(pretraining, e.g. on the synthetic vendors); {method}, {heldout} and {seed} in the path are "
                    "replaced by the run's, {base} by its method name without [overrides] (a lever variant starting "

@@ -6,7 +6,9 @@ with the model entries that are aggregated (one ``ArrayRecord``) and scalar
 metrics (one ``MetricRecord`` with ``num-examples``); when the server asks
 (``evaluate-first``), first evaluate the received model and add its metrics (the
 ``evaluate`` MetricRecord). On ``evaluate``: reply with
-the validation metrics only. On ``query`` (the server's warm-up before the first
+the validation metrics only; at the final round of a run with ``personalise = true``, also
+adapt the final global model to the site's own annotated cases (AdaBN, fine-tuning with
+early stopping) and save it at the site; only scalar figures of that go back. On ``query`` (the server's warm-up before the first
 round): get ready, i.e. read the site's YAML and data, build its bank and model and
 pay the process's first-use costs, and reply with the seconds it took. Images,
 masks, embeddings and the bank never leave.
@@ -50,6 +52,8 @@ from federation.protocol import (
     EVALUATE_FIRST,
     EVALUATION,
     EVALUATION_ERROR,
+    FINAL_ROUND,
+    PERSONALISE,
     Arrays,
     RoundPolicy,
     method_from_run_config,
@@ -125,6 +129,7 @@ def _policy(config: Mapping[str, Any]) -> RoundPolicy:
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         transfer_dtype=str(config.get("transfer-dtype", "float32")),
         diagnostics=bool(config.get("diagnostics", True)),
+        final=bool(config.get(FINAL_ROUND, False)),
     )
 
 
@@ -215,9 +220,14 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 @reports_input_errors
 def evaluate(msg: Message, context: Context) -> Message:
-    """Validation metrics of the global model on this site (with its local entries)."""
+    """Validation metrics of the global model on this site (with its local entries); at the
+    final round of a run with ``personalise``, the site then adapts that model to its own
+    annotated cases, keeps it, and adds the adaptation's scalar figures."""
     runner = runner_for(context)
-    metrics = runner.evaluate(_arrays(msg), _local_state(context), _policy(_config(msg)))
+    arrays, local, policy = _arrays(msg), _local_state(context), _policy(_config(msg))
+    metrics = runner.evaluate(arrays, local, policy)
+    if policy.final and bool(context.run_config.get(PERSONALISE, False)):
+        metrics.update(runner.personalise(arrays, local, policy))
     return Message(content=RecordDict({"metrics": MetricRecord(_identify(metrics, context))}), reply_to=msg)
 
 

@@ -32,6 +32,11 @@ EVALUATION = "evaluate"
 """Name of the train reply's MetricRecord holding that evaluation."""
 EVALUATION_ERROR = "evaluate-error"
 """Name of the train reply's ConfigRecord saying why that evaluation failed (key ``error``)."""
+FINAL_ROUND = "final-round"
+"""Evaluation config flag: the model sent is the run's final global model (the last round's)."""
+PERSONALISE = "personalise"
+"""Run-config key: at the final round each site adapts the final global model to its own
+annotated cases and keeps the result (:meth:`client.site_runner.SiteRunner.personalise`)."""
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,  # BatchNorm*, InstanceNorm*, SyncBatchNorm
@@ -243,6 +248,7 @@ class RoundPolicy:
             (``float32`` or ``float16``).
         diagnostics: the evaluation adds the retrieval diagnostics (oracle, random and
             no guides; :func:`jras_core.training.evaluate.evaluate`).
+        final: the model evaluated is the run's final global model (:data:`FINAL_ROUND`).
     """
 
     server_round: int = 0
@@ -252,3 +258,4 @@ class RoundPolicy:
     epochs: int | None = None
     transfer_dtype: str = "float32"
     diagnostics: bool = True
+    final: bool = False

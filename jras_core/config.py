@@ -500,7 +500,10 @@ class PostprocessConfig:
 @config_class
 class AdaptConfig:
     """What a site that never trained (a held-out site, evaluated with its support bank) does
-    to the global model before it evaluates; training is unchanged."""
+    to the global model before it evaluates; training is unchanged. The fine-tuning fields
+    apply where a site adapts the global model with its annotated cases (``jras site adapt``,
+    the benchmarks' ``+ft`` methods, a federation's ``personalise``:
+    :func:`jras_core.training.finetune.adapt_site`)."""
 
     norm_stats: StrictBool = True
     """Re-estimate every batch-norm layer's running statistics from the site's own support
@@ -512,6 +515,32 @@ class AdaptConfig:
     predicted with guides from its other support cases (or, at a one-patient site, from the
     patient's other volumes) and without guides, and keeps guides only if they score at least
     as well (:func:`jras_core.training.adapt.choose_guides`). Retrieval methods only."""
+    epochs: Annotated[StrictInt, Field(ge=0)] = 20
+    """Most fine-tuning epochs over the site's annotated cases kept for fitting (0: AdaBN only,
+    no fine-tuning)."""
+    patience: Annotated[StrictInt, Field(ge=1)] = 6
+    """Stop after this many epochs without a better validation Dice than the best so far. The
+    first epochs may score below the start before the best one (LGE sample: epochs 1-4 below
+    epoch 0, epoch 7 best; ``docs/results/adapt.md``)."""
+    lr: Annotated[StrictFloat, Field(gt=0)] = 1e-3
+    """Learning rate of the fine-tuning (segmenter, and retriever with ``tune_retriever``).
+    Early stopping, not a small rate, guards against overfitting a few cases: at 1e-4 the
+    held-out Dice barely moved in 4 epochs on the LGE sample and an inverted-contrast vendor
+    (``docs/results/adapt.md``)."""
+    val_fraction: Annotated[StrictFloat, Field(ge=0.0, lt=1.0)] = 0.3
+    """Share of the site's annotated cases held out to choose the epoch (at least one case;
+    with a single case and ``min_cases: 1``, one of its volumes; with a single volume,
+    nothing is fine-tuned).
+    0: no validation, ``epochs`` epochs on every case and the last one kept (no early stopping,
+    no guarantee against overfitting)."""
+    min_cases: Annotated[StrictInt, Field(ge=1)] = 2
+    """Fewest annotated cases a site fine-tunes with; with fewer, AdaBN only. 1 lets a one-case
+    site fine-tune, one of its volumes held out to pick the epoch: measured on M&Ms B, that
+    volume (the same patient's other phase) rose while the other patients fell (-0.079
+    against no fine-tuning; ``docs/results/adapt.md``)."""
+    tune_retriever: StrictBool = False
+    """Also train the retriever (phase B, contrastive) while fine-tuning; retriever methods with
+    ``retriever.mode: learned`` only."""
 
 
 @config_class

@@ -81,6 +81,9 @@ class SiteConfig:
             neither, the bank is stored unencrypted.
         cache_dir: folder for cached preprocessed slices (None: no cache); relative to
             the site YAML's folder.
+        adapted_model: where the site keeps its model adapted to its own cases (``jras site
+            adapt``'s default ``--out``, a federation's ``personalise``); relative to the site
+            YAML's folder. None: ``<cache_dir or the YAML's folder>/<name>-adapted.pt``.
     """
 
     name: Annotated[StrictStr, Field(min_length=1)]
@@ -92,6 +95,7 @@ class SiteConfig:
     bank_dir: StrictStr | None = None
     key_file: StrictStr | None = None
     cache_dir: StrictStr | None = None
+    adapted_model: StrictStr | None = None
 
     @field_validator("name")
     @classmethod
@@ -154,6 +158,16 @@ class Site:
     def bank_path(self) -> Path | None:
         """The site's bank directory (``bank_dir`` resolved against the YAML's folder), or None."""
         return self.resolve_path(self.config.bank_dir)
+
+    @property
+    def adapted_model_path(self) -> Path:
+        """Where the site's adapted model is written (``adapted_model``, else
+        ``<cache_dir or the YAML's folder>/<name>-adapted.pt``)."""
+        path = self.resolve_path(self.config.adapted_model)
+        if path is not None:
+            return path
+        folder = self.resolve_path(self.config.cache_dir) or self.root or Path.cwd()
+        return Path(folder) / f"{self.name}-adapted.pt"
 
     def bank_store(self, directory: str | Path | None = None, key_file: str | Path | None = None) -> BankStore:
         """The store of the site's bank: in ``directory`` (default ``bank_dir``), encrypted with

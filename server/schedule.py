@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from flwr.app import ConfigRecord
 
-from federation.protocol import EVALUATE_FIRST
+from federation.protocol import EVALUATE_FIRST, FINAL_ROUND
 
 
 def is_diagnostics_round(rnd: int, last_round: int, diagnostics_every: int) -> bool:
@@ -36,6 +36,8 @@ def evaluate_first_config(config: ConfigRecord, diagnostics: bool) -> ConfigReco
     return ConfigRecord({**dict(config), EVALUATE_FIRST: True, "diagnostics": diagnostics})
 
 
-def evaluate_config(config: ConfigRecord, diagnostics: bool) -> ConfigRecord:
-    """An evaluation config saying whether to add the retrieval diagnostics."""
-    return ConfigRecord({**dict(config), "diagnostics": diagnostics})
+def evaluate_config(config: ConfigRecord, diagnostics: bool, final: bool = False) -> ConfigRecord:
+    """An evaluation config saying whether to add the retrieval diagnostics and whether the
+    model is the run's final one (:data:`~federation.protocol.FINAL_ROUND`: a site asked to
+    personalise adapts it then)."""
+    return ConfigRecord({**dict(config), "diagnostics": diagnostics, FINAL_ROUND: final})

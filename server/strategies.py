@@ -285,7 +285,7 @@ class JRASStrategyMixin:
             self.recorder.start_round(rnd)
         if self.evaluation_deferred(rnd):
             return []
-        config = evaluate_config(config, self.wants_diagnostics(rnd))
+        config = evaluate_config(config, self.wants_diagnostics(rnd), final=0 < self.last_round <= rnd)
         messages = list(super().configure_evaluate(rnd, shared_record(arrays, self.local_keys), config, grid))  # type: ignore[misc]
         return self._send("evaluate", messages)
 

@@ -303,6 +303,8 @@ METRIC_RANGES: tuple[MetricRange, ...] = (
     MetricRange(("*-mb",), 0.0, math.inf, "memory: peak-rss-mb"),
     MetricRange(("num*",), 0.0, math.inf, "counts: num_slices, num_volumes"),
     MetricRange(("partition-id",), 0.0, math.inf, "a simulated node's partition index"),
+    MetricRange(("personal-epochs-run", "personal-best-epoch"), 0.0, math.inf, "a site's personalisation at the "
+                "last round (run config personalise): fine-tuning epochs run, the epoch kept"),
 )
 """The ranges of the metrics the ClientApp sends (train: the losses and times of
 ``JRASTrainer``, ``client-time-s``, ``client-cpu-s``, ``peak-rss-mb``; evaluation: the Dice,

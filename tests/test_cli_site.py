@@ -8,6 +8,7 @@ import os
 import stat
 
 import pytest
+import torch
 from bank_sites import posix_only, site_yaml
 
 from jras_core.data.volume import DataError
@@ -170,3 +171,57 @@ def test_site_init_rekey_decrypts_with_the_old_key_and_keeps_the_bank(tmp_path, 
     # the same key twice is not a re-key
     assert main([*argv, "--rekey"]) == 2
     assert "are the same" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_jras_site_adapt_writes_a_site_model_that_eval_reads(tmp_path, capsys):
+    import math
+
+    from jras_core.checkpoint import load_model, read_checkpoint, save_model
+    from jras_core.config import JRASConfig
+    from jras_core.models.jras import build_model
+
+    cfg = JRASConfig().with_overrides({"preprocess.size": 32, "segmenter.channels": [8, 16, 32],
+                                       "retriever.channels": [8, 16], "retriever.embed_dim": 16})
+    ckpt = save_model(tmp_path / "global.pt", build_model(cfg), cfg)
+    yaml_path = site_yaml(tmp_path, key_file=None)
+    out = tmp_path / "site-model.pt"
+    argv = ["site", "adapt", "--checkpoint", str(ckpt), "--site", str(yaml_path), "--out", str(out), "--quiet",
+            "--set", "adapt.epochs=2", "--set", "adapt.patience=1", "--device", "cpu"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    for item in ("held out", "epochs run", "best epoch", "val Dice before", "val Dice after", str(out)):
+        assert item in printed
+    model, stored, extra = load_model(out)
+    record = extra["adaptation"]
+    assert record["site"] == "tiny" and record["start"] == str(ckpt.resolve()) and record["holdout"] == "case"
+    assert 1 <= record["epochs_run"] <= 2 and 0 <= record["best_epoch"] <= record["epochs_run"]
+    assert record["val_dice_best"] >= record["val_dice_start"] and math.isfinite(record["val_dice_best"])
+    assert f"val Dice after   {record['val_dice_best']:.4f}" in printed
+    assert stored.adapt.norm_stats is False and stored.adapt.epochs == 2  # its statistics are the site's already
+    global_state = read_checkpoint(ckpt)["state"]
+    assert any(not torch.equal(v, global_state[k]) for k, v in model.state_dict().items() if v.is_floating_point())
+    # jras eval reads it as any checkpoint
+    assert main(["eval", "--checkpoint", str(out), "--site", str(yaml_path)]) == 0
+    assert "tiny" in capsys.readouterr().out
+    # without --out: the site's default place beside its YAML
+    assert main(argv[:6] + ["--quiet", "--set", "adapt.epochs=0"]) == 0
+    assert (yaml_path.parent / "tiny-adapted.pt").is_file()
+    assert "AdaBN only" in capsys.readouterr().out
+
+
+def test_jras_site_adapt_errors_are_one_line(tmp_path, capsys):
+    from jras_core.checkpoint import save_model
+    from jras_core.config import JRASConfig
+    from jras_core.models.jras import build_model
+
+    yaml_path = site_yaml(tmp_path, key_file=None)
+    missing = ["site", "adapt", "--checkpoint", str(tmp_path / "none.pt"), "--site", str(yaml_path)]
+    assert main(missing) == 2
+    assert capsys.readouterr().err.strip() == f"jras: error: {tmp_path / 'none.pt'}: checkpoint not found"
+    cfg = JRASConfig().with_overrides({"preprocess.size": 32, "segmenter.channels": [8, 16, 32],
+                                       "retriever.channels": [8, 16], "retriever.embed_dim": 16})
+    ckpt = save_model(tmp_path / "global.pt", build_model(cfg), cfg)
+    assert main(["site", "adapt", "--checkpoint", str(ckpt), "--site", str(yaml_path), "--set", "adapt.lr=-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--set: adapt.lr: must be > 0.0, got -1" in err

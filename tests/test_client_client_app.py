@@ -196,3 +196,43 @@ def test_replies_hold_only_model_entries_and_scalars(tmp_path, site_dir, in_proc
         total = sum(int(np.prod(a.numpy().shape)) for r in records for a in r.values())
         if records:
             assert total == sum(v.numel() for v in state.values())
+
+
+@pytest.mark.slow
+def test_personalise_keeps_each_site_model_at_the_site_and_sends_scalars(tmp_path, in_process_grid):
+    """Run config ``personalise``: at the final round's evaluation each site adapts the final
+    global model to its own cases and saves it beside its YAML; only scalars go back, and the
+    global model (the server's checkpoint) is not the sites' adapted models."""
+    from federation.protocol import FINAL_ROUND, arrays_to_state
+    from jras_core.checkpoint import load_model
+    from server.checkpoint import load_checkpoint
+    from tiny_federation import run_dir
+
+    sites = write_sites(tmp_path, "AB", cases=4)
+    rc = base_run_config(tmp_path, sites, **{"num-server-rounds": 2, "personalise": True,
+                                             "method-overrides": TINY_ADAPT})
+    grid = run_server(in_process_grid, rc)
+    evaluations = [m for m in grid.sent if m.metadata.message_type == "evaluate"]
+    finals = [bool(next(iter(m.content.config_records.values()))[FINAL_ROUND]) for m in evaluations]
+    assert finals and all(finals[-2:]) and not any(finals[:-2])  # only the last round's evaluation is final
+    replies = [r for r in grid.received if r.metadata.message_type == "evaluate" and not r.has_error()]
+    last = [next(iter(r.content.metric_records.values())) for r in replies[-2:]]
+    global_state = arrays_to_state(load_checkpoint(run_dir(rc) / "checkpoint.pt").arrays)
+    for name, metrics in zip(("test-A", "test-B"), sorted(last, key=lambda m: m["partition-id"])):
+        assert {"personal-epochs-run", "personal-best-epoch", "personal-val-dice-best", "personal-dice-mean"} <= set(metrics)
+        assert metrics["personal-val-dice-best"] >= metrics["personal-val-dice-start"]
+        path = tmp_path / f"{name}-adapted.pt"
+        model, cfg, extra = load_model(path)
+        assert extra["adaptation"]["site"] == name and cfg.adapt.norm_stats is False
+        assert extra["adaptation"]["epochs_run"] == metrics["personal-epochs-run"]
+        assert set(model.state_dict()) == set(global_state)
+        # AdaBN at least: the site's statistics differ from the global model's
+        assert any(not torch.equal(v, global_state[k]) for k, v in model.state_dict().items() if "running" in k)
+    for reply in replies:
+        assert len(reply.content.array_records) == 0
+    # the earlier rounds' evaluations carry no personalisation
+    assert all("personal-dice-mean" not in next(iter(r.content.metric_records.values())) for r in replies[:-2])
+
+
+TINY_ADAPT = ("preprocess.size=32; segmenter.channels=[4, 8]; retriever.channels=[4, 8]; retriever.embed_dim=8; "
+              "train.batch_size=32; contrastive.steps_per_epoch=1; adapt.epochs=2; adapt.patience=1")

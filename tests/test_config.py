@@ -107,6 +107,21 @@ def test_lever_options_are_validated():
         JRASConfig().with_overrides({"segmenter.norm": "layer"})
 
 
+def test_adaptation_options_are_validated(tmp_path: Path):
+    cfg = JRASConfig().with_overrides({"adapt.epochs": 0, "adapt.patience": 1, "adapt.lr": 5e-5,
+                                       "adapt.val_fraction": 0.0, "adapt.tune_retriever": True})
+    assert (cfg.adapt.epochs, cfg.adapt.patience, cfg.adapt.lr, cfg.adapt.val_fraction) == (0, 1, 5e-5, 0.0)
+    for key, bad, problem in [("adapt.epochs", -1, ">= 0"), ("adapt.patience", 0, ">= 1"), ("adapt.lr", 0.0, "> 0"),
+                              ("adapt.val_fraction", 1.0, "< 1"), ("adapt.min_cases", 0, ">= 1"), ("adapt.tune_retriever", "maybe", "true or false")]:
+        with pytest.raises(ConfigError, match=rf"{key}: .*{problem}") as info:
+            JRASConfig().with_overrides({key: bad}, source="--set")
+        assert str(info.value).startswith("--set: ") and "\n" not in str(info.value)
+    path = tmp_path / "method.yaml"
+    path.write_text("adapt:\n  patience: 3\n  epoch: 5\n")
+    with pytest.raises(ConfigError, match=rf"{path}: unknown key 'adapt.epoch'; allowed in adapt: .*epochs"):
+        JRASConfig.from_yaml(path)
+
+
 def test_phase_b_trains_on_the_configured_share_of_the_batches():
     from jras_core.config import ConfigError, ContrastiveConfig
 

@@ -1,6 +1,6 @@
 """The ``jras`` command line.
 
-Subcommands: ``data synth``, ``train``, ``eval``, ``predict``, ``bank build``, ``site init``, ``demo`` (a simulated
+Subcommands: ``data synth``, ``train``, ``eval``, ``predict``, ``bank build``, ``site init``, ``site adapt``, ``demo`` (a simulated
 federation), ``pki ca`` / ``pki server-cert`` / ``pki node-key`` (deployment keys), ``bench cost``
 (cost benchmark), ``bench rounds`` (round time through Flower), ``bench shift`` (vendor-shift
 benchmark), ``bench real`` (an ACDC federation evaluated in distribution and on unseen sites), ``bench ef``
@@ -290,6 +290,30 @@ def cmd_site_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_site_adapt(args: argparse.Namespace) -> int:
+    """Adapt a global model to the site with its annotated cases (AdaBN, fine-tuning with
+    early stopping) and write the site model, a checkpoint ``jras eval`` reads."""
+    from jras_core.site import Site, SiteConfig
+    from jras_core.training.finetune import adapt_site, save_adapted
+
+    model, cfg = checkpoint_model(args)
+    site = Site(SiteConfig.from_yaml(args.site), cfg, Path(args.site).parent)
+    cases = site.train_set
+    what = "support" if site.config.support_cases is not None else "training"
+    print(f"{site.name}: adapting {args.checkpoint} with {len(set(cases.case_ids.tolist()))} {what} "
+          f"cases ({len(cases)} slices)")
+    adapted, record = adapt_site(model, cases, cfg, site.bank if cfg.uses_retrieval else None,
+                                 progress=not args.quiet)
+    path = save_adapted(args.out or site.adapted_model_path, adapted, cfg, record, site=site.name,
+                        start=str(Path(args.checkpoint).resolve()))
+    rows = record.rows()
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"  {key.ljust(width)}  {value}")
+    print(f"site model -> {path}  (jras eval --checkpoint {path} --site {args.site})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from tools.simulate import (
         SimulationError,
@@ -542,6 +566,28 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --rekey: the bank's current key (default: the site's key_file, else $JRAS_BANK_KEY)")
     add_method_args(init, "method config without --checkpoint (default: built-in defaults)")
     init.set_defaults(func=cmd_site_init)
+    adapt = site_p.add_parser(
+        "adapt",
+        help="adapt a global model to the site with its annotated cases: AdaBN, then fine-tuning with early stopping",
+        description="Re-estimates the batch-norm statistics on the site's images (adapt.norm_stats), then fine-tunes "
+        "the segmenter (and the retriever with adapt.tune_retriever) on the site's annotated cases: its support "
+        "cases (support_cases in the site YAML), else its training split. adapt.val_fraction of those cases are held "
+        "out (a site with fewer than adapt.min_cases cases, default 2, is not fine-tuned) and scored after each "
+        "epoch as inference predicts; training stops after adapt.patience epochs without improvement and the best "
+        "weights are kept, the unadapted start (epoch 0) included. Writes a checkpoint that jras eval --checkpoint "
+        "and jras predict --checkpoint read, with the adaptation's record (epochs run, best epoch, validation Dice before and after) in its "
+        "'adaptation' entry. Fine-tuning options: --set adapt.epochs=, adapt.patience=, adapt.lr=, "
+        "adapt.val_fraction=, adapt.tune_retriever=.",
+    )
+    adapt.add_argument("--checkpoint", required=True, help="the global model (a federation's or jras train's checkpoint)")
+    adapt.add_argument("--site", required=True, metavar="YAML", help="site config")
+    adapt.add_argument("--out", metavar="SITE_MODEL.pt", help="where the site model is written (default: the site "
+                       "YAML's adapted_model, else <cache_dir or the YAML's folder>/<name>-adapted.pt)")
+    adapt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a method config value of the checkpoint's, e.g. --set adapt.lr=5e-5 (repeatable)")
+    adapt.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_device_args(adapt)
+    adapt.set_defaults(func=cmd_site_adapt)
 
     demo = sub.add_parser(
         "demo",
