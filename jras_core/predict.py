@@ -251,7 +251,6 @@ class Predictor:
         from jras_core.training.evaluate import predict
 
         cfg = self.cfg
-        c = cfg.labels.num_classes
         spacing3 = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
         vol = Volume(image=image, mask=np.zeros(image.shape, dtype=np.int64), spacing=spacing3, case=case,
                      phase=phase)
@@ -268,7 +267,7 @@ class Predictor:
         )
         source = "retrieved" if self.use_guides else "none"
         pred, _ = predict(self.model, slices, cfg, self.bank if self.use_guides else None, source)
-        return restore_labels(pred, image.shape, spacing3, cfg.preprocess, c)
+        return restore_labels(pred, image.shape, spacing3, cfg.preprocess)
 
 
 def mask_image(labels: np.ndarray, like: Any) -> Any:

@@ -77,7 +77,7 @@ def test_restore_labels_undoes_the_crop_and_pad_exactly(h: int, w: int):
     mask = rng.integers(0, 4, size=(h, w, 3))
     vol = Volume(np.zeros((h, w, 3), dtype=np.float32), mask, (1.0, 1.0, 5.0), case="c")
     _, msk, _ = preprocess_volume(vol, cfg)
-    back = restore_labels(msk, (h, w, 3), (1.0, 1.0, 5.0), cfg, 4)
+    back = restore_labels(msk, (h, w, 3), (1.0, 1.0, 5.0), cfg)
     assert back.shape == (h, w, 3) and back.dtype == np.uint8
     rows = slice((h - 64) // 2, (h - 64) // 2 + 64) if h > 64 else slice(None)
     cols = slice((w - 64) // 2, (w - 64) // 2 + 64) if w > 64 else slice(None)
@@ -103,7 +103,7 @@ def test_restore_labels_maps_a_resampled_mask_back_onto_the_native_grid(manifest
     maps = Resize((*resampled_shape((h, w), vol.spacing, cfg), z), mode="trilinear")(onehot)
     maps = ResizeWithPadOrCrop((cfg.size, cfg.size, -1))(maps)
     preprocessed = np.moveaxis(np.asarray(maps.argmax(0)), -1, 0)  # (Z, S, S)
-    back = restore_labels(preprocessed, (h, w, z), vol.spacing, cfg, 4)
+    back = restore_labels(preprocessed, (h, w, z), vol.spacing, cfg)
     assert back.shape == vol.mask.shape
     for label in (1, 2, 3):
         a, b = back == label, vol.mask == label

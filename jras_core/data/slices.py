@@ -189,46 +189,6 @@ def resampled_shape(hw: tuple[int, int], spacing: Sequence[float], cfg: Preproce
     return max(1, int(round(h * float(spacing[0]) / target))), max(1, int(round(w * float(spacing[1]) / target)))
 
 
-def restore_labels(
-    labels: torch.Tensor | np.ndarray, shape: tuple[int, int, int], spacing: Sequence[float],
-    cfg: PreprocessConfig, num_classes: int,
-) -> np.ndarray:
-    """Map labels predicted on :func:`preprocess_volume`'s grid back to the volume's own grid.
-
-    The inverse of its spatial steps: the crop/pad to ``cfg.size`` is undone by MONAI's
-    inverse of the same transform (the region the crop cut away, or the padding, becomes
-    background), then each class's one-hot map is resampled to the native in-plane size
-    (bilinear) and every voxel takes the class of largest value, which keeps the label
-    boundaries smooth where nearest-neighbour resampling would make them blocky.
-
-    Args:
-        labels: ``(Z, S, S)`` integer labels ``0..num_classes-1`` (``S`` = ``cfg.size``).
-        shape: the volume's native ``(H, W, Z)``.
-        spacing: its native voxel size ``(sx, sy, sz)`` in mm.
-        cfg: the preprocessing that produced the ``S x S`` slices.
-        num_classes: number of classes including background.
-
-    Returns:
-        ``(H, W, Z)`` uint8 labels.
-    """
-    from monai.data import MetaTensor
-
-    labels = torch.as_tensor(np.asarray(labels)).long()
-    h, w, z = (int(v) for v in shape)
-    if labels.shape != (z, cfg.size, cfg.size):
-        raise ValueError(f"labels of shape {tuple(labels.shape)} for {z} slices of {cfg.size} px")
-    onehot = torch.nn.functional.one_hot(labels, num_classes).permute(3, 1, 2, 0).float()  # (C, S, S, Z)
-    new_hw = resampled_shape((h, w), spacing, cfg)
-    crop = ResizeWithPadOrCrop((cfg.size, cfg.size, -1))
-    record = crop(MetaTensor(torch.zeros(1, *new_hw, z)))  # the forward step, for its inverse
-    tracked = MetaTensor(onehot)
-    tracked.applied_operations = list(record.applied_operations)
-    maps = crop.inverse(tracked).as_tensor()  # (C, H', W', Z)
-    if new_hw != (h, w):
-        maps = torch.as_tensor(Resize((h, w, z), mode="trilinear", anti_aliasing=False)(maps))
-    return maps.argmax(dim=0).numpy().astype(np.uint8)
-
-
 PREPROCESS_VERSION = 2
 """The version of :func:`preprocess_volume`'s output, part of a site's slice-cache key: slices
 cached by an earlier version are built again. 2: masks resampled on the images' grid
@@ -250,6 +210,45 @@ def _resample_labels(mask: np.ndarray, spatial: Sequence[int]) -> np.ndarray:
     maps = np.stack([(mask == c).astype(np.float32) for c in classes])  # (C, H, W, Z)
     maps = np.asarray(Resize(tuple(spatial), mode="trilinear", anti_aliasing=False)(maps))
     return classes[maps.argmax(axis=0)]
+
+
+def restore_labels(
+    labels: torch.Tensor | np.ndarray, shape: tuple[int, int, int], spacing: Sequence[float],
+    cfg: PreprocessConfig,
+) -> np.ndarray:
+    """Map labels predicted on :func:`preprocess_volume`'s grid back to the volume's own grid.
+
+    The inverse of its spatial steps: the crop/pad to ``cfg.size`` is undone by MONAI's
+    inverse of the same transform (the region the crop cut away, or the padding, becomes
+    background), then the labels are resampled to the native in-plane size as the
+    preprocessing resamples masks (:func:`_resample_labels`: each class's map linearly, the
+    largest taken), which keeps the label boundaries smooth where nearest-neighbour
+    resampling would make them blocky.
+
+    Args:
+        labels: ``(Z, S, S)`` integer labels (``S`` = ``cfg.size``).
+        shape: the volume's native ``(H, W, Z)``.
+        spacing: its native voxel size ``(sx, sy, sz)`` in mm.
+        cfg: the preprocessing that produced the ``S x S`` slices.
+
+    Returns:
+        ``(H, W, Z)`` uint8 labels.
+    """
+    from monai.data import MetaTensor
+
+    labels = torch.as_tensor(np.asarray(labels))
+    h, w, z = (int(v) for v in shape)
+    if labels.shape != (z, cfg.size, cfg.size):
+        raise ValueError(f"labels of shape {tuple(labels.shape)} for {z} slices of {cfg.size} px")
+    new_hw = resampled_shape((h, w), spacing, cfg)
+    crop = ResizeWithPadOrCrop((cfg.size, cfg.size, -1))
+    record = crop(MetaTensor(torch.zeros(1, *new_hw, z)))  # the forward step, for its inverse
+    tracked = MetaTensor(labels.permute(1, 2, 0)[None].float())  # (1, S, S, Z)
+    tracked.applied_operations = list(record.applied_operations)
+    native = crop.inverse(tracked).as_tensor()[0].numpy()  # (H', W', Z), padding 0: background
+    if new_hw != (h, w):
+        native = _resample_labels(native, (h, w, z))
+    return np.rint(native).astype(np.uint8)
 
 
 def preprocess_volume(vol: Volume, cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray, tuple]:
