@@ -28,7 +28,7 @@ from federation.protocol import (
 from jras_core.config import JRASConfig
 from jras_core.device import place
 from jras_core.models.jras import JRASModel, build_model
-from jras_core.site import Site, SiteConfig
+from jras_core.site import Site
 from jras_core.sysinfo import peak_rss_mb
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ def get_runner(site_config: str | Path, method: JRASConfig) -> SiteRunner:
             place(model, method.train.device)
             _MODELS[mkey] = (model, initial)
         model, initial = _MODELS[mkey]
-        site = Site(SiteConfig.from_yaml(path), method, root=path.parent)
+        site = Site.from_yaml(path, method)
         runner = SiteRunner(site, model, initial)
         _RUNNERS[key] = runner
         log.info("site %s ready (%s)", site.name, path)

@@ -138,6 +138,12 @@ class Site:
         self._split: tuple[SliceSet, SliceSet] | None = None
         self._bank: RetrievalBank | None = None
 
+    @classmethod
+    def from_yaml(cls, path: str | Path, method: JRASConfig) -> Site:
+        """The site of a site YAML, its relative paths against the YAML's folder."""
+        path = Path(path)
+        return cls(SiteConfig.from_yaml(path), method, path.parent)
+
     @property
     def name(self) -> str:
         return self.config.name

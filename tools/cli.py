@@ -155,12 +155,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from jras_core.measures import missing_structures
     from jras_core.predict import Predictor, collect_inputs, predict_inputs
-    from jras_core.site import Site, SiteConfig
+    from jras_core.site import Site
 
     inputs = collect_inputs(args.inputs)
     model, cfg = checkpoint_model(args)
     if args.site:
-        site = Site(SiteConfig.from_yaml(args.site), cfg, Path(args.site).parent)
+        site = Site.from_yaml(args.site, cfg)
         predictor = Predictor.for_site(model, cfg, site)
     elif cfg.uses_retrieval:
         raise ConfigError(f"{args.checkpoint}: a retrieval method (segmenter.fusion "
@@ -245,7 +245,7 @@ def cmd_site_init(args: argparse.Namespace) -> int:
     ``--rekey``, re-encrypt the existing bank with a new key instead."""
     from jras_core.retrieval.crypto import ENV_VAR, BankKeyError, generate_key_file, key_from_env
     from jras_core.retrieval.store import ENCRYPTED_BANK_FILE
-    from jras_core.site import Site, SiteConfig
+    from jras_core.site import Site
 
     if args.old_key_file and not args.rekey:
         raise ConfigError("jras site init: --old-key-file is for --rekey")
@@ -254,7 +254,7 @@ def cmd_site_init(args: argparse.Namespace) -> int:
         model, cfg = checkpoint_model(args)
     else:
         cfg = load_method(args.config, method_sets(args))
-    site = Site(SiteConfig.from_yaml(args.site), cfg, Path(args.site).parent)
+    site = Site.from_yaml(args.site, cfg)
     if args.out is None and site.bank_path is None:
         raise ConfigError(f"{args.site}: no bank directory: set bank_dir in the site YAML or pass --out DIR")
     key_file = Path(args.key_file) if args.key_file else site.key_path
@@ -293,11 +293,11 @@ def cmd_site_init(args: argparse.Namespace) -> int:
 def cmd_site_adapt(args: argparse.Namespace) -> int:
     """Adapt a global model to the site with its annotated cases (AdaBN, fine-tuning with
     early stopping) and write the site model, a checkpoint ``jras eval`` reads."""
-    from jras_core.site import Site, SiteConfig
+    from jras_core.site import Site
     from jras_core.training.finetune import adapt_site, save_adapted
 
     model, cfg = checkpoint_model(args)
-    site = Site(SiteConfig.from_yaml(args.site), cfg, Path(args.site).parent)
+    site = Site.from_yaml(args.site, cfg)
     cases = site.train_set
     what = "support" if site.config.support_cases is not None else "training"
     print(f"{site.name}: adapting {args.checkpoint} with {len(set(cases.case_ids.tolist()))} {what} "
