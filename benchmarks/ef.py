@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from jras_core.device import place
     from jras_core.files import atomic_write_text
     from jras_core.predict import Predictor
-    from jras_core.site import Site, SiteConfig
+    from jras_core.site import Site
 
     model, cfg, _ = load_model(args.checkpoint)
     sets = method_sets(args)
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     place(model, cfg.train.device)
     rows: list[dict] = []
     for path in args.site:
-        site = Site(SiteConfig.from_yaml(path), cfg, Path(path).parent)
+        site = Site.from_yaml(path, cfg)
         rows.extend(site_rows(Predictor.for_site(model, cfg, site), site, progress=not args.quiet))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, COLUMNS, lineterminator="\n")
