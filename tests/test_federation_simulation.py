@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from tiny_federation import TINY, write_sites
 
-from tools.processes import pids_with_args, stop_pid
+from tools.processes import child_pids, listening_sockets, pids_with_args, stop_pid
 from tools.simulate import (
     OFFLINE_ENV,
     SimulationError,
@@ -62,9 +62,24 @@ def test_simulation_failure_is_reported_and_cleaned_up(tmp_path):
     assert not pids_with_args("flower-superlink", str(home))
 
 
+def ray_processes(root: int) -> dict[int, str]:
+    """The Ray processes (GCS server, raylet, workers, agents) under ``root``: pid -> name."""
+    found = {}
+    for pid in child_pids(root):
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if comm in ("gcs_server", "raylet") or comm.startswith("ray::") or b"/ray/" in cmdline:
+            found[pid] = comm
+    return found
+
+
 @pytest.mark.slow
 def test_sigterm_to_the_caller_stops_the_local_superlink(tmp_path):
-    """`kill` of a process inside run_simulation (e.g. `jras bench shift`) leaves no SuperLink behind."""
+    """While a simulation runs, the local SuperLink and Ray listen on loopback only; `kill` of a
+    process inside run_simulation (e.g. `jras bench shift`) leaves no SuperLink behind."""
     sites = write_sites(tmp_path, "AB", cases=4)
     home = tmp_path / "flwr-home"
     script = (
@@ -81,6 +96,21 @@ def test_sigterm_to_the_caller_stops_the_local_superlink(tmp_path):
             assert proc.poll() is None, proc.stderr.read()
             time.sleep(0.5)
         assert pids_with_args("flower-superlink", str(home)), "the local SuperLink never started"
+        (link,) = pids_with_args("flower-superlink", str(home))
+        # Ray's raylet and GCS server come up with the simulation; then every socket of the
+        # SuperLink's tree (Flower's APIs, Ray's GCS, raylet, object manager, workers) is on loopback
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not {"raylet", "gcs_server"} <= set(ray_processes(link).values()):
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.5)
+        ray = ray_processes(link)
+        assert {"raylet", "gcs_server"} <= set(ray.values()), ray
+        time.sleep(2)  # the raylet's and workers' ports open just after they start
+        sockets = listening_sockets([link, *child_pids(link)])
+        names = {s.pid: ray.get(s.pid, "flower") for s in sockets}
+        assert {"raylet", "gcs_server"} <= set(names.values()), (sockets, ray)
+        exposed = [(s, names[s.pid]) for s in sockets if not s.loopback]
+        assert not exposed, exposed
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
         deadline = time.monotonic() + 20

@@ -3,7 +3,8 @@
 :func:`run_simulation` runs ``flwr run <project> <connection> --run-config FILE
 --federation-config "num-supernodes=N client-resources-num-cpus=C" --stream`` in a
 subprocess, offline, against a managed local SuperLink (a ``:local:`` connection in a
-private ``FLWR_HOME``, on free ports). ``flwr run`` leaves that SuperLink running and
+private ``FLWR_HOME``, on free ports; Ray on loopback, :data:`RAY_LOOPBACK_ENV`). ``flwr run``
+leaves that SuperLink running and
 no ``flwr`` command stops it, so it is always stopped here, by PID, with its
 descendants, whether the run succeeds, fails or is interrupted.
 
@@ -43,6 +44,14 @@ OFFLINE_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
 }
 """Environment of every Flower process started here: nothing goes to the network."""
+
+RAY_LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+"""Environment that keeps the Simulation Engine's Ray on loopback. Ray takes the host's
+address as its node address on Linux, and its GCS server, raylet, workers and agents then
+listen on the host's address (or on all of them); with multi-node clusters switched off it
+uses 127.0.0.1 and every one of them listens there only. (Flower's backend ``init-args``
+carry only ``num_cpus``, ``num_gpus``, ``logging_level`` and ``log_to_driver``, so the
+address cannot be passed to ``ray.init`` through it.)"""
 
 CONNECTION = "jras-local"
 """Name of the ``:local:`` connection written to ``$FLWR_HOME/config.toml``."""
@@ -328,6 +337,7 @@ def run_simulation(
         "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
     })
     env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU only: silences Ray's FutureWarning
+    env.update(RAY_LOOPBACK_ENV)
     flwr = _tool("flwr")
     cmd = [
         flwr, "run", str(project), CONNECTION,
