@@ -1,7 +1,8 @@
 """The ``jras`` command line.
 
 Subcommands: ``data synth``, ``train``, ``eval``, ``predict``, ``bank build``, ``site init``, ``site adapt``, ``demo`` (a simulated
-federation), ``pki ca`` / ``pki server-cert`` / ``pki node-key`` (deployment keys), ``bench cost``
+federation), ``pki ca`` / ``pki server-cert`` / ``pki node-key`` (deployment keys), ``deploy proxy-config``
+(the coordinator's public proxy), ``deploy systemd coordinator`` / ``deploy systemd site`` (service units), ``bench cost``
 (cost benchmark), ``bench rounds`` (round time through Flower), ``bench shift`` (vendor-shift
 benchmark), ``bench real`` (an ACDC federation evaluated in distribution and on unseen sites), ``bench ef``
 (ejection fraction from predicted masks against the ground truth).
@@ -435,6 +436,61 @@ def cmd_pki_node_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy_proxy_config(args: argparse.Namespace) -> int:
+    from tools.pki import CA_CERT, SERVER_CERT, SERVER_KEY
+    from tools.proxy import ProxyConfig, ProxyError, check_nginx_conf, nginx_command, write_nginx_conf
+
+    try:
+        cfg = ProxyConfig(listen=args.listen, superlink=args.superlink, ca_cert=Path(args.ca) / CA_CERT,
+                          server_cert=Path(args.server) / SERVER_CERT, server_key=Path(args.server) / SERVER_KEY,
+                          state_dir=args.state_dir, max_body_mib=args.max_body_mib)
+        out = write_nginx_conf(cfg, args.out)
+        if not args.no_check:
+            check_nginx_conf(out, cfg.state_dir)
+        command = " ".join(nginx_command(out, cfg.state_dir))
+    except ProxyError as exc:
+        raise ConfigError(f"deploy proxy-config: {exc}") from None
+    print(f"proxy configuration: {out}  (public {cfg.listen} -> Fleet API only -> SuperLink {cfg.superlink})")
+    print(f"run it with: {command}")
+    print(f"the SuperLink listens on loopback only: flower-superlink ... --host {cfg.superlink.rpartition(':')[0]} "
+          f"--port {cfg.superlink.rpartition(':')[2]}")
+    return 0
+
+
+def cmd_deploy_systemd(args: argparse.Namespace) -> int:
+    from tools.pki import CA_CERT, SERVER_CERT, SERVER_KEY
+    from tools.proxy import ProxyError, nginx_binary, split_address
+    from tools.services import coordinator_units, site_unit, write_units
+
+    bin_dir = Path(args.bin_dir).resolve()
+    if not (bin_dir / ("flower-superlink" if args.role == "coordinator" else "flower-supernode")).is_file():
+        raise ConfigError(f"deploy systemd: {bin_dir} holds no Flower executables (give --bin-dir, the "
+                          "environment's bin folder)")
+    try:
+        if args.role == "coordinator":
+            ca, server = Path(args.ca).resolve(), Path(args.server).resolve()
+            units = coordinator_units(bin_dir, ca / CA_CERT, server / SERVER_CERT, server / SERVER_KEY,
+                                      proxy_conf=Path(args.proxy_conf).resolve(),
+                                      proxy_state_dir=Path(args.proxy_state_dir).resolve(),
+                                      nginx=args.nginx or nginx_binary(), superlink=args.superlink,
+                                      state_dir=Path(args.state_dir).resolve(), user=args.user)
+        else:
+            split_address(args.superlink, "--superlink")
+            site_yaml = Path(args.site).resolve()
+            if not site_yaml.is_file():
+                raise ConfigError(f"deploy systemd site: {site_yaml}: site YAML not found")
+            units = site_unit(bin_dir, args.superlink, Path(args.ca_cert).resolve(), Path(args.key).resolve(),
+                              site_yaml, writable=[Path(p).resolve() for p in args.writable],
+                              state_dir=Path(args.state_dir).resolve(), user=args.user, allow_ips=args.allow_ip or ())
+    except ProxyError as exc:
+        raise ConfigError(f"deploy systemd: {exc}") from None
+    for path in write_units(units, args.out):
+        print(f"unit: {path}")
+    print(f"install: cp {' '.join(units)} /etc/systemd/system/ && systemctl daemon-reload && "
+          f"systemctl enable --now {' '.join(units)}")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -682,6 +738,65 @@ def build_parser() -> argparse.ArgumentParser:
     nk.add_argument("--out", required=True, metavar="PATH", help="private key path; the public key is PATH.pub")
     nk.add_argument("--comment", default="", help="comment appended to the public key")
     nk.set_defaults(func=cmd_pki_node_key)
+
+    deploy = sub.add_parser("deploy", help="coordinator and site services of a deployment")
+    deploy_sub = deploy.add_subparsers(dest="deploy_command", required=True)
+    px = deploy_sub.add_parser(
+        "proxy-config", help="coordinator: the nginx configuration of the public TLS listener, which forwards "
+        "only the Fleet API to the loopback SuperLink",
+        description="Write the nginx configuration of the coordinator's public listener: TLS with the "
+        "coordinator's certificate, POST /v1/fleet/... forwarded (TLS again) to the SuperLink on loopback, "
+        "every other path (the Control API of `flwr`, the Runtime API) refused with 403.",
+    )
+    px.add_argument("--ca", required=True, metavar="DIR", help="folder with ca.crt (jras pki ca)")
+    px.add_argument("--server", required=True, metavar="DIR", help="folder with server.pem and server.key "
+                    "(jras pki server-cert; valid for the public names, localhost and 127.0.0.1)")
+    px.add_argument("--listen", default="0.0.0.0:8000", metavar="HOST:PORT",
+                    help="public address the sites dial (default 0.0.0.0:8000)")
+    px.add_argument("--superlink", default="127.0.0.1:9092", metavar="HOST:PORT",
+                    help="the SuperLink's loopback address, its --host and --port (default 127.0.0.1:9092)")
+    px.add_argument("--state-dir", default="/var/lib/jras-proxy", metavar="DIR",
+                    help="nginx's folder: pid file, access log, temporary files (default /var/lib/jras-proxy)")
+    px.add_argument("--max-body-mib", type=int, default=64, help="largest request body in MiB (default 64)")
+    px.add_argument("--out", required=True, metavar="FILE", help="the nginx configuration to write")
+    px.add_argument("--no-check", action="store_true", help="do not run `nginx -t` on the result")
+    px.set_defaults(func=cmd_deploy_proxy_config)
+    sd = deploy_sub.add_parser("systemd", help="systemd units: the coordinator's SuperLink and proxy, or a site's "
+                               "SuperNode, with restart policies").add_subparsers(dest="role", required=True)
+    default_bin = str(Path(sys.executable).parent)
+    co = sd.add_parser("coordinator", help="jras-superlink.service (loopback, TLS, node authentication, state "
+                       "in a database) and jras-proxy.service (nginx)")
+    co.add_argument("--ca", required=True, metavar="DIR", help="folder with ca.crt")
+    co.add_argument("--server", required=True, metavar="DIR", help="folder with server.pem and server.key")
+    co.add_argument("--superlink", default="127.0.0.1:9092", metavar="HOST:PORT",
+                    help="the SuperLink's loopback address (default 127.0.0.1:9092)")
+    co.add_argument("--proxy-conf", default="/etc/jras/nginx.conf", metavar="FILE",
+                    help="the proxy's configuration from `jras deploy proxy-config` (default /etc/jras/nginx.conf)")
+    co.add_argument("--proxy-state-dir", default="/var/lib/jras-proxy", metavar="DIR",
+                    help="its --state-dir (default /var/lib/jras-proxy)")
+    co.add_argument("--nginx", metavar="PATH", help="the nginx executable (default: found on PATH)")
+    co.add_argument("--state-dir", default="/var/lib/jras", metavar="DIR",
+                    help="the SuperLink's folder: its database and Flower's home (default /var/lib/jras)")
+    co.add_argument("--user", default="jras", help="the SuperLink's user (default jras)")
+    st = sd.add_parser("site", help="jras-supernode.service: the SuperNode as an unprivileged user, restarted "
+                       "until it gets in after a crash")
+    st.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the coordinator's public address")
+    st.add_argument("--ca-cert", required=True, metavar="FILE", help="the federation's ca.crt")
+    st.add_argument("--key", required=True, metavar="FILE", help="the SuperNode's private key (jras pki node-key)")
+    st.add_argument("--site", required=True, metavar="YAML", help="the site YAML")
+    st.add_argument("--writable", action="append", default=[], metavar="DIR",
+                    help="a folder the SuperNode may write, e.g. the site's cache_dir (repeatable)")
+    st.add_argument("--allow-ip", action="append", metavar="ADDRESS",
+                    help="restrict the SuperNode's network to these addresses (the coordinator's) and loopback "
+                    "(repeatable; default: unrestricted)")
+    st.add_argument("--state-dir", default="/var/lib/jras-site", metavar="DIR",
+                    help="the SuperNode's folder: Flower's home with the installed apps (default /var/lib/jras-site)")
+    st.add_argument("--user", default="jras-site", help="the SuperNode's user (default jras-site)")
+    for p in (co, st):
+        p.add_argument("--bin-dir", default=default_bin, metavar="DIR",
+                       help=f"the environment's bin folder with flower-superlink/-supernode (default {default_bin})")
+        p.add_argument("--out", required=True, metavar="DIR", help="folder for the unit files")
+        p.set_defaults(func=cmd_deploy_systemd)
     return parser
 
 
