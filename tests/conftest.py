@@ -72,6 +72,20 @@ def processes(tmp_path):
 
 
 @pytest.fixture
+def nginx() -> str:
+    """The nginx executable; the test skips without it, except under ``JRAS_REQUIRE_NGINX=1``
+    (``.ci/run`` installs nginx and sets it), where it fails."""
+    from tools.proxy import ProxyError, nginx_binary
+
+    try:
+        return nginx_binary()
+    except ProxyError as exc:
+        if os.environ.get("JRAS_REQUIRE_NGINX") == "1":
+            raise
+        pytest.skip(f"{exc} (.ci/run installs it)")
+
+
+@pytest.fixture
 def flwr_home(tmp_path, monkeypatch):
     """A private ``FLWR_HOME`` for the test."""
     home = tmp_path / "flwr-home"

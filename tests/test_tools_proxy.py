@@ -20,16 +20,7 @@ import pytest
 from tools import pki
 from tools.cli import main
 from tools.processes import free_port
-from tools.proxy import FLEET_LOCATION, NginxProxy, ProxyConfig, ProxyError, nginx_binary, render_nginx_conf
-
-
-def require_nginx() -> None:
-    try:
-        nginx_binary()
-    except ProxyError as exc:
-        if os.environ.get("JRAS_REQUIRE_NGINX") == "1":
-            raise
-        pytest.skip(f"{exc} (.ci/run installs it)")
+from tools.proxy import FLEET_LOCATION, NginxProxy, ProxyConfig, ProxyError, render_nginx_conf
 
 
 @pytest.fixture
@@ -67,8 +58,7 @@ def test_settings_are_checked_against_the_pki(coordinator_pki):
         proxy_config(root, server="foreign")
 
 
-def test_cli_writes_a_config_nginx_accepts(coordinator_pki, capsys):
-    require_nginx()
+def test_cli_writes_a_config_nginx_accepts(coordinator_pki, capsys, nginx):
     root = coordinator_pki
     out = root / "etc" / "nginx.conf"
     assert main(["deploy", "proxy-config", "--ca", str(root / "ca"), "--server", str(root / "server"),
@@ -107,8 +97,7 @@ class _Upstream(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_proxy_forwards_only_the_fleet_api(coordinator_pki):
-    require_nginx()
+def test_proxy_forwards_only_the_fleet_api(coordinator_pki, nginx):
     root = coordinator_pki
     _Upstream.seen = []
     upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)

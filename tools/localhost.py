@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from tools.processes import free_port, stop_pid
+from tools.processes import Started, free_port, stop_pid
 from tools.simulate import RUN_CONFIG_FILE, SimulationError, _tool, _write_run_config, flower_env
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ CONNECTION = "localhost-deploy"
 """Name of the connection in ``$FLWR_HOME/config.toml`` that ``flwr run`` uses."""
 
 
-class LocalDeployment:
+class LocalDeployment(Started):
     """A SuperLink and one SuperNode per site YAML on this machine (a context manager).
 
     Args:
@@ -55,17 +55,6 @@ class LocalDeployment:
         self.env: dict[str, str] = {}
 
     # ------------------------------------------------------------------ lifecycle
-    def __enter__(self) -> LocalDeployment:  # noqa: PYI034 - not subclassed
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def start(self) -> None:
         """Start the SuperLink, wait for its port, then start the SuperNodes."""
         self.work_dir.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,29 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+class Started:
+    """Context-manager behaviour of a class that starts processes in ``start()`` and stops
+    them in ``close()``: ``with`` starts it, and closes it on exit, also when ``start()``
+    itself fails half-way."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):  # noqa: ANN204 - returns the subclass instance
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port on ``host`` that is free right now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -37,7 +37,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from tools.processes import stop_pid
+from tools.processes import Started, stop_pid
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def check_nginx_conf(conf: str | Path, state_dir: str | Path) -> None:
         raise ProxyError(f"{conf}: nginx -t failed:\n{res.stdout}{res.stderr}")
 
 
-class NginxProxy:
+class NginxProxy(Started):
     """The proxy running on this machine (a context manager): writes the configuration into
     ``cfg.state_dir``, starts nginx in the foreground, waits for its port, and stops it (with
     its workers) by PID on close. Its output goes to ``state_dir/nginx.log``.
@@ -268,17 +268,6 @@ class NginxProxy:
         self.log_path = cfg.state_dir / "nginx.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
-
-    def __enter__(self) -> NginxProxy:  # noqa: PYI034 - not subclassed
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def start(self) -> None:
         write_nginx_conf(self.cfg, self.conf)

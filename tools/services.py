@@ -109,11 +109,11 @@ def start_supernode(
     def ready(proc: subprocess.Popen[bytes]) -> bool:  # noqa: ARG001 - the latest attempt's log tells
         return logged(READY_LINE)
 
-    def refused(proc: subprocess.Popen[bytes]) -> bool:  # noqa: ARG001
+    def turned_away(proc: subprocess.Popen[bytes]) -> bool:  # noqa: ARG001
         return logged(REFUSED_LINE)
 
     try:
-        proc, refused = start_with_retry(start, ready, refused, window=window, every=every)
+        proc, refused = start_with_retry(start, ready, turned_away, window=window, every=every)
     except StartRefused as exc:
         last = max(handles) if handles else 0
         tail = log_path(last).read_text(errors="replace")[-2000:] if handles else ""
