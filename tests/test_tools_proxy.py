@@ -47,6 +47,8 @@ def test_settings_are_checked_against_the_pki(coordinator_pki):
         proxy_config(root, superlink="10.0.0.5:9092")
     with pytest.raises(ProxyError, match="HOST:PORT"):
         proxy_config(root, listen="0.0.0.0")
+    with pytest.raises(ProxyError, match="same port"):
+        proxy_config(root, listen="0.0.0.0:9092")
     # a certificate without the loopback names: the proxy could not check the SuperLink
     pki.create_server_cert(root / "ca", root / "public-only", ["coordinator.example.org"])
     with pytest.raises(ProxyError, match="--host localhost --host 127.0.0.1"):

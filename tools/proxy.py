@@ -117,8 +117,10 @@ class ProxyConfig:
     def __post_init__(self) -> None:
         for name in ("ca_cert", "server_cert", "server_key", "state_dir"):
             object.__setattr__(self, name, Path(getattr(self, name)).expanduser().resolve())
-        split_address(self.listen, "--listen")
-        host, _ = split_address(self.superlink, "--superlink")
+        public = split_address(self.listen, "--listen")
+        host, port = split_address(self.superlink, "--superlink")
+        if public[1] == port and (public[0] == host or public[0] in ("0.0.0.0", "::")):  # noqa: S104
+            raise ProxyError(f"--listen {self.listen} and --superlink {self.superlink} take the same port")
         if not _is_loopback(host):
             raise ProxyError(f"--superlink {self.superlink}: the SuperLink must listen on a loopback address "
                              "(127.0.0.1), the proxy being its only public side")
