@@ -218,7 +218,8 @@ class Site:
                                 self.name, cache, type(exc).__name__)
             if self._slices is None:
                 try:
-                    volumes = load_volumes(self.config.data, self.method.labels.num_classes, self.root)
+                    # one volume at a time: read, preprocessed, let go
+                    volumes = load_volumes(self.config.data, self.method.labels.num_classes, self.root, stream=True)
                     self._slices = build_slice_set(volumes, self.method.preprocess, self.method.labels.num_classes)
                 except DataError as exc:
                     raise DataError(f"site {self.name}: {exc}") from None
@@ -230,13 +231,20 @@ class Site:
 
     def _splits(self) -> tuple[SliceSet, SliceSet]:
         if self._split is None:
+            slices = self.slices
             if self.config.support_cases is not None:
                 try:
-                    self._split = self.slices.first_cases(self.config.support_cases, self.config.split_seed)
+                    chosen = slices.random_cases(self.config.support_cases, self.config.split_seed)
                 except DataError as exc:
                     raise DataError(f"site {self.name}: {exc} (support_cases in the site YAML)") from None
+                whole, rest, support = slices.partition(chosen)
+                self._split = support, rest
             else:
-                self._split = self.slices.split_by_case(self.config.val_fraction, self.config.split_seed)
+                whole, train, val = slices.partition(slices.validation_cases(self.config.val_fraction,
+                                                                             self.config.split_seed))
+                self._split = train, val
+            # the site keeps the parted copy, whose two parts are views of it: one copy in memory
+            self._slices = whole
         return self._split
 
     @property
