@@ -274,7 +274,8 @@ class Site:
         """The site's private bank over its training (or support) slices."""
         if self._bank is None:
             self._bank = RetrievalBank(
-                self.train_set, self.method.labels.num_classes, self.method.retrieval.index, self.method.retrieval.exclude
+                self.train_set, self.method.labels.num_classes, self.method.retrieval.index, self.method.retrieval.exclude,
+                hnsw_from=self.method.retrieval.hnsw_from,
             )
         return self._bank
 
