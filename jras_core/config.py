@@ -375,9 +375,12 @@ class RetrieverConfig:
     size makes the retriever about four times cheaper (phase B, bank refresh, query embedding)."""
 
 
-HNSW_FROM = 200_000
-"""Default bank size from which ``retrieval.index: auto`` builds the approximate HNSW index
-(measured: ``docs/results/cost.md``, section 7)."""
+HNSW_FROM = 100_000
+"""Default bank size from which ``retrieval.index: auto`` builds the approximate HNSW index.
+A local epoch searches a site's bank with about as many queries as it has entries and
+rebuilds the index once (the refresh): at 100k entries HNSW's build plus its searches took
+half the flat index's searches, at 10k three times as long (``docs/results/cost.md``, "Large
+banks")."""
 
 
 @config_class
