@@ -30,6 +30,7 @@ from jras_core.models.jras import JRASModel
 from jras_core.retrieval.bank import RetrievalBank
 from jras_core.retrieval.crypto import resolve_key
 from jras_core.retrieval.store import BankStore
+from jras_core.sysinfo import release_free_heap
 from jras_core.training.adapt import choose_guides
 from jras_core.training.evaluate import evaluate
 from jras_core.training.joint import JRASTrainer
@@ -223,6 +224,7 @@ class Site:
                     self._slices = build_slice_set(volumes, self.method.preprocess, self.method.labels.num_classes)
                 except DataError as exc:
                     raise DataError(f"site {self.name}: {exc}") from None
+                release_free_heap()  # the volumes' pages, freed but kept by the C heap
                 if cache is not None:
                     cache.parent.mkdir(parents=True, exist_ok=True)
                     self._slices.save(cache)
