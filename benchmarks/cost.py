@@ -27,6 +27,17 @@ Sections (one table each; all rows also in ``cost.csv`` and ``cost.md``):
    separate process that builds a 2k-slice bank and runs one J-RAS epoch with it
    (per-client figure).
 6. ``transfer``: bytes of one site's model transfer per round, fp32 vs fp16.
+7. ``index``: FAISS exact (``IndexFlatIP``) against approximate (``IndexHNSWFlat``, the
+   bank's ``retrieval.index: hnsw``) search at ``--bank-index-sizes`` entries, d=128, on
+   clustered L2-normalised embeddings: build time, index bytes, search time per batch of
+   256 queries, and the approximate index's recall@3 and @10 against the exact top-K.
+8. ``sites`` (only with ``--site-sizes``): peak resident memory of a client process that
+   loads and preprocesses a site of about N slices (ACDC-derived: rows of the ACDC
+   fixture's manifest, repeated under new case names beyond its 1,841 slices), builds its
+   bank and trains one J-RAS epoch (``--site-config``, default ``configs/real.yaml``);
+   one process per size.
+
+    jras bench cost --only index,sites --site-sizes 250,500,1000,2000,4000 --out runs/cost-scale
 
     python -m benchmarks.cost --out runs/cost          # or: jras bench cost --out runs/cost
     python -m benchmarks.cost --quick --out /tmp/cost  # tiny, < 1 min
@@ -64,6 +75,8 @@ SECTION_TITLES = {
     "flower": "4. Flower round overhead",
     "memory": "5. Peak resident memory of one client process",
     "transfer": "6. Model transfer per round (one site)",
+    "index": "7. Large banks: flat vs HNSW index (256 queries per batch)",
+    "sites": "8. Peak resident memory of one client against its site's size",
 }
 FLOWER_NOTE = (
     "Flower round overhead: pass a simulation's `tensorboard/metrics.jsonl` with "
@@ -107,6 +120,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(repeatable; values parsed as YAML)")
     p.add_argument("--flower-metrics", default=None, metavar="JSONL",
                    help="a simulation's tensorboard/metrics.jsonl: report its rounds' Flower overhead")
+    p.add_argument("--bank-index-sizes", type=_int_list, default=[10000, 100000],
+                   help="bank sizes of the flat vs HNSW table (default 10000,100000; 1000000 takes minutes)")
+    p.add_argument("--site-sizes", type=_int_list, default=None,
+                   help="slices per site of the client-memory table (e.g. 250,500,1000,2000,4000; "
+                        "off by default: one J-RAS epoch per size)")
+    p.add_argument("--site-config", default=str(PROJECT_ROOT / "configs" / "real.yaml"), metavar="YAML",
+                   help="method config of the client-memory table (default configs/real.yaml)")
+    p.add_argument("--acdc-manifest", default=str(PROJECT_ROOT.parent / "shared" / "data" / "acdc" / "manifest.csv"),
+                   metavar="CSV", help="the ACDC fixture's manifest, the source of the client-memory table's sites")
+    p.add_argument("--only", default=None, metavar="SECTIONS",
+                   help=f"comma-separated sections to run (of {', '.join(SECTION_TITLES)}; default all)")
+    p.add_argument("--_site-probe", dest="site_probe", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--_memory-probe", dest="memory_probe", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_probe-size", dest="probe_size", type=int, default=128, help=argparse.SUPPRESS)
     p.add_argument("--_probe-bank", dest="probe_bank", type=int, default=2000, help=argparse.SUPPRESS)
@@ -539,6 +564,176 @@ def run_memory_probe(size: int, bank: int, cases: int, threads: int, settings: l
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def clustered_embeddings(n: int, d: int, seed: int, clusters: int = 1000, spread: float = 0.35):
+    """``(n, d)`` float32 L2-normalised points around ``clusters`` random unit centres (Gaussian
+    offsets of ``spread`` per unit of norm): the structure of a bank's embeddings, where slices
+    of like anatomy lie close together. On uniform random points every neighbour is about as far
+    as any other, and a recall measured there says little about a bank."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, d)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = np.empty((n, d), dtype=np.float32)
+    step = 1 << 16
+    for start in range(0, n, step):  # in chunks: 1M x 128 is 0.5 GiB
+        m = min(step, n - start)
+        pts = centres[rng.integers(0, clusters, m)] + rng.standard_normal((m, d)).astype(np.float32) * (spread / d**0.5)
+        x[start:start + m] = pts / np.linalg.norm(pts, axis=1, keepdims=True)
+    return x
+
+
+def recall_at(approx, exact, k: int) -> float:
+    """Mean over queries of ``|approx top-k & exact top-k| / k`` (rows ``(Q, >= k)`` indices)."""
+    import numpy as np
+
+    hits = [len(set(a[:k].tolist()) & set(e[:k].tolist())) for a, e in zip(np.asarray(approx), np.asarray(exact))]
+    return float(np.mean(hits)) / k
+
+
+def index_times(n: int, d: int, nq: int, k: int, repeats: int, seed: int = 0) -> dict[str, float]:
+    """The bank's flat and HNSW indices (:func:`~jras_core.retrieval.bank.build_index`) over ``n``
+    clustered embeddings (:func:`clustered_embeddings`): build seconds, serialised bytes, median
+    seconds per batch of ``nq`` queries (top ``k``, :func:`~jras_core.retrieval.bank.faiss_search`)
+    and HNSW's recall@3 and @10 against the flat index's exact top-K on the same queries."""
+    from jras_core.retrieval.bank import HNSW_EF_SEARCH, build_index, faiss, faiss_search
+
+    x = clustered_embeddings(n + nq, d, seed)
+    q, x = x[n:], x[:n]  # queries from the same distribution, not in the index
+    out: dict[str, float] = {}
+    results = {}
+    for kind in ("flat", "hnsw"):
+        t0 = time.perf_counter()
+        index = build_index(x, kind)
+        out[f"{kind}_build_s"] = time.perf_counter() - t0
+        out[f"{kind}_bytes"] = float(faiss.serialize_index(index).nbytes)
+        if kind == "hnsw":
+            index.hnsw.efSearch = max(HNSW_EF_SEARCH, k)
+        faiss_search(index, q, k)  # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            results[kind] = faiss_search(index, q, k)[1]
+            times.append(time.perf_counter() - t0)
+        out[f"{kind}_search_s"] = _median(times)
+        del index
+    out["recall3"] = recall_at(results["hnsw"], results["flat"], 3)
+    out["recall10"] = recall_at(results["hnsw"], results["flat"], 10)
+    out["data_bytes"] = float(x.nbytes)
+    return out
+
+
+def measure_index(opts: Options, table: Table) -> None:
+    """Section 7: flat vs HNSW at ``--bank-index-sizes`` (:func:`index_times`)."""
+    from jras_core.retrieval.bank import HNSW_EF_SEARCH, HNSW_LINKS
+
+    d, nq, k = 128, 256, 10
+    for n in opts.bank_index_sizes:
+        r = index_times(n, d, nq, k, opts.repeats)
+        note = f"d={d}, {nq} queries, top {k}, 1000 clusters"
+        table.add("index", f"flat build, N={n}", r["flat_build_s"], "s", "IndexFlatIP.add")
+        table.add("index", f"HNSW build, N={n}", r["hnsw_build_s"], "s",
+                  f"IndexHNSWFlat M={HNSW_LINKS}, efConstruction 40, {opts.threads} thread(s)")
+        table.add("index", f"flat index size, N={n}", r["flat_bytes"] / 2**20, "MiB", "serialised")
+        table.add("index", f"HNSW index size, N={n}", r["hnsw_bytes"] / 2**20, "MiB", "serialised (vectors + graph)")
+        table.add("index", f"flat search, N={n}", r["flat_search_s"] * 1e3, "ms/batch", note)
+        table.add("index", f"HNSW search, N={n}", r["hnsw_search_s"] * 1e3, "ms/batch",
+                  note + f", efSearch {HNSW_EF_SEARCH}")
+        table.add("index", f"HNSW recall@3, N={n}", r["recall3"], "fraction", "of the exact top 3, same queries")
+        table.add("index", f"HNSW recall@10, N={n}", r["recall10"], "fraction", "of the exact top 10, same queries")
+    table.show("index")
+
+
+def acdc_site_rows(manifest: str | Path, slices: int) -> list[dict[str, str]]:
+    """Manifest rows of an ACDC-derived site of about ``slices`` labelled slices: the fixture's
+    rows in order (about 9.2 labelled slices a volume), again under case names ``NAME#r`` once
+    they run out; image and mask paths made absolute."""
+    manifest = Path(manifest)
+    with open(manifest, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        raise ValueError(f"{manifest}: no rows")
+    per_volume = 1841 / 200  # the fixture's labelled slices per volume
+    wanted = max(2, round(slices / per_volume))
+    out = []
+    for i in range(wanted):
+        row = dict(rows[i % len(rows)])
+        rep = i // len(rows)
+        if rep:
+            row["case"] = f"{row['case']}#{rep}"
+        for col in ("image", "mask"):
+            row[col] = str((manifest.parent / row[col]).resolve())
+        out.append(row)
+    return out
+
+
+def site_memory_probe(args: argparse.Namespace) -> int:
+    """In its own process: a client's work on an ACDC-derived site of about ``--_site-probe``
+    slices (:func:`acdc_site_rows`, validation fraction 0.2): load and preprocess its
+    volumes, build and embed its bank, train one J-RAS epoch; print the peak RSS after each
+    step as JSON."""
+    import tempfile
+
+    import torch
+
+    from jras_core.config import JRASConfig, parse_overrides
+    from jras_core.models import build_model
+    from jras_core.retrieval.bank import faiss  # noqa: F401  (count the libraries a client loads)
+    from jras_core.site import Site
+    from jras_core.sysinfo import peak_rss_mb
+
+    torch.set_num_threads(args.threads)
+    out: dict[str, float] = {"after_imports_mb": peak_rss_mb()}
+    method = JRASConfig.from_yaml(args.site_config).with_overrides(parse_overrides(args.set))
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = acdc_site_rows(args.acdc_manifest, args.site_probe)
+        manifest = Path(tmp) / "manifest.csv"
+        with open(manifest, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        (Path(tmp) / "site.yaml").write_text(
+            f"name: scale\nvendor: A\ndata:\n  kind: manifest\n  path: {manifest}\nval_fraction: 0.2\nsplit_seed: 0\n")
+        site = Site.from_yaml(Path(tmp) / "site.yaml", method)
+        t0 = time.perf_counter()
+        out["slices"] = len(site.slices)
+        out["train"] = len(site.train_set)
+        out["load_mb"], out["load_s"] = peak_rss_mb(), time.perf_counter() - t0
+        model = build_model(method)
+        site.bank.refresh(model.retr)
+        out["bank_mb"] = peak_rss_mb()
+        t0 = time.perf_counter()
+        site.train(model, epochs=1)
+        out["epoch_mb"], out["epoch_s"] = peak_rss_mb(), time.perf_counter() - t0
+    print(json.dumps(out))
+    return 0
+
+
+def run_site_probe(slices: int, opts: Options) -> dict[str, float]:
+    """:func:`site_memory_probe` in a process of its own."""
+    cmd = [sys.executable, "-m", "benchmarks.cost", "--_site-probe", str(slices), "--threads", str(opts.threads),
+           "--site-config", opts.site_config, "--acdc-manifest", opts.acdc_manifest]
+    for item in opts.settings:
+        cmd += ["--set", item]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+    res = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, env=env, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"site memory probe ({slices} slices) failed ({res.returncode}): {res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def measure_sites(opts: Options, table: Table) -> None:
+    """Section 8: a client's peak RSS against its site's size (:func:`run_site_probe`)."""
+    for n in opts.site_sizes or []:
+        r = run_site_probe(n, opts)
+        note = f"{r['slices']:.0f} slices ({r['train']:.0f} training), {Path(opts.site_config).name}"
+        table.add("sites", f"site ~{n}: after load + preprocessing", r["load_mb"], "MiB", note + f", {r['load_s']:.0f} s")
+        table.add("sites", f"site ~{n}: + bank", r["bank_mb"], "MiB", note)
+        table.add("sites", f"site ~{n}: + one J-RAS epoch", r["epoch_mb"], "MiB",
+                  note + f", epoch {r['epoch_s']:.0f} s; imports alone {r['after_imports_mb']:.0f} MiB")
+    table.show("sites")
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -590,19 +785,32 @@ def run(args: argparse.Namespace) -> int:
     (``--_memory-probe``: only the memory probe, in its own process)."""
     if getattr(args, "memory_probe", False):
         return memory_probe(args)
+    if getattr(args, "site_probe", None):
+        return site_memory_probe(args)
     opts = resolve_options(args)
     header = set_up(opts)
     t_start = time.perf_counter()
     print(f"# J-RAS cost benchmark ({header})", flush=True)
     table = Table()
-    sites = measure_steps(opts, table)
-    cfg, slices = base_config(opts.largest, opts.method), sites[opts.largest]
-    measure_refresh(opts, table, cfg, slices)
-    measure_search(opts, table, cfg, slices)
-    if opts.flower_metrics:
+    cfg = base_config(opts.largest, opts.method)
+    if {"step", "refresh", "search"} & opts.sections:
+        sites = measure_steps(opts, table) if "step" in opts.sections else {
+            opts.largest: site_slices(cfg, opts.site_cases)}
+        slices = sites[opts.largest]
+        if "refresh" in opts.sections:
+            measure_refresh(opts, table, cfg, slices)
+        if "search" in opts.sections:
+            measure_search(opts, table, cfg, slices)
+    if opts.flower_metrics and "flower" in opts.sections:
         measure_flower(opts.flower_metrics, table)
-    measure_memory(opts, table)
-    measure_transfer(table, cfg)
+    if "memory" in opts.sections:
+        measure_memory(opts, table)
+    if "transfer" in opts.sections:
+        measure_transfer(table, cfg)
+    if "index" in opts.sections:
+        measure_index(opts, table)
+    if "sites" in opts.sections and opts.site_sizes:
+        measure_sites(opts, table)
     write_outputs(opts, table, header, t_start)
     return 0
 
@@ -632,6 +840,12 @@ class Options:
     """Image size and bank slices of the memory probe."""
     out: Path
     flower_metrics: str | None
+    bank_index_sizes: list[int] = field(default_factory=list)
+    site_sizes: list[int] | None = None
+    site_config: str = ""
+    acdc_manifest: str = ""
+    sections: frozenset[str] = frozenset(SECTION_TITLES)
+    """The sections to run (``--only``; default all)."""
 
     @property
     def largest(self) -> int:
@@ -657,7 +871,21 @@ def resolve_options(args: argparse.Namespace) -> Options:
         probe_size=32 if quick else 128,
         probe_bank=200 if quick else 2000,
         out=Path(args.out), flower_metrics=args.flower_metrics,
+        bank_index_sizes=[2000] if quick else args.bank_index_sizes,
+        site_sizes=args.site_sizes, site_config=args.site_config, acdc_manifest=args.acdc_manifest,
+        sections=_sections(args.only),
     )
+
+
+def _sections(text: str | None) -> frozenset[str]:
+    """The sections named in ``--only`` (all when None); an unknown name raises ValueError."""
+    if not text:
+        return frozenset(SECTION_TITLES)
+    names = {t.strip() for t in text.split(",") if t.strip()}
+    unknown = sorted(names - set(SECTION_TITLES))
+    if unknown:
+        raise ValueError(f"--only: unknown section(s) {unknown}; choose from {', '.join(SECTION_TITLES)}")
+    return frozenset(names)
 
 
 def set_up(opts: Options) -> str:
@@ -869,6 +1097,8 @@ def write_outputs(opts: Options, table: Table, header: str, t_start: float) -> N
     md = ["# J-RAS cost benchmark", "", header + f"; {time.perf_counter() - t_start:.0f} s in all.",
           "Timings depend on the machine and on what else ran on it; medians of repeats after a warm-up.", ""]
     for section, title in SECTION_TITLES.items():
+        if section not in opts.sections or (section == "sites" and not opts.site_sizes):
+            continue
         if section == "flower" and not opts.flower_metrics:
             md += [f"## {title}", "", FLOWER_NOTE, ""]
         else:

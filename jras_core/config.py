@@ -375,6 +375,14 @@ class RetrieverConfig:
     size makes the retriever about four times cheaper (phase B, bank refresh, query embedding)."""
 
 
+HNSW_FROM = 100_000
+"""Default bank size from which ``retrieval.index: auto`` builds the approximate HNSW index.
+A local epoch searches a site's bank with about as many queries as it has entries and
+rebuilds the index once (the refresh): at 100k entries HNSW's build plus its searches took
+half the flat index's searches, at 10k three times as long (``docs/results/cost.md``, "Large
+banks")."""
+
+
 @config_class
 class RetrievalConfig:
     k: Annotated[StrictInt, Field(ge=1)] = 3
@@ -392,7 +400,13 @@ class RetrievalConfig:
     """Also magnify each guide about that centroid so that its foreground area matches the
     query's predicted one, by a factor between ``1 / align_scale`` and ``align_scale``.
     1.0: no scaling. Needs ``align_centroid``. Measured: ``docs/results/levers.md``."""
-    index: Literal["flat", "hnsw"] = "flat"
+    index: Literal["flat", "hnsw", "auto"] = "auto"
+    """The bank's search index. ``flat``: exact inner product (FAISS ``IndexFlatIP``).
+    ``hnsw``: approximate (FAISS ``IndexHNSWFlat``, 32 links, efSearch 128), faster on large
+    banks. ``auto``: ``hnsw`` from ``hnsw_from`` entries on, else ``flat``. Either way a query
+    never retrieves its own case (or volume). Measured: ``docs/results/cost.md``, section 7."""
+    hnsw_from: Annotated[StrictInt, Field(ge=1)] = HNSW_FROM
+    """Bank entries from which ``index: auto`` builds HNSW."""
     first_pass: Literal["fresh", "reuse", "warmup"] = "reuse"
     """Where training takes each query's pass-1 prediction from. ``fresh``: a guide-free
     forward of the current segmenter at every step, as at inference. ``reuse``: the

@@ -30,6 +30,7 @@ from jras_core.models.jras import JRASModel
 from jras_core.retrieval.bank import RetrievalBank
 from jras_core.retrieval.crypto import resolve_key
 from jras_core.retrieval.store import BankStore
+from jras_core.sysinfo import release_free_heap
 from jras_core.training.adapt import choose_guides
 from jras_core.training.evaluate import evaluate
 from jras_core.training.joint import JRASTrainer
@@ -218,10 +219,12 @@ class Site:
                                 self.name, cache, type(exc).__name__)
             if self._slices is None:
                 try:
-                    volumes = load_volumes(self.config.data, self.method.labels.num_classes, self.root)
+                    # one volume at a time: read, preprocessed, let go
+                    volumes = load_volumes(self.config.data, self.method.labels.num_classes, self.root, stream=True)
                     self._slices = build_slice_set(volumes, self.method.preprocess, self.method.labels.num_classes)
                 except DataError as exc:
                     raise DataError(f"site {self.name}: {exc}") from None
+                release_free_heap()  # the volumes' pages, freed but kept by the C heap
                 if cache is not None:
                     cache.parent.mkdir(parents=True, exist_ok=True)
                     self._slices.save(cache)
@@ -230,13 +233,20 @@ class Site:
 
     def _splits(self) -> tuple[SliceSet, SliceSet]:
         if self._split is None:
+            slices = self.slices
             if self.config.support_cases is not None:
                 try:
-                    self._split = self.slices.first_cases(self.config.support_cases, self.config.split_seed)
+                    chosen = slices.random_cases(self.config.support_cases, self.config.split_seed)
                 except DataError as exc:
                     raise DataError(f"site {self.name}: {exc} (support_cases in the site YAML)") from None
+                whole, rest, support = slices.partition(chosen)
+                self._split = support, rest
             else:
-                self._split = self.slices.split_by_case(self.config.val_fraction, self.config.split_seed)
+                whole, train, val = slices.partition(slices.validation_cases(self.config.val_fraction,
+                                                                             self.config.split_seed))
+                self._split = train, val
+            # the site keeps the parted copy, whose two parts are views of it: one copy in memory
+            self._slices = whole
         return self._split
 
     @property
@@ -266,7 +276,8 @@ class Site:
         """The site's private bank over its training (or support) slices."""
         if self._bank is None:
             self._bank = RetrievalBank(
-                self.train_set, self.method.labels.num_classes, self.method.retrieval.index, self.method.retrieval.exclude
+                self.train_set, self.method.labels.num_classes, self.method.retrieval.index, self.method.retrieval.exclude,
+                hnsw_from=self.method.retrieval.hnsw_from,
             )
         return self._bank
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from loader_cases import needs_mnms
 from shared_data import SHARED, needs
 
@@ -130,3 +131,49 @@ def test_resampled_masks_stay_on_their_image(spacing):
     np.testing.assert_allclose(centre_mask, centre_image, atol=0.1)
     inside = img > 0.5
     assert (inside == (msk > 0)).mean() > 0.998
+
+
+def test_a_stream_of_volumes_is_read_one_case_at_a_time(tmp_path):
+    """``stream=True`` reads nothing up front; each case is read when reached (a bad one
+    raises there, or is skipped with ``skip_bad``), and the slices equal those of a list."""
+    from loader_cases import toy_pair, write_case, write_manifest
+
+    image, mask = toy_pair(h=40, w=40, z=3)
+    rows = [write_case(tmp_path, f"c{i}", image + i, mask) for i in range(3)]
+    (tmp_path / "c2.nii.gz").write_bytes(b"not a NIfTI file")
+    manifest = write_manifest(tmp_path, rows)
+    stream = load_manifest(manifest, num_classes=4, stream=True)
+    it = iter(stream)
+    assert next(it).case == "c0" and next(it).case == "c1"
+    with pytest.raises(DataError, match="c2.nii.gz"):
+        next(it)
+    cfg = PreprocessConfig(size=32, fov_mm=None)
+    kept = load_manifest(manifest, num_classes=4, stream=True, skip_bad=True)
+    streamed = build_slice_set(kept, cfg, num_classes=4)
+    listed = build_slice_set(load_manifest(manifest, num_classes=4, skip_bad=True), cfg, num_classes=4)
+    assert streamed.cases == ["c0", "c1"] and torch.equal(streamed.images, listed.images)
+    assert torch.equal(streamed.masks, listed.masks)
+
+
+def test_partition_parts_are_views_of_one_copy_and_the_cache_is_exact(tmp_path):
+    cfg = PreprocessConfig(size=32, fov_mm=None)
+    s = build_slice_set([_volume(case=f"c{i}") for i in range(5)], cfg, num_classes=2)
+    whole, train, val = s.partition(s.validation_cases(0.4, seed=1))
+    assert len(train) + len(val) == len(s) == len(whole)
+    base = whole.images.untyped_storage().data_ptr()
+    for part in (train, val):
+        assert part.images.untyped_storage().data_ptr() == base  # no copy of its own
+    # the same slices, in the same order within each part, as picking the rows out one by one
+    is_val = torch.tensor([c in s.validation_cases(0.4, seed=1) for c in s.case_ids.tolist()])
+    assert torch.equal(val.images, s.images[is_val]) and torch.equal(train.masks, s.masks[~is_val])
+    assert [len(p) for p in s.split_by_case(0.4, seed=1)] == [len(train), len(val)]
+    # intensities lie on float16's grid: the 16-bit cache gives back the very same values,
+    # and a part writes its own rows only
+    assert torch.equal(s.images.half().float(), s.images)
+    val.save(tmp_path / "val.pt")
+    again = SliceSet.load(tmp_path / "val.pt")
+    assert again.images.dtype == torch.float32 and torch.equal(again.images, val.images)
+    assert torch.equal(again.case_ids, val.case_ids)
+    s.save(tmp_path / "all.pt")
+    assert (tmp_path / "val.pt").stat().st_size < (tmp_path / "all.pt").stat().st_size
+    assert (tmp_path / "all.pt").stat().st_size < s.images.nbytes * 0.5 + s.masks.nbytes + 100_000

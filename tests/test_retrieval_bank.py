@@ -264,3 +264,64 @@ def test_exclusion_unit_of_the_bank(slices, tmp_path):
     bank.set_embeddings(emb)
     bank.save(tmp_path / "bank")
     assert RetrievalBank.load(tmp_path / "bank").exclude == "volume"
+
+
+def _clustered(rng: np.random.Generator, n: int, d: int, clusters: int) -> np.ndarray:
+    centres = _unit(rng, clusters, d)
+    x = centres[rng.integers(0, clusters, n)] + rng.standard_normal((n, d)).astype(np.float32) * 0.05
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_hnsw_bank_returns_the_flat_top_k_and_never_the_own_case():
+    slices = disc_slices(n_cases=100, per_case=8, size=20)
+    emb = _clustered(np.random.default_rng(3), len(slices), 32, clusters=40)
+    banks = {kind: RetrievalBank(slices, num_classes=2, index=kind) for kind in ("flat", "hnsw")}
+    for bank in banks.values():
+        bank.set_embeddings(emb)
+    assert isinstance(banks["hnsw"].index, faiss.IndexHNSWFlat)
+    queries = torch.from_numpy(emb[::8])  # one query of each case
+    exclude = slices.case_ids[::8]
+    found = {kind: bank.search(queries, k=10, exclude=exclude) for kind, bank in banks.items()}
+    flat_idx, hnsw_idx = found["flat"][1], found["hnsw"][1]
+    for k in (3, 10):
+        hits = [len(set(a[:k].tolist()) & set(b[:k].tolist())) for a, b in zip(hnsw_idx, flat_idx)]
+        assert np.mean(hits) / k >= 0.95
+    assert (hnsw_idx >= 0).all()
+    # exclusion holds for the approximate index: every case's own entries are its nearest
+    assert not (slices.case_ids[hnsw_idx] == exclude.view(-1, 1)).any()
+    _, unexcluded = banks["hnsw"].search(queries, k=1)
+    assert torch.equal(slices.case_ids[unexcluded[:, 0]], exclude)
+
+
+def test_auto_index_switches_to_hnsw_at_the_configured_size(tmp_path):
+    slices = disc_slices(n_cases=6, per_case=4, size=20)
+    emb = _unit(np.random.default_rng(0), len(slices), 8)
+    small = RetrievalBank(slices, num_classes=2, index="auto", hnsw_from=len(slices) + 1)
+    large = RetrievalBank(slices, num_classes=2, index="auto", hnsw_from=len(slices))
+    for bank in (small, large):
+        bank.set_embeddings(emb)
+    assert (small.index_built, large.index_built) == ("flat", "hnsw")
+    assert isinstance(small.index, faiss.IndexFlatIP) and isinstance(large.index, faiss.IndexHNSWFlat)
+    # the choice and its threshold survive storage (encrypted here)
+    store = BankStore(tmp_path / "bank", key=bytes(range(32)))
+    large.save(tmp_path / "bank", store)
+    again = RetrievalBank.load(tmp_path / "bank", store)
+    assert (again.index_kind, again.hnsw_from, again.index_built) == ("auto", len(slices), "hnsw")
+    q = torch.from_numpy(emb[:4])
+    assert torch.equal(again.search(q, 3, slices.case_ids[:4])[1], large.search(q, 3, slices.case_ids[:4])[1])
+    with pytest.raises(ValueError, match="index must be"):
+        RetrievalBank(slices, num_classes=2, index="ivf")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"retrieval.index": "ivf"}, "retrieval.index"),
+    ({"retrieval.hnsw_from": 0}, "retrieval.hnsw_from"),
+])
+def test_index_options_are_validated(overrides, message):
+    from jras_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        JRASConfig().with_overrides(overrides)
+    cfg = JRASConfig().with_overrides({"retrieval.index": "hnsw", "retrieval.hnsw_from": 5})
+    assert (cfg.retrieval.index, cfg.retrieval.hnsw_from) == ("hnsw", 5)
+    assert JRASConfig().retrieval.index == "auto"

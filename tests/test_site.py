@@ -218,3 +218,16 @@ def test_site_config_parser_only_raises_config_error(data):
             SiteConfig.from_dict(data, source="site.yaml", root=Path(tmp))
         except ConfigError as exc:
             assert "site.yaml" in str(exc), str(exc)
+
+
+def test_a_sites_slices_are_held_once(tmp_path):
+    """Its training and validation parts are views of the one copy the site keeps."""
+    path = _yaml(tmp_path, "name: s\nval_fraction: 0.34\ndata: {kind: synthetic, vendor: B, cases: 3, size: 32}\n")
+    site = Site(SiteConfig.from_yaml(path), CFG, root=tmp_path)
+    n = len(site.slices)
+    train, val = site.train_set, site.val_set
+    assert len(train) > 0 and len(val) > 0 and len(train) + len(val) == n == len(site.slices)
+    base = site.slices.images.untyped_storage().data_ptr()
+    assert {p.images.untyped_storage().data_ptr() for p in (train, val)} == {base}
+    assert site.slices.images.untyped_storage().nbytes() == site.slices.images.nbytes
+    assert not set(train.case_ids.tolist()) & set(val.case_ids.tolist())

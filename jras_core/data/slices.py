@@ -99,33 +99,61 @@ class SliceSet:
         mask = torch.tensor([c in wanted for c in self.case_ids.tolist()], dtype=torch.bool)
         return self.subset(torch.nonzero(mask).flatten())
 
-    def split_by_case(self, val_fraction: float, seed: int) -> tuple[SliceSet, SliceSet]:
-        """Split into (train, validation) by case: no case has slices on both sides."""
+    def rows(self, start: int, stop: int) -> SliceSet:
+        """Slices ``start:stop`` as views of this set's tensors (no copy; case and volume
+        tables kept whole)."""
+        return SliceSet(
+            images=self.images[start:stop],
+            masks=self.masks[start:stop],
+            case_ids=self.case_ids[start:stop],
+            volume_ids=self.volume_ids[start:stop],
+            slice_pos=self.slice_pos[start:stop],
+            cases=list(self.cases),
+            volumes=list(self.volumes),
+        )
+
+    def partition(self, cases: set[int]) -> tuple[SliceSet, SliceSet, SliceSet]:
+        """Part the slices by case: ``(whole, rest, chosen)``. ``whole`` is one copy of the set
+        with the slices of cases not in ``cases`` (indices into :attr:`cases`) first and
+        those of ``cases`` after them, each group in its order here; ``rest`` and ``chosen``
+        are views of its two groups, so the two parts take the memory of one set."""
+        is_chosen = torch.tensor([c in cases for c in self.case_ids.tolist()], dtype=torch.bool)
+        order = torch.cat([torch.nonzero(~is_chosen).flatten(), torch.nonzero(is_chosen).flatten()])
+        whole = self.subset(order)
+        n_rest = int((~is_chosen).sum())
+        return whole, whole.rows(0, n_rest), whole.rows(n_rest, len(whole))
+
+    def validation_cases(self, val_fraction: float, seed: int) -> set[int]:
+        """The cases (indices into :attr:`cases`) that a split by case with ``val_fraction``
+        holds out: at least one and not all when ``val_fraction > 0`` and two or more
+        cases are present."""
         present = sorted(set(self.case_ids.tolist()))
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(present))
         n_val = int(round(val_fraction * len(present)))
         if val_fraction > 0 and len(present) > 1:
             n_val = min(max(n_val, 1), len(present) - 1)
-        val_cases = {present[i] for i in order[:n_val]}
-        is_val = torch.tensor([c in val_cases for c in self.case_ids.tolist()], dtype=torch.bool)
-        return (
-            self.subset(torch.nonzero(~is_val).flatten()),
-            self.subset(torch.nonzero(is_val).flatten()),
-        )
+        return {present[i] for i in order[:n_val]}
 
-    def first_cases(self, n: int, seed: int) -> tuple[SliceSet, SliceSet]:
-        """Split off ``n`` randomly chosen whole cases: (chosen, rest)."""
+    def random_cases(self, n: int, seed: int) -> set[int]:
+        """``n`` randomly chosen cases present (indices into :attr:`cases`)."""
         present = sorted(set(self.case_ids.tolist()))
         if n >= len(present):
             raise DataError(f"asked for {n} support cases but the set has only {len(present)}")
         rng = np.random.default_rng(seed)
-        chosen = {present[i] for i in rng.permutation(len(present))[:n]}
-        is_chosen = torch.tensor([c in chosen for c in self.case_ids.tolist()], dtype=torch.bool)
-        return (
-            self.subset(torch.nonzero(is_chosen).flatten()),
-            self.subset(torch.nonzero(~is_chosen).flatten()),
-        )
+        return {present[i] for i in rng.permutation(len(present))[:n]}
+
+    def split_by_case(self, val_fraction: float, seed: int) -> tuple[SliceSet, SliceSet]:
+        """Split into (train, validation) by case: no case has slices on both sides (views of
+        one copy, :meth:`partition`)."""
+        _, train, val = self.partition(self.validation_cases(val_fraction, seed))
+        return train, val
+
+    def first_cases(self, n: int, seed: int) -> tuple[SliceSet, SliceSet]:
+        """Split off ``n`` randomly chosen whole cases: (chosen, rest) (views of one copy,
+        :meth:`partition`)."""
+        _, rest, chosen = self.partition(self.random_cases(n, seed))
+        return chosen, rest
 
     @staticmethod
     def concat(sets: Sequence[SliceSet]) -> SliceSet:
@@ -152,29 +180,39 @@ class SliceSet:
 
     def save(self, path) -> None:
         """Write to a ``.pt`` file (a cache of preprocessed slices), atomically: a crash
-        while writing leaves the previous file (or none), never a truncated one."""
+        while writing leaves the previous file (or none), never a truncated one.
+
+        Images are stored in 16 bits: :func:`preprocess_volume` puts their values on
+        float16's grid, so :meth:`load` gives back the very same float32 values; masks stay
+        uint8. A set whose tensors are views of a larger one (:meth:`rows`) writes its own
+        rows only."""
         import io
 
         from jras_core.files import atomic_write_bytes
 
+        def own(t: torch.Tensor) -> torch.Tensor:  # torch.save writes a view's whole storage
+            return t if t.untyped_storage().nbytes() == t.nbytes else t.clone()
+
         buf = io.BytesIO()
         torch.save(
             {
-                "images": self.images,
-                "masks": self.masks,
-                "case_ids": self.case_ids,
-                "volume_ids": self.volume_ids,
-                "slice_pos": self.slice_pos,
+                "images": self.images.to(torch.float16),
+                "masks": own(self.masks),
+                "case_ids": own(self.case_ids),
+                "volume_ids": own(self.volume_ids),
+                "slice_pos": own(self.slice_pos),
                 "cases": self.cases,
                 "volumes": [vars(v) for v in self.volumes],
             },
             buf,
         )
-        atomic_write_bytes(path, buf.getvalue())
+        atomic_write_bytes(path, buf.getbuffer())
 
     @staticmethod
     def load(path) -> SliceSet:
+        """Read a file written by :meth:`save` (images back to float32)."""
         data = torch.load(path, weights_only=True)
+        data["images"] = data["images"].float()
         data["volumes"] = [VolumeInfo(**{**v, "spacing": tuple(v["spacing"])}) for v in data["volumes"]]
         return SliceSet(**data)
 
@@ -189,10 +227,11 @@ def resampled_shape(hw: tuple[int, int], spacing: Sequence[float], cfg: Preproce
     return max(1, int(round(h * float(spacing[0]) / target))), max(1, int(round(w * float(spacing[1]) / target)))
 
 
-PREPROCESS_VERSION = 2
+PREPROCESS_VERSION = 3
 """The version of :func:`preprocess_volume`'s output, part of a site's slice-cache key: slices
 cached by an earlier version are built again. 2: masks resampled on the images' grid
-(:func:`_resample_labels`)."""
+(:func:`_resample_labels`). 3: intensities rounded to float16's grid (the cache stores them in
+16 bits)."""
 
 
 def _resample_labels(mask: np.ndarray, spatial: Sequence[int]) -> np.ndarray:
@@ -259,7 +298,8 @@ def preprocess_volume(vol: Volume, cfg: PreprocessConfig) -> tuple[np.ndarray, n
         cfg: preprocessing options.
 
     Returns:
-        image ``(Z, S, S)`` float32, mask ``(Z, S, S)`` uint8, new spacing ``(sx, sy, sz)``.
+        image ``(Z, S, S)`` float32 (values on float16's grid, about ``[0, 1]``), mask
+        ``(Z, S, S)`` uint8, new spacing ``(sx, sy, sz)``.
     """
     image = vol.image.astype(np.float32)[None]  # (1, H, W, Z)
     mask = vol.mask.astype(np.float32)[None]
@@ -279,26 +319,31 @@ def preprocess_volume(vol: Volume, cfg: PreprocessConfig) -> tuple[np.ndarray, n
     image = np.asarray(
         ScaleIntensityRangePercentiles(lower=lo, upper=hi, b_min=0.0, b_max=1.0, clip=True)(image)
     )
-    image = np.moveaxis(image[0], -1, 0).astype(np.float32)
+    # float16's grid (steps of at most 2**-11 relative, 2**-12 below 1): a slice cache holds
+    # the images in 16 bits and gives back exactly these values
+    image = np.moveaxis(image[0], -1, 0).astype(np.float16).astype(np.float32)
     mask = np.rint(np.moveaxis(mask[0], -1, 0)).astype(np.uint8)
     return image, mask, (sx, sy, sz)
 
 
 def build_slice_set(
-    volumes: Sequence[Volume],
+    volumes: Iterable[Volume],
     cfg: PreprocessConfig,
     num_classes: int,
 ) -> SliceSet:
     """Preprocess volumes into a :class:`SliceSet` (checking each volume first).
 
-    Slices without foreground are dropped unless ``cfg.keep_empty_slices``.
+    ``volumes`` is consumed one volume at a time: only the kept slices of each volume
+    (at ``cfg.size``) are held once it is preprocessed, so a stream of volumes
+    (``load_volumes(..., stream=True)``) never has every volume in memory at its native
+    resolution. Slices without foreground are dropped unless ``cfg.keep_empty_slices``.
     """
-    if not volumes:
-        raise DataError("no volumes to build slices from")
     images, masks, case_ids, volume_ids, slice_pos = [], [], [], [], []
     cases: list[str] = []
     infos: list[VolumeInfo] = []
+    names: list[str] = []
     for vol in volumes:
+        names.append(vol.source or vol.key)
         vol.check(num_classes)
         img, msk, spacing = preprocess_volume(vol, cfg)
         keep = np.arange(img.shape[0])
@@ -325,8 +370,9 @@ def build_slice_set(
         case_ids.append(np.full(keep.size, cases.index(vol.case)))
         volume_ids.append(np.full(keep.size, len(infos) - 1))
         slice_pos.append(keep)
+    if not names:
+        raise DataError("no volumes to build slices from")
     if not images:
-        names = [vol.source or vol.key for vol in volumes]
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         raise DataError(
             f"none of the {len(names)} volume(s) has a labelled slice after preprocessing ({shown}): "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -246,13 +246,19 @@ def source_digest(src: DataSourceConfig, root: Path | None = None) -> str:
     return digest.hexdigest()
 
 
-def load_volumes(src: DataSourceConfig, num_classes: int, root: Path | None = None) -> list[Volume]:
+def load_volumes(
+    src: DataSourceConfig, num_classes: int, root: Path | None = None, stream: bool = False
+) -> list[Volume] | Iterable[Volume]:
     """Read the volumes of a data source.
 
     Args:
         src: the source.
         num_classes: number of classes including background (mask labels are checked).
         root: folder that relative paths are resolved against.
+        stream: return an iterable that reads each file when it is reached
+            (:class:`~jras_core.data.loaders.common.VolumeStream`; a synthetic source, made
+            in memory at its final size, is generated whole) instead of a list of every
+            volume, so that a site preprocesses one volume at a time.
 
     Returns:
         Volumes with image ``(H, W, Z)`` float32 and mask ``(H, W, Z)`` int64.
@@ -282,6 +288,7 @@ def load_volumes(src: DataSourceConfig, num_classes: int, root: Path | None = No
             where=where,
             exclude=exclude,
             max_volume_mib=src.max_volume_mib,
+            stream=stream,
         )
     if src.kind == "mnms":
         return loaders.load_mnms(
@@ -292,6 +299,7 @@ def load_volumes(src: DataSourceConfig, num_classes: int, root: Path | None = No
             skip_bad=src.skip_bad,
             vendors=vendors,
             max_volume_mib=src.max_volume_mib,
+            stream=stream,
         )
     if src.kind == "acdc":
         return loaders.load_acdc(
@@ -301,10 +309,12 @@ def load_volumes(src: DataSourceConfig, num_classes: int, root: Path | None = No
             skip_bad=src.skip_bad,
             vendor=src.vendor or "ACDC",
             max_volume_mib=src.max_volume_mib,
+            stream=stream,
         )
     if src.kind == "folder":
         return loaders.load_image_folder(
             path, num_classes, vendor=src.vendor or "", label_map=label_map, skip_bad=src.skip_bad,
             max_volume_mib=src.max_volume_mib,
+            stream=stream,
         )
     raise DataError(f"unknown data source kind {src.kind!r}")

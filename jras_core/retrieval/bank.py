@@ -1,8 +1,9 @@
 """A site's private retrieval bank: its image-mask pairs and their embeddings.
 
-Search runs in FAISS: ``IndexFlatIP`` (exact inner product, default) or
-``IndexHNSWFlat`` (approximate), through :func:`faiss_search`, which gives FAISS
-torch's thread count and its BLAS path for batches of queries.
+Search runs in FAISS: ``IndexFlatIP`` (exact inner product) or ``IndexHNSWFlat``
+(approximate, for large banks; ``retrieval.index``, :func:`build_index`), through
+:func:`faiss_search`, which gives FAISS torch's thread count and its BLAS path for
+batches of queries.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import faiss  # noqa: E402
 import numpy as np
 import torch
 
+from jras_core.config import HNSW_FROM
 from jras_core.data.slices import SliceSet, VolumeInfo
 from jras_core.device import module_device
 from jras_core.labels import one_hot_fg
@@ -37,14 +39,50 @@ def _same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+HNSW_LINKS = 32
+"""Neighbours per node of the HNSW graph (FAISS's ``M``)."""
+
+HNSW_EF_SEARCH = 128
+"""Candidates HNSW keeps while searching (``efSearch``; at least the entries asked for)."""
+
+
+def index_kind(kind: str, entries: int, hnsw_from: int = HNSW_FROM) -> str:
+    """The index a bank of ``entries`` builds: ``flat`` or ``hnsw`` as given, and for ``auto``
+    ``hnsw`` from ``hnsw_from`` entries on, else ``flat``."""
+    if kind not in ("flat", "hnsw", "auto"):
+        raise ValueError(f"index must be 'flat', 'hnsw' or 'auto', got {kind!r}")
+    if kind == "auto":
+        return "hnsw" if entries >= hnsw_from else "flat"
+    return kind
+
+
+def build_index(embeddings: np.ndarray, kind: str) -> faiss.Index:
+    """A FAISS inner-product index over ``embeddings`` ``(N, d)`` float32 (L2-normalised):
+    ``flat`` (``IndexFlatIP``, exact) or ``hnsw`` (``IndexHNSWFlat``, approximate,
+    :data:`HNSW_LINKS` links per node, ``efSearch`` :data:`HNSW_EF_SEARCH`)."""
+    emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(emb.shape[1], HNSW_LINKS, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = HNSW_EF_SEARCH
+    elif kind == "flat":
+        index = faiss.IndexFlatIP(emb.shape[1])
+    else:
+        raise ValueError(f"unknown index kind {kind!r}: 'flat' or 'hnsw'")
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    index.add(emb)
+    return index
+
+
 class RetrievalBank:
     """Image-mask pairs of one site with L2-normalised embeddings and a search index.
 
     Args:
         slices: the bank's pairs (``images (N, 1, S, S)``, ``masks (N, S, S)``, case ids).
         num_classes: classes including background.
-        index: ``flat`` (exact inner product, FAISS ``IndexFlatIP``; default) or
-            ``hnsw`` (approximate FAISS HNSW index, large banks).
+        index: ``flat`` (exact inner product, FAISS ``IndexFlatIP``; default), ``hnsw``
+            (approximate FAISS HNSW index, large banks) or ``auto`` (``hnsw`` from
+            ``hnsw_from`` entries on, else ``flat``: :func:`index_kind`).
+        hnsw_from: the size from which ``auto`` builds HNSW.
         exclude: what a query of the bank's own slices may not retrieve: ``case`` (any
             slice of its patient), ``volume`` (any slice of its volume; other volumes of
             the patient, such as the other cardiac phase, stay eligible) or ``auto``
@@ -53,17 +91,23 @@ class RetrievalBank:
 
     A query never retrieves a slice of its own owner (case or volume):
     :meth:`search` takes the queries' owner keys (:meth:`owner_keys`) and drops bank
-    entries of those owners.
+    entries of those owners. The index is searched for ``k`` plus the most entries any one
+    owner has, and the query's own entries are dropped from what comes back, so exclusion
+    holds for the approximate index as for the exact one.
     """
 
-    def __init__(self, slices: SliceSet, num_classes: int, index: str = "flat", exclude: str = "case"):
+    def __init__(self, slices: SliceSet, num_classes: int, index: str = "flat", exclude: str = "case",
+                 hnsw_from: int = HNSW_FROM):
         if len(slices) == 0:
             raise ValueError("a retrieval bank needs at least one slice")
+        index_kind(index, len(slices), hnsw_from)  # an unknown kind fails here, not at refresh
         if exclude not in ("case", "volume", "auto"):
             raise ValueError(f"exclude must be 'case', 'volume' or 'auto', got {exclude!r}")
         self.slices = slices
         self.num_classes = num_classes
         self.index_kind = index
+        """As configured: ``flat``, ``hnsw`` or ``auto`` (:attr:`index_built` says which)."""
+        self.hnsw_from = hnsw_from
         self.embeddings: np.ndarray | None = None
         self.index: faiss.Index | None = None
         self._centred: torch.Tensor | None = None
@@ -127,15 +171,14 @@ class RetrievalBank:
         emb = np.ascontiguousarray(embeddings, dtype=np.float32)
         if emb.shape[0] != len(self):
             raise ValueError(f"{emb.shape[0]} embeddings for a bank of {len(self)} entries")
-        if self.index_kind == "hnsw":
-            index = faiss.IndexHNSWFlat(emb.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efSearch = 128
-        else:
-            index = faiss.IndexFlatIP(emb.shape[1])
-        index.add(emb)
-        self.index = index
+        self.index = build_index(emb, self.index_built)
         self.embeddings = emb
         self._embedded_with = None
+
+    @property
+    def index_built(self) -> str:
+        """The index this bank builds: ``flat`` or ``hnsw`` (:func:`index_kind`)."""
+        return index_kind(self.index_kind, len(self), self.hnsw_from)
 
     def embeddings_at(self, idx: torch.Tensor) -> torch.Tensor:
         """The stored embeddings at ``idx`` (any shape; -1 reads entry 0): ``(*idx.shape, d)``."""
@@ -179,6 +222,8 @@ class RetrievalBank:
             raise RuntimeError("the bank has no embeddings yet: call refresh() first")
         extra = self.max_per_owner if exclude is not None and bool((exclude >= 0).any()) else 0
         fetch = min(len(self), k + extra)
+        if isinstance(self.index, faiss.IndexHNSW):  # keep at least as many candidates as asked for
+            self.index.hnsw.efSearch = max(HNSW_EF_SEARCH, fetch)
         sims, idx = faiss_search(self.index, torch.as_tensor(queries).detach().cpu().numpy(), fetch)
         sims_t, idx_t = torch.from_numpy(sims), torch.from_numpy(idx)
         valid = idx_t >= 0
@@ -283,6 +328,7 @@ class RetrievalBank:
         meta = {
             "num_classes": self.num_classes,
             "index": self.index_kind,
+            "hnsw_from": self.hnsw_from,
             "exclude": self.exclude,
             "cases": self.slices.cases,
             "volumes": [vars(v) for v in self.slices.volumes],
@@ -305,7 +351,8 @@ class RetrievalBank:
             cases=list(meta["cases"]),
             volumes=[VolumeInfo(**{**v, "spacing": tuple(v["spacing"])}) for v in meta["volumes"]],
         )
-        bank = cls(slices, int(meta["num_classes"]), index=meta.get("index", "flat"), exclude=meta.get("exclude", "case"))
+        bank = cls(slices, int(meta["num_classes"]), index=meta.get("index", "flat"), exclude=meta.get("exclude", "case"),
+                   hnsw_from=int(meta.get("hnsw_from", HNSW_FROM)))
         if "embeddings" in arrays:
             bank.set_embeddings(arrays["embeddings"])
         return bank

@@ -192,7 +192,8 @@ def adapt_site(
     if norm:
         # the guided path's statistics need guides: a retrieval method without a bank gets one
         norm_bank = bank if bank is not None or not cfg.uses_retrieval else RetrievalBank(
-            slices, cfg.labels.num_classes, cfg.retrieval.index, cfg.retrieval.exclude)
+            slices, cfg.labels.num_classes, cfg.retrieval.index, cfg.retrieval.exclude,
+            hnsw_from=cfg.retrieval.hnsw_from)
         recalibrate_norm(adapted, slices, cfg, norm_bank)
     fit, val, unit = holdout_split(slices, a.val_fraction, cfg.train.seed)
     unit_ids = (lambda s: set(s.volume_ids.tolist())) if unit == "volume" else (lambda s: set(s.case_ids.tolist()))
@@ -212,7 +213,8 @@ def adapt_site(
     fit_bank = None
     if cfg.uses_retrieval:
         fit_bank = bank if (unit == "none" and bank is not None) else RetrievalBank(
-            fit, cfg.labels.num_classes, cfg.retrieval.index, cfg.retrieval.exclude)
+            fit, cfg.labels.num_classes, cfg.retrieval.index, cfg.retrieval.exclude,
+            hnsw_from=cfg.retrieval.hnsw_from)
     trainer = JRASTrainer(adapted, ft_cfg, fit, bank=fit_bank)
     tune_retriever = a.tune_retriever and cfg.trains_retriever
     validated = unit != "none"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from jras_core.data.loaders.common import MAX_VOLUME_MIB, _collect, _frame_index, _read_nifti_pair
+from jras_core.data.loaders.common import MAX_VOLUME_MIB, VolumeStream, _collect, _frame_index, _read_nifti_pair
 from jras_core.data.volume import DataError, Volume
 
 ACDC_TO_MNMS: dict[int, int] = {0: 0, 1: 3, 2: 2, 3: 1}
@@ -34,7 +34,8 @@ def load_acdc(
     vendor: str = "ACDC",
     phases: Sequence[str] = ("ED", "ES"),
     max_volume_mib: float | None = MAX_VOLUME_MIB,
-) -> list[Volume]:
+    stream: bool = False,
+) -> list[Volume] | VolumeStream:
     """Read the official ACDC layout.
 
     ``root`` holds ``patientXXX/Info.cfg`` (lines ``ED: 1``, ``ES: 12``, 1-based
@@ -51,6 +52,8 @@ def load_acdc(
         phases: which of ``ED``/``ES`` to read.
         max_volume_mib: refuse a NIfTI file whose header declares more than this many MiB
             as read (float64), before reading its data (``None``: no limit).
+        stream: return a :class:`~jras_core.data.loaders.common.VolumeStream` that reads
+            each case when iterated instead of a list of every volume.
 
     Returns:
         One :class:`Volume` per patient and phase, image/mask ``(H, W, Z)``.
@@ -89,4 +92,4 @@ def load_acdc(
             )
         return out
 
-    return _collect(infos, read, skip_bad, str(root))
+    return _collect(infos, read, skip_bad, stream=stream, what=str(root))

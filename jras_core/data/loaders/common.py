@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -48,26 +48,55 @@ def remap_labels(mask: np.ndarray, mapping: Mapping[int, int]) -> np.ndarray:
     return out
 
 
+class VolumeStream:
+    """The volumes of a reader, read one item (case or file) at a time as they are iterated,
+    so that a site can preprocess each volume and let it go before the next is read (the
+    whole data set never sits in memory at its native resolution).
+
+    Each iteration reads the files anew. On :class:`DataError` an item raises, or with
+    ``skip_bad`` is logged and skipped; an iteration that yields no volume raises
+    :class:`DataError` at its end.
+
+    Args:
+        items: what ``read`` takes, one case or file each (listed up front, nothing read yet).
+        read: reads one item into its volumes.
+        skip_bad: skip a bad item with a warning instead of raising.
+        what: the source, for messages.
+    """
+
+    def __init__(self, items: Iterable[_T], read: Callable[[_T], list[Volume]], skip_bad: bool, what: str):
+        self.items = list(items)
+        self.read = read
+        self.skip_bad = skip_bad
+        self.what = what
+
+    def __iter__(self) -> Iterator[Volume]:
+        count = skipped = 0
+        for item in self.items:
+            try:
+                volumes = self.read(item)
+            except DataError as exc:
+                if not self.skip_bad:
+                    raise
+                skipped += 1
+                log.warning("skipping bad case: %s", exc)
+                continue
+            count += len(volumes)
+            yield from volumes
+        if not count:
+            extra = f" ({skipped} bad case(s) skipped)" if skipped else ""
+            raise DataError(f"{self.what}: no usable case{extra}")
+        if skipped:
+            log.warning("%s: %d bad case(s) skipped, %d volume(s) loaded", self.what, skipped, count)
+
+
 def _collect(
-    items: Iterable[_T], read: Callable[[_T], list[Volume]], skip_bad: bool, what: str
-) -> list[Volume]:
-    """Read every item; on :class:`DataError` raise, or warn and skip when ``skip_bad``."""
-    volumes: list[Volume] = []
-    skipped = 0
-    for item in items:
-        try:
-            volumes.extend(read(item))
-        except DataError as exc:
-            if not skip_bad:
-                raise
-            skipped += 1
-            log.warning("skipping bad case: %s", exc)
-    if not volumes:
-        extra = f" ({skipped} bad case(s) skipped)" if skipped else ""
-        raise DataError(f"{what}: no usable case{extra}")
-    if skipped:
-        log.warning("%s: %d bad case(s) skipped, %d volume(s) loaded", what, skipped, len(volumes))
-    return volumes
+    items: Iterable[_T], read: Callable[[_T], list[Volume]], skip_bad: bool, *, what: str, stream: bool = False
+) -> list[Volume] | VolumeStream:
+    """Every item's volumes (:class:`VolumeStream`), read now into a list, or with ``stream``
+    the stream itself, read as it is iterated."""
+    volumes = VolumeStream(items, read, skip_bad, what)
+    return volumes if stream else list(volumes)
 
 
 def _one_line(exc: BaseException) -> str:

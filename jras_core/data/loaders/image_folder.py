@@ -10,6 +10,7 @@ import numpy as np
 
 from jras_core.data.loaders.common import (
     MAX_VOLUME_MIB,
+    VolumeStream,
     _collect,
     _make_volume,
     _mask_int64,
@@ -89,7 +90,8 @@ def load_image_folder(
     skip_bad: bool = False,
     mask_suffix: str = "_mask",
     max_volume_mib: float | None = MAX_VOLUME_MIB,
-) -> list[Volume]:
+    stream: bool = False,
+) -> list[Volume] | VolumeStream:
     """Read a folder of 2-D ``NAME.png`` images with ``NAME_mask.png`` masks (e.g. BUSI).
 
     Images are converted to grayscale; colour masks take the channel maximum and
@@ -106,6 +108,8 @@ def load_image_folder(
         mask_suffix: the suffix that marks a mask file.
         max_volume_mib: refuse an image whose header declares more than this many MiB as
             read (float64), before decoding it (``None``: no limit).
+        stream: return a :class:`~jras_core.data.loaders.common.VolumeStream` that reads
+            each image when iterated instead of a list of every volume.
 
     Returns:
         One :class:`Volume` per image, case ``NAME``, image ``(H, W, 1)`` float32,
@@ -150,4 +154,4 @@ def load_image_folder(
         )
         return [vol]
 
-    return _collect(images, read, skip_bad, str(root))
+    return _collect(images, read, skip_bad, stream=stream, what=str(root))

@@ -8,6 +8,7 @@ from typing import Any
 
 from jras_core.data.loaders.common import (
     MAX_VOLUME_MIB,
+    VolumeStream,
     _collect,
     _read_csv,
     _read_nifti_pair,
@@ -121,7 +122,8 @@ def load_manifest(
     where: RowFilter | None = None,
     exclude: RowFilter | None = None,
     max_volume_mib: float | None = MAX_VOLUME_MIB,
-) -> list[Volume]:
+    stream: bool = False,
+) -> list[Volume] | VolumeStream:
     """Read the volumes listed in a manifest CSV.
 
     The CSV has a header with at least ``case, phase, vendor, image, mask``
@@ -140,6 +142,8 @@ def load_manifest(
         exclude: ``{column: value or [values]}``: drop the rows whose value is listed.
         max_volume_mib: refuse a NIfTI file whose header declares more than this many MiB
             as read (float64), before reading its data (``None``: no limit).
+        stream: return a :class:`~jras_core.data.loaders.common.VolumeStream` that reads
+            each case when iterated instead of a list of every volume.
 
     Returns:
         One :class:`Volume` per kept row, image ``(H, W, Z)`` float32, mask ``(H, W, Z)``
@@ -173,4 +177,4 @@ def load_manifest(
         )
         return [vol]
 
-    return _collect(numbered, read, skip_bad, str(path))
+    return _collect(numbered, read, skip_bad, stream=stream, what=str(path))

@@ -11,6 +11,7 @@ import numpy as np
 
 from jras_core.data.loaders.common import (
     MAX_VOLUME_MIB,
+    VolumeStream,
     _collect,
     _frame_index,
     _make_volume,
@@ -77,7 +78,8 @@ def load_mnms(
     vendors: Sequence[str] | None = None,
     phases: Sequence[str] = ("ED", "ES"),
     max_volume_mib: float | None = MAX_VOLUME_MIB,
-) -> list[Volume]:
+    stream: bool = False,
+) -> list[Volume] | VolumeStream:
     """Read the official M&Ms layout.
 
     ``root`` holds ``<code>/<code>_sa.nii.gz`` (4-D ``(H, W, Z, T)``) and
@@ -87,7 +89,9 @@ def load_mnms(
     Centre, ED, ES``). Cases listed in the CSV but absent under ``root`` are
     ignored; cases without ground truth are skipped with a log message. A 4-D file whose
     header declares more than ``max_volume_mib`` MiB as read (float64) is refused before
-    its data is read (``None``: no limit).
+    its data is read (``None``: no limit). With ``stream`` the result is a
+    :class:`~jras_core.data.loaders.common.VolumeStream` that reads each case when iterated
+    instead of a list of every volume.
 
     Returns:
         One :class:`Volume` per case and phase, image/mask ``(H, W, Z)``.
@@ -146,4 +150,4 @@ def load_mnms(
             )
         return out
 
-    return _collect(cases, read, skip_bad, str(root))
+    return _collect(cases, read, skip_bad, stream=stream, what=str(root))
