@@ -87,6 +87,14 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _section_list(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [n for n in names if n not in SECTION_TITLES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected sections among {','.join(SECTION_TITLES)}, got {text!r}")
+    return names
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The benchmark's options (shared by ``python -m benchmarks.cost`` and ``jras bench cost``)."""
     p.add_argument("--sizes", type=_int_list, default=[64, 128], help="image sizes for step times (default 64,128)")
@@ -105,6 +113,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="method config override for every measurement, e.g. --set contrastive.steps_per_epoch=4 "
                         "(repeatable; values parsed as YAML)")
+    p.add_argument("--sections", type=_section_list, default=list(SECTION_TITLES), metavar="LIST",
+                   help=f"sections to measure, comma-separated (default all: {','.join(SECTION_TITLES)}); "
+                        "flower also needs --flower-metrics")
     p.add_argument("--flower-metrics", default=None, metavar="JSONL",
                    help="a simulation's tensorboard/metrics.jsonl: report its rounds' Flower overhead")
     p.add_argument("--_memory-probe", dest="memory_probe", action="store_true", help=argparse.SUPPRESS)
@@ -595,14 +606,21 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     print(f"# J-RAS cost benchmark ({header})", flush=True)
     table = Table()
-    sites = measure_steps(opts, table)
-    cfg, slices = base_config(opts.largest, opts.method), sites[opts.largest]
-    measure_refresh(opts, table, cfg, slices)
-    measure_search(opts, table, cfg, slices)
-    if opts.flower_metrics:
+    cfg = base_config(opts.largest, opts.method)
+    if "step" in opts.sections:
+        slices = measure_steps(opts, table)[opts.largest]
+    else:
+        slices = site_slices(cfg, opts.site_cases)
+    if "refresh" in opts.sections:
+        measure_refresh(opts, table, cfg, slices)
+    if "search" in opts.sections:
+        measure_search(opts, table, cfg, slices)
+    if opts.flower_metrics and "flower" in opts.sections:
         measure_flower(opts.flower_metrics, table)
-    measure_memory(opts, table)
-    measure_transfer(table, cfg)
+    if "memory" in opts.sections:
+        measure_memory(opts, table)
+    if "transfer" in opts.sections:
+        measure_transfer(table, cfg)
     write_outputs(opts, table, header, t_start)
     return 0
 
@@ -632,6 +650,8 @@ class Options:
     """Image size and bank slices of the memory probe."""
     out: Path
     flower_metrics: str | None
+    sections: tuple[str, ...] = tuple(SECTION_TITLES)
+    """The sections measured (``--sections``)."""
 
     @property
     def largest(self) -> int:
@@ -657,6 +677,7 @@ def resolve_options(args: argparse.Namespace) -> Options:
         probe_size=32 if quick else 128,
         probe_bank=200 if quick else 2000,
         out=Path(args.out), flower_metrics=args.flower_metrics,
+        sections=tuple(getattr(args, "sections", None) or SECTION_TITLES),
     )
 
 
@@ -676,6 +697,7 @@ def set_up(opts: Options) -> str:
     return (f"threads {opts.threads}, torch {torch.__version__}, faiss {faiss.__version__}, "
             f"{os.cpu_count()} CPUs visible, OPENBLAS_CORETYPE {os.environ.get('OPENBLAS_CORETYPE', 'unset')}"
             f"{', --quick' if opts.quick else ''}"
+            + (f", --sections {','.join(opts.sections)}" if opts.sections != tuple(SECTION_TITLES) else "")
             + "".join(f", --set {item}" for item in opts.settings))
 
 
@@ -869,12 +891,14 @@ def write_outputs(opts: Options, table: Table, header: str, t_start: float) -> N
     md = ["# J-RAS cost benchmark", "", header + f"; {time.perf_counter() - t_start:.0f} s in all.",
           "Timings depend on the machine and on what else ran on it; medians of repeats after a warm-up.", ""]
     for section, title in SECTION_TITLES.items():
+        if section not in opts.sections:
+            continue
         if section == "flower" and not opts.flower_metrics:
             md += [f"## {title}", "", FLOWER_NOTE, ""]
         else:
             md += [f"## {title}", "", *table.lines(section), ""]
     (opts.out / "cost.md").write_text("\n".join(md))
-    if not opts.flower_metrics:
+    if not opts.flower_metrics and "flower" in opts.sections:
         print(f"\n{FLOWER_NOTE}")
     print(f"wrote {opts.out / 'cost.csv'} and {opts.out / 'cost.md'}")
 

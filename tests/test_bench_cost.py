@@ -24,6 +24,11 @@ def test_cli_wires_bench_cost():
     args = build_parser().parse_args(["bench", "cost", "--quick", "--out", "x", "--sizes", "32,48"])
     assert args.quick and args.out == "x" and args.sizes == [32, 48]
     assert args.func.__name__ == "cmd_bench_cost"
+    assert args.sections == ["step", "refresh", "search", "flower", "memory", "transfer"]
+    args = build_parser().parse_args(["bench", "cost", "--sections", "step,transfer"])
+    assert args.sections == ["step", "transfer"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "cost", "--sections", "step,gpu"])
 
 
 def _metrics_jsonl(path: Path) -> Path:
