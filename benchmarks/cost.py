@@ -100,6 +100,7 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The benchmark's options (shared by ``python -m benchmarks.cost`` and ``jras bench cost``)."""
     p.add_argument("--sizes", type=_int_list, default=[64, 128], help="image sizes for step times (default 64,128)")
@@ -904,6 +905,8 @@ def set_up(opts: Options) -> str:
     return (f"threads {opts.threads}, torch {torch.__version__}, faiss {faiss.__version__}, "
             f"{os.cpu_count()} CPUs visible, OPENBLAS_CORETYPE {os.environ.get('OPENBLAS_CORETYPE', 'unset')}"
             f"{', --quick' if opts.quick else ''}"
+            + (f", --only {','.join(s for s in SECTION_TITLES if s in opts.sections)}"
+               if opts.sections != frozenset(SECTION_TITLES) else "")
             + "".join(f", --set {item}" for item in opts.settings))
 
 
@@ -1104,7 +1107,7 @@ def write_outputs(opts: Options, table: Table, header: str, t_start: float) -> N
         else:
             md += [f"## {title}", "", *table.lines(section), ""]
     (opts.out / "cost.md").write_text("\n".join(md))
-    if not opts.flower_metrics:
+    if not opts.flower_metrics and "flower" in opts.sections:
         print(f"\n{FLOWER_NOTE}")
     print(f"wrote {opts.out / 'cost.csv'} and {opts.out / 'cost.md'}")
 

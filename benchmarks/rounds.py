@@ -1,4 +1,5 @@
-"""Round time of a federation through Flower: evaluation in the train exchange or in a phase of its own.
+"""Round time of a federation through Flower: evaluation in the train exchange or in a phase of
+its own, and the number of sites.
 
 The same federation (synthetic vendors A, B, ..., ``configs/demo.yaml``; by default 64 px and
 one local epoch per round, ``--size`` and ``--local-epochs`` for rounds of realistic work)
@@ -12,12 +13,17 @@ runs with run config ``evaluate-in-train`` true and false (``--evaluation``), in
   process of its own.
 
 Both settings do the same work: every round's model is evaluated once, and the weights
-are those of the same training. Prints a table and writes ``rounds.csv`` and
-``rounds.md`` to ``--out``.
+are those of the same training. ``--sites 4,10,20`` runs each simulated federation with
+each number of sites (vendors A-D in turn, with other data seeds beyond the fourth site);
+with ``--total-cases T`` every federation holds the same ``T`` cases, ``T / N`` per site,
+so the rounds differ only in how the work is split (and in Flower's cost per site: the
+overhead per site is the round's wall time less its ideal, over the sites). Prints a table
+and writes ``rounds.csv`` and ``rounds.md`` to ``--out``.
 
     python -m benchmarks.rounds --out runs/rounds             # or: jras bench rounds --out runs/rounds
     jras bench rounds --modes simulation --rounds 3 --repeats 1 --sites 2 --out /tmp/rounds   # quick
     jras bench rounds --modes simulation --evaluation in-train --size 128 --local-epochs 3   # realistic rounds
+    jras bench rounds --modes simulation --evaluation in-train --sites 4,10,20 --total-cases 80 --rounds 3 --repeats 1
 """
 
 from __future__ import annotations
@@ -35,8 +41,19 @@ from jras_core.files import PROJECT_ROOT
 MODES = ("simulation", "deployment")
 EVALUATIONS = {"in-train": True, "separate": False}
 """``--evaluation`` names and their run config ``evaluate-in-train``."""
-VENDORS = "ABCD"
-COLUMNS = ["mode", "evaluate_in_train", "repeat", "round", "wall_s", "ideal_s", "overhead", "dice_mean"]
+COLUMNS = ["mode", "evaluate_in_train", "sites", "repeat", "round", "wall_s", "ideal_s", "overhead", "dice_mean"]
+SEED_STEP = 10
+"""Data seed added for each further site of a vendor (site ``i`` is vendor ``i mod 4``)."""
+
+
+def _site_counts(text: str) -> list[int]:
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        counts = []
+    if not counts or any(n < 2 for n in counts):
+        raise argparse.ArgumentTypeError(f"sites must be comma-separated counts of at least 2, got {text!r}")
+    return counts
 
 
 def _modes(text: str) -> list[str]:
@@ -62,8 +79,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="simulation, deployment or both (default simulation,deployment)")
     p.add_argument("--rounds", type=int, default=6, help="rounds per federation (default 6)")
     p.add_argument("--repeats", type=int, default=2, help="federations per setting and mode, run in turn (default 2)")
-    p.add_argument("--sites", type=int, default=4, help="synthetic vendor sites, 2-4 (default 4; deployment: 2)")
+    p.add_argument("--sites", type=_site_counts, default=[4],
+                   help="synthetic sites, or several counts, e.g. 4,10,20: a federation of each (default 4; "
+                        "vendors A-D in turn, other data seeds beyond the fourth; deployment: 2)")
     p.add_argument("--cases", type=int, default=8, help="cases per site (default 8)")
+    p.add_argument("--total-cases", type=int, default=None, metavar="T",
+                   help="cases of the whole federation, T / N per site whatever the number N of sites (equal "
+                        "total data; instead of --cases)")
     p.add_argument("--evaluation", type=_evaluations, default=[True, False],
                    help="in-train (evaluation in the train exchange, the default run config), separate (a phase "
                         "of its own) or both (default in-train,separate)")
@@ -73,35 +95,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=1800.0, metavar="S", help="give up a federation after S seconds")
 
 
-def site_files(folder: Path, vendors: str, cases: int, size: int = 64) -> list[Path]:
-    """Site YAMLs of the synthetic ``vendors`` (``size`` px, ``cases`` cases each), each with a
-    slice cache under ``folder`` as a deployed site would have."""
+def site_files(folder: Path, count: int, cases: int, size: int = 64) -> list[Path]:
+    """YAMLs of ``count`` synthetic sites (``size`` px, ``cases`` cases each), each with a slice
+    cache under ``folder`` as a deployed site would have. Sites 1-4 are the demo's vendors A-D;
+    site ``i`` beyond them is vendor ``i mod 4`` again with its data seed raised by
+    :data:`SEED_STEP` per lap (other cases), named ``synthetic-<vendor><lap + 1>``."""
     import yaml
 
     from tools.sites import demo_sites
 
-    paths = demo_sites(folder, cases, size)[: len(vendors)]
-    for path in paths:
-        data = yaml.safe_load(path.read_text())
-        data["cache_dir"] = str(folder / f"cache-{data['vendor']}")
+    folder.mkdir(parents=True, exist_ok=True)
+    templates = [yaml.safe_load(p.read_text()) for p in demo_sites(folder / "templates", cases, size)]
+    paths = []
+    for i in range(count):
+        data = yaml.safe_load(yaml.safe_dump(templates[i % len(templates)]))
+        lap = i // len(templates)
+        if lap:
+            data["name"] = f"{data['name']}{lap + 1}"
+            data["data"]["seed"] = int(data["data"]["seed"]) + SEED_STEP * lap
+        data["cache_dir"] = str(folder / f"cache-{data['name'].removeprefix('synthetic-')}")
+        path = folder / f"{data['name']}.yaml"
         path.write_text(yaml.safe_dump(data, sort_keys=False))
+        paths.append(path)
     return paths
 
 
-def round_rows(metrics: Path, mode: str, folded: bool, repeat: int, cpus: int | None = None) -> list[dict]:
+def round_rows(metrics: Path, mode: str, folded: bool, repeat: int, cpus: int | None = None,
+               sites: int | None = None) -> list[dict]:
     """One row per round of a run's ``metrics.jsonl``: wall time, and in simulation the
     ideal round and the overhead (NaN in deployment, where the sites' processes are not
-    the work alone)."""
+    the work alone). ``sites``: the federation's number of sites (default: as many as the
+    first round's record names)."""
     from benchmarks.cost import flower_overhead
 
     records = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
     ideal = {r["round"]: r for r in flower_overhead(metrics, cpus=cpus)} if mode == "simulation" else {}
+    if sites is None:
+        sites = len(records[0].get("sites", {})) if records else 0
     rows = []
     for rec in records:
         rnd = int(rec["round"])
         over = ideal.get(rnd, {})
         rows.append({
-            "mode": mode, "evaluate_in_train": folded, "repeat": repeat, "round": rnd,
+            "mode": mode, "evaluate_in_train": folded, "sites": sites, "repeat": repeat, "round": rnd,
             "wall_s": float(rec["round_stats"]["wall_time_s"]),
             "ideal_s": float(over.get("ideal_s", float("nan"))),
             "overhead": float(over.get("overhead", float("nan"))),
@@ -111,44 +147,53 @@ def round_rows(metrics: Path, mode: str, folded: bool, repeat: int, cpus: int | 
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Per mode and setting: the median round (all rounds but the last, which also
-    evaluates in a phase of its own), the sum of all rounds per federation, and in
-    simulation the median overhead."""
+    """Per mode, setting and number of sites: the median round (all rounds but the last,
+    which also evaluates in a phase of its own), the sum of all rounds per federation, and in
+    simulation the median overhead, as a fraction of the round and as seconds per site
+    (wall less ideal, over the sites)."""
     out = []
-    for mode in MODES:
-        for folded in (True, False):
-            sel = [r for r in rows if r["mode"] == mode and r["evaluate_in_train"] == folded]
-            if not sel:
-                continue
-            last = max(r["round"] for r in sel)
-            inner = [r for r in sel if r["round"] < last] or sel
-            sums = [sum(r["wall_s"] for r in sel if r["repeat"] == k) for k in sorted({r["repeat"] for r in sel})]
-            overheads = [r["overhead"] for r in inner if r["overhead"] == r["overhead"]]
-            out.append({
-                "mode": mode,
-                "evaluation": "in the train exchange" if folded else "a phase of its own",
-                "round_median_s": statistics.median(r["wall_s"] for r in inner),
-                "round_range_s": (min(r["wall_s"] for r in inner), max(r["wall_s"] for r in inner)),
-                "federation_s": sums,
-                "overhead_median": statistics.median(overheads) if overheads else float("nan"),
-                "overhead_range": (min(overheads), max(overheads)) if overheads else None,
-            })
+    groups = sorted({(MODES.index(r["mode"]), not r["evaluate_in_train"], r.get("sites", 0)) for r in rows})
+    for mode_index, separate, n in groups:
+        mode, folded = MODES[mode_index], not separate
+        sel = [r for r in rows if r["mode"] == mode and r["evaluate_in_train"] == folded and r.get("sites", 0) == n]
+        last = max(r["round"] for r in sel)
+        inner = [r for r in sel if r["round"] < last] or sel
+        sums = [sum(r["wall_s"] for r in sel if r["repeat"] == k) for k in sorted({r["repeat"] for r in sel})]
+        timed = [r for r in inner if r["overhead"] == r["overhead"]]
+        overheads = [r["overhead"] for r in timed]
+        per_site = [(r["wall_s"] - r["ideal_s"]) / n for r in timed] if n else []
+        out.append({
+            "mode": mode,
+            "evaluation": "in the train exchange" if folded else "a phase of its own",
+            "sites": n,
+            "round_median_s": statistics.median(r["wall_s"] for r in inner),
+            "round_range_s": (min(r["wall_s"] for r in inner), max(r["wall_s"] for r in inner)),
+            "ideal_median_s": statistics.median(r["ideal_s"] for r in timed) if timed else float("nan"),
+            "federation_s": sums,
+            "overhead_median": statistics.median(overheads) if overheads else float("nan"),
+            "overhead_range": (min(overheads), max(overheads)) if overheads else None,
+            "overhead_per_site_s": statistics.median(per_site) if per_site else float("nan"),
+        })
     return out
 
 
 def format_summary(summary: list[dict], rounds: int) -> list[str]:
     lines = [
-        f"| mode | evaluation | round (median, rounds 1-{rounds - 1}) | range | federation of {rounds} rounds | Flower overhead (median, range) |",
-        "|---|---|---:|---|---|---|",
+        f"| mode | evaluation | sites | round (median, rounds 1-{rounds - 1}) | range | ideal round | "
+        f"federation of {rounds} rounds | Flower overhead (median, range) | overhead per site |",
+        "|---|---|---:|---:|---|---:|---|---|---:|",
     ]
     for s in summary:
         lo, hi = s["round_range_s"]
-        over = "-"
+        over, ideal, per_site = "-", "-", "-"
         if s["overhead_range"] is not None:
             olo, ohi = s["overhead_range"]
             over = f"{s['overhead_median']:.0%} ({olo:.0%}-{ohi:.0%})"
+            ideal = f"{s['ideal_median_s']:.2f} s"
+            per_site = f"{s['overhead_per_site_s']:.3f} s"
         feds = ", ".join(f"{x:.1f}" for x in s["federation_s"])
-        lines.append(f"| {s['mode']} | {s['evaluation']} | {s['round_median_s']:.2f} s | {lo:.2f}-{hi:.2f} s | {feds} s | {over} |")
+        lines.append(f"| {s['mode']} | {s['evaluation']} | {s['sites']} | {s['round_median_s']:.2f} s | "
+                     f"{lo:.2f}-{hi:.2f} s | {ideal} | {feds} s | {over} | {per_site} |")
     return lines
 
 
@@ -163,8 +208,14 @@ def run(args: argparse.Namespace) -> int:
     from tools.localhost import LocalDeployment
     from tools.simulate import run_simulation
 
-    if args.rounds < 2 or args.repeats < 1 or not 2 <= args.sites <= len(VENDORS) or args.cases < 4:
-        raise ConfigError("bench rounds: needs --rounds >= 2, --repeats >= 1, --sites 2-4 and --cases >= 4")
+    counts = args.sites if isinstance(args.sites, list) else [int(args.sites)]
+    if args.rounds < 2 or args.repeats < 1 or min(counts) < 2:
+        raise ConfigError("bench rounds: needs --rounds >= 2, --repeats >= 1 and --sites of at least 2")
+    if args.total_cases is None and args.cases < 4:
+        raise ConfigError("bench rounds: needs --cases >= 4")
+    if args.total_cases is not None and args.total_cases // max(counts) < 2:
+        raise ConfigError(f"bench rounds: --total-cases {args.total_cases} gives fewer than 2 cases to each of "
+                          f"{max(counts)} sites")
     if args.size < 32 or args.size % 16 or args.local_epochs < 1:
         raise ConfigError("bench rounds: needs --size a multiple of 16 and >= 32, and --local-epochs >= 1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -175,43 +226,48 @@ def run(args: argparse.Namespace) -> int:
             "client-threads": 1, "method-config": str(PROJECT_ROOT / "configs" / "demo.yaml")}
     rows: list[dict] = []
     for mode in args.modes:
-        vendors = VENDORS[: args.sites if mode == "simulation" else 2]
-        sites = site_files(out / "sites", vendors, args.cases, args.size)
-        deployment = LocalDeployment(sites, work_dir=out / "deployment") if mode == "deployment" else None
-        try:
-            if deployment is not None:
-                deployment.start()
-            for repeat in range(args.repeats):
-                for folded in args.evaluation:
-                    name = f"{mode}-{'folded' if folded else 'separate'}-{repeat}"
-                    rc = dict(base, **{"evaluate-in-train": folded})
-                    print(f"{name}: {args.rounds} rounds, {len(sites)} sites ...", flush=True)
-                    if deployment is None:
-                        run_dir = run_simulation(PROJECT_ROOT, [str(s) for s in sites], rc, out_dir=out / "runs",
-                                                 run_name=name, stream=False, timeout=args.timeout, fresh=True)
-                    else:
-                        run_dir = deployment.run(PROJECT_ROOT, rc, out / "runs" / name, timeout=args.timeout)
-                    got = round_rows(run_dir / "tensorboard" / "metrics.jsonl", mode, folded, repeat)
-                    rows += got
-                    print("    rounds " + " ".join(f"{r['wall_s']:.1f}" for r in got) + " s", flush=True)
-        finally:
-            if deployment is not None:
-                deployment.close()
+        for count in (counts if mode == "simulation" else [2]):
+            cases = args.cases if args.total_cases is None else args.total_cases // count
+            sites = site_files(out / f"sites-{count}x{cases}", count, cases, args.size)
+            deployment = LocalDeployment(sites, work_dir=out / "deployment") if mode == "deployment" else None
+            try:
+                if deployment is not None:
+                    deployment.start()
+                for repeat in range(args.repeats):
+                    for folded in args.evaluation:
+                        name = f"{mode}-{count}sites-{'folded' if folded else 'separate'}-{repeat}"
+                        rc = dict(base, **{"evaluate-in-train": folded})
+                        print(f"{name}: {args.rounds} rounds, {len(sites)} sites of {cases} cases ...", flush=True)
+                        if deployment is None:
+                            run_dir = run_simulation(PROJECT_ROOT, [str(s) for s in sites], rc, out_dir=out / "runs",
+                                                     run_name=name, stream=False, timeout=args.timeout, fresh=True)
+                        else:
+                            run_dir = deployment.run(PROJECT_ROOT, rc, out / "runs" / name, timeout=args.timeout)
+                        got = round_rows(run_dir / "tensorboard" / "metrics.jsonl", mode, folded, repeat,
+                                         sites=len(sites))
+                        rows += got
+                        print("    rounds " + " ".join(f"{r['wall_s']:.1f}" for r in got) + " s", flush=True)
+            finally:
+                if deployment is not None:
+                    deployment.close()
     with open(out / "rounds.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
     table = format_summary(summarise(rows), args.rounds)
+    data = (f"--total-cases {args.total_cases}" if args.total_cases is not None else f"--cases {args.cases}")
+    per_site = (f"{args.total_cases} cases in all, split evenly over the sites" if args.total_cases is not None
+                else f"{args.cases} cases per site")
     md = [
-        "# Round time: evaluation in the train exchange or in a phase of its own", "",
-        (f"{args.rounds} rounds, {args.size} px, {args.local_epochs} local epoch(s) per round, `configs/demo.yaml`; "
-         f"modes {', '.join(args.modes)}; "
+        "# Round time: evaluation in the train exchange or in a phase of its own, and the number of sites", "",
+        (f"{args.rounds} rounds, {args.size} px, {args.local_epochs} local epoch(s) per round, `configs/demo.yaml`, "
+         f"{per_site}; modes {', '.join(args.modes)}; "
          f"{args.repeats} federation(s) per setting, run in turn. Rounds 1-{args.rounds - 1}: the last round also "
          "has an evaluation phase in both settings. Overhead (simulation): 1 - ideal / wall, the ideal being the "
-         "sites' compute packed onto this machine's cores phase by phase."), "",
+         "sites' compute packed onto this machine's cores phase by phase; per site: (wall - ideal) / sites."), "",
         *table, "",
         (f"Reproduce: `jras bench rounds --modes {','.join(args.modes)} --rounds {args.rounds} "
-         f"--repeats {args.repeats} --sites {args.sites} --cases {args.cases} --size {args.size} "
+         f"--repeats {args.repeats} --sites {','.join(map(str, counts))} {data} --size {args.size} "
          f"--local-epochs {args.local_epochs} --evaluation "
          f"{','.join(n for n, v in EVALUATIONS.items() if v in args.evaluation)}`"),
     ]

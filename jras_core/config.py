@@ -359,6 +359,13 @@ class SegmenterConfig:
 
 @config_class
 class RetrieverConfig:
+    kind: Literal["cnn", "shared_encoder"] = "cnn"
+    """cnn: a CNN of its own (``channels``, ``input_size``) and a projection head.
+    shared_encoder: a head on the segmenter's encoder features, pooled over the slice and
+    under each class map of its input (pass-1 prediction or true mask); no encoder of its own,
+    so less to train and to send, but the segmenter's encoder embeds every bank entry
+    (``segmenter.backbone`` unet or dynunet; ``channels`` and ``input_size`` unused, the
+    latter must stay null). Measured: ``docs/results/levers.md``, ``docs/results/cost.md``."""
     embed_dim: Annotated[StrictInt, Field(ge=2)] = 128
     channels: tuple[StrictInt, ...] = (16, 32, 64, 64)
     input: Literal["image", "image+pred"] = "image+pred"

@@ -15,6 +15,7 @@ from benchmarks.cost import (
     flower_overhead,
     flower_startup,
     main,
+    resolve_options,
     search_times,
 )
 from tools.cli import build_parser
@@ -24,6 +25,11 @@ def test_cli_wires_bench_cost():
     args = build_parser().parse_args(["bench", "cost", "--quick", "--out", "x", "--sizes", "32,48"])
     assert args.quick and args.out == "x" and args.sizes == [32, 48]
     assert args.func.__name__ == "cmd_bench_cost"
+    assert resolve_options(args).sections == frozenset(SECTION_TITLES)
+    args = build_parser().parse_args(["bench", "cost", "--only", "step,transfer"])
+    assert resolve_options(args).sections == {"step", "transfer"}
+    with pytest.raises(ValueError, match="gpu"):
+        resolve_options(build_parser().parse_args(["bench", "cost", "--only", "step,gpu"]))
 
 
 def _metrics_jsonl(path: Path) -> Path:

@@ -104,3 +104,32 @@ def build_backbone(
     except KeyError:
         raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}") from None
     return factory(in_channels, out_channels, channels, dropout, norm)
+
+
+ENCODER_BACKBONES = ("unet", "dynunet")
+"""Backbones whose encoder :func:`encoder_stages` can run on its own."""
+
+
+def encoder_stages(backbone: nn.Module) -> tuple[list[nn.Module], int]:
+    """The layers of ``backbone``'s encoder, input to bottleneck, in order, and the width of
+    the bottleneck's feature map: applied in turn to ``(B, in_channels, H, W)`` they give the
+    features ``(B, width, H / 2^(L-1), W / 2^(L-1))`` that the decoder starts from (``L``
+    levels), without running the decoder. MONAI ``UNet`` and ``DynUNet`` only.
+    """
+    if isinstance(backbone, UNet):
+        from monai.networks.layers.simplelayers import SkipConnection
+
+        stages: list[nn.Module] = []
+        block: nn.Module = backbone.model
+        # UNet nests each level as Sequential(down, SkipConnection(deeper levels), up)
+        while isinstance(block, nn.Sequential) and len(block) == 3 and isinstance(block[1], SkipConnection):
+            stages.append(block[0])
+            block = block[1].submodule
+        stages.append(block)  # the bottom layer
+        return stages, int(backbone.channels[-1])
+    if isinstance(backbone, DynUNet):
+        return [backbone.input_block, *backbone.downsamples, backbone.bottleneck], int(backbone.filters[-1])
+    raise ValueError(
+        f"{type(backbone).__name__} has no separable encoder; a retriever sharing the segmenter's encoder "
+        f"needs segmenter.backbone {' or '.join(ENCODER_BACKBONES)}"
+    )

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from jras_core.config import JRASConfig
-from jras_core.models.retriever import Retriever
+from jras_core.models.backbones import ENCODER_BACKBONES
+from jras_core.models.retriever import Retriever, RetrieverModule, SharedEncoderRetriever
 from jras_core.models.segmenter import GuidedSegmenter
 
 SEG_PREFIX = "seg."
@@ -16,7 +17,7 @@ RETR_PREFIX = "retr."
 class JRASModel(nn.Module):
     """Segmenter ``seg`` and retriever ``retr``; ``state_dict`` keys are ``seg.*`` and ``retr.*``."""
 
-    def __init__(self, seg: GuidedSegmenter, retr: Retriever):
+    def __init__(self, seg: GuidedSegmenter, retr: RetrieverModule):
         super().__init__()
         self.seg = seg
         self.retr = retr
@@ -44,7 +45,16 @@ def build_model(cfg: JRASConfig) -> JRASModel:
         refine=cfg.segmenter.refine,
         norm=cfg.segmenter.norm,
     )
-    in_ch = 1 + (num_classes - 1 if cfg.retriever.input == "image+pred" else 0)
-    retr = Retriever(in_ch, cfg.retriever.embed_dim, cfg.retriever.channels, cfg.retriever.pool_grid,
-                     input_size=cfg.retriever.input_size)
+    r = cfg.retriever
+    in_ch = 1 + (num_classes - 1 if r.input == "image+pred" else 0)
+    if r.kind == "shared_encoder":
+        if cfg.segmenter.backbone not in ENCODER_BACKBONES:
+            raise ValueError(f"retriever.kind shared_encoder needs segmenter.backbone {' or '.join(ENCODER_BACKBONES)}, "
+                             f"got {cfg.segmenter.backbone!r}")
+        if r.input_size is not None:
+            raise ValueError("retriever.kind shared_encoder reads the segmenter's features at the slice size: "
+                             f"retriever.input_size must be null, got {r.input_size}")
+        retr: RetrieverModule = SharedEncoderRetriever(seg, in_ch, r.embed_dim, r.pool_grid)
+    else:
+        retr = Retriever(in_ch, r.embed_dim, r.channels, r.pool_grid, input_size=r.input_size)
     return JRASModel(seg, retr)

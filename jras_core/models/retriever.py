@@ -1,13 +1,18 @@
-"""The retriever: a small CNN encoder with a projection head to a unit sphere."""
+"""The retriever: a small CNN encoder with a projection head to a unit sphere, or a head on
+the segmenter's own encoder features (:class:`SharedEncoderRetriever`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from torch import nn
+
+if TYPE_CHECKING:
+    from jras_core.models.segmenter import GuidedSegmenter
 
 
 class Retriever(nn.Module):
@@ -66,3 +71,103 @@ class Retriever(nn.Module):
         else:
             feats = F.adaptive_avg_pool2d(fmap, self.pool_grid).flatten(1)
         return F.normalize(self.head(feats), dim=1)
+
+    def embedding_state(self) -> dict[str, torch.Tensor]:
+        """Every tensor the embeddings depend on (here the retriever's own state): a bank
+        whose entries were embedded under the same values need not embed them again."""
+        return self.state_dict()
+
+
+class SharedEncoderRetriever(nn.Module):
+    """A retriever without an encoder of its own: a small head on the segmenter's encoder
+    features, pooled over the whole slice and under each foreground class map.
+
+    The segmenter's encoder sees the image alone, so the class maps (the pass-1 prediction of
+    a query, the true mask of a bank entry: the same channel layout as :class:`Retriever`'s
+    input) enter as pooling weights: the bottleneck features ``(B, F, h, w)`` are averaged
+    over the slice (``pool_grid`` as in :class:`Retriever`), and over each class map resampled
+    to ``h x w`` (area averaging), which describes each structure as the segmenter sees it;
+    the class maps' areas (fractions of the slice) are appended. No convolution runs beyond
+    the segmenter's encoder, and that encoder is the segmenter's: it runs in eval mode and
+    without gradients (the retriever's training never changes the segmenter), and it is not
+    a submodule here, so ``state_dict`` and ``parameters`` hold the head alone (the encoder
+    travels and is averaged once, as part of the segmenter).
+
+    Args:
+        segmenter: whose backbone encodes (``unet`` or ``dynunet``; see
+            :func:`~jras_core.models.backbones.encoder_stages`).
+        in_channels: as :class:`Retriever`: 1 (image) or ``1 + C_fg`` (image + class maps).
+        embed_dim: dimension ``d`` of the embedding.
+        pool_grid: the slice-wide average as a ``pool_grid x pool_grid`` grid.
+
+    ``forward``: ``(B, in_channels, H, W)`` -> ``(B, embed_dim)``, L2-normalised; ``H`` and
+    ``W`` are the segmenter's slice size.
+    """
+
+    input_size = None
+    """Inputs are never resampled: the segmenter's encoder reads slices at their own size."""
+
+    def __init__(self, segmenter: GuidedSegmenter, in_channels: int, embed_dim: int = 128, pool_grid: int = 1):
+        super().__init__()
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be positive, got {in_channels}")
+        # kept out of the module tree: the encoder's weights belong to the segmenter
+        self._segmenter = (segmenter,)
+        width = segmenter.encoder_width
+        self.pool_grid = int(pool_grid)
+        self.num_maps = in_channels - 1
+        flat = width * (self.pool_grid**2 + self.num_maps) + self.num_maps
+        self.head = nn.Sequential(
+            nn.LayerNorm(flat, elementwise_affine=False), nn.Linear(flat, width), nn.ReLU(inplace=True),
+            nn.Linear(width, embed_dim),
+        )
+        self.in_channels = in_channels
+        self.embed_dim = embed_dim
+
+    @property
+    def segmenter(self) -> GuidedSegmenter:
+        return self._segmenter[0]
+
+    @torch.no_grad()
+    def features(self, image: torch.Tensor) -> torch.Tensor:
+        """The segmenter's bottleneck features ``(B, F, h, w)`` of ``image`` ``(B, 1, H, W)``,
+        in eval mode (running statistics, no dropout) and without gradients."""
+        backbone = self.segmenter.backbone
+        was_training = backbone.training
+        backbone.eval()
+        try:
+            return self.segmenter.encoder_features(image)
+        finally:
+            backbone.train(was_training)
+
+    def describe(self, feats: torch.Tensor, maps: torch.Tensor | None) -> torch.Tensor:
+        """Pooled features ``(B, F * (pool_grid^2 + C_fg) + C_fg)`` of ``feats`` ``(B, F, h, w)``
+        under class maps ``maps`` ``(B, C_fg, H, W)`` (None when ``in_channels`` is 1)."""
+        feats = feats.float()
+        if self.pool_grid == 1:
+            parts = [feats.mean(dim=(2, 3))]
+        else:
+            parts = [F.adaptive_avg_pool2d(feats, self.pool_grid).flatten(1)]
+        if maps is not None:
+            weights = F.adaptive_avg_pool2d(maps.float(), feats.shape[-2:])  # (B, C_fg, h, w)
+            mass = weights.sum(dim=(2, 3))  # (B, C_fg)
+            pooled = torch.einsum("bfhw,bjhw->bjf", feats, weights) / mass.clamp_min(1e-3).unsqueeze(2)
+            parts += [pooled.flatten(1), mass / weights[0, 0].numel()]
+        return torch.cat(parts, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} input channels, got {tuple(x.shape)}")
+        maps = x[:, 1:] if self.num_maps else None
+        return F.normalize(self.head(self.describe(self.features(x[:, :1]), maps)), dim=1)
+
+    def embedding_state(self) -> dict[str, torch.Tensor]:
+        """Every tensor the embeddings depend on: the head's state and the segmenter's backbone
+        (weights and running statistics), under ``backbone.*`` keys."""
+        state = dict(self.state_dict())
+        state.update({f"backbone.{k}": v for k, v in self.segmenter.backbone.state_dict().items()})
+        return state
+
+
+RetrieverModule = Retriever | SharedEncoderRetriever
+"""Either retriever: ``(B, in_channels, H, W)`` -> ``(B, d)`` unit embeddings."""

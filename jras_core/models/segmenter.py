@@ -11,7 +11,7 @@ from torch import nn
 from torch.func import functional_call
 
 from jras_core.labels import one_hot_fg
-from jras_core.models.backbones import build_backbone, norm_layer
+from jras_core.models.backbones import build_backbone, encoder_stages, norm_layer
 
 FUSIONS = ("concat", "prior", "feature", "none")
 GUIDE_PATHS = ("input", "residual")
@@ -209,10 +209,32 @@ class GuidedSegmenter(nn.Module):
             self.head.to(memory_format=self.memory_format)
         self._query_channel_exact: bool | None = None
         self._input_layer_list: list[tuple[str, nn.Module]] | None = None
+        self._encoder_stages: tuple[list[nn.Module], int] | None = None
         if guide_init == "zero" and in_ch > 1:
             self.zero_guide_inputs()
         elif guide_init not in ("default", "zero"):
             raise ValueError(f"unknown guide_init {guide_init!r}; choose default or zero")
+
+    def encoder_features(self, image: torch.Tensor) -> torch.Tensor:
+        """The backbone's bottleneck features of the guide-free query: ``(B, 1, H, W)`` ->
+        ``(B, F, H / 2^(L-1), W / 2^(L-1))`` (``F`` = :attr:`encoder_width`, ``L`` levels),
+        from its encoder alone, in the backbone's current mode (the caller picks eval mode and
+        gradients). A backbone that also reads guide channels gets them as zeros."""
+        stages, _ = self._encoder()
+        x = self._laid_out(image if self.in_channels == 1 else self._zero_padded(image))
+        for stage in stages:
+            x = stage(x)
+        return x.contiguous()
+
+    @property
+    def encoder_width(self) -> int:
+        """Channels ``F`` of :meth:`encoder_features`."""
+        return self._encoder()[1]
+
+    def _encoder(self) -> tuple[list[nn.Module], int]:
+        if self._encoder_stages is None:
+            self._encoder_stages = encoder_stages(self.backbone)
+        return self._encoder_stages
 
     def _input_layers(self) -> list[tuple[str, nn.Module]]:
         """The backbone's layers that read its input: ``(name, module)`` of each Conv2d/Linear

@@ -23,7 +23,7 @@ from jras_core.data.slices import SliceSet, VolumeInfo
 from jras_core.device import module_device
 from jras_core.labels import one_hot_fg
 from jras_core.models.batching import inference_batch_size
-from jras_core.models.retriever import Retriever
+from jras_core.models.retriever import RetrieverModule
 from jras_core.retrieval.guides import (
     centred_dice,
     centred_dice_pairs,
@@ -140,18 +140,19 @@ class RetrievalBank:
         return torch.cat([images, masks], dim=1)
 
     @torch.no_grad()
-    def refresh(self, retriever: Retriever, batch_size: int | None = None, force: bool = False) -> None:
+    def refresh(self, retriever: RetrieverModule, batch_size: int | None = None, force: bool = False) -> None:
         """Re-embed every entry with ``retriever`` and rebuild the index.
 
         Nothing is recomputed when ``retriever`` holds exactly the weights of the last
-        refresh (as when a site evaluates the global model and then trains from it).
+        refresh (as when a site evaluates the global model and then trains from it; for a
+        retriever on the segmenter's encoder, the encoder's weights count too).
 
         Args:
             batch_size: entries embedded at a time (default:
                 :func:`~jras_core.models.batching.inference_batch_size` of the slice size).
             force: re-embed even then.
         """
-        state = retriever.state_dict()
+        state = retriever.embedding_state()
         if not force and self._embedded_with is not None and _same_state(self._embedded_with, state):
             return
         batch_size = batch_size or inference_batch_size(int(self.slices.images.shape[-1]))
