@@ -556,12 +556,18 @@ def memory_probe(args: argparse.Namespace) -> int:
 def run_memory_probe(size: int, bank: int, cases: int, threads: int, settings: list[str] | None = None) -> dict[str, float]:
     cmd = [sys.executable, "-m", "benchmarks.cost", "--_memory-probe", "--_probe-size", str(size),
            "--_probe-bank", str(bank), "--_probe-cases", str(cases), "--threads", str(threads)]
-    for item in settings or []:
-        cmd += ["--set", item]
+    return _run_probe(cmd, settings or [], "memory probe")
+
+
+def _run_probe(cmd: list[str], settings: list[str], what: str) -> dict[str, float]:
+    """Run a probe ``cmd`` (with ``--set`` of each of ``settings``) in a process of its own
+    from the project root; its last line of output, JSON, is the result."""
+    for item in settings:
+        cmd = [*cmd, "--set", item]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
     res = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, env=env, check=False)
     if res.returncode != 0:
-        raise RuntimeError(f"memory probe failed ({res.returncode}): {res.stderr[-2000:]}")
+        raise RuntimeError(f"{what} failed ({res.returncode}): {res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -714,13 +720,7 @@ def run_site_probe(slices: int, opts: Options) -> dict[str, float]:
     """:func:`site_memory_probe` in a process of its own."""
     cmd = [sys.executable, "-m", "benchmarks.cost", "--_site-probe", str(slices), "--threads", str(opts.threads),
            "--site-config", opts.site_config, "--acdc-manifest", opts.acdc_manifest]
-    for item in opts.settings:
-        cmd += ["--set", item]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
-    res = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, env=env, check=False)
-    if res.returncode != 0:
-        raise RuntimeError(f"site memory probe ({slices} slices) failed ({res.returncode}): {res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return _run_probe(cmd, opts.settings, f"site memory probe ({slices} slices)")
 
 
 def measure_sites(opts: Options, table: Table) -> None:
