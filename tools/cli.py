@@ -205,8 +205,7 @@ def cmd_bank_build(args: argparse.Namespace) -> int:
         else:
             out = None  # the site's bank_dir
         store = site.bank_store(out, key_file=args.key_file)
-        bank = site.bank
-        bank.refresh(model.retr)
+        bank = site.refresh_bank(model.retr)
         path = bank.save(store.directory, store=store)
         how = "encrypted (AES-256-GCM)" if store.encrypted else "NOT encrypted (no key_file / --key-file / $JRAS_BANK_KEY)"
         print(f"{site.name}: bank of {len(bank)} slices -> {path}  [{how}]")
@@ -282,9 +281,7 @@ def cmd_site_init(args: argparse.Namespace) -> int:
         print(f"{site.name}: bank key from ${ENV_VAR}")
     store = site.bank_store(args.out, key_file=key_file)
     store.check_key_matches()  # before the data is read: an existing bank of another key is refused
-    bank = site.bank
-    if model is not None:
-        bank.refresh(model.retr)
+    bank = site.refresh_bank(model.retr) if model is not None else site.bank
     path = bank.save(store.directory, store=store)
     what = f"embedded with {args.checkpoint}" if model is not None else "not embedded yet (refreshed by training)"
     print(f"{site.name}: encrypted bank of {len(bank)} slices ({len(bank.slices.cases)} cases, {what}) -> {path}")
