@@ -108,3 +108,66 @@ def test_a_plaintext_slice_cache_of_earlier_versions_is_removed(tmp_path):
     keep.write_bytes(b"old")
     assert len(_site(tmp_path).slices) > 0
     assert not legacy.exists() and keep.exists()
+
+
+def _needles(slices) -> list[bytes]:
+    """64-byte windows of a slice's preprocessed image (float32 and float16) and mask, taken
+    through the middle of the slice with the most foreground."""
+    i = int((slices.masks > 0).flatten(1).sum(1).argmax())
+    size = slices.size
+    mid = (size // 2) * size  # first pixel of the middle row
+    image32 = slices.images[i, 0].numpy().tobytes()[mid * 4: mid * 4 + 64]
+    image16 = slices.images[i, 0].half().numpy().tobytes()[mid * 2: mid * 2 + 64]
+    mask = slices.masks[i].numpy().tobytes()[mid - 32: mid + 32]
+    return [image32, image16, mask]
+
+
+@pytest.mark.usefixtures("fresh_site_cache")
+def test_a_federation_and_predict_leave_no_plaintext_image_or_mask(tmp_path, in_process_grid, monkeypatch):
+    """Every file a tiny federation of keyed sites and a ``jras predict`` leave behind (run
+    folder, site folders, stores, the temporary folder) is scanned for the bytes of the
+    preprocessed images and masks."""
+    import tempfile
+
+    import yaml
+    from tiny_federation import base_run_config, run_dir, run_server, tiny_method
+
+    from jras_core.data.synthetic import write_dataset
+    from jras_core.retrieval.store import encode_arrays
+    from tools.cli import main
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read $TMPDIR
+    manifest = write_dataset(tmp_path / "data", ["A", "B"], 3, seed=0, size=32)
+    sites = []
+    for v in "AB":
+        folder = tmp_path / f"site-{v}"
+        folder.mkdir()
+        generate_key_file(folder / "site.key")
+        (folder / "site.yaml").write_text(yaml.safe_dump({
+            "name": f"scan-{v}", "vendor": v, "val_fraction": 0.34, "key_file": "site.key", "cache_dir": "store",
+            "data": {"kind": "manifest", "path": str(manifest), "vendor": v}}))
+        sites.append(str(folder / "site.yaml"))
+    rc = base_run_config(tmp_path, sites, **{"num-server-rounds": 1})
+    run_server(in_process_grid, rc)
+    checkpoint = run_dir(rc) / "checkpoint.pt"
+    image = next((tmp_path / "data").glob("*_ED.nii.gz"))
+    assert main(["predict", str(image), "--checkpoint", str(checkpoint), "--site", sites[0],
+                 "--out", str(tmp_path / "predicted"), "--quiet", "--device", "cpu"]) == 0
+    method = tiny_method(rc)
+    needles = []
+    for path in sites:
+        site = Site.from_yaml(path, method)
+        kinds = {p.name.split(".")[1].split("-")[0] for p in (Path(path).parent / "store").glob("*.enc")}
+        assert kinds == {"slices", "bank"}
+        slices = site.slices
+        found = _needles(slices)
+        plain = encode_arrays(*slices.to_arrays())  # what a store without encryption would hold
+        assert all(n in plain or n in slices.images.numpy().tobytes() for n in found)
+        needles += found
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) > 10
+    leaks = [(str(p), i) for p in files for i, n in enumerate(needles) if n in p.read_bytes()]
+    assert not leaks
