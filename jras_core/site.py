@@ -195,6 +195,12 @@ class Site:
 
     # ------------------------------------------------------------------ derived data
     @property
+    def store_path(self) -> Path | None:
+        """The folder of the site's :attr:`store`: ``cache_dir``, else ``bank_dir`` (resolved
+        against the YAML's folder), or None."""
+        return self.resolve_path(self.config.cache_dir) or self.bank_path
+
+    @property
     def store(self) -> SiteStore | None:
         """The site's encrypted store of derived data (:class:`~jras_core.site_store.SiteStore`):
         in ``cache_dir``, else ``bank_dir``, sealed with the site's key (``key_file``, else
@@ -202,7 +208,7 @@ class Site:
         data in memory and rebuilds it in every process (one warning says so)."""
         if self._store is False:
             key = resolve_key(self.key_path)
-            folder = self.resolve_path(self.config.cache_dir) or self.bank_path
+            folder = self.store_path
             if key is None:
                 self._store = None
                 log.warning("site %s: no key (key_file in the site YAML, or $%s): its derived data (preprocessed "

@@ -218,6 +218,7 @@ def rekey_site_bank(args: argparse.Namespace, site: Site, key_file: Path | None)
     (``--key-file``, created if missing), atomically; the bank's content is kept."""
     from jras_core.retrieval.crypto import ENV_VAR, generate_key_file, resolve_key
     from jras_core.retrieval.store import BankStore
+    from jras_core.site_store import SiteStore
 
     if args.checkpoint:
         raise ConfigError("jras site init: --rekey re-encrypts the existing bank as it is; embed it with "
@@ -235,6 +236,10 @@ def rekey_site_bank(args: argparse.Namespace, site: Site, key_file: Path | None)
     store = BankStore(Path(args.out) if args.out else site.bank_path, key=resolve_key(key_file))
     path = store.rekey(old_key)
     print(f"{site.name}: bank {path} re-encrypted from {old_key.source} to {key_file}")
+    if site.store_path is not None:
+        done = SiteStore(site.store_path, resolve_key(key_file), site.name).rekey(old_key)
+        if done:
+            print(f"{site.name}: {len(done)} file(s) of the site's store in {site.store_path} re-encrypted")
     if site.key_path is None or key_file.resolve() != site.key_path.resolve():
         print(f"{site.name}: set key_file: {key_file} in {args.site} (the site reads its bank with that key)")
     return 0
