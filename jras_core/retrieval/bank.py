@@ -354,6 +354,7 @@ class RetrievalBank:
         """Write pairs, case table and embeddings to ``directory`` (one atomic file)."""
         store = store or BankStore(directory)
         arrays, tables = self.slices.to_arrays()
+        arrays["images"] = self.slices.images.numpy()  # as given: a bank's images need not be on float16's grid
         if self.embeddings is not None:
             arrays["embeddings"] = self.embeddings
         meta = {
