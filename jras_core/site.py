@@ -48,7 +48,7 @@ _SITE_NAME = re.compile(rf"[A-Za-z0-9_-][A-Za-z0-9._-]{{0,{SITE_NAME_MAX - 1}}}"
 def check_site_name(name: str) -> str:
     """``name`` if it is a safe site name, else ValueError: letters, digits, ``-``, ``_`` and
     ``.`` (not first), at most :data:`SITE_NAME_MAX` characters. A site's name becomes part of
-    file names (its slice cache, per-site results), so it must not hold a path."""
+    file names (its store, per-site results), so it must not hold a path."""
     if not _SITE_NAME.fullmatch(name):
         raise ValueError(
             f"{name!r} is not a valid site name: use letters, digits, '-', '_' and '.' "
