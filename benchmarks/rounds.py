@@ -24,6 +24,9 @@ and writes ``rounds.csv`` and ``rounds.md`` to ``--out``.
     jras bench rounds --modes simulation --rounds 3 --repeats 1 --sites 2 --out /tmp/rounds   # quick
     jras bench rounds --modes simulation --evaluation in-train --size 128 --local-epochs 3   # realistic rounds
     jras bench rounds --modes simulation --evaluation in-train --sites 4,10,20 --total-cases 80 --rounds 3 --repeats 1
+    jras bench rounds --modes deployment --data acdc --cases 25 --rounds 3 --repeats 1   # hospital-like sites (NIfTI)
+
+Every site has its key and encrypted store (``key_file``, ``cache_dir``), as a deployed site does.
 """
 
 from __future__ import annotations
