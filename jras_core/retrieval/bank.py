@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from jras_core.config import HNSW_FROM
-from jras_core.data.slices import SliceSet, VolumeInfo
+from jras_core.data.slices import SliceSet
 from jras_core.device import module_device
 from jras_core.labels import one_hot_fg
 from jras_core.models.batching import inference_batch_size
