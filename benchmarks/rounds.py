@@ -24,6 +24,9 @@ and writes ``rounds.csv`` and ``rounds.md`` to ``--out``.
     jras bench rounds --modes simulation --rounds 3 --repeats 1 --sites 2 --out /tmp/rounds   # quick
     jras bench rounds --modes simulation --evaluation in-train --size 128 --local-epochs 3   # realistic rounds
     jras bench rounds --modes simulation --evaluation in-train --sites 4,10,20 --total-cases 80 --rounds 3 --repeats 1
+    jras bench rounds --modes deployment --data acdc --cases 25 --rounds 3 --repeats 1   # hospital-like sites (NIfTI)
+
+Every site has its key and encrypted store (``key_file``, ``cache_dir``), as a deployed site does.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from jras_core.config import ConfigError
 from jras_core.files import PROJECT_ROOT
 
 MODES = ("simulation", "deployment")
@@ -44,6 +48,8 @@ EVALUATIONS = {"in-train": True, "separate": False}
 COLUMNS = ["mode", "evaluate_in_train", "sites", "repeat", "round", "wall_s", "ideal_s", "overhead", "dice_mean"]
 SEED_STEP = 10
 """Data seed added for each further site of a vendor (site ``i`` is vendor ``i mod 4``)."""
+ACDC_MANIFEST = PROJECT_ROOT.parent / "shared" / "data" / "acdc" / "manifest.csv"
+"""The ACDC patients of ``--data acdc`` (the real-data fixtures beside the project folder)."""
 
 
 def _site_counts(text: str) -> list[int]:
@@ -83,6 +89,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="synthetic sites, or several counts, e.g. 4,10,20: a federation of each (default 4; "
                         "vendors A-D in turn, other data seeds beyond the fourth; deployment: 2)")
     p.add_argument("--cases", type=int, default=8, help="cases per site (default 8)")
+    p.add_argument("--data", choices=("synthetic", "acdc"), default="synthetic",
+                   help="synthetic vendors (default), or acdc: the ACDC patients of shared/data in turn, "
+                        "--cases per site (read from NIfTI, as a hospital's site)")
     p.add_argument("--total-cases", type=int, default=None, metavar="T",
                    help="cases of the whole federation, T / N per site whatever the number N of sites (equal "
                         "total data; instead of --cases)")
@@ -95,27 +104,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=1800.0, metavar="S", help="give up a federation after S seconds")
 
 
-def site_files(folder: Path, count: int, cases: int, size: int = 64) -> list[Path]:
-    """YAMLs of ``count`` synthetic sites (``size`` px, ``cases`` cases each), each with a slice
-    cache under ``folder`` as a deployed site would have. Sites 1-4 are the demo's vendors A-D;
-    site ``i`` beyond them is vendor ``i mod 4`` again with its data seed raised by
-    :data:`SEED_STEP` per lap (other cases), named ``synthetic-<vendor><lap + 1>``."""
+def site_files(folder: Path, count: int, cases: int, size: int = 64, data: str = "synthetic") -> list[Path]:
+    """YAMLs of ``count`` sites of ``cases`` cases each, each with its key and encrypted store
+    (``key_file``, ``cache_dir``) under ``folder`` as a deployed site has.
+
+    ``data`` ``synthetic``: sites 1-4 are the demo's vendors A-D (``size`` px); site ``i``
+    beyond them is vendor ``i mod 4`` again with its data seed raised by :data:`SEED_STEP` per
+    lap (other cases), named ``synthetic-<vendor><lap + 1>``. ``acdc``: site ``i`` holds the
+    ``i``-th ``cases`` patients of the ACDC manifest (:data:`ACDC_MANIFEST`), named
+    ``acdc-<i + 1>``."""
     import yaml
 
+    from jras_core.retrieval.crypto import generate_key_file
     from tools.sites import demo_sites
 
     folder.mkdir(parents=True, exist_ok=True)
-    templates = [yaml.safe_load(p.read_text()) for p in demo_sites(folder / "templates", cases, size)]
+    if data == "acdc":
+        with open(ACDC_MANIFEST, newline="") as fh:
+            patients = list(dict.fromkeys(row["case"] for row in csv.DictReader(fh)))
+        if count * cases > len(patients):
+            raise ConfigError(f"{ACDC_MANIFEST}: {len(patients)} patients, fewer than {count} sites of {cases}")
+        sites = [{"name": f"acdc-{i + 1}", "vendor": "A", "val_fraction": 0.2,
+                  "data": {"kind": "manifest", "path": str(ACDC_MANIFEST),
+                           "where": {"case": patients[i * cases:(i + 1) * cases]}}} for i in range(count)]
+    else:
+        templates = [yaml.safe_load(p.read_text()) for p in demo_sites(folder / "templates", cases, size)]
+        sites = []
+        for i in range(count):
+            site = yaml.safe_load(yaml.safe_dump(templates[i % len(templates)]))
+            lap = i // len(templates)
+            if lap:
+                site["name"] = f"{site['name']}{lap + 1}"
+                site["data"]["seed"] = int(site["data"]["seed"]) + SEED_STEP * lap
+            sites.append(site)
     paths = []
-    for i in range(count):
-        data = yaml.safe_load(yaml.safe_dump(templates[i % len(templates)]))
-        lap = i // len(templates)
-        if lap:
-            data["name"] = f"{data['name']}{lap + 1}"
-            data["data"]["seed"] = int(data["data"]["seed"]) + SEED_STEP * lap
-        data["cache_dir"] = str(folder / f"cache-{data['name'].removeprefix('synthetic-')}")
-        path = folder / f"{data['name']}.yaml"
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    for site in sites:
+        short = site["name"].removeprefix("synthetic-")
+        site["cache_dir"] = str(folder / f"cache-{short}")
+        key = folder / "keys" / f"{short}.key"
+        if not key.exists():
+            generate_key_file(key)
+        site["key_file"] = str(key)
+        path = folder / f"{site['name']}.yaml"
+        path.write_text(yaml.safe_dump(site, sort_keys=False))
         paths.append(path)
     return paths
 
@@ -204,7 +235,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jras_core.config import ConfigError
     from tools.localhost import LocalDeployment
     from tools.simulate import run_simulation
 
@@ -228,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
     for mode in args.modes:
         for count in (counts if mode == "simulation" else [2]):
             cases = args.cases if args.total_cases is None else args.total_cases // count
-            sites = site_files(out / f"sites-{count}x{cases}", count, cases, args.size)
+            sites = site_files(out / f"sites-{args.data}-{count}x{cases}", count, cases, args.size, args.data)
             deployment = LocalDeployment(sites, work_dir=out / "deployment") if mode == "deployment" else None
             try:
                 if deployment is not None:
@@ -256,8 +286,11 @@ def run(args: argparse.Namespace) -> int:
         writer.writerows(rows)
     table = format_summary(summarise(rows), args.rounds)
     data = (f"--total-cases {args.total_cases}" if args.total_cases is not None else f"--cases {args.cases}")
+    data += f" --data {args.data}"
     per_site = (f"{args.total_cases} cases in all, split evenly over the sites" if args.total_cases is not None
                 else f"{args.cases} cases per site")
+    per_site += " (ACDC patients, read from NIfTI)" if args.data == "acdc" else " (synthetic vendors)"
+    per_site += ", each site with its key and encrypted store"
     md = [
         "# Round time: evaluation in the train exchange or in a phase of its own, and the number of sites", "",
         (f"{args.rounds} rounds, {args.size} px, {args.local_epochs} local epoch(s) per round, `configs/demo.yaml`, "

@@ -230,7 +230,7 @@ class Predictor:
         if held_out:
             model = adapt_to_site(model, site.train_set, cfg, bank)
         if bank is not None:
-            bank.refresh(model.retr)
+            bank = site.refresh_bank(model.retr)
         use = True
         if held_out:
             use = choose_guides(model, site.train_set, cfg, bank).use_guides

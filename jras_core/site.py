@@ -27,9 +27,11 @@ from jras_core.data.sources import DataSourceConfig, load_volumes, source_digest
 from jras_core.data.volume import DataError
 from jras_core.files import resolve_path
 from jras_core.models.jras import JRASModel
+from jras_core.models.retriever import RetrieverModule
 from jras_core.retrieval.bank import RetrievalBank
-from jras_core.retrieval.crypto import resolve_key
+from jras_core.retrieval.crypto import ENV_VAR, resolve_key
 from jras_core.retrieval.store import BankStore
+from jras_core.site_store import SiteStore
 from jras_core.sysinfo import release_free_heap
 from jras_core.training.adapt import choose_guides
 from jras_core.training.evaluate import evaluate
@@ -46,7 +48,7 @@ _SITE_NAME = re.compile(rf"[A-Za-z0-9_-][A-Za-z0-9._-]{{0,{SITE_NAME_MAX - 1}}}"
 def check_site_name(name: str) -> str:
     """``name`` if it is a safe site name, else ValueError: letters, digits, ``-``, ``_`` and
     ``.`` (not first), at most :data:`SITE_NAME_MAX` characters. A site's name becomes part of
-    file names (its slice cache, per-site results), so it must not hold a path."""
+    file names (its store, per-site results), so it must not hold a path."""
     if not _SITE_NAME.fullmatch(name):
         raise ValueError(
             f"{name!r} is not a valid site name: use letters, digits, '-', '_' and '.' "
@@ -80,8 +82,10 @@ class SiteConfig:
         key_file: the site's bank encryption key file (32 bytes, mode 0600; relative to
             the site YAML's folder). Without it, ``$JRAS_BANK_KEY`` is used if set; with
             neither, the bank is stored unencrypted.
-        cache_dir: folder for cached preprocessed slices (None: no cache); relative to
-            the site YAML's folder.
+        cache_dir: folder of the site's encrypted store of derived data (preprocessed slices,
+            bank embeddings; :attr:`Site.store`), sealed with the site's key; relative to the
+            site YAML's folder. None: the store is in ``bank_dir``. Without a key nothing
+            derived is written: the site keeps it in memory.
         adapted_model: where the site keeps its model adapted to its own cases (``jras site
             adapt``'s default ``--out``, a federation's ``personalise``); relative to the site
             YAML's folder. None: ``<cache_dir or the YAML's folder>/<name>-adapted.pt``.
@@ -138,6 +142,11 @@ class Site:
         self._slices: SliceSet | None = None
         self._split: tuple[SliceSet, SliceSet] | None = None
         self._bank: RetrievalBank | None = None
+        self._store: SiteStore | None | bool = False  # False: not resolved yet
+        self._digest: str | None = None
+        """The digest of the slices in memory (None: not stored)."""
+        self._stored_fingerprint: str | None = None
+        """The retriever fingerprint of the bank embeddings in the store."""
 
     @classmethod
     def from_yaml(cls, path: str | Path, method: JRASConfig) -> Site:
@@ -184,15 +193,52 @@ class Site:
             raise ConfigError(f"site {self.name}: no bank directory (set bank_dir in the site YAML or pass --out)")
         return BankStore(folder, key=resolve_key(key_file or self.key_path))
 
-    # ------------------------------------------------------------------ data
-    def _cache_path(self) -> Path | None:
-        """The slice cache file: named by a digest of the data source's config and the bytes
-        of every file it reads (:func:`~jras_core.data.sources.source_digest`), the
-        preprocessing (its settings and :data:`~jras_core.data.slices.PREPROCESS_VERSION`) and
-        the label set, so that an edited image or mask, or other settings, never reuse slices
-        built before."""
-        if not self.config.cache_dir:
-            return None
+    # ------------------------------------------------------------------ derived data
+    @property
+    def store_path(self) -> Path | None:
+        """The folder of the site's :attr:`store`: ``cache_dir``, else ``bank_dir`` (resolved
+        against the YAML's folder), or None."""
+        return self.resolve_path(self.config.cache_dir) or self.bank_path
+
+    @property
+    def store(self) -> SiteStore | None:
+        """The site's encrypted store of derived data (:class:`~jras_core.site_store.SiteStore`):
+        in ``cache_dir``, else ``bank_dir``, sealed with the site's key (``key_file``, else
+        ``$JRAS_BANK_KEY``). None without a key or a folder: the site then keeps its derived
+        data in memory and rebuilds it in every process (one warning says so)."""
+        if self._store is False:
+            key = resolve_key(self.key_path)
+            folder = self.store_path
+            if key is None:
+                self._store = None
+                log.warning("site %s: no key (key_file in the site YAML, or $%s): its derived data (preprocessed "
+                            "slices, bank embeddings) is kept in memory only, unencrypted, and rebuilt by every "
+                            "process%s", self.name, ENV_VAR,
+                            "; cache_dir is not used without a key" if self.config.cache_dir else "")
+            elif folder is None:
+                self._store = None
+                log.warning("site %s: no cache_dir or bank_dir: its derived data is kept in memory only and "
+                            "rebuilt by every process", self.name)
+            else:
+                self._store = SiteStore(folder, key, self.name)
+                self._drop_plaintext_caches(folder)
+        return self._store
+
+    def _drop_plaintext_caches(self, folder: Path) -> None:
+        """Remove the site's unencrypted slice caches (``<name>-<digest>.pt``) from ``folder``:
+        the encrypted store replaces them."""
+        pattern = re.compile(re.escape(f"{self.name}-") + r"[0-9a-f]{16}\.pt")
+        for path in folder.iterdir() if folder.is_dir() else ():
+            if pattern.fullmatch(path.name):
+                path.unlink(missing_ok=True)
+                log.warning("site %s: removed the unencrypted slice cache %s (the encrypted store replaces it)",
+                            self.name, path)
+
+    def _data_digest(self) -> str:
+        """Digest of what the slices derive from: the data source's config and the bytes of
+        every file it reads (:func:`~jras_core.data.sources.source_digest`), the preprocessing
+        (its settings and :data:`~jras_core.data.slices.PREPROCESS_VERSION`) and the label set,
+        so that an edited image or mask, or other settings, never reuse slices built before."""
         key = json.dumps(
             {
                 "data": source_digest(self.config.data, self.root),
@@ -203,21 +249,26 @@ class Site:
             sort_keys=True,
             default=str,
         )
-        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-        return self.resolve_path(self.config.cache_dir) / f"{self.name}-{digest}.pt"
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def _bank_digest(self, data_digest: str) -> str:
+        """Digest of the bank's entries: the slices' digest and the split that picks them."""
+        key = json.dumps([data_digest, self.config.val_fraction, self.config.split_seed, self.config.support_cases])
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     @property
     def slices(self) -> SliceSet:
-        """All preprocessed labelled slices of the site (cached in memory and optionally on disk)."""
+        """All preprocessed labelled slices of the site: read from the site's :attr:`store` when
+        it holds them for the present data and preprocessing, else built from the data (and
+        stored); kept in memory."""
         if self._slices is None:
-            cache = self._cache_path()
-            if cache is not None and cache.is_file():
-                try:
-                    self._slices = SliceSet.load(cache)
-                except Exception as exc:  # noqa: BLE001 - a damaged cache is rebuilt from the data
-                    log.warning("site %s: ignoring unreadable slice cache %s (%s); rebuilding it",
-                                self.name, cache, type(exc).__name__)
-            if self._slices is None:
+            store = self.store
+            digest = self._data_digest() if store is not None else None
+            stored = store.load("slices", digest) if store is not None else None
+            if stored is not None:
+                self._slices = SliceSet.from_arrays(*stored)
+                del stored
+            else:
                 try:
                     # one volume at a time: read, preprocessed, let go
                     volumes = load_volumes(self.config.data, self.method.labels.num_classes, self.root, stream=True)
@@ -225,9 +276,9 @@ class Site:
                 except DataError as exc:
                     raise DataError(f"site {self.name}: {exc}") from None
                 release_free_heap()  # the volumes' pages, freed but kept by the C heap
-                if cache is not None:
-                    cache.parent.mkdir(parents=True, exist_ok=True)
-                    self._slices.save(cache)
+                if store is not None:
+                    store.save("slices", digest, *self._slices.to_arrays())
+            self._digest = digest
             log.info("site %s: %d slices of %d cases", self.name, len(self._slices), len(self._slices.cases))
         return self._slices
 
@@ -279,7 +330,33 @@ class Site:
                 self.train_set, self.method.labels.num_classes, self.method.retrieval.index, self.method.retrieval.exclude,
                 hnsw_from=self.method.retrieval.hnsw_from,
             )
+            if self.store is not None and self._digest is not None:
+                stored = self.store.load("bank", self._bank_digest(self._digest))
+                if stored is not None:
+                    arrays, meta = stored
+                    try:
+                        self._bank.offer_embeddings(arrays["embeddings"], str(meta["retriever"]))
+                        self._stored_fingerprint = str(meta["retriever"])
+                    except (KeyError, ValueError) as exc:
+                        log.warning("site %s: ignoring stored bank embeddings that do not fit the bank (%s)",
+                                    self.name, exc)
         return self._bank
+
+    def refresh_bank(self, retriever: RetrieverModule) -> RetrievalBank:
+        """The site's :attr:`bank`, embedded with ``retriever`` (reusing the stored embeddings
+        when they were computed with exactly these weights), and its embeddings stored when
+        they are new: the next process that embeds with the same weights (a deployment's
+        evaluation, then the next round's training from the same global model) reads them."""
+        bank = self.bank
+        bank.refresh(retriever)
+        store = self.store
+        if store is not None and self._digest is not None and bank.embeddings is not None:
+            fingerprint = bank.embedded_fingerprint
+            if fingerprint is not None and fingerprint != self._stored_fingerprint:
+                store.save("bank", self._bank_digest(self._digest), {"embeddings": bank.embeddings},
+                           {"retriever": fingerprint})
+                self._stored_fingerprint = fingerprint
+        return bank
 
     # ------------------------------------------------------------------ work
     def train(
@@ -317,8 +394,7 @@ class Site:
             raise ConfigError(self.no_validation)
         bank = None
         if self.method.uses_retrieval:
-            bank = self.bank
-            bank.refresh(model.retr)
+            bank = self.refresh_bank(model.retr)
         choice = None
         if self.config.support_cases is not None:  # held out: it may decide against its guides
             choice = choose_guides(model, self.train_set, self.method, bank)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from shared_data import needs
 from tiny_federation import TINY
 
 from benchmarks.rounds import format_summary, round_rows, site_files, summarise
@@ -81,6 +82,18 @@ def test_site_files_take_the_size(tmp_path):
         data = yaml.safe_load(p.read_text())
         assert data["data"]["size"] == 128 and data["data"]["cases"] == 4
         assert data["cache_dir"] == str(tmp_path / "sites" / f"cache-{data['vendor']}")
+        assert data["key_file"] == str(tmp_path / "sites" / "keys" / f"{data['vendor']}.key")  # an encrypted store
+
+
+@needs("acdc")
+def test_acdc_site_files_hold_the_patients_in_turn(tmp_path):
+    import yaml
+
+    sites = [yaml.safe_load(p.read_text()) for p in site_files(tmp_path / "sites", 2, cases=3, data="acdc")]
+    assert [s["name"] for s in sites] == ["acdc-1", "acdc-2"]
+    assert [s["data"]["where"]["case"] for s in sites] == [
+        ["patient001", "patient002", "patient003"], ["patient004", "patient005", "patient006"]]
+    assert all(Path(s["key_file"]).is_file() and s["cache_dir"] for s in sites)
 
 
 def test_site_files_beyond_four_sites_are_other_cases_of_the_vendors(tmp_path):

@@ -15,6 +15,7 @@ from jras_core.data.volume import DataError
 from jras_core.retrieval.bank import RetrievalBank
 from jras_core.retrieval.crypto import BankDecryptError, generate_key_file, load_key_file
 from jras_core.retrieval.store import BankStore
+from jras_core.site_store import SiteStore
 from tools.cli import main
 
 pytestmark = pytest.mark.usefixtures("no_bank_key_env")
@@ -163,7 +164,13 @@ def test_site_init_rekey_decrypts_with_the_old_key_and_keeps_the_bank(tmp_path, 
     rekeyed = _bank_arrays(bank_dir, new_key)
     assert set(rekeyed) == set(original)
     assert all((rekeyed[k] == original[k]).all() for k in original)
-    assert sorted(p.name for p in bank_dir.iterdir()) == ["bank.enc"]  # written atomically, no leftovers
+    # the site's store (in bank_dir: the site has no cache_dir) moved to the new key too
+    (stored,) = bank_dir.glob("tiny.slices-*.enc")
+    assert sorted(p.name for p in bank_dir.iterdir()) == ["bank.enc", stored.name]  # atomic, no leftovers
+    digest = stored.name[len("tiny.slices-"):-len(".enc")]
+    assert SiteStore(bank_dir, load_key_file(new_key), "tiny").load("slices", digest) is not None
+    with pytest.raises(BankDecryptError):
+        SiteStore(bank_dir, load_key_file(key_path), "tiny").load("slices", digest)
     # back to the site's own key with --old-key-file
     assert main([*argv, "--rekey", "--old-key-file", str(new_key)]) == 0
     assert "set key_file" not in capsys.readouterr().out

@@ -112,6 +112,7 @@ def test_error_replies_name_files_relative_to_the_site(tmp_path, site_dir, task_
 
     from client.client_app import FAILURE_CODE, INPUT_ERROR_CODE
     from client.client_app import app as client_app
+    from jras_core.retrieval.crypto import generate_key_file
 
     rc = base_run_config(tmp_path, [str(site_dir / "site-A.yaml")])
     msg = _train_message(tiny_method(rc), {"server-round": 1})
@@ -121,7 +122,9 @@ def test_error_replies_name_files_relative_to_the_site(tmp_path, site_dir, task_
     (tmp_path / "blocked").mkdir()
     (tmp_path / "blocked" / "cache").write_text("a file where the cache folder should be")
     blocked = tmp_path / "blocked" / "b.yaml"
-    blocked.write_text("name: b\ncache_dir: cache\ndata: {kind: synthetic, vendor: A, cases: 2, size: 32}\n")
+    generate_key_file(tmp_path / "blocked" / "b.key")  # a keyed site writes its store to cache_dir
+    blocked.write_text("name: b\ncache_dir: cache\nkey_file: b.key\n"
+                       "data: {kind: synthetic, vendor: A, cases: 2, size: 32}\n")
     cases = [
         (inside, INPUT_ERROR_CODE, "DataError: site m: data/c1_gt.nii.gz: mask labels [7] outside"),
         (outside, INPUT_ERROR_CODE, "DataError: site m: .../c1_gt.nii.gz: mask labels [7] outside"),

@@ -47,11 +47,14 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> N
 
 
 def site_yaml(folder: Path, vendor: str, seed: int) -> Path:
+    from jras_core.retrieval.crypto import generate_key_file
+
     path = folder / f"hospital-{vendor}.yaml"
+    key = generate_key_file(folder / f"hospital-{vendor}.key")
     path.write_text(yaml.safe_dump({
         "name": f"hospital-{vendor}", "vendor": vendor, "val_fraction": 0.25,
         "data": {"kind": "synthetic", "vendor": vendor, "cases": 4, "seed": seed, "size": 64},
-        "cache_dir": str(folder / f"cache-{vendor}"),
+        "cache_dir": str(folder / f"cache-{vendor}"), "key_file": str(key),
     }))
     return path
 
@@ -200,7 +203,7 @@ def _federation(tmp_path, env, keys, ca, other_ca, link, public_port, processes)
     for r in rounds:
         assert r["round_stats"]["num_sites_train"] == 2 and len(r["sites"]) == 2
     assert rounds[1]["round_stats"].get("failures_train", 0) == 0 and rounds[1]["errors"] == {}
-    assert (tmp_path / "cache-A").is_dir() and (tmp_path / "cache-B").is_dir()
+    assert list((tmp_path / "cache-A").glob("*.slices-*.enc")) and list((tmp_path / "cache-B").glob("*.enc"))
     ls = flwr(env, "ls", "deploy")
     assert ls.returncode == 0 and "finished" in ls.stdout.lower(), ls.stdout + ls.stderr
     loopback_only(link.pid)  # the SuperLink and the ServerApp runner it started

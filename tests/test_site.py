@@ -56,35 +56,43 @@ def test_shipped_site_yamls_are_valid():
     assert {"synthetic-A", "synthetic-D"} <= names
 
 
-def test_cache_is_written_beside_the_yaml_and_reused(tmp_path):
-    path = _yaml(tmp_path, "name: s\ncache_dir: cache\ndata: {kind: synthetic, vendor: B, cases: 3, size: 32}\n")
+def _keyed(tmp_path: Path) -> str:
+    generate_key_file(tmp_path / "site.key")
+    return "key_file: site.key\n"
+
+
+def test_the_store_is_written_beside_the_yaml_and_reused(tmp_path):
+    path = _yaml(tmp_path, _keyed(tmp_path) + "name: s\ncache_dir: cache\n"
+                 "data: {kind: synthetic, vendor: B, cases: 3, size: 32}\n")
     first = Site(SiteConfig.from_yaml(path), CFG, root=tmp_path)
     n = len(first.slices)
-    files = list((tmp_path / "cache").glob("s-*.pt"))
+    files = list((tmp_path / "cache").glob("s.slices-*.enc"))
     assert n > 0 and len(files) == 1
     second = Site(SiteConfig.from_yaml(path), CFG, root=tmp_path)
     assert torch.equal(second.slices.images, first.slices.images)
-    # another preprocessing gets another cache entry, never a stale one
+    # another preprocessing gets other slices, and the stale ones go
     Site(SiteConfig.from_yaml(path), CFG.with_overrides({"preprocess.size": 48}), root=tmp_path).slices
-    assert len(list((tmp_path / "cache").glob("s-*.pt"))) == 2
+    (now,) = (tmp_path / "cache").glob("s.slices-*.enc")
+    assert now != files[0]
 
 
-def test_a_cache_built_before_the_data_changed_is_not_used(tmp_path):
-    """The cache is keyed by the bytes of the data files: a mask edited to hold label 7 after
-    the cache was built is read again, and its bad label is reported."""
+def test_slices_stored_before_the_data_changed_are_not_used(tmp_path):
+    """The store is keyed by the bytes of the data files: a mask edited to hold label 7 after
+    the slices were stored is read again, and its bad label is reported."""
     native = CFG.with_overrides({"preprocess.fov_mm": None})  # the toy cases' native spacing
     image, mask = toy_pair()
     rows = [write_case(tmp_path, f"c{i}", image, mask) for i in range(2)]
     write_manifest(tmp_path, rows)
-    path = _yaml(tmp_path, "name: m\ncache_dir: cache\ndata: {kind: manifest, path: manifest.csv}\n")
-    assert len(Site(SiteConfig.from_yaml(path), native, root=tmp_path).slices) > 0
-    (cached,) = (tmp_path / "cache").glob("m-*.pt")
-    assert Site(SiteConfig.from_yaml(path), native, root=tmp_path)._cache_path() == cached
+    path = _yaml(tmp_path, _keyed(tmp_path) + "name: m\ncache_dir: cache\ndata: {kind: manifest, path: manifest.csv}\n")
+    site = Site(SiteConfig.from_yaml(path), native, root=tmp_path)
+    assert len(site.slices) > 0
+    (stored,) = (tmp_path / "cache").glob("m.slices-*.enc")
+    assert site.store.path("slices", site._data_digest()) == stored
     edited = mask.copy()
     edited[3, 3, 1] = 7
     save_nifti(tmp_path / rows[1][2], edited)
     site = Site(SiteConfig.from_yaml(path), native, root=tmp_path)
-    assert site._cache_path() != cached
+    assert site.store.path("slices", site._data_digest()) != stored
     with pytest.raises(DataError, match=r"c1_gt\.nii\.gz: mask labels \[7\] outside"):
         site.slices  # noqa: B018
 

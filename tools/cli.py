@@ -205,8 +205,7 @@ def cmd_bank_build(args: argparse.Namespace) -> int:
         else:
             out = None  # the site's bank_dir
         store = site.bank_store(out, key_file=args.key_file)
-        bank = site.bank
-        bank.refresh(model.retr)
+        bank = site.refresh_bank(model.retr)
         path = bank.save(store.directory, store=store)
         how = "encrypted (AES-256-GCM)" if store.encrypted else "NOT encrypted (no key_file / --key-file / $JRAS_BANK_KEY)"
         print(f"{site.name}: bank of {len(bank)} slices -> {path}  [{how}]")
@@ -219,6 +218,7 @@ def rekey_site_bank(args: argparse.Namespace, site: Site, key_file: Path | None)
     (``--key-file``, created if missing), atomically; the bank's content is kept."""
     from jras_core.retrieval.crypto import ENV_VAR, generate_key_file, resolve_key
     from jras_core.retrieval.store import BankStore
+    from jras_core.site_store import SiteStore
 
     if args.checkpoint:
         raise ConfigError("jras site init: --rekey re-encrypts the existing bank as it is; embed it with "
@@ -236,6 +236,10 @@ def rekey_site_bank(args: argparse.Namespace, site: Site, key_file: Path | None)
     store = BankStore(Path(args.out) if args.out else site.bank_path, key=resolve_key(key_file))
     path = store.rekey(old_key)
     print(f"{site.name}: bank {path} re-encrypted from {old_key.source} to {key_file}")
+    if site.store_path is not None:
+        done = SiteStore(site.store_path, resolve_key(key_file), site.name).rekey(old_key)
+        if done:
+            print(f"{site.name}: {len(done)} file(s) of the site's store in {site.store_path} re-encrypted")
     if site.key_path is None or key_file.resolve() != site.key_path.resolve():
         print(f"{site.name}: set key_file: {key_file} in {args.site} (the site reads its bank with that key)")
     return 0
@@ -282,9 +286,7 @@ def cmd_site_init(args: argparse.Namespace) -> int:
         print(f"{site.name}: bank key from ${ENV_VAR}")
     store = site.bank_store(args.out, key_file=key_file)
     store.check_key_matches()  # before the data is read: an existing bank of another key is refused
-    bank = site.bank
-    if model is not None:
-        bank.refresh(model.retr)
+    bank = site.refresh_bank(model.retr) if model is not None else site.bank
     path = bank.save(store.directory, store=store)
     what = f"embedded with {args.checkpoint}" if model is not None else "not embedded yet (refreshed by training)"
     print(f"{site.name}: encrypted bank of {len(bank)} slices ({len(bank.slices.cases)} cases, {what}) -> {path}")

@@ -178,43 +178,38 @@ class SliceSet:
             volumes=volumes,
         )
 
-    def save(self, path) -> None:
-        """Write to a ``.pt`` file (a cache of preprocessed slices), atomically: a crash
-        while writing leaves the previous file (or none), never a truncated one.
+    def to_arrays(self) -> tuple[dict[str, np.ndarray], dict]:
+        """The set as named arrays and a JSON-able record, for storage without pickles
+        (:mod:`jras_core.site_store`, :class:`~jras_core.retrieval.store.BankStore`).
 
-        Images are stored in 16 bits: :func:`preprocess_volume` puts their values on
-        float16's grid, so :meth:`load` gives back the very same float32 values; masks stay
-        uint8. A set whose tensors are views of a larger one (:meth:`rows`) writes its own
-        rows only."""
-        import io
-
-        from jras_core.files import atomic_write_bytes
-
-        def own(t: torch.Tensor) -> torch.Tensor:  # torch.save writes a view's whole storage
-            return t if t.untyped_storage().nbytes() == t.nbytes else t.clone()
-
-        buf = io.BytesIO()
-        torch.save(
-            {
-                "images": self.images.to(torch.float16),
-                "masks": own(self.masks),
-                "case_ids": own(self.case_ids),
-                "volume_ids": own(self.volume_ids),
-                "slice_pos": own(self.slice_pos),
-                "cases": self.cases,
-                "volumes": [vars(v) for v in self.volumes],
-            },
-            buf,
-        )
-        atomic_write_bytes(path, buf.getbuffer())
+        Returns:
+            ``({"images": (N, 1, S, S) float16, "masks": (N, S, S) uint8, "case_ids",
+            "volume_ids", "slice_pos": (N,) int64}, {"cases": [...], "volumes": [...]})``.
+            Images are stored in 16 bits: :func:`preprocess_volume` puts their values on
+            float16's grid, so :meth:`from_arrays` gives back the very same float32 values. A
+            set whose tensors are views of a larger one (:meth:`rows`) gives its own rows only.
+        """
+        arrays = {
+            "images": self.images.to(torch.float16).numpy(),
+            "masks": self.masks.numpy(),
+            "case_ids": self.case_ids.numpy(),
+            "volume_ids": self.volume_ids.numpy(),
+            "slice_pos": self.slice_pos.numpy(),
+        }
+        return arrays, {"cases": list(self.cases), "volumes": [vars(v) for v in self.volumes]}
 
     @staticmethod
-    def load(path) -> SliceSet:
-        """Read a file written by :meth:`save` (images back to float32)."""
-        data = torch.load(path, weights_only=True)
-        data["images"] = data["images"].float()
-        data["volumes"] = [VolumeInfo(**{**v, "spacing": tuple(v["spacing"])}) for v in data["volumes"]]
-        return SliceSet(**data)
+    def from_arrays(arrays: dict[str, np.ndarray], meta: dict) -> SliceSet:
+        """Inverse of :meth:`to_arrays` (images back to float32)."""
+        return SliceSet(
+            images=torch.from_numpy(np.asarray(arrays["images"], dtype=np.float32)),
+            masks=torch.from_numpy(arrays["masks"]),
+            case_ids=torch.from_numpy(arrays["case_ids"]),
+            volume_ids=torch.from_numpy(arrays["volume_ids"]),
+            slice_pos=torch.from_numpy(arrays["slice_pos"]),
+            cases=list(meta["cases"]),
+            volumes=[VolumeInfo(**{**v, "spacing": tuple(v["spacing"])}) for v in meta["volumes"]],
+        )
 
 
 def resampled_shape(hw: tuple[int, int], spacing: Sequence[float], cfg: PreprocessConfig) -> tuple[int, int]:

@@ -237,7 +237,7 @@ def source_files(src: DataSourceConfig, root: Path | None = None) -> list[Path]:
 def source_digest(src: DataSourceConfig, root: Path | None = None) -> str:
     """SHA-256 (hex) of the source's config and of the path and bytes of every file it reads
     (:func:`source_files`): it changes when any of those files is edited, added or removed,
-    so that data derived from the source (a slice cache) can be keyed by it."""
+    so that data derived from the source (a site's store) can be keyed by it."""
     digest = hashlib.sha256(repr(sorted(dataclasses.asdict(src).items(), key=str)).encode())
     for path in source_files(src, root):
         digest.update(str(path).encode() + b"\0")

@@ -8,6 +8,7 @@ batches of queries.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from jras_core.config import HNSW_FROM
-from jras_core.data.slices import SliceSet, VolumeInfo
+from jras_core.data.slices import SliceSet
 from jras_core.device import module_device
 from jras_core.labels import one_hot_fg
 from jras_core.models.batching import inference_batch_size
@@ -37,6 +38,17 @@ log = logging.getLogger(__name__)
 
 def _same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) of a state dict's names, dtypes, shapes and bytes: equal exactly when the
+    states are, so that embeddings stored with it are reused only for the very same weights."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{t.dtype}|{tuple(state[name].shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 HNSW_LINKS = 32
@@ -115,6 +127,9 @@ class RetrievalBank:
         self._areas: torch.Tensor | None = None
         self._embedded_with: dict[str, torch.Tensor] | None = None
         """The retriever state of the last :meth:`refresh` (None: embeddings from elsewhere)."""
+        self._offered: tuple[np.ndarray, str] | None = None
+        """Embeddings stored earlier and the :func:`state_fingerprint` they were computed with
+        (:meth:`offer_embeddings`)."""
         if exclude == "auto":
             exclude = "volume" if len(set(slices.case_ids.tolist())) == 1 else "case"
         self.exclude = exclude
@@ -155,6 +170,12 @@ class RetrievalBank:
         state = retriever.embedding_state()
         if not force and self._embedded_with is not None and _same_state(self._embedded_with, state):
             return
+        offered, self._offered = self._offered, None
+        if not force and offered is not None and offered[1] == state_fingerprint(state):
+            self.set_embeddings(offered[0])
+            self._embedded_with = {k: v.detach().clone() for k, v in state.items()}
+            log.info("bank of %d entries: stored embeddings of these retriever weights reused", len(self))
+            return
         batch_size = batch_size or inference_batch_size(int(self.slices.images.shape[-1]))
         was_training = retriever.training
         retriever.eval()
@@ -166,6 +187,21 @@ class RetrievalBank:
         retriever.train(was_training)
         self.set_embeddings(torch.cat(chunks).numpy())
         self._embedded_with = {k: v.detach().clone() for k, v in state.items()}
+
+    def offer_embeddings(self, embeddings: np.ndarray, fingerprint: str) -> None:
+        """Embeddings ``(N, d)`` computed earlier (e.g. read from the site's store) with the
+        retriever state of ``fingerprint`` (:func:`state_fingerprint`): the next
+        :meth:`refresh` installs them instead of re-embedding when its retriever has exactly
+        that state, and forgets them otherwise."""
+        if embeddings.shape[0] != len(self):
+            raise ValueError(f"{embeddings.shape[0]} embeddings for a bank of {len(self)} entries")
+        self._offered = (embeddings, fingerprint)
+
+    @property
+    def embedded_fingerprint(self) -> str | None:
+        """:func:`state_fingerprint` of the retriever state the current embeddings were
+        computed with (None: no :meth:`refresh` yet, or embeddings set from elsewhere)."""
+        return None if self._embedded_with is None else state_fingerprint(self._embedded_with)
 
     def set_embeddings(self, embeddings: np.ndarray) -> None:
         """Install ``(N, d)`` float32 embeddings and build the search index over them."""
@@ -317,13 +353,8 @@ class RetrievalBank:
     def save(self, directory: str | Path, store: BankStore | None = None) -> Path:
         """Write pairs, case table and embeddings to ``directory`` (one atomic file)."""
         store = store or BankStore(directory)
-        arrays = {
-            "images": self.slices.images.numpy(),
-            "masks": self.slices.masks.numpy(),
-            "case_ids": self.slices.case_ids.numpy(),
-            "volume_ids": self.slices.volume_ids.numpy(),
-            "slice_pos": self.slices.slice_pos.numpy(),
-        }
+        arrays, tables = self.slices.to_arrays()
+        arrays["images"] = self.slices.images.numpy()  # as given: a bank's images need not be on float16's grid
         if self.embeddings is not None:
             arrays["embeddings"] = self.embeddings
         meta = {
@@ -331,8 +362,7 @@ class RetrievalBank:
             "index": self.index_kind,
             "hnsw_from": self.hnsw_from,
             "exclude": self.exclude,
-            "cases": self.slices.cases,
-            "volumes": [vars(v) for v in self.slices.volumes],
+            **tables,
         }
         path = store.save(arrays, meta)
         log.info("bank of %d slices written to %s", len(self), path)
@@ -343,19 +373,12 @@ class RetrievalBank:
         """Read a bank written by :meth:`save` (the index is rebuilt from the embeddings)."""
         store = store or BankStore(directory)
         arrays, meta = store.load()
-        slices = SliceSet(
-            images=torch.from_numpy(arrays["images"]),
-            masks=torch.from_numpy(arrays["masks"]),
-            case_ids=torch.from_numpy(arrays["case_ids"]),
-            volume_ids=torch.from_numpy(arrays["volume_ids"]),
-            slice_pos=torch.from_numpy(arrays["slice_pos"]),
-            cases=list(meta["cases"]),
-            volumes=[VolumeInfo(**{**v, "spacing": tuple(v["spacing"])}) for v in meta["volumes"]],
-        )
+        embeddings = arrays.pop("embeddings", None)
+        slices = SliceSet.from_arrays(arrays, meta)
         bank = cls(slices, int(meta["num_classes"]), index=meta.get("index", "flat"), exclude=meta.get("exclude", "case"),
                    hnsw_from=int(meta.get("hnsw_from", HNSW_FROM)))
-        if "embeddings" in arrays:
-            bank.set_embeddings(arrays["embeddings"])
+        if embeddings is not None:
+            bank.set_embeddings(embeddings)
         return bank
 
 

@@ -9,9 +9,11 @@ Encrypted file layout::
 
     MAGIC (8 bytes, b"JRASBANK") | format version (1 byte) | nonce (12 bytes) | ciphertext + tag (16 bytes)
 
-The magic and version (the header) are bound as associated data, so a changed
-header, ciphertext, tag or nonce, a truncated file and a wrong key all fail the
-same authentication check. A fresh random nonce is drawn for every write.
+The magic and version (the header), plus an optional ``context`` naming what the file
+holds (a site store binds its artefact's kind and digest, :mod:`jras_core.site_store`), are
+bound as associated data, so a changed header, ciphertext, tag or nonce, a truncated file,
+a file swapped for another and a wrong key all fail the same authentication check. A fresh
+random nonce is drawn for every write.
 
 The key is held in a :class:`BankKey`, whose ``repr``/``str`` never show it; no
 message, log record or file written by this module contains it.
@@ -80,30 +82,32 @@ class BankKey:
         raise TypeError("BankKey cannot be pickled")
 
     # ------------------------------------------------------------------ cipher
-    def encrypt(self, plaintext: bytes) -> bytes:
-        """``HEADER | nonce | AES-256-GCM(plaintext, aad=HEADER)`` with a fresh random nonce."""
+    def encrypt(self, plaintext: bytes, context: bytes = b"") -> bytes:
+        """``HEADER | nonce | AES-256-GCM(plaintext, aad=HEADER + context)`` with a fresh random
+        nonce; ``context`` (not stored) must be given again to :meth:`decrypt`."""
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
         nonce = os.urandom(NONCE_BYTES)
-        return HEADER + nonce + AESGCM(self._key).encrypt(nonce, plaintext, HEADER)
+        return HEADER + nonce + AESGCM(self._key).encrypt(nonce, plaintext, HEADER + context)
 
-    def decrypt(self, data: bytes, where: str | Path = "<bytes>") -> bytes:
-        """Inverse of :meth:`encrypt`; any failure is one :class:`BankDecryptError`."""
+    def decrypt(self, data: bytes, where: str | Path = "<bytes>", context: bytes = b"", what: str = "bank") -> bytes:
+        """Inverse of :meth:`encrypt` (with the same ``context``); any failure is one
+        :class:`BankDecryptError` naming ``what`` and ``where``."""
         from cryptography.exceptions import InvalidTag
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-        failed = f"cannot decrypt bank {where}: wrong key or the file was modified/truncated"
+        failed = f"cannot decrypt {what} {where}: wrong key or the file was modified/truncated/swapped"
         if len(data) < len(HEADER) + NONCE_BYTES + TAG_BYTES or not data.startswith(MAGIC):
             raise BankDecryptError(failed)
         version = data[len(MAGIC)]
         if version != FORMAT_VERSION:
             raise BankDecryptError(
-                f"cannot decrypt bank {where}: format version {version} is not supported "
+                f"cannot decrypt {what} {where}: format version {version} is not supported "
                 f"(this J-RAS reads version {FORMAT_VERSION}); the file was modified or written by a newer J-RAS"
             )
         nonce = data[len(HEADER):len(HEADER) + NONCE_BYTES]
         try:
-            return AESGCM(self._key).decrypt(nonce, data[len(HEADER) + NONCE_BYTES:], HEADER)
+            return AESGCM(self._key).decrypt(nonce, data[len(HEADER) + NONCE_BYTES:], HEADER + context)
         except InvalidTag:
             raise BankDecryptError(failed) from None
 

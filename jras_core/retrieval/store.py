@@ -26,6 +26,28 @@ BANK_FILE = "bank.npz"
 ENCRYPTED_BANK_FILE = "bank.enc"
 
 
+def encode_arrays(arrays: dict[str, np.ndarray], meta: dict) -> bytes:
+    """One ``.npz`` payload of named arrays plus a JSON ``meta`` record (no pickles)."""
+    buf = io.BytesIO()
+    meta_arr = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez(buf, __meta__=meta_arr, **arrays)
+    return buf.getvalue()
+
+
+def decode_arrays(data: bytes, where: str | Path, what: str = "file") -> tuple[dict[str, np.ndarray], dict]:
+    """Inverse of :func:`encode_arrays` (pickles refused); a damaged payload is a
+    :class:`DataError` naming ``where``."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except Exception as exc:  # zip / npy format errors of many kinds
+        raise DataError(f"{where}: {what} is corrupt or truncated ({exc})") from None
+    if "__meta__" not in arrays:
+        raise DataError(f"{where}: {what} has no metadata record")
+    meta = json.loads(arrays.pop("__meta__").tobytes().decode())
+    return arrays, meta
+
+
 class BankStore:
     """Reads and writes a bank directory.
 
@@ -64,23 +86,12 @@ class BankStore:
         return self.path.is_file()
 
     def encode(self, arrays: dict[str, np.ndarray], meta: dict) -> bytes:
-        buf = io.BytesIO()
-        meta_arr = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        np.savez(buf, __meta__=meta_arr, **arrays)
-        return buf.getvalue()
+        return encode_arrays(arrays, meta)
 
     def decode(self, data: bytes) -> tuple[dict[str, np.ndarray], dict]:
         if is_encrypted(data):
             raise DataError(f"{self.path}: this bank is encrypted; give its key (see `jras site init`)")
-        try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
-        except Exception as exc:  # zip / npy format errors of many kinds
-            raise DataError(f"{self.path}: bank file is corrupt or truncated ({exc})") from None
-        if "__meta__" not in arrays:
-            raise DataError(f"{self.path}: bank file has no metadata record")
-        meta = json.loads(arrays.pop("__meta__").tobytes().decode())
-        return arrays, meta
+        return decode_arrays(data, self.path, "bank file")
 
     def check_key_matches(self) -> None:
         """Refuse (:class:`BankKeyError`) when an encrypted bank is in the directory that this

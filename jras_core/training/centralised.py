@@ -45,8 +45,11 @@ def evaluate_sites(model: JRASModel, sites: Sequence[Site], cfg: JRASConfig,
             continue
         bank = None
         if cfg.uses_retrieval:
-            bank = site.bank if pooled_bank is None else pooled_bank
-            bank.refresh(model.retr)
+            if pooled_bank is None:
+                bank = site.refresh_bank(model.retr)  # stored embeddings of these weights reused
+            else:
+                bank = pooled_bank
+                bank.refresh(model.retr)
         results[site.name] = evaluate(model, site.val_set, cfg, bank, diagnostics=diagnostics)
     return results
 
