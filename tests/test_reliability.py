@@ -8,7 +8,6 @@ Site failures, timeouts and resume run the real ServerApp and ClientApp in this 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -305,41 +304,48 @@ class _HalfWriteFails:
         return fh
 
 
-def test_bank_and_slice_cache_survive_a_failed_write(tmp_path, monkeypatch, caplog):
-    """A write that fails half-way leaves the previous bank and slice cache readable; a
-    damaged slice cache is rebuilt from the data instead of stopping the site."""
-    from jras_core.data.slices import SliceSet
+def test_bank_and_site_store_survive_a_failed_write(tmp_path, monkeypatch):
+    """A write that fails half-way leaves the previous bank and the site's stored slices
+    readable, with no temporary file left; a damaged store file stops the site with an error
+    naming it (it cannot be told from a tampered one) instead of being used or silently
+    replaced."""
+    import torch
+
+    from jras_core.retrieval.crypto import BankDecryptError, generate_key_file
     from jras_core.retrieval.store import BankStore
     from jras_core.site import Site, SiteConfig
 
     store = BankStore(tmp_path / "bank")
     store.save({"embeddings": np.ones((3, 4), np.float32)}, {"version": 1})
     site_yaml = Path(write_sites(tmp_path, "A", cases=4)[0])
+    generate_key_file(tmp_path / "site.key")
     cfg = yaml.safe_load(site_yaml.read_text())
     cfg["cache_dir"] = str(tmp_path / "cache")
+    cfg["key_file"] = str(tmp_path / "site.key")
     site_yaml.write_text(yaml.safe_dump(cfg))
     method = tiny_method(base_run_config(tmp_path, [str(site_yaml)]))
     site = Site(SiteConfig.from_yaml(site_yaml), method, root=tmp_path)
     slices = site.slices
-    (cache,) = (tmp_path / "cache").glob("*.pt")
-    before = cache.read_bytes()
+    (sealed,) = (tmp_path / "cache").glob("*.slices-*.enc")
+    before = sealed.read_bytes()
+    digest = sealed.name.rsplit("-", 1)[1][: -len(".enc")]
 
     monkeypatch.setattr(os, "fdopen", _HalfWriteFails(os.fdopen))
     with pytest.raises(OSError, match="No space"):
         store.save({"embeddings": np.zeros((3, 4), np.float32)}, {"version": 2})
     with pytest.raises(OSError, match="No space"):
-        slices.save(cache)
+        site.store.save("slices", digest, *slices.to_arrays())
     monkeypatch.undo()
     arrays, meta = store.load()
     assert meta == {"version": 1} and np.array_equal(arrays["embeddings"], np.ones((3, 4)))
-    assert cache.read_bytes() == before
+    assert sealed.read_bytes() == before
     assert not [p for p in tmp_path.rglob("*.tmp")]
+    again = Site(SiteConfig.from_yaml(site_yaml), method, root=tmp_path).slices
+    assert torch.equal(again.images, slices.images) and torch.equal(again.masks, slices.masks)
 
-    cache.write_bytes(before[: len(before) // 3])  # e.g. a cache cut short by an older writer
-    with caplog.at_level(logging.WARNING, logger="jras_core.site"):
-        again = Site(SiteConfig.from_yaml(site_yaml), method, root=tmp_path).slices
-    assert "unreadable slice cache" in caplog.text
-    assert len(again) == len(slices) and SliceSet.load(cache).images.shape == slices.images.shape
+    sealed.write_bytes(before[: len(before) // 3])  # e.g. a file cut short outside the project's writers
+    with pytest.raises(BankDecryptError, match=sealed.name):
+        Site(SiteConfig.from_yaml(site_yaml), method, root=tmp_path).slices  # noqa: B018
 
 
 # --------------------------------------------------------------------------- bad input
