@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from jras_core.config import ConfigError, JRASConfig, parse_overrides
 from jras_core.files import PROJECT_ROOT
 from tools.options import add_device_args, method_sets
+from tools.services import PROXY_STATE_DIR, SUPERLINK_LOOPBACK
 from tools.sites import demo_sites, synthetic_site
 
 if TYPE_CHECKING:  # heavy imports (torch, MONAI, FAISS) are deferred so that --help is instant
@@ -527,6 +528,16 @@ def _add_ef_arguments(p: argparse.ArgumentParser) -> None:
     add_arguments(p)
 
 
+def add_coordinator_arguments(p: argparse.ArgumentParser) -> None:
+    """The coordinator's PKI folders and the SuperLink's loopback address, as ``deploy
+    proxy-config`` and ``deploy systemd coordinator`` both take them."""
+    p.add_argument("--ca", required=True, metavar="DIR", help="folder with ca.crt (jras pki ca)")
+    p.add_argument("--server", required=True, metavar="DIR", help="folder with server.pem and server.key "
+                   "(jras pki server-cert; valid for the public names, localhost and 127.0.0.1)")
+    p.add_argument("--superlink", default=SUPERLINK_LOOPBACK, metavar="HOST:PORT",
+                   help=f"the SuperLink's loopback address, its --host and --port (default {SUPERLINK_LOOPBACK})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jras",
@@ -750,15 +761,11 @@ def build_parser() -> argparse.ArgumentParser:
         "coordinator's certificate, POST /v1/fleet/... forwarded (TLS again) to the SuperLink on loopback, "
         "every other path (the Control API of `flwr`, the Runtime API) refused with 403.",
     )
-    px.add_argument("--ca", required=True, metavar="DIR", help="folder with ca.crt (jras pki ca)")
-    px.add_argument("--server", required=True, metavar="DIR", help="folder with server.pem and server.key "
-                    "(jras pki server-cert; valid for the public names, localhost and 127.0.0.1)")
+    add_coordinator_arguments(px)
     px.add_argument("--listen", default="0.0.0.0:8000", metavar="HOST:PORT",
                     help="public address the sites dial (default 0.0.0.0:8000)")
-    px.add_argument("--superlink", default="127.0.0.1:9092", metavar="HOST:PORT",
-                    help="the SuperLink's loopback address, its --host and --port (default 127.0.0.1:9092)")
-    px.add_argument("--state-dir", default="/var/lib/jras-proxy", metavar="DIR",
-                    help="nginx's folder: pid file, access log, temporary files (default /var/lib/jras-proxy)")
+    px.add_argument("--state-dir", default=PROXY_STATE_DIR, metavar="DIR",
+                    help=f"nginx's folder: pid file, access log, temporary files (default {PROXY_STATE_DIR})")
     px.add_argument("--max-body-mib", type=int, default=64, help="largest request body in MiB (default 64)")
     px.add_argument("--out", required=True, metavar="FILE", help="the nginx configuration to write")
     px.add_argument("--no-check", action="store_true", help="do not run `nginx -t` on the result")
@@ -768,14 +775,11 @@ def build_parser() -> argparse.ArgumentParser:
     default_bin = str(Path(sys.executable).parent)
     co = sd.add_parser("coordinator", help="jras-superlink.service (loopback, TLS, node authentication, state "
                        "in a database) and jras-proxy.service (nginx)")
-    co.add_argument("--ca", required=True, metavar="DIR", help="folder with ca.crt")
-    co.add_argument("--server", required=True, metavar="DIR", help="folder with server.pem and server.key")
-    co.add_argument("--superlink", default="127.0.0.1:9092", metavar="HOST:PORT",
-                    help="the SuperLink's loopback address (default 127.0.0.1:9092)")
+    add_coordinator_arguments(co)
     co.add_argument("--proxy-conf", default="/etc/jras/nginx.conf", metavar="FILE",
                     help="the proxy's configuration from `jras deploy proxy-config` (default /etc/jras/nginx.conf)")
-    co.add_argument("--proxy-state-dir", default="/var/lib/jras-proxy", metavar="DIR",
-                    help="its --state-dir (default /var/lib/jras-proxy)")
+    co.add_argument("--proxy-state-dir", default=PROXY_STATE_DIR, metavar="DIR",
+                    help=f"its --state-dir (default {PROXY_STATE_DIR})")
     co.add_argument("--nginx", metavar="PATH", help="the nginx executable (default: found on PATH)")
     co.add_argument("--state-dir", default="/var/lib/jras", metavar="DIR",
                     help="the SuperLink's folder: its database and Flower's home (default /var/lib/jras)")

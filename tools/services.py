@@ -138,12 +138,20 @@ def stop_supernode(proc: subprocess.Popen[bytes]) -> None:
 # --------------------------------------------------------------------------- command lines
 
 
+SUPERLINK_LOOPBACK = "127.0.0.1:9092"
+"""The coordinator's SuperLink address behind the proxy (``HOST:PORT`` on loopback), the default
+of the proxy's upstream and of the SuperLink's unit alike."""
+
+PROXY_STATE_DIR = "/var/lib/jras-proxy"
+"""The proxy's (nginx's) default prefix folder: pid file, access log, temporary files."""
+
+
 def superlink_argv(
     bin_dir: str | Path,
     ca_cert: str | Path,
     server_cert: str | Path,
     server_key: str | Path,
-    address: str = "127.0.0.1:9092",
+    address: str = SUPERLINK_LOOPBACK,
     database: str | Path | None = None,
 ) -> list[str]:
     """The coordinator's ``flower-superlink``: TLS, SuperNode authentication, on the loopback
@@ -235,7 +243,7 @@ def coordinator_units(
     proxy_conf: str | Path,
     proxy_state_dir: str | Path,
     nginx: str,
-    superlink: str = "127.0.0.1:9092",
+    superlink: str = SUPERLINK_LOOPBACK,
     state_dir: str | Path = "/var/lib/jras",
     user: str = "jras",
 ) -> dict[str, str]:
