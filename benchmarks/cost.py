@@ -270,7 +270,7 @@ def inference_times(cfg, slices, repeats: int, queries: int = 64) -> dict[str, f
     subset = slices.subset(torch.arange(min(queries, len(slices))))
     plain = cfg.with_overrides({"segmenter.fusion": "none"})
     none_model, model = build_model(plain), build_model(cfg)
-    bank = RetrievalBank(slices, cfg.labels.num_classes, cfg.retrieval.index, cfg.retrieval.exclude)
+    bank = RetrievalBank.for_method(slices, cfg)
     bank.refresh(model.retr)
     runs = {
         "none": lambda: predict(none_model, subset, plain),

@@ -326,10 +326,7 @@ class Site:
     def bank(self) -> RetrievalBank:
         """The site's private bank over its training (or support) slices."""
         if self._bank is None:
-            self._bank = RetrievalBank(
-                self.train_set, self.method.labels.num_classes, self.method.retrieval.index, self.method.retrieval.exclude,
-                hnsw_from=self.method.retrieval.hnsw_from,
-            )
+            self._bank = RetrievalBank.for_method(self.train_set, self.method)
             if self.store is not None and self._digest is not None:
                 stored = self.store.load("bank", self._bank_digest(self._digest))
                 if stored is not None:

@@ -19,7 +19,7 @@ import faiss  # noqa: E402
 import numpy as np
 import torch
 
-from jras_core.config import HNSW_FROM
+from jras_core.config import HNSW_FROM, JRASConfig
 from jras_core.data.slices import SliceSet
 from jras_core.device import module_device
 from jras_core.labels import one_hot_fg
@@ -139,6 +139,13 @@ class RetrievalBank:
         self.owner_ids = torch.tensor([self._owner_lookup[k] for k in keys], dtype=torch.long)
         """``(N,)`` owner id of every entry (index into the bank's owners)."""
         self.max_per_owner = int(torch.bincount(self.owner_ids).max())
+
+    @classmethod
+    def for_method(cls, slices: SliceSet, cfg: JRASConfig) -> RetrievalBank:
+        """A bank over ``slices`` as the method ``cfg`` configures it: its label set and its
+        ``retrieval`` index, ``hnsw_from`` and exclusion."""
+        r = cfg.retrieval
+        return cls(slices, cfg.labels.num_classes, r.index, r.exclude, hnsw_from=r.hnsw_from)
 
     def __len__(self) -> int:
         return len(self.slices)

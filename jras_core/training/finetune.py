@@ -191,9 +191,7 @@ def adapt_site(
     norm = a.norm_stats if norm_stats is None else norm_stats
     if norm:
         # the guided path's statistics need guides: a retrieval method without a bank gets one
-        norm_bank = bank if bank is not None or not cfg.uses_retrieval else RetrievalBank(
-            slices, cfg.labels.num_classes, cfg.retrieval.index, cfg.retrieval.exclude,
-            hnsw_from=cfg.retrieval.hnsw_from)
+        norm_bank = bank if bank is not None or not cfg.uses_retrieval else RetrievalBank.for_method(slices, cfg)
         recalibrate_norm(adapted, slices, cfg, norm_bank)
     fit, val, unit = holdout_split(slices, a.val_fraction, cfg.train.seed)
     unit_ids = (lambda s: set(s.volume_ids.tolist())) if unit == "volume" else (lambda s: set(s.case_ids.tolist()))
@@ -212,9 +210,7 @@ def adapt_site(
     ft_cfg = cfg.with_overrides({"train.lr": a.lr, "contrastive.lr": a.lr})
     fit_bank = None
     if cfg.uses_retrieval:
-        fit_bank = bank if (unit == "none" and bank is not None) else RetrievalBank(
-            fit, cfg.labels.num_classes, cfg.retrieval.index, cfg.retrieval.exclude,
-            hnsw_from=cfg.retrieval.hnsw_from)
+        fit_bank = bank if (unit == "none" and bank is not None) else RetrievalBank.for_method(fit, cfg)
     trainer = JRASTrainer(adapted, ft_cfg, fit, bank=fit_bank)
     tune_retriever = a.tune_retriever and cfg.trains_retriever
     validated = unit != "none"

@@ -111,8 +111,7 @@ class JRASTrainer:
         self.bank: RetrievalBank | None = None
         self.finder: GuideFinder | None = None
         if cfg.uses_retrieval:
-            self.bank = bank or RetrievalBank(train_set, cfg.labels.num_classes, cfg.retrieval.index, cfg.retrieval.exclude,
-                                             hnsw_from=cfg.retrieval.hnsw_from)
+            self.bank = bank or RetrievalBank.for_method(train_set, cfg)
             self.bank.refresh(model.retr)
             self.finder = GuideFinder(model, self.bank, cfg, self.generator)
         self.memory: PredictionMemory | None = None
