@@ -53,6 +53,7 @@ from federation.protocol import (
     EVALUATION,
     EVALUATION_ERROR,
     FINAL_ROUND,
+    LAST_ROUND,
     PERSONALISE,
     Arrays,
     RoundPolicy,
@@ -130,6 +131,7 @@ def _policy(config: Mapping[str, Any]) -> RoundPolicy:
         transfer_dtype=str(config.get("transfer-dtype", "float32")),
         diagnostics=bool(config.get("diagnostics", True)),
         final=bool(config.get(FINAL_ROUND, False)),
+        last_round=int(config.get(LAST_ROUND, 0)),
     )
 
 

@@ -30,6 +30,7 @@ from jras_core.device import place
 from jras_core.models.jras import JRASModel, build_model
 from jras_core.site import Site
 from jras_core.sysinfo import peak_rss_mb
+from jras_core.training.lr_schedule import TrainingSpan
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,9 @@ class SiteRunner:
             params = dict(self.model.named_parameters())
             reference = {k: params[k].detach().clone() for k in shared if k in params}
         method = self._method_for_round(self.site.method, policy)
-        metrics = self.site.train(self.model, epochs=policy.epochs, proximal_reference=reference, method=method)
+        epochs = method.train.epochs if policy.epochs is None else policy.epochs
+        span = TrainingSpan.of_round(policy.server_round, policy.last_round, epochs)
+        metrics = self.site.train(self.model, epochs=epochs, proximal_reference=reference, method=method, span=span)
         out_shared, out_local = split_arrays(state_to_arrays(self.model.state_dict()), keep)
         out_shared = transfer_cast(out_shared, policy.transfer_dtype)
         metrics = {k: float(v) for k, v in metrics.items()}

@@ -34,6 +34,9 @@ EVALUATION_ERROR = "evaluate-error"
 """Name of the train reply's ConfigRecord saying why that evaluation failed (key ``error``)."""
 FINAL_ROUND = "final-round"
 """Evaluation config flag: the model sent is the run's final global model (the last round's)."""
+LAST_ROUND = "last-round"
+"""Train config entry: the run's last round, which places each round's local epochs in the
+whole training (the learning rate under ``train.lr_schedule``)."""
 PERSONALISE = "personalise"
 """Run-config key: at the final round each site adapts the final global model to its own
 annotated cases and keeps the result (:meth:`client.site_runner.SiteRunner.personalise`)."""
@@ -249,6 +252,8 @@ class RoundPolicy:
         diagnostics: the evaluation adds the retrieval diagnostics (oracle, random and
             no guides; :func:`jras_core.training.evaluate.evaluate`).
         final: the model evaluated is the run's final global model (:data:`FINAL_ROUND`).
+        last_round: the run's last round (0: not known), which with ``server_round`` places
+            the round's local epochs in the whole training (``train.lr_schedule``).
     """
 
     server_round: int = 0
@@ -259,3 +264,4 @@ class RoundPolicy:
     transfer_dtype: str = "float32"
     diagnostics: bool = True
     final: bool = False
+    last_round: int = 0

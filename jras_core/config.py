@@ -492,6 +492,15 @@ class TrainConfig:
     batch_size: Annotated[StrictInt, Field(ge=1)] = 16
     lr: Annotated[StrictFloat, Field(gt=0)] = 1e-3
     weight_decay: StrictFloat = 1e-5
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """The learning rate over the whole training (``lr`` for the segmenter, ``contrastive.lr``
+    for the retriever, each scaled alike): ``constant``, or ``cosine``: half a cosine from the
+    base rate at the first step to ``lr_final_fraction`` of it at the last, over all epochs of
+    central training or all rounds x local epochs of a federation (each round's rates follow
+    from its number; :mod:`jras_core.training.lr_schedule`). Fine-tuning at a site keeps
+    ``adapt.lr`` constant. Measured: ``docs/results/levers.md``."""
+    lr_final_fraction: Annotated[StrictFloat, Field(ge=0.0, le=1.0)] = 0.0
+    """Under ``lr_schedule: cosine``, the learning rate at the end as a fraction of the base."""
     seed: StrictInt = 0
     num_threads: StrictInt | None = None
     """torch intra-op threads (None: leave torch's default)."""

@@ -36,6 +36,7 @@ from jras_core.sysinfo import release_free_heap
 from jras_core.training.adapt import choose_guides
 from jras_core.training.evaluate import evaluate
 from jras_core.training.joint import JRASTrainer
+from jras_core.training.lr_schedule import TrainingSpan
 
 log = logging.getLogger(__name__)
 
@@ -364,9 +365,14 @@ class Site:
         writer=None,
         progress: bool = False,
         method: JRASConfig | None = None,
+        span: TrainingSpan | None = None,
     ) -> dict[str, float]:
         """Run local epochs of the alternating optimisation; returns scalar metrics
         (averaged over the epochs) including ``num-examples``.
+
+        ``span``: where these epochs lie in the whole training (a federated round's place,
+        which sets its learning rate under ``train.lr_schedule``; default: these epochs are
+        the whole training).
 
         ``method``: the method config of this call, e.g. with a round's seed (default: the
         site's); it must preprocess as the site's does (the slices and bank are the site's).
@@ -378,7 +384,7 @@ class Site:
         # rescheduled round computes what it would have computed
         trainer = JRASTrainer(
             model, method, self.train_set, bank=bank,
-            proximal_reference=proximal_reference, writer=writer, progress=progress,
+            proximal_reference=proximal_reference, writer=writer, progress=progress, span=span,
         )
         history = trainer.fit(epochs)
         out = {k: float(np.mean([h[k] for h in history])) for k in history[0]} if history else {}

@@ -27,6 +27,7 @@ from flwr.app import (
 from flwr.serverapp import Grid, ServerApp
 
 from federation.protocol import (
+    LAST_ROUND,
     buffer_keys,
     check_arrays_fit,
     local_keys,
@@ -177,6 +178,7 @@ def main(grid: Grid, context: Context) -> None:
         "keep-norm-local": settings.keep_norm_local,
         "keep-retriever-local": settings.keep_retriever_local,
         "transfer-dtype": settings.transfer_dtype,
+        LAST_ROUND: offset + settings.num_rounds,
     }
     try:
         startup = warm_up(grid, settings.round_timeout) if settings.warm_up else {}

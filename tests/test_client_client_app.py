@@ -77,6 +77,28 @@ def test_client_train_and_evaluate(tmp_path, site_dir, task_identity):
     assert site_runner.get_runner(site_dir / "site-B.yaml", method) is runner
 
 
+def test_a_round_trains_at_its_place_in_the_run(tmp_path, site_dir, task_identity, monkeypatch):
+    from client.client_app import app as client_app
+    from jras_core.site import Site
+
+    spans = []
+    original = Site.train
+
+    def spy(self, model, epochs=None, proximal_reference=None, **kw):
+        spans.append((epochs, kw["span"]))
+        return original(self, model, epochs, proximal_reference, **kw)
+
+    monkeypatch.setattr(Site, "train", spy)
+    rc = base_run_config(tmp_path, [str(site_dir / "site-A.yaml")])
+    method = tiny_method(rc)
+    ctx = _context(rc, {"site-config": str(site_dir / "site-A.yaml")})
+    client_app(_train_message(method, {"server-round": 3, "last-round": 5}), ctx)
+    client_app(_train_message(method, {"server-round": 3}), ctx)  # a server that does not say
+    (epochs, span), (_, unknown) = spans
+    assert epochs == method.train.epochs and (span.done, span.total) == (2 * epochs, 5 * epochs)
+    assert unknown is None
+
+
 def test_client_site_selection_errors(tmp_path, site_dir, task_identity):
     from client.client_app import app as client_app
 

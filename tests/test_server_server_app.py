@@ -67,6 +67,7 @@ def test_fedavg_checkpoints_logs_and_resume(tmp_path, site_dir, in_process_grid)
     train_sent = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
     assert [bool(m.content["config"].get("evaluate-first")) for m in train_sent] == [False, False, True, True]
     assert [m.content["config"]["diagnostics"] for m in train_sent[2:]] == [False, False]
+    assert {m.content["config"]["last-round"] for m in train_sent} == {2}  # places each round's epochs
     evaluate_sent = [m for m in grid.sent if m.metadata.message_type == MessageType.EVALUATE]
     assert [m.content["config"]["diagnostics"] for m in evaluate_sent] == [True, True]
     # bytes: round 1 sends the model to 2 sites and gets 2 back (its evaluation comes as metrics)
@@ -78,6 +79,7 @@ def test_fedavg_checkpoints_logs_and_resume(tmp_path, site_dir, in_process_grid)
     grid2 = run_server(in_process_grid, rc2)
     first = grid2.sent[0]
     assert first.content["config"]["server-round"] == 3
+    assert first.content["config"]["last-round"] == 3  # numbered on from the checkpoint
     sent = {k: v.numpy() for k, v in first.content["arrays"].items()}
     assert all(np.array_equal(sent[k], ckpt.arrays[k]) for k in sent)
     assert load_checkpoint(run_dir(rc2)).round == 3

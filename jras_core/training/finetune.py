@@ -207,7 +207,7 @@ def adapt_site(
         _finish(adapted, cfg, bank, record)
         return adapted, record
 
-    ft_cfg = cfg.with_overrides({"train.lr": a.lr, "contrastive.lr": a.lr})
+    ft_cfg = cfg.with_overrides({"train.lr": a.lr, "contrastive.lr": a.lr, "train.lr_schedule": "constant"})
     fit_bank = None
     if cfg.uses_retrieval:
         fit_bank = bank if (unit == "none" and bank is not None) else RetrievalBank.for_method(fit, cfg)

@@ -50,6 +50,7 @@ from jras_core.models.jras import JRASModel
 from jras_core.retrieval.bank import RetrievalBank
 from jras_core.retrieval.finder import GuideFinder, Guides
 from jras_core.training.losses import per_sample_dice_ce, segmentation_loss, soft_info_nce
+from jras_core.training.lr_schedule import TrainingSpan, lr_factor
 from jras_core.training.memory import PredictionMemory
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,10 @@ class JRASTrainer:
             empty one; its first epoch runs pass 1 for every query).
         writer: TensorBoard writer for per-epoch curves (optional).
         progress: show progress bars.
+        span: where this trainer's epochs lie in the whole training, which sets the learning
+            rate under ``train.lr_schedule`` (a federated round's; default: the trainer's
+            epochs are the whole training, ``cfg.train.epochs`` of them or those one
+            :meth:`fit` call is given).
     """
 
     def __init__(
@@ -84,6 +89,7 @@ class JRASTrainer:
         memory: PredictionMemory | None = None,
         writer: SummaryWriter | None = None,
         progress: bool = False,
+        span: TrainingSpan | None = None,
     ):
         if len(train_set) == 0:
             raise ValueError("the training set is empty")
@@ -96,6 +102,8 @@ class JRASTrainer:
         self.writer = writer
         self.progress = progress
         self.epoch = 0
+        self._span_given = span is not None
+        self.span = span if span is not None else TrainingSpan(0, max(1, cfg.train.epochs))
         seed = cfg.train.seed
         self.generator = torch.Generator().manual_seed(seed)
         self.augment = BatchIntensityAugment(cfg.augment, seed=seed)
@@ -160,6 +168,16 @@ class JRASTrainer:
             scaler.scale(loss).backward()
             scaler.step(optimiser)
             scaler.update()
+
+    def _schedule(self, optimiser: torch.optim.Optimizer, base_lr: float, step: int, steps: int) -> None:
+        """Set ``optimiser``'s rate for step ``step`` of ``steps`` in the current epoch
+        (``train.lr_schedule`` over :attr:`span`)."""
+        t = self.cfg.train
+        if t.lr_schedule == "constant":
+            return
+        factor = lr_factor(t.lr_schedule, self.span.progress(self.epoch, step / max(steps, 1)), t.lr_final_fraction)
+        for group in optimiser.param_groups:
+            group["lr"] = base_lr * factor
 
     def _bar(self, items, desc: str):
         return tqdm(items, desc=desc, leave=False, disable=not self.progress)
@@ -262,7 +280,9 @@ class JRASTrainer:
         model.retr.eval()
         total, n, t0 = 0.0, 0, time.perf_counter()
         device = self.device
-        for idx in self._bar(self._batches(), f"epoch {self.epoch} seg"):
+        batches = self._batches()
+        for step, idx in enumerate(self._bar(batches, f"epoch {self.epoch} seg")):
+            self._schedule(self.seg_opt, cfg.train.lr, step, len(batches))
             labels = self.train_set.masks[idx].to(device, non_blocking=True).long()
             loss = None  # set by the residual path, which scores its two outputs itself
             if self.finder is not None and guided:
@@ -336,7 +356,8 @@ class JRASTrainer:
         batches = batches[: c.phase_b_steps(len(batches))]
         m_top = c.candidates // 2
         device = self.device
-        for idx in self._bar(batches, f"epoch {self.epoch} retr"):
+        for step, idx in enumerate(self._bar(batches, f"epoch {self.epoch} retr")):
+            self._schedule(self.retr_opt, c.lr, step, len(batches))
             if self.memory is not None and bool(self.memory.known[idx].all()):
                 images = self.memory.views(idx).to(device)  # the views phase A trained on, with their predictions
             else:
@@ -398,6 +419,8 @@ class JRASTrainer:
     def fit(self, epochs: int | None = None) -> list[dict[str, float]]:
         """Train ``epochs`` (default ``cfg.train.epochs``) local epochs."""
         epochs = self.cfg.train.epochs if epochs is None else epochs
+        if not self._span_given:
+            self.span = TrainingSpan(0, self.epoch + max(1, epochs))
         return [self.train_epoch(guided=self.epoch_is_guided(i, epochs)) for i in range(epochs)]
 
     def epoch_is_guided(self, index: int, epochs: int) -> bool:
