@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 from tiny_methods import TINY16
 
@@ -18,7 +20,7 @@ def test_cosine_runs_from_one_to_the_final_fraction():
     assert lr_factor("cosine", 1.0) == pytest.approx(0.0)
     assert lr_factor("cosine", 1.0, final_fraction=0.1) == pytest.approx(0.1)
     values = [lr_factor("cosine", p / 10) for p in range(11)]
-    assert all(a > b for a, b in zip(values, values[1:]))
+    assert all(a > b for a, b in pairwise(values))
     with pytest.raises(ValueError, match="unknown learning-rate schedule"):
         lr_factor("step", 0.5)
 
@@ -67,7 +69,7 @@ def test_the_trainer_follows_the_schedule_over_its_epochs(tiny_data):
     seg, retr = _rates(JRASTrainer(build_model(cfg), cfg, train), 2)
     steps = len(seg) // 2
     assert steps >= 4 and seg[0] == pytest.approx(cfg.train.lr)
-    assert all(a > b for a, b in zip(seg, seg[1:]))  # falls at every step
+    assert all(a > b for a, b in pairwise(seg))  # falls at every step
     assert seg[steps] == pytest.approx(cfg.train.lr / 2)  # the second of two epochs starts half-way
     assert seg[-1] < 0.02 * cfg.train.lr
     assert retr[0] == pytest.approx(cfg.contrastive.lr)
