@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from jras_core.files import PROJECT_ROOT
+from jras_core.files import PROJECT_ROOT, SHARED_DATA
 
 if TYPE_CHECKING:  # heavy imports stay out of `jras --help`
     from jras_core.config import JRASConfig
@@ -128,7 +128,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "off by default: one J-RAS epoch per size)")
     p.add_argument("--site-config", default=str(PROJECT_ROOT / "configs" / "real.yaml"), metavar="YAML",
                    help="method config of the client-memory table (default configs/real.yaml)")
-    p.add_argument("--acdc-manifest", default=str(PROJECT_ROOT.parent / "shared" / "data" / "acdc" / "manifest.csv"),
+    p.add_argument("--acdc-manifest", default=str(SHARED_DATA / "acdc" / "manifest.csv"),
                    metavar="CSV", help="the ACDC fixture's manifest, the source of the client-memory table's sites")
     p.add_argument("--only", default=None, metavar="SECTIONS",
                    help=f"comma-separated sections to run (of {', '.join(SECTION_TITLES)}; default all)")

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from jras_core.files import PROJECT_ROOT
+from jras_core.files import PROJECT_ROOT, SHARED_DATA
 
-ACDC = PROJECT_ROOT.parent / "shared" / "data" / "acdc"
+ACDC = SHARED_DATA / "acdc"
 GROUPS = ("DCM", "HCM", "MINF", "NOR")
 
 

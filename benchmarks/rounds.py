@@ -40,7 +40,7 @@ import sys
 from pathlib import Path
 
 from jras_core.config import ConfigError
-from jras_core.files import PROJECT_ROOT
+from jras_core.files import PROJECT_ROOT, SHARED_DATA
 
 MODES = ("simulation", "deployment")
 EVALUATIONS = {"in-train": True, "separate": False}
@@ -48,7 +48,7 @@ EVALUATIONS = {"in-train": True, "separate": False}
 COLUMNS = ["mode", "evaluate_in_train", "sites", "repeat", "round", "wall_s", "ideal_s", "overhead", "dice_mean"]
 SEED_STEP = 10
 """Data seed added for each further site of a vendor (site ``i`` is vendor ``i mod 4``)."""
-ACDC_MANIFEST = PROJECT_ROOT.parent / "shared" / "data" / "acdc" / "manifest.csv"
+ACDC_MANIFEST = SHARED_DATA / "acdc" / "manifest.csv"
 """The ACDC patients of ``--data acdc`` (the real-data fixtures beside the project folder)."""
 
 

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from jras_core.files import SHARED_DATA
+
 if TYPE_CHECKING:  # heavy imports stay out of `jras --help`
     from jras_core.config import JRASConfig
     from jras_core.models.jras import JRASModel
@@ -190,7 +192,7 @@ FINETUNE = ["ft_epochs_run", "ft_best_epoch", "ft_val_dice_start", "ft_val_dice_
 """What a ``+ft`` method's fine-tuning did at the held-out site (:class:`jras_core.training.finetune.Adaptation`)."""
 TAIL_COLUMNS = ["hd95_mean", "guide_dice", "dice_oracle", "dice_random", "dice_noguide", "rounds", "local_epochs",
                 "size", "wall_s", "bytes_per_round", "peak_rss_mb", *FINETUNE]
-MNMS_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnms-sample" / "manifest.csv"
+MNMS_SAMPLE = SHARED_DATA / "mnms-sample" / "manifest.csv"
 """The M&Ms sample fixture beside the project folder (``--dataset mnms-sample``)."""
 
 

@@ -17,6 +17,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 """The folder holding ``jras_core``, ``client``, ``server``, ``sites`` and ``configs``
 (the repository, or the installed Flower App Bundle)."""
 
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+"""The real-data fixtures beside the project folder (ACDC, the M&Ms sample, LGE, BUSI), read in
+place by the benchmarks and the tests."""
+
 
 def atomic_write_bytes(path: str | Path, data: bytes, *, mode: int | None = None, exclusive: bool = False) -> Path:
     """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and rename.

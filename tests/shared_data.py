@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from jras_core.files import PROJECT_ROOT
+from jras_core.files import SHARED_DATA
 
-SHARED = Path(os.environ.get("JRAS_SHARED_DATA") or PROJECT_ROOT.parent / "shared" / "data")
+SHARED = Path(os.environ.get("JRAS_SHARED_DATA") or SHARED_DATA)
 """The fixtures' folder: ``JRAS_SHARED_DATA`` where set, else ``shared/data`` beside the project."""
 REAL_FIXTURES = ("acdc", "mnms-sample", "lge-sample")
 """The fixtures whose manifests the real-data tests read."""
