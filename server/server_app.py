@@ -178,7 +178,6 @@ def main(grid: Grid, context: Context) -> None:
         "keep-norm-local": settings.keep_norm_local,
         "keep-retriever-local": settings.keep_retriever_local,
         "transfer-dtype": settings.transfer_dtype,
-        LAST_ROUND: offset + settings.num_rounds,
     }
     try:
         startup = warm_up(grid, settings.round_timeout) if settings.warm_up else {}
@@ -189,7 +188,7 @@ def main(grid: Grid, context: Context) -> None:
             initial_arrays=arrays,
             num_rounds=settings.num_rounds,
             timeout=settings.round_timeout,
-            train_config=ConfigRecord(dict(flags)),
+            train_config=ConfigRecord({**flags, LAST_ROUND: offset + settings.num_rounds}),
             evaluate_config=ConfigRecord(dict(flags)),
             evaluate_fn=make_round_end_fn(run_dir, strategy, recorder, method, run_config),
         )
